@@ -1,0 +1,195 @@
+"""HTTP handlers: events in, profiles out, health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from personify.api.openapi import OPENAPI
+from personify.api.schemas import EventsAccepted, Rejection, json_error, json_response
+from personify.engine.app import app as faust_app
+from personify.engine.app import current_config, publisher
+from personify.engine.errors import ValidationError
+from personify.engine.logging import get_logger
+from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY, rejection_reason
+from personify.engine.models import Event, validate_event
+from personify.tables import profiles
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+_log = get_logger(__name__)
+
+
+def _not_ready() -> web.Response | None:
+    if not publisher().ready.is_set():
+        return json_error(503, "the engine is starting", "", "retry in a moment; see GET /healthz")
+    return None
+
+
+@routes.post("/v1/events")
+async def post_events(request: web.Request) -> web.Response:
+    """Accept one event or ``{"events": [...]}``; 202 once the broker has the valid ones."""
+    cfg = current_config().events
+    ctype = request.content_type
+    if ctype != "application/json":
+        return json_error(
+            415,
+            f"expected Content-Type application/json, got {ctype or 'none'}",
+            "Content-Type",
+            "send the events as a JSON body",
+        )
+    limit = cfg.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        return json_error(
+            413,
+            f"body of {request.content_length} bytes exceeds the limit of {limit}",
+            "body",
+            "split the batch; the limit is [events] max_body_bytes",
+        )
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        return json_error(
+            413,
+            f"body exceeds the limit of {limit} bytes",
+            "body",
+            "split the batch; the limit is [events] max_body_bytes",
+        )
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return json_error(400, f"malformed JSON: {exc}", "body", "send one JSON object")
+    if isinstance(doc, dict) and "events" in doc and "type" not in doc:
+        items = doc["events"]
+        if not isinstance(items, list):
+            return json_error(
+                422,
+                f"expected a list of events, got {type(items).__name__}",
+                "events",
+                'send {"events": [{...}, ...]}',
+            )
+        if len(items) > cfg.max_batch:
+            return json_error(
+                413,
+                f"batch of {len(items)} events exceeds the limit of {cfg.max_batch}",
+                "events",
+                "split the batch; the limit is [events] max_batch",
+            )
+        single = False
+    elif isinstance(doc, dict):
+        items, single = [doc], True
+    else:
+        return json_error(
+            422,
+            f'expected an event object or {{"events": [...]}}, got {type(doc).__name__}',
+            "body",
+            "see GET /v1/openapi.json",
+        )
+    not_ready = _not_ready()
+    if not_ready is not None:
+        return not_ready
+
+    now_ms = int(time.time() * 1000)
+    valid: list[Event] = []
+    rejected: list[Rejection] = []
+    for i, item in enumerate(items):
+        try:
+            valid.append(validate_event(item, cfg, now_ms))
+        except ValidationError as exc:
+            rejected.append({"index": i, "error": exc.reason, "field": exc.field})
+            EVENTS_REJECTED.labels("http", rejection_reason(exc.field)).inc()
+    if not valid:
+        first = rejected[0]
+        answer: dict[str, Any] = {
+            "error": first["error"] if single else f"all {len(rejected)} events were rejected",
+            "field": first["field"] if single else "events",
+            "detail": "see rejected[] for each event's field and reason",
+            "accepted": 0,
+            "rejected": rejected,
+            "event_ids": [],
+        }
+        return json_response(answer, 422)
+    try:
+        await publisher().publish(valid)
+    except Exception as exc:
+        _log.exception("publish failed")
+        return json_error(
+            503,
+            f"the broker did not acknowledge the events: {exc}",
+            "",
+            "nothing was accepted; retry with the same event ids",
+        )
+    EVENTS_ACCEPTED.labels("http").inc(len(valid))
+    result: EventsAccepted = {
+        "accepted": len(valid),
+        "rejected": rejected,
+        "event_ids": [e["event_id"] for e in valid],
+    }
+    return json_response(result, 202)
+
+
+@routes.get("/v1/users/{user_id}")
+async def get_user(request: web.Request) -> web.Response:
+    """The visitor's live profile."""
+    user_id = request.match_info["user_id"]
+    raw = profiles.table().get(user_id.encode())
+    if raw is None:
+        return json_error(
+            404,
+            f"no profile for user {user_id!r}",
+            "user_id",
+            "the visitor has sent no events yet (or they are still in flight)",
+        )
+    now_ms = int(time.time() * 1000)
+    return json_response(profiles.view(profiles.decode(raw), current_config().profiles, now_ms))
+
+
+async def _broker_reachable() -> bool:
+    host, _, port = str(faust_app.conf.broker[0]).split("://", 1)[-1].partition(":")
+    try:
+        _r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port or 9092)), 1.0)
+    except (OSError, TimeoutError):
+        return False
+    w.close()
+    return True
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """200 when the broker answers, the worker has partitions and the tables are recovered."""
+    consumer = faust_app.consumer if faust_app.started else None
+    assigned = bool(consumer is not None and consumer.assignment())
+    recovered = bool(
+        faust_app.started
+        and faust_app.tables.recovery.completed.is_set()
+        and not faust_app.rebalancing
+    )
+    checks = {
+        "broker": await _broker_reachable(),
+        "assigned": assigned,
+        "tables_recovered": recovered,
+        "journal_replayed": publisher().ready.is_set(),
+    }
+    ok = all(checks.values())
+    return json_response(
+        {"status": "ok" if ok else "starting", "checks": checks}, 200 if ok else 503
+    )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics."""
+    return web.Response(
+        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3.1 document of this API."""
+    return json_response(OPENAPI)

@@ -1,0 +1,164 @@
+"""The Faust application: one per process, configured from `Config` before agents are imported.
+
+Agents, tables and the API server register themselves on `app` when Faust's autodiscovery
+imports ``personify.agents`` and ``personify.api``; the engine knows them only by module name.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import faust
+import mode
+
+from personify.engine.config import Config
+from personify.engine.errors import ConfigError
+from personify.engine.journal import Journal
+from personify.engine.logging import get_logger
+from personify.engine.publisher import Publisher
+from personify.engine.transport import Transport
+
+__all__ = ["PersonifyApp", "app", "configure", "current_config", "publisher", "topic"]
+
+_log = get_logger(__name__)
+
+
+class PersonifyApp(faust.App):  # type: ignore[misc] # Faust is untyped
+    """A Faust app that uses Personify's tuned transport and carries the Personify config."""
+
+    personify_config: Config | None = None
+    personify_fetch_max_wait_ms: int = 10
+    personify_tables_existed: bool = False
+    #: Distinguishes broker lifetimes in ids derived from offsets ("k": a durable cluster).
+    personify_broker_epoch: str = "k"
+
+    def _new_transport(self) -> Any:
+        return Transport(self.conf.broker_consumer, self)
+
+
+app = PersonifyApp(
+    "personify",
+    autodiscover=["personify.agents", "personify.api"],
+    origin="personify.engine.app",
+)
+
+
+def configure(config: Config, broker_url: str, broker_epoch: str = "k") -> PersonifyApp:
+    """Configure the app for ``config`` and the broker at ``broker_url`` (``kafka://h:p``).
+
+    Must run before `app.discover()` and before any agent module is imported.
+    """
+    datadir = config.data_path / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)
+    w = config.worker
+    app.personify_config = config
+    app.personify_fetch_max_wait_ms = w.fetch_max_wait_ms
+    app.personify_broker_epoch = broker_epoch
+    app.personify_tables_existed = any(datadir.rglob("profiles-*.db"))
+    # The app id names the consumer group and changelog topics; Faust takes it from the
+    # constructor's defaults, which configure() replaces here.
+    app._default_options = (w.app_id, app._default_options[1])
+    app.config_from_object(
+        {
+            "broker": broker_url,
+            "store": "rocksdb://",
+            "datadir": str(datadir),
+            "topic_partitions": config.broker.partitions,
+            "topic_replication_factor": config.broker.replication_factor,
+            "table_standby_replicas": w.standby_replicas,
+            "broker_commit_interval": w.commit_interval_s,
+            "producer_linger": w.producer_linger_ms / 1000.0,
+            "producer_acks": -1,
+            "broker_rebalance_timeout": 3.0,
+            "broker_session_timeout": 6.0,
+            "broker_heartbeat_interval": 1.0,
+            # A restarted in-memory broker has empty changelogs while RocksDB keeps the
+            # tables; the persisted offsets are then "ahead" of the broker, which is expected.
+            "recovery_consistency_check": False,
+            "consumer_auto_offset_reset": "earliest",
+            "web_enabled": False,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+            "logging_config": None,
+        },
+        force=True,
+    )
+    start_services()
+    return app
+
+
+def current_config() -> Config:
+    """The configuration the app was configured with.
+
+    Raises:
+        ConfigError: `configure` has not run yet.
+    """
+    if app.personify_config is None:
+        raise ConfigError("the engine is not configured yet: call personify.engine.configure first")
+    return app.personify_config
+
+
+@functools.cache
+def topic(name: str) -> Any:
+    """The Faust topic ``name`` with the configured partition count (declared on start)."""
+    cfg = current_config()
+    return app.topic(
+        name,
+        partitions=cfg.broker.partitions,
+        replicas=cfg.broker.replication_factor,
+        internal=True,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+@functools.cache
+def publisher() -> Publisher:
+    """The process's publisher of routed events (with the journal when it is enabled)."""
+    cfg = current_config()
+    journal = None
+    if cfg.journal_enabled:
+        journal = Journal(
+            cfg.data_path / "journal",
+            fsync=cfg.storage.journal_fsync,
+            segment_bytes=cfg.storage.journal_segment_bytes,
+        )
+    return Publisher(topic(cfg.topics.routed), cfg.broker.partitions, journal)
+
+
+class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
+    """Opens the journal and replays its tail on start; saves and closes it on stop."""
+
+    async def on_start(self) -> None:
+        pub = publisher()
+        if pub.journal is not None:
+            pub.journal.open()
+
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _replay(self) -> None:
+        cfg = current_config()
+        pub = publisher()
+        await app.producer.maybe_start()
+        await pub.topic.maybe_declare()
+        await topic(cfg.topics.dead_letter).maybe_declare()
+        if pub.journal is not None:
+            start = pub.journal.load_checkpoint() if app.personify_tables_existed else 0
+            count = await pub.replay(start)
+            _log.info("journal ready", replayed=count, next_seq=pub.journal.next_seq)
+        pub.ready.set()
+        while not self.should_stop and pub.journal is not None:
+            await self.sleep(1.0)
+            pub.journal.save_checkpoint()
+
+    async def on_stop(self) -> None:
+        pub = publisher()
+        if pub.journal is not None:
+            pub.journal.close()
+
+
+def start_services() -> None:
+    """Register the engine's own services on the app (called once, after `configure`)."""
+    app.service(_Lifecycle)

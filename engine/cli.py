@@ -1,0 +1,151 @@
+"""The ``personify`` command: ``run`` (one process, embedded broker by default) and ``worker``.
+
+``personify run`` starts the embedded broker when ``[broker] url = "embedded"``, then the
+Faust worker with its agents, tables and the HTTP API, all in this process. ``personify
+worker`` runs the same worker against an external ``kafka://`` cluster; start several and
+they share the partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from personify.engine.broker import EmbeddedBroker
+from personify.engine.config import Config, load_config
+from personify.engine.errors import PersonifyError
+from personify.engine.logging import configure_logging, get_logger
+
+__all__ = ["main"]
+
+_log = get_logger(__name__)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personify", description="Real-time personalization engine for e-commerce."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in (
+        ("run", "run everything in one process (starts the embedded broker if configured)"),
+        ("worker", "run one worker against an external kafka:// broker (scale out: run several)"),
+    ):
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--config", metavar="FILE", help="config file (default: ./config.toml)")
+        cmd.add_argument("--host", help="HTTP address to bind (overrides [server] host)")
+        cmd.add_argument("--port", type=int, help="HTTP port (overrides [server] port; 0: any)")
+        cmd.add_argument("--data-dir", help="state directory (overrides [storage] data_dir)")
+        cmd.add_argument("--broker", help="broker URL (overrides [broker] url)")
+        cmd.add_argument(
+            "--log-level",
+            choices=["debug", "info", "warning", "error"],
+            help="overrides [logging] level",
+        )
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.host is not None:
+        overrides.setdefault("server", {})["host"] = args.host
+    if args.port is not None:
+        overrides.setdefault("server", {})["port"] = args.port
+    if args.data_dir is not None:
+        overrides.setdefault("storage", {})["data_dir"] = args.data_dir
+    if args.broker is not None:
+        overrides.setdefault("broker", {})["url"] = args.broker
+    if args.log_level is not None:
+        overrides.setdefault("logging", {})["level"] = args.log_level
+    return load_config(args.config, overrides=overrides)
+
+
+def _lock_data_dir(path: Path) -> Any:
+    path.mkdir(parents=True, exist_ok=True)
+    fh = open(path / "LOCK", "w")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PersonifyError(
+            f"data directory {path} is in use by another Personify process; "
+            "stop it or pass --data-dir with another directory"
+        ) from None
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
+
+
+def _run_worker(config: Config, broker_url: str, broker_epoch: str) -> int:
+    from faust.worker import Worker
+
+    from personify.engine.app import configure
+
+    app = configure(config, broker_url, broker_epoch)
+    app.discover()
+
+    class _Worker(Worker):  # type: ignore[misc] # Faust is untyped
+        def _on_sigint(self) -> None:
+            if self._signal_stop_time:  # second Ctrl-C: stop now
+                os._exit(130)
+            print("Stopping (Ctrl-C again to kill)...", file=sys.stderr, flush=True)
+            super()._on_sigint()
+
+    worker = _Worker(
+        app,
+        loglevel=config.logging.level.upper(),
+        quiet=True,
+        redirect_stdouts=False,
+        override_logging=False,
+    )
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _cmd_run(config: Config, *, require_external: bool) -> int:
+    url = config.broker.url
+    if require_external and config.broker.embedded:
+        raise PersonifyError(
+            f"{config.source}: [broker] url: `personify worker` needs an external broker "
+            '(url = "kafka://host:port"); for one process on this machine use `personify run`'
+        )
+    lock = _lock_data_dir(config.data_path)
+    broker: EmbeddedBroker | None = None
+    epoch = "k"
+    try:
+        if config.broker.embedded:
+            broker = EmbeddedBroker(config.data_path / "broker.log")
+            broker.start()
+            url = broker.url
+            epoch = uuid.uuid4().hex[:8]
+            print(f"Embedded broker listening on {broker.bootstrap}", flush=True)
+            _log.info("embedded broker started", address=broker.bootstrap, pid=broker.pid)
+        return _run_worker(config, url, epoch)
+    finally:
+        if broker is not None:
+            broker.stop()
+        lock.close()
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the ``personify`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args)
+        configure_logging(config.logging)
+        code = _cmd_run(config, require_external=args.command == "worker")
+    except PersonifyError as exc:
+        print(f"personify: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        code = 130
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    sys.exit(code)

@@ -1,0 +1,70 @@
+"""Prometheus metrics shared by the agents and the API (served at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = [
+    "AGENT_LAG",
+    "EVENTS_ACCEPTED",
+    "EVENTS_APPLIED",
+    "EVENTS_DUPLICATE",
+    "EVENTS_REJECTED",
+    "REGISTRY",
+    "REQUEST_LATENCY",
+    "rejection_reason",
+]
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS_ACCEPTED = Counter(
+    "personify_events_accepted",
+    "Events accepted for processing, by source (http or topic).",
+    ["source"],
+    registry=REGISTRY,
+)
+EVENTS_REJECTED = Counter(
+    "personify_events_rejected",
+    "Events rejected, by source and reason.",
+    ["source", "reason"],
+    registry=REGISTRY,
+)
+EVENTS_APPLIED = Counter(
+    "personify_events_applied", "Events folded into profiles.", registry=REGISTRY
+)
+EVENTS_DUPLICATE = Counter(
+    "personify_events_duplicate",
+    "Events skipped because their event id was already applied (retries, redelivery, replay).",
+    registry=REGISTRY,
+)
+AGENT_LAG = Gauge(
+    "personify_agent_lag",
+    "Messages between an agent's position and the partition's high-water mark.",
+    ["agent", "partition"],
+    registry=REGISTRY,
+)
+REQUEST_LATENCY = Histogram(
+    "personify_http_request_seconds",
+    "HTTP request latency by route and status.",
+    ["method", "route", "status"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+
+_REASONS = {
+    "": "malformed",
+    "type": "unknown_type",
+    "ts": "bad_timestamp",
+    "user_id": "missing_id",
+    "anonymous_id": "missing_id",
+    "event_id": "bad_event_id",
+    "item_id": "missing_item",
+}
+
+
+def rejection_reason(field: str) -> str:
+    """A bounded label for a rejected event's field (keeps metric cardinality small)."""
+    root = field.split(".", 1)[0].split("[", 1)[0]
+    if root in _REASONS:
+        return _REASONS[root]
+    return "bad_properties" if root == "properties" else "unknown_field"

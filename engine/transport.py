@@ -1,0 +1,83 @@
+"""Faust's aiokafka transport, tuned for low latency and exact restores.
+
+Two changes to the stock driver, each measured against the embedded broker:
+
+* the worker consumer's ``fetch_max_wait_ms`` comes from ``[worker] fetch_max_wait_ms``
+  (Faust hard-codes 1,500 ms, and a waiting fetch on this broker returns only when that time
+  runs out: p50 POST -> profile was ~550 ms, ~10 ms with 10);
+* high-water marks (used to decide when a table restore is complete) are confirmed with a
+  fetch, whose response carries the true high-water mark. ListOffsets on this broker answers
+  the last batch's base offset + 1, which made restores stop early and drop updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from faust.transport.drivers import aiokafka as _driver
+
+__all__ = ["Transport", "confirmed_highwaters"]
+
+
+async def confirmed_highwaters(
+    bootstrap: str | list[str], reported: Mapping[Any, int], wait_s: float = 10.0
+) -> dict[Any, int]:
+    """Return the true end offset of each partition, starting from a ListOffsets answer.
+
+    Fetches one batch at ``reported - 1`` per partition; the fetch response's high-water mark is
+    the truth. Falls back to the reported figure for a partition that does not answer in time.
+    """
+    if not reported:
+        return {}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=10
+    )
+    await consumer.start()
+    try:
+        tps = {TopicPartition(tp.topic, tp.partition): tp for tp in reported}
+        consumer.assign(list(tps))
+        for ktp, tp in tps.items():
+            consumer.seek(ktp, max(reported[tp] - 1, 0))
+        result: dict[Any, int] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        while len(result) < len(tps) and loop.time() < deadline:
+            missing = [ktp for ktp in tps if tps[ktp] not in result]
+            await consumer.getmany(*missing, timeout_ms=100, max_records=1)
+            for ktp in missing:
+                hw = consumer.highwater(ktp)
+                if hw is not None:
+                    result[tps[ktp]] = max(hw, reported[tps[ktp]])
+        for tp, off in reported.items():
+            result.setdefault(tp, off)
+        return result
+    finally:
+        await consumer.stop()
+
+
+class _ConsumerThread(_driver.AIOKafkaConsumerThread):  # type: ignore[misc] # untyped base
+    def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
+        consumer = super()._create_worker_consumer(transport)
+        # The consumer reads this attribute when it starts; Faust passes a fixed 1500.
+        consumer._fetch_max_wait_ms = self.app.personify_fetch_max_wait_ms
+        return consumer
+
+    async def _highwaters(self, partitions: Iterable[Any]) -> Mapping[Any, int]:
+        reported = await super()._highwaters(partitions)
+        bootstrap = _driver.server_list(self.transport.url, self.transport.default_port)
+        return await confirmed_highwaters(bootstrap, reported)
+
+
+class _Consumer(_driver.Consumer):  # type: ignore[misc] # untyped base
+    def _new_consumer_thread(self) -> _ConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class Transport(_driver.Transport):  # type: ignore[misc] # untyped base
+    """The stock aiokafka transport with the consumer above."""
+
+    Consumer = _Consumer

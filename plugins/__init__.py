@@ -1,0 +1,1 @@
+"""Plugins: triggers and consent gates discovered through entry points (reserved)."""

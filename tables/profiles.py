@@ -1,0 +1,275 @@
+"""The profiles table: one live profile per visitor, folded from their events.
+
+The pure functions here (`new_profile`, `apply_events`, `view`) hold all profile logic and
+know nothing of Faust; `table()` is the RocksDB-backed, changelog-backed Faust table that
+the profile agent writes (and the API reads). A profile is stored as one JSON document.
+
+Exactly-once effect: a profile remembers the ids of the last ``dedup_window`` events applied
+to it, and an event whose id is among them is skipped. Redelivery after a crash, a client's
+retry and a journal replay therefore never count an event twice.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from personify.engine.app import app, current_config
+from personify.engine.config import ProfilesConfig
+from personify.engine.models import Event, format_ts
+
+__all__ = ["Profile", "apply_events", "decode", "encode", "new_profile", "table", "view"]
+
+Profile = dict[str, Any]
+
+_HOUR_MS = 3_600_000
+_ITEM_TYPES = frozenset({"product_view", "add_to_cart", "remove_from_cart", "click"})
+
+
+def new_profile(user_id: str) -> Profile:
+    """An empty profile for ``user_id``."""
+    return {
+        "user_id": user_id,
+        "anonymous_ids": [],
+        "counts": {},
+        "first_seen": None,
+        "last_seen": None,
+        "sessions": 0,
+        "session_start": None,
+        "session_last": None,
+        "session_events": 0,
+        "hours": {},
+        "orders": 0,
+        "spend": 0.0,
+        "spend_by_currency": {},
+        "recent_items": [],
+        "cart": {},
+        "searches": [],
+        "affinity": {},
+        "engagement": 0.0,
+        "seen": [],
+    }
+
+
+def encode(profile: Profile) -> bytes:
+    """Serialise a profile for the table."""
+    return orjson.dumps(profile)
+
+
+def decode(data: bytes) -> Profile:
+    """Deserialise a profile from the table."""
+    profile: Profile = orjson.loads(data)
+    return profile
+
+
+def _categories(path: str) -> list[str]:
+    """``"a/b/c"`` -> ``["a", "a/b", "a/b/c"]``: a visit counts for the parents too."""
+    parts = [p for p in path.strip("/").split("/") if p]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _decay(score: float, dt_ms: float, half_life_s: float) -> float:
+    return score * math.pow(0.5, dt_ms / (half_life_s * 1000.0))
+
+
+def _add_affinity(p: Profile, category: str, weight: float, ts: int, cfg: ProfilesConfig) -> None:
+    if weight <= 0:
+        return
+    aff = p["affinity"]
+    for cat in _categories(category):
+        score, ref = aff.get(cat, (0.0, ts))
+        if ts >= ref:
+            aff[cat] = [_decay(score, ts - ref, cfg.affinity_half_life_s) + weight, ts]
+        else:  # a late event: its weight is decayed to the reference time instead
+            aff[cat] = [score + _decay(weight, ref - ts, cfg.affinity_half_life_s), ref]
+
+
+def _touch_item(p: Profile, item_id: str, etype: str, ts: int, cfg: ProfilesConfig) -> None:
+    items = [r for r in p["recent_items"] if r["item_id"] != item_id]
+    items.insert(0, {"item_id": item_id, "type": etype, "ts": ts})
+    p["recent_items"] = items[: cfg.recent_items]
+
+
+def _session(p: Profile, ts: int, cfg: ProfilesConfig) -> None:
+    last = p["session_last"]
+    gap_ms = cfg.session_gap_s * 1000
+    if last is None or ts - last > gap_ms:
+        p["sessions"] += 1
+        p["session_start"] = ts
+        p["session_last"] = ts
+        p["session_events"] = 1
+        hour = str(ts // _HOUR_MS)
+        p["hours"].setdefault(hour, [0, 0])[1] += 1
+    else:
+        # within the current session (a late event inside it changes no session boundary)
+        p["session_last"] = max(last, ts)
+        p["session_events"] += 1
+        if ts < p["session_start"]:
+            p["session_start"] = ts
+
+
+def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
+    etype: str = e["type"]
+    ts: int = e["ts_ms"]
+    props: dict[str, Any] = e["properties"]
+    weights = cfg.engagement_weights
+    weight = weights.get(etype, weights.get("custom", 0.0))
+
+    p["counts"][etype] = p["counts"].get(etype, 0) + 1
+    p["first_seen"] = ts if p["first_seen"] is None else min(p["first_seen"], ts)
+    p["last_seen"] = ts if p["last_seen"] is None else max(p["last_seen"], ts)
+    _session(p, ts, cfg)
+    hour = str(ts // _HOUR_MS)
+    p["hours"].setdefault(hour, [0, 0])[0] += 1
+    p["engagement"] += weight
+    anon = e.get("anonymous_id")
+    if anon and e.get("user_id") and anon not in p["anonymous_ids"]:
+        p["anonymous_ids"] = [*p["anonymous_ids"], anon][-20:]
+
+    item_id = e.get("item_id")
+    category = props.get("category")
+    if item_id and etype in _ITEM_TYPES:
+        _touch_item(p, item_id, etype, ts, cfg)
+    if isinstance(category, str) and etype != "purchase":
+        _add_affinity(p, category, weight, ts, cfg)
+
+    if etype == "add_to_cart":
+        line = p["cart"].setdefault(item_id, {"quantity": 0, "price": None, "added_at": ts})
+        line["quantity"] += props["quantity"]
+        if props.get("price") is not None:
+            line["price"] = float(props["price"])
+    elif etype == "remove_from_cart":
+        line = p["cart"].get(item_id)
+        if line is not None:
+            line["quantity"] -= props["quantity"]
+            if line["quantity"] <= 0:
+                del p["cart"][item_id]
+    elif etype == "purchase":
+        revenue = float(props["revenue"])
+        currency = props["currency"]
+        p["orders"] += 1
+        p["spend"] += revenue
+        p["spend_by_currency"][currency] = p["spend_by_currency"].get(currency, 0.0) + revenue
+        for line in props["items"]:
+            _touch_item(p, line["item_id"], "purchase", ts, cfg)
+            p["cart"].pop(line["item_id"], None)
+            cat = line.get("category", category)
+            if isinstance(cat, str):
+                _add_affinity(p, cat, weight, ts, cfg)
+    elif etype == "search":
+        entry: dict[str, Any] = {"query": props["query"], "ts": ts}
+        if props.get("filters"):
+            entry["filters"] = props["filters"]
+        p["searches"] = [entry, *p["searches"]][: cfg.recent_searches]
+
+    # keep only the hourly buckets the frequency window can still see
+    horizon = (p["last_seen"] - cfg.frequency_window_s * 1000) // _HOUR_MS
+    if len(p["hours"]) > cfg.frequency_window_s / 3600 + 2:
+        p["hours"] = {h: v for h, v in p["hours"].items() if int(h) >= horizon}
+
+
+def apply_events(p: Profile, events: Iterable[Event], cfg: ProfilesConfig) -> int:
+    """Fold ``events`` into profile ``p`` in place; return how many were new (not duplicates)."""
+    seen_list: list[str] = p["seen"]
+    seen = set(seen_list)
+    applied = 0
+    for e in events:
+        eid = e["event_id"]
+        if eid in seen:
+            continue
+        _apply_one(p, e, cfg)
+        seen.add(eid)
+        seen_list.append(eid)
+        applied += 1
+    if len(seen_list) > cfg.dedup_window:
+        del seen_list[: len(seen_list) - cfg.dedup_window]
+    return applied
+
+
+def _iso(ms: int | None) -> str | None:
+    return None if ms is None else format_ts(ms)
+
+
+def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
+    """The public JSON form of a profile, with time-dependent figures computed at ``now_ms``."""
+    horizon_hour = (now_ms - cfg.frequency_window_s * 1000) // _HOUR_MS
+    window = [v for h, v in p["hours"].items() if int(h) >= horizon_hour]
+    cart_items = [
+        {
+            "item_id": item,
+            "quantity": line["quantity"],
+            "price": line["price"],
+            "added_at": _iso(line["added_at"]),
+        }
+        for item, line in p["cart"].items()
+    ]
+    cart_total = sum((line["price"] or 0.0) * line["quantity"] for line in p["cart"].values())
+    affinity = {
+        cat: round(_decay(score, max(now_ms - ref, 0), cfg.affinity_half_life_s), 6)
+        for cat, (score, ref) in p["affinity"].items()
+    }
+    orders = p["orders"]
+    active = (
+        p["session_last"] is not None and now_ms - p["session_last"] <= cfg.session_gap_s * 1000
+    )
+    return {
+        "user_id": p["user_id"],
+        "anonymous_ids": p["anonymous_ids"],
+        "counts": p["counts"],
+        "sessions": {
+            "count": p["sessions"],
+            "current": {
+                "started": _iso(p["session_start"]),
+                "last_event": _iso(p["session_last"]),
+                "events": p["session_events"],
+                "active": active,
+            },
+        },
+        "first_seen": _iso(p["first_seen"]),
+        "last_seen": _iso(p["last_seen"]),
+        "frequency": {
+            "window_days": round(cfg.frequency_window_s / 86400, 3),
+            "events": sum(v[0] for v in window),
+            "sessions": sum(v[1] for v in window),
+        },
+        "lifetime_spend": round(p["spend"], 2),
+        "order_count": orders,
+        "average_order_value": round(p["spend"] / orders, 2) if orders else 0.0,
+        "spend_by_currency": {c: round(v, 2) for c, v in p["spend_by_currency"].items()},
+        "recent_items": [
+            {"item_id": r["item_id"], "type": r["type"], "ts": _iso(r["ts"])}
+            for r in p["recent_items"]
+        ],
+        "cart": {
+            "items": cart_items,
+            "count": sum(line["quantity"] for line in p["cart"].values()),
+            "total": round(cart_total, 2),
+        },
+        "recent_searches": [{**s, "ts": _iso(s["ts"])} for s in p["searches"]],
+        "category_affinity": dict(sorted(affinity.items(), key=lambda kv: -kv[1])),
+        "engagement_score": round(p["engagement"], 4),
+    }
+
+
+@functools.cache
+def table() -> Any:
+    """The Faust profiles table, RocksDB- and changelog-backed.
+
+    It is co-partitioned with the routed events topic: the profile agent is its only writer.
+    """
+    cfg = current_config()
+    tbl = app.Table(
+        "profiles",
+        default=None,
+        partitions=cfg.broker.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        help="Live visitor profiles, keyed by user id.",
+    )
+    tbl.key_serializer = "raw"
+    tbl.value_serializer = "raw"
+    return tbl

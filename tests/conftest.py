@@ -1,0 +1,180 @@
+"""Shared fixtures: a real engine (`personify run` in a subprocess) and small HTTP helpers.
+
+Every end-to-end test talks to a real engine: the embedded Tansu broker, the Faust worker
+with RocksDB tables and the aiohttp API, started exactly as a user starts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PERSONIFY = str(Path(sys.executable).with_name("personify"))
+START_TIMEOUT_S = 90.0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Engine:
+    """A running `personify run` process and what it printed."""
+
+    data_dir: Path
+    port: int
+    log_path: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    config: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    broker: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- process control -------------------------------------------------------------
+    def start(self, *, wait_healthy: bool = True) -> Engine:
+        args = [PERSONIFY, "run", "--data-dir", str(self.data_dir), "--port", str(self.port)]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        env = {**os.environ, "PERSONIFY_LOGGING__LEVEL": "warning", **self.extra_env}
+        self.log_fh = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        offset = self.log_path.stat().st_size
+        self.proc = subprocess.Popen(
+            args, stdout=self.log_fh, stderr=subprocess.STDOUT, env=env, cwd=self.data_dir.parent
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode("utf-8", "replace")
+            found = re.search(r"Embedded broker listening on (\S+)", text)
+            if found:
+                self.broker = found.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"engine exited with {self.proc.returncode}:\n{text[-4000:]}")
+            if wait_healthy and self.broker:
+                status, _ = self.request("GET", "/healthz")
+                if status == 200:
+                    return self
+            elif not wait_healthy and "API listening" in text:
+                return self
+            time.sleep(0.2)
+        raise AssertionError(f"engine not healthy in {START_TIMEOUT_S} s:\n{self.tail()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log_fh.close()
+        return code
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+
+    # -- HTTP ------------------------------------------------------------------------
+    def request(
+        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                payload = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            status = exc.code
+        except (urllib.error.URLError, ConnectionError):
+            return 0, None
+        try:
+            return status, json.loads(payload)
+        except ValueError:
+            return status, payload.decode("utf-8", "replace")
+
+    def post_events(self, events: list[dict[str, Any]] | dict[str, Any]) -> tuple[int, Any]:
+        body = {"events": events} if isinstance(events, list) else events
+        return self.request("POST", "/v1/events", body)
+
+    def profile(self, user_id: str) -> tuple[int, Any]:
+        return self.request("GET", f"/v1/users/{user_id}")
+
+    def wait_profile(
+        self, user_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Poll the profile until ``until(profile)`` holds; fail with the last one seen."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            status, last = self.profile(user_id)
+            if status == 200 and until(last):
+                return dict(last)
+            time.sleep(0.05)
+        raise AssertionError(f"profile {user_id} never matched; last: {last}")
+
+
+@pytest.fixture
+def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
+    """Make engines on fresh data directories; every one is stopped after the test."""
+    made: list[Engine] = []
+
+    def make(
+        data_dir: Path | None = None, *, config: str | None = None, env: dict[str, str] | None = None
+    ) -> Engine:
+        root = tmp_path / f"engine{len(made)}"
+        root.mkdir(exist_ok=True)
+        cfg_path = None
+        if config is not None:
+            cfg_path = root / "config.toml"
+            cfg_path.write_text(config)
+        eng = Engine(
+            data_dir=data_dir or root / "data", port=_free_port(), log_path=root / "engine.log",
+            extra_env=env or {}, config=cfg_path,
+        )
+        made.append(eng)
+        return eng
+
+    yield make
+    for eng in made:
+        if eng.proc is not None and eng.proc.poll() is None:
+            eng.proc.kill()
+            eng.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """One engine shared by the tests that only add events for their own visitors."""
+    root = tmp_path_factory.mktemp("shared-engine")
+    cfg = root / "config.toml"
+    cfg.write_text('[events]\ncustom_types = ["wishlist_add"]\n')
+    eng = Engine(data_dir=root / "data", port=_free_port(), log_path=root / "engine.log", config=cfg)
+    eng.start()
+    yield eng
+    code = eng.stop()
+    assert code == 0, eng.tail()
+
+
+@pytest.fixture
+def uid(request: pytest.FixtureRequest) -> str:
+    """A visitor id unique to the test."""
+    return f"u-{request.node.name}-{time.monotonic_ns()}"
