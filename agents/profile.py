@@ -15,7 +15,7 @@ import structlog
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
 from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE
-from personify.engine.models import Event, event_key
+from personify.engine.models import Event, event_key, format_ts
 from personify.engine.publisher import SEQ_HEADER
 from personify.tables import profiles
 
@@ -35,22 +35,89 @@ def _seq_of(headers: Any) -> int | None:
     return None
 
 
-def fold_batch(table: Any, events: list[Event]) -> tuple[int, int]:
-    """Apply ``events`` to the profiles in ``table``; return (applied, duplicates)."""
+def _control(
+    etype: str,
+    event_id: str,
+    user_id: str | None,
+    anonymous_id: str,
+    ts_ms: int,
+    properties: dict[str, Any],
+) -> Event:
+    return {
+        "v": 1,
+        "event_id": event_id,
+        "type": etype,
+        "user_id": user_id,
+        "anonymous_id": anonymous_id,
+        "item_id": None,
+        "ts": format_ts(ts_ms),
+        "ts_ms": ts_ms,
+        "properties": properties,
+    }
+
+
+def fold_batch(table: Any, events: list[Event]) -> tuple[int, int, list[Event]]:
+    """Apply ``events`` to the profiles in ``table``.
+
+    Returns:
+        (events applied, duplicates skipped, events to publish onward). Onward events stitch
+        sessions across partitions: ``identify``/``alias`` sends a link to the anonymous
+        profile, which sends its content back as a merge and forwards its later events.
+        They are sent again on redelivery; their event ids make that harmless.
+    """
     by_user: dict[str, list[Event]] = {}
     for e in events:
         by_user.setdefault(event_key(e), []).append(e)
     applied = 0
+    skipped = 0
+    onward: list[Event] = []
     for key, evs in by_user.items():
         bkey = key.encode()
         raw = table.get(bkey)
         state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
+        changed = False
+        todo: list[Event] = []
+        for e in evs:
+            etype = e["type"]
+            if etype == profiles.LINK:
+                target = e["properties"]["target"]
+                if state.get("alias_of") is None:
+                    state["alias_of"] = target
+                    changed = True
+                onward.append(
+                    _control(
+                        profiles.MERGE,
+                        f"$merge:{key}",
+                        state["alias_of"],
+                        key,
+                        e["ts_ms"],
+                        {"profile": profiles.snapshot(state)},
+                    )
+                )
+                continue
+            alias = state.get("alias_of")
+            if alias and not e.get("user_id"):
+                onward.append({**e, "user_id": alias})  # a linked anonymous visitor's event
+                continue
+            todo.append(e)
+            if etype in ("identify", "alias") and e["anonymous_id"] != key:
+                onward.append(
+                    _control(
+                        profiles.LINK,
+                        f"$link:{e['event_id']}",
+                        None,
+                        e["anonymous_id"],
+                        e["ts_ms"],
+                        {"target": key},
+                    )
+                )
         with structlog.contextvars.bound_contextvars(user_id=key, event_id=evs[-1]["event_id"]):
-            n = profiles.apply_events(state, evs, _cfg.profiles)
-        if n:
+            n = profiles.apply_events(state, todo, _cfg.profiles)
+        if n or changed:
             table[bkey] = profiles.encode(state)
         applied += n
-    return applied, len(events) - applied
+        skipped += len(todo) - n
+    return applied, skipped, onward
 
 
 @app.agent(_routed, name="profile")  # type: ignore[untyped-decorator] # Faust is untyped
@@ -61,7 +128,9 @@ async def profile_agent(stream: Any) -> None:
         message = event.message
         try:
             events: list[Event] = orjson.loads(event.value)
-            applied, dupes = fold_batch(_table, events)
+            applied, dupes, onward = fold_batch(_table, events)
+            if onward:
+                await publisher().publish(onward)
         except Exception as exc:  # a bad message must not stop the agent
             _log.exception(
                 "routed message rejected", partition=message.partition, offset=message.offset

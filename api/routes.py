@@ -145,8 +145,14 @@ async def get_user(request: web.Request) -> web.Response:
             "user_id",
             "the visitor has sent no events yet (or they are still in flight)",
         )
+    state = profiles.decode(raw)
+    alias = state.get("alias_of")
+    if alias is not None:  # an anonymous visitor since identified: answer with the user's profile
+        linked = profiles.table().get(alias.encode())
+        if linked is not None:
+            state = profiles.decode(linked)
     now_ms = int(time.time() * 1000)
-    return json_response(profiles.view(profiles.decode(raw), current_config().profiles, now_ms))
+    return json_response(profiles.view(state, current_config().profiles, now_ms))
 
 
 async def _broker_reachable() -> bool:

@@ -235,6 +235,8 @@ def validate_event(obj: Any, cfg: EventsConfig, now_ms: int) -> Event:
     etype = obj.get("type")
     if not isinstance(etype, str) or not etype:
         raise ValidationError("type", f"expected an event type string, got {etype!r}")
+    if etype.startswith("$"):
+        raise ValidationError("type", f"{etype!r}: types starting with $ are reserved")
     if etype not in EVENT_TYPES and etype not in cfg.custom_types and "*" not in cfg.custom_types:
         raise ValidationError(
             "type",

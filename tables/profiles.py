@@ -22,11 +22,30 @@ from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.models import Event, format_ts
 
-__all__ = ["Profile", "apply_events", "decode", "encode", "new_profile", "table", "view"]
+__all__ = [
+    "LINK",
+    "MERGE",
+    "Profile",
+    "apply_events",
+    "decode",
+    "encode",
+    "merge",
+    "new_profile",
+    "snapshot",
+    "table",
+    "view",
+]
 
 Profile = dict[str, Any]
 
+#: Internal event carrying an anonymous visitor's profile to the user it was linked to.
+MERGE = "$merge"
+#: Internal event telling an anonymous visitor's profile which user it now belongs to.
+LINK = "$link"
+
 _HOUR_MS = 3_600_000
+#: Session intervals kept exactly (late events are placed among them); older ones are counted.
+_MAX_SESSIONS = 200
 _ITEM_TYPES = frozenset({"product_view", "add_to_cart", "remove_from_cart", "click"})
 
 
@@ -38,10 +57,8 @@ def new_profile(user_id: str) -> Profile:
         "counts": {},
         "first_seen": None,
         "last_seen": None,
-        "sessions": 0,
-        "session_start": None,
-        "session_last": None,
-        "session_events": 0,
+        "sessions_closed": 0,
+        "session_list": [],
         "hours": {},
         "orders": 0,
         "spend": 0.0,
@@ -94,22 +111,36 @@ def _touch_item(p: Profile, item_id: str, etype: str, ts: int, cfg: ProfilesConf
     p["recent_items"] = items[: cfg.recent_items]
 
 
-def _session(p: Profile, ts: int, cfg: ProfilesConfig) -> None:
-    last = p["session_last"]
-    gap_ms = cfg.session_gap_s * 1000
-    if last is None or ts - last > gap_ms:
-        p["sessions"] += 1
-        p["session_start"] = ts
-        p["session_last"] = ts
-        p["session_events"] = 1
-        hour = str(ts // _HOUR_MS)
-        p["hours"].setdefault(hour, [0, 0])[1] += 1
+def _insert_session(sessions: list[list[int]], ts: int, count: int, gap_ms: float) -> None:
+    """Place ``count`` events at ``ts`` into the sorted session intervals ``[start, end, n]``.
+
+    A late event lands in the session it belongs to, and one that bridges two sessions joins
+    them, so the result does not depend on the order events arrive in.
+    """
+    for i, (start, end, _n) in enumerate(sessions):
+        if start - gap_ms <= ts <= end + gap_ms:
+            sessions[i] = [min(start, ts), max(end, ts), sessions[i][2] + count]
+            break
     else:
-        # within the current session (a late event inside it changes no session boundary)
-        p["session_last"] = max(last, ts)
-        p["session_events"] += 1
-        if ts < p["session_start"]:
-            p["session_start"] = ts
+        sessions.append([ts, ts, count])
+        sessions.sort()
+        return
+    merged: list[list[int]] = []
+    for interval in sessions:
+        if merged and interval[0] - merged[-1][1] <= gap_ms:
+            last = merged[-1]
+            merged[-1] = [last[0], max(last[1], interval[1]), last[2] + interval[2]]
+        else:
+            merged.append(interval)
+    sessions[:] = merged
+
+
+def _session(p: Profile, ts: int, cfg: ProfilesConfig) -> None:
+    sessions: list[list[int]] = p["session_list"]
+    _insert_session(sessions, ts, 1, cfg.session_gap_s * 1000)
+    if len(sessions) > _MAX_SESSIONS:  # the oldest sessions are closed for good
+        p["sessions_closed"] += len(sessions) - _MAX_SESSIONS
+        del sessions[: len(sessions) - _MAX_SESSIONS]
 
 
 def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
@@ -124,7 +155,7 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
     p["last_seen"] = ts if p["last_seen"] is None else max(p["last_seen"], ts)
     _session(p, ts, cfg)
     hour = str(ts // _HOUR_MS)
-    p["hours"].setdefault(hour, [0, 0])[0] += 1
+    p["hours"][hour] = p["hours"].get(hour, 0) + 1
     p["engagement"] += weight
     anon = e.get("anonymous_id")
     if anon and e.get("user_id") and anon not in p["anonymous_ids"]:
@@ -181,7 +212,10 @@ def apply_events(p: Profile, events: Iterable[Event], cfg: ProfilesConfig) -> in
         eid = e["event_id"]
         if eid in seen:
             continue
-        _apply_one(p, e, cfg)
+        if e["type"] == MERGE:
+            merge(p, e["properties"]["profile"], cfg)
+        else:
+            _apply_one(p, e, cfg)
         seen.add(eid)
         seen_list.append(eid)
         applied += 1
@@ -196,8 +230,8 @@ def _iso(ms: int | None) -> str | None:
 
 def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
     """The public JSON form of a profile, with time-dependent figures computed at ``now_ms``."""
-    horizon_hour = (now_ms - cfg.frequency_window_s * 1000) // _HOUR_MS
-    window = [v for h, v in p["hours"].items() if int(h) >= horizon_hour]
+    horizon_ms = now_ms - cfg.frequency_window_s * 1000
+    horizon_hour = horizon_ms // _HOUR_MS
     cart_items = [
         {
             "item_id": item,
@@ -213,19 +247,19 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
         for cat, (score, ref) in p["affinity"].items()
     }
     orders = p["orders"]
-    active = (
-        p["session_last"] is not None and now_ms - p["session_last"] <= cfg.session_gap_s * 1000
-    )
+    sessions = p["session_list"]
+    current = sessions[-1] if sessions else None
+    active = current is not None and now_ms - current[1] <= cfg.session_gap_s * 1000
     return {
         "user_id": p["user_id"],
         "anonymous_ids": p["anonymous_ids"],
         "counts": p["counts"],
         "sessions": {
-            "count": p["sessions"],
+            "count": p["sessions_closed"] + len(sessions),
             "current": {
-                "started": _iso(p["session_start"]),
-                "last_event": _iso(p["session_last"]),
-                "events": p["session_events"],
+                "started": _iso(current[0] if current else None),
+                "last_event": _iso(current[1] if current else None),
+                "events": current[2] if current else 0,
                 "active": active,
             },
         },
@@ -233,8 +267,8 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
         "last_seen": _iso(p["last_seen"]),
         "frequency": {
             "window_days": round(cfg.frequency_window_s / 86400, 3),
-            "events": sum(v[0] for v in window),
-            "sessions": sum(v[1] for v in window),
+            "events": sum(n for h, n in p["hours"].items() if int(h) >= horizon_hour),
+            "sessions": sum(1 for start, _end, _n in sessions if start >= horizon_ms),
         },
         "lifetime_spend": round(p["spend"], 2),
         "order_count": orders,
@@ -273,3 +307,56 @@ def table() -> Any:
     tbl.key_serializer = "raw"
     tbl.value_serializer = "raw"
     return tbl
+
+
+def snapshot(p: Profile) -> Profile:
+    """A copy of ``p`` to merge into another profile (without its dedup memory)."""
+    return {k: v for k, v in p.items() if k not in ("seen", "alias_of")}
+
+
+def merge(into: Profile, other: Profile, cfg: ProfilesConfig) -> None:
+    """Fold an anonymous visitor's profile ``other`` into ``into`` (session stitching)."""
+    for etype, n in other["counts"].items():
+        into["counts"][etype] = into["counts"].get(etype, 0) + n
+    for name, pick in (("first_seen", min), ("last_seen", max)):
+        values = [v for v in (into[name], other[name]) if v is not None]
+        into[name] = pick(values) if values else None
+    into["sessions_closed"] += other["sessions_closed"]
+    for start, end, n in other["session_list"]:
+        _insert_session(into["session_list"], start, n, cfg.session_gap_s * 1000)
+        _insert_session(into["session_list"], end, 0, cfg.session_gap_s * 1000)
+    for hour, events in other["hours"].items():
+        into["hours"][hour] = into["hours"].get(hour, 0) + events
+    into["orders"] += other["orders"]
+    into["spend"] += other["spend"]
+    for cur, amount in other["spend_by_currency"].items():
+        into["spend_by_currency"][cur] = into["spend_by_currency"].get(cur, 0.0) + amount
+    items = sorted(into["recent_items"] + other["recent_items"], key=lambda r: -r["ts"])
+    unique: dict[str, dict[str, Any]] = {}
+    for r in items:
+        unique.setdefault(r["item_id"], r)
+    into["recent_items"] = list(unique.values())[: cfg.recent_items]
+    for item, line in other["cart"].items():
+        mine = into["cart"].get(item)
+        if mine is None:
+            into["cart"][item] = dict(line)
+        else:
+            mine["quantity"] += line["quantity"]
+            mine["price"] = mine["price"] if mine["price"] is not None else line["price"]
+    searches = sorted(into["searches"] + other["searches"], key=lambda s: -s["ts"])
+    into["searches"] = searches[: cfg.recent_searches]
+    for cat, (score, ref) in other["affinity"].items():
+        if cat not in into["affinity"]:
+            into["affinity"][cat] = [score, ref]
+            continue
+        mine_score, mine_ref = into["affinity"][cat]
+        top = max(ref, mine_ref)
+        into["affinity"][cat] = [
+            _decay(mine_score, top - mine_ref, cfg.affinity_half_life_s)
+            + _decay(score, top - ref, cfg.affinity_half_life_s),
+            top,
+        ]
+    into["engagement"] += other["engagement"]
+    for anon in other["anonymous_ids"]:
+        if anon not in into["anonymous_ids"]:
+            into["anonymous_ids"] = [*into["anonymous_ids"], anon][-20:]

@@ -91,7 +91,12 @@ class Engine:
 
     # -- HTTP ------------------------------------------------------------------------
     def request(
-        self, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
@@ -139,7 +144,10 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     made: list[Engine] = []
 
     def make(
-        data_dir: Path | None = None, *, config: str | None = None, env: dict[str, str] | None = None
+        data_dir: Path | None = None,
+        *,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> Engine:
         root = tmp_path / f"engine{len(made)}"
         root.mkdir(exist_ok=True)
@@ -148,8 +156,11 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
             cfg_path = root / "config.toml"
             cfg_path.write_text(config)
         eng = Engine(
-            data_dir=data_dir or root / "data", port=_free_port(), log_path=root / "engine.log",
-            extra_env=env or {}, config=cfg_path,
+            data_dir=data_dir or root / "data",
+            port=_free_port(),
+            log_path=root / "engine.log",
+            extra_env=env or {},
+            config=cfg_path,
         )
         made.append(eng)
         return eng
@@ -167,7 +178,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     root = tmp_path_factory.mktemp("shared-engine")
     cfg = root / "config.toml"
     cfg.write_text('[events]\ncustom_types = ["wishlist_add"]\n')
-    eng = Engine(data_dir=root / "data", port=_free_port(), log_path=root / "engine.log", config=cfg)
+    eng = Engine(
+        data_dir=root / "data", port=_free_port(), log_path=root / "engine.log", config=cfg
+    )
     eng.start()
     yield eng
     code = eng.stop()
