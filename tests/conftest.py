@@ -69,7 +69,7 @@ class Engine:
                 self.broker = found.group(1)
             if self.proc.poll() is not None:
                 raise AssertionError(f"engine exited with {self.proc.returncode}:\n{text[-4000:]}")
-            if wait_healthy and self.broker:
+            if wait_healthy and (self.broker or "API listening" in text):
                 status, _ = self.request("GET", "/healthz")
                 if status == 200:
                     return self
@@ -83,7 +83,8 @@ class Engine:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout)
-        self.log_fh.close()
+        if not self.log_fh.closed:
+            self.log_fh.close()
         return code
 
     def tail(self, n: int = 4000) -> str:
@@ -170,6 +171,8 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
         if eng.proc is not None and eng.proc.poll() is None:
             eng.proc.kill()
             eng.proc.wait()
+        if not eng.log_fh.closed:
+            eng.log_fh.close()
 
 
 @pytest.fixture(scope="session")
