@@ -113,7 +113,7 @@ def test_sigterm_restart_keeps_every_event_once(engine_factory: Any) -> None:
 
 
 def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(engine_factory: Any) -> None:
-    """kill -9 while events stream in; after a restart every acknowledged event counts once."""
+    """A kill -9 while events stream in; after a restart every acknowledged event counts once."""
     eng = engine_factory().start()
     broker_pids = _children(eng.proc.pid)
     streamer = Streamer(eng, "kill")
