@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -20,9 +21,11 @@ from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY,
 from personify.engine.models import Event, validate_event
 from personify.tables import profiles
 
-__all__ = ["routes"]
+__all__ = ["HTTP_CLIENT", "routes"]
 
 routes = web.RouteTableDef()
+#: The client session used to forward requests to other workers.
+HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 _log = get_logger(__name__)
 
 
@@ -133,10 +136,42 @@ async def post_events(request: web.Request) -> web.Response:
     return json_response(result, 202)
 
 
+FORWARDED = "X-Personify-Forwarded"
+
+
+def _owner_url(key: str) -> str | None:
+    """The API URL of the worker that owns ``key``'s partition, or None when it is us."""
+    try:
+        url = str(faust_app.router.key_store("profiles", key.encode())).rstrip("/")
+    except Exception:  # no assignment metadata yet (one worker, or a rebalance): read locally
+        return None
+    own = str(faust_app.conf.canonical_url).rstrip("/")
+    return None if url == own else url
+
+
+async def _forward(request: web.Request, owner: str) -> web.Response:
+    session: aiohttp.ClientSession = request.app[HTTP_CLIENT]
+    try:
+        async with session.get(owner + request.rel_url.path_qs, headers={FORWARDED: "1"}) as resp:
+            body = await resp.read()
+            return web.Response(body=body, status=resp.status, content_type="application/json")
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return json_error(
+            503,
+            f"the worker owning this visitor ({owner}) did not answer: {exc}",
+            "user_id",
+            "retry; after a rebalance another worker takes over",
+        )
+
+
 @routes.get("/v1/users/{user_id}")
 async def get_user(request: web.Request) -> web.Response:
-    """The visitor's live profile."""
+    """The visitor's live profile (forwarded to the worker that owns it, with several)."""
     user_id = request.match_info["user_id"]
+    if FORWARDED not in request.headers:
+        owner = _owner_url(user_id)
+        if owner is not None:
+            return await _forward(request, owner)
     raw = profiles.table().get(user_id.encode())
     if raw is None:
         return json_error(
@@ -182,9 +217,15 @@ async def healthz(request: web.Request) -> web.Response:
         "journal_replayed": publisher().ready.is_set(),
     }
     ok = all(checks.values())
-    return json_response(
-        {"status": "ok" if ok else "starting", "checks": checks}, 200 if ok else 503
-    )
+    assignment: dict[str, list[int]] = {}
+    for tp in consumer.assignment() if consumer is not None else ():
+        assignment.setdefault(tp.topic, []).append(tp.partition)
+    body = {
+        "status": "ok" if ok else "starting",
+        "checks": checks,
+        "partitions": {t: sorted(ps) for t, ps in sorted(assignment.items())},
+    }
+    return json_response(body, 200 if ok else 503)
 
 
 @routes.get("/metrics")

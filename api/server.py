@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import aiohttp
 import mode
 from aiohttp import web
 
-from personify.api.routes import routes
+from personify.api.routes import HTTP_CLIENT, routes
 from personify.api.schemas import json_error
 from personify.engine.app import app as faust_app
 from personify.engine.app import current_config
@@ -48,7 +49,14 @@ def build_app() -> web.Application:
     """The aiohttp application with every route of the API."""
     web_app = web.Application(middlewares=[_errors_and_timing])
     web_app.add_routes(routes)
+    web_app.cleanup_ctx.append(_http_client)
     return web_app
+
+
+async def _http_client(web_app: web.Application) -> AsyncIterator[None]:
+    web_app[HTTP_CLIENT] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+    yield
+    await web_app[HTTP_CLIENT].close()
 
 
 @faust_app.service

@@ -78,6 +78,8 @@ def configure(config: Config, broker_url: str, broker_epoch: str = "k") -> Perso
             "recovery_consistency_check": False,
             "consumer_auto_offset_reset": "earliest",
             "web_enabled": False,
+            # Advertised to the other workers: reads of keys they own are forwarded here.
+            "canonical_url": config.server.url,
             "key_serializer": "raw",
             "value_serializer": "raw",
             "logging_config": None,

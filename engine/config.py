@@ -81,6 +81,17 @@ class ServerConfig:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    #: How other workers reach this one (to forward reads of keys it owns);
+    #: empty means http://host:port.
+    public_url: str = ""
+
+    @property
+    def url(self) -> str:
+        """The URL other workers use to reach this worker's API."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"http://{host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class Engine:
     config: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     broker: str = ""
+    command: str = "run"
 
     @property
     def url(self) -> str:
@@ -52,7 +53,7 @@ class Engine:
 
     # -- process control -------------------------------------------------------------
     def start(self, *, wait_healthy: bool = True) -> Engine:
-        args = [PERSONIFY, "run", "--data-dir", str(self.data_dir), "--port", str(self.port)]
+        args = [PERSONIFY, self.command, "--data-dir", str(self.data_dir), "--port", str(self.port)]
         if self.config is not None:
             args += ["--config", str(self.config)]
         env = {**os.environ, "PERSONIFY_LOGGING__LEVEL": "warning", **self.extra_env}
@@ -149,6 +150,7 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
         *,
         config: str | None = None,
         env: dict[str, str] | None = None,
+        command: str = "run",
     ) -> Engine:
         root = tmp_path / f"engine{len(made)}"
         root.mkdir(exist_ok=True)
@@ -162,6 +164,7 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
             log_path=root / "engine.log",
             extra_env=env or {},
             config=cfg_path,
+            command=command,
         )
         made.append(eng)
         return eng
