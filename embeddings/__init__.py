@@ -1,1 +1,3 @@
-"""Item and chat embeddings and the vector index (not built yet: the package is reserved)."""
+"""Item and chat embeddings and the vector index (reserved: nothing here yet)."""
+
+__all__: list[str] = []

@@ -191,6 +191,8 @@ class Config:
         changes: dict[str, Any] = {}
         for name, values in sections.items():
             current = getattr(self, name)
+            if name == "profiles":
+                values = _merge_weights(values, self.source)
             changes[name] = _build(type(current), {**_asdict(current), **values}, self.source, name)
         return dataclasses.replace(self, **changes)
 
@@ -290,6 +292,19 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
     return obj
 
 
+def _merge_weights(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Engagement weights given are merged over the defaults (the others keep theirs)."""
+    weights = values.get("engagement_weights")
+    if weights is None:
+        return dict(values)
+    if not isinstance(weights, Mapping):
+        raise ConfigError(
+            f"{source}: [profiles] engagement_weights: expected a table of event type = weight, "
+            f"got {weights!r}"
+        )
+    return {**values, "engagement_weights": {**DEFAULT_WEIGHTS, **weights}}
+
+
 def _parse_env_value(text: str) -> Any:
     try:
         return tomllib.loads(f"v = {text}")["v"]
@@ -355,10 +370,7 @@ def load_config(
                 f"known sections: {', '.join(sorted(sections))}"
             )
         cls = typing.get_type_hints(Config)[section]
-        if section == "profiles" and "engagement_weights" in values:
-            values = {
-                **values,
-                "engagement_weights": {**DEFAULT_WEIGHTS, **values["engagement_weights"]},
-            }
+        if section == "profiles":
+            values = _merge_weights(values, source)
         built[section] = _build(cls, values, source, section)
     return Config(**built, source=source)

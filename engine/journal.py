@@ -23,7 +23,8 @@ from personify.engine.errors import JournalError
 
 __all__ = ["Journal", "Record"]
 
-_HEADER = struct.Struct(">QiII")  # seq, partition (-1: abort marker), length, crc32
+_MAGIC = 0x504A  # "PJ": a zero-filled tail (a crash before the data hit the disk) never matches
+_HEADER = struct.Struct(">HQiII")  # magic, seq, partition (-1: abort marker), length, crc32
 _SEGMENT_DIGITS = 20
 
 Record = tuple[int, int, bytes]
@@ -104,10 +105,10 @@ class Journal:
             data = fh.read()
         pos = 0
         while pos + _HEADER.size <= len(data):
-            seq, partition, length, crc = _HEADER.unpack_from(data, pos)
+            magic, seq, partition, length, crc = _HEADER.unpack_from(data, pos)
             start = pos + _HEADER.size
             payload = data[start : start + length]
-            if len(payload) < length or zlib.crc32(payload) != crc:
+            if magic != _MAGIC or len(payload) < length or zlib.crc32(payload) != crc:
                 return  # torn or damaged tail: everything before it is intact
             pos = start + length
             yield pos, seq, partition, payload
@@ -127,7 +128,9 @@ class Journal:
             for partition, payload in records:
                 seq = self.next_seq
                 self.next_seq += 1
-                chunks.append(_HEADER.pack(seq, partition, len(payload), zlib.crc32(payload)))
+                chunks.append(
+                    _HEADER.pack(_MAGIC, seq, partition, len(payload), zlib.crc32(payload))
+                )
                 chunks.append(payload)
                 seqs.append(seq)
                 self._pending.add(seq)
@@ -154,7 +157,8 @@ class Journal:
         async with self._lock:
             for seq in seqs:
                 payload = struct.pack(">Q", seq)
-                self._fh.write(_HEADER.pack(seq, -1, len(payload), zlib.crc32(payload)) + payload)
+                header = _HEADER.pack(_MAGIC, seq, -1, len(payload), zlib.crc32(payload))
+                self._fh.write(header + payload)
                 self._pending.discard(seq)
             self._fh.flush()
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from personify.engine.config import EventsConfig
@@ -61,6 +61,9 @@ _TOP_LEVEL: Final = frozenset(
 Event = dict[str, Any]
 
 _EPOCH_MS_MIN: Final = 946_684_800_000  # 2000-01-01: smaller numbers are not epoch milliseconds
+_EPOCH_MS_MAX: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MS: Final = timedelta(milliseconds=1)
 
 
 def format_ts(ts_ms: int) -> str:
@@ -73,9 +76,9 @@ def _parse_ts(value: Any) -> int:
     if isinstance(value, bool):
         raise ValidationError("ts", f"expected ISO 8601 text or epoch milliseconds, got {value!r}")
     if isinstance(value, int | float):
-        if not math.isfinite(value) or value < _EPOCH_MS_MIN:
+        if not math.isfinite(value) or not _EPOCH_MS_MIN <= value <= _EPOCH_MS_MAX:
             raise ValidationError(
-                "ts", f"expected epoch milliseconds (after 2000-01-01), got {value!r}"
+                "ts", f"expected epoch milliseconds between 2000 and 9999, got {value!r}"
             )
         return int(value)
     if isinstance(value, str):
@@ -90,7 +93,13 @@ def _parse_ts(value: Any) -> int:
             ) from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)  # a timestamp without offset is taken as UTC
-        return int(dt.timestamp() * 1000)
+        try:
+            ts_ms = (dt - _EPOCH) // _ONE_MS  # integer arithmetic: no float rounding
+        except OverflowError:
+            ts_ms = -1
+        if not _EPOCH_MS_MIN <= ts_ms <= _EPOCH_MS_MAX:
+            raise ValidationError("ts", f"expected a time between 2000 and 9999, got {value!r}")
+        return ts_ms
     raise ValidationError("ts", f"expected ISO 8601 text or epoch milliseconds, got {value!r}")
 
 

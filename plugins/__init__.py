@@ -1,1 +1,3 @@
-"""Plugins: triggers and consent gates discovered through entry points (reserved)."""
+"""Plugins: triggers and consent gates discovered through entry points (reserved: nothing here yet)."""
+
+__all__: list[str] = []

@@ -105,10 +105,24 @@ def _add_affinity(p: Profile, category: str, weight: float, ts: int, cfg: Profil
             aff[cat] = [score + _decay(weight, ref - ts, cfg.affinity_half_life_s), ref]
 
 
+def _newest_first(entries: list[dict[str, Any]], entry: dict[str, Any], limit: int) -> list[Any]:
+    """Insert ``entry`` by event time (a late event lands where it belongs), keep ``limit``."""
+    i = 0
+    while i < len(entries) and entries[i]["ts"] > entry["ts"]:
+        i += 1
+    return [*entries[:i], entry, *entries[i:]][:limit]
+
+
 def _touch_item(p: Profile, item_id: str, etype: str, ts: int, cfg: ProfilesConfig) -> None:
-    items = [r for r in p["recent_items"] if r["item_id"] != item_id]
-    items.insert(0, {"item_id": item_id, "type": etype, "ts": ts})
-    p["recent_items"] = items[: cfg.recent_items]
+    items = p["recent_items"]
+    for old in items:
+        if old["item_id"] == item_id:
+            if old["ts"] > ts:
+                return  # a newer interaction with this item is already recorded
+            items = [r for r in items if r["item_id"] != item_id]
+            break
+    entry = {"item_id": item_id, "type": etype, "ts": ts}
+    p["recent_items"] = _newest_first(items, entry, cfg.recent_items)
 
 
 def _insert_session(sessions: list[list[int]], ts: int, count: int, gap_ms: float) -> None:
@@ -195,7 +209,7 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
         entry: dict[str, Any] = {"query": props["query"], "ts": ts}
         if props.get("filters"):
             entry["filters"] = props["filters"]
-        p["searches"] = [entry, *p["searches"]][: cfg.recent_searches]
+        p["searches"] = _newest_first(p["searches"], entry, cfg.recent_searches)
 
     # keep only the hourly buckets the frequency window can still see
     horizon = (p["last_seen"] - cfg.frequency_window_s * 1000) // _HOUR_MS
