@@ -23,7 +23,7 @@ __all__ = ["fold_batch", "profile_agent"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
-_table = profiles.table()
+_store = profiles.ProfileStore(profiles.table())
 _routed = topic(_cfg.topics.routed)
 _dead_letter = topic(_cfg.topics.dead_letter)
 
@@ -56,8 +56,10 @@ def _control(
     }
 
 
-def fold_batch(table: Any, events: list[Event]) -> tuple[int, int, list[Event]]:
-    """Apply ``events`` to the profiles in ``table``.
+async def fold_batch(
+    store: profiles.ProfileStore, partition: int, events: list[Event]
+) -> tuple[int, int, list[Event]]:
+    """Apply ``events`` (all of one partition) to their profiles; write each profile once.
 
     Returns:
         (events applied, duplicates skipped, events to publish onward). Onward events stitch
@@ -71,9 +73,10 @@ def fold_batch(table: Any, events: list[Event]) -> tuple[int, int, list[Event]]:
     applied = 0
     skipped = 0
     onward: list[Event] = []
+    writes: list[tuple[bytes, bytes]] = []
     for key, evs in by_user.items():
         bkey = key.encode()
-        raw = table.get(bkey)
+        raw = store.get(partition, bkey)
         state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
         changed = False
         todo: list[Event] = []
@@ -114,9 +117,10 @@ def fold_batch(table: Any, events: list[Event]) -> tuple[int, int, list[Event]]:
         with structlog.contextvars.bound_contextvars(user_id=key, event_id=evs[-1]["event_id"]):
             n = profiles.apply_events(state, todo, _cfg.profiles)
         if n or changed:
-            table[bkey] = profiles.encode(state)
+            writes.append((bkey, profiles.encode(state)))
         applied += n
         skipped += len(todo) - n
+    await store.put_many(partition, writes)
     return applied, skipped, onward
 
 
@@ -128,7 +132,7 @@ async def profile_agent(stream: Any) -> None:
         message = event.message
         try:
             events: list[Event] = orjson.loads(event.value)
-            applied, dupes, onward = fold_batch(_table, events)
+            applied, dupes, onward = await fold_batch(_store, message.partition, events)
             if onward:
                 await publisher().publish(onward)
         except Exception as exc:  # a bad message must not stop the agent

@@ -70,6 +70,9 @@ def configure(config: Config, broker_url: str, broker_epoch: str = "k") -> Perso
             "broker_commit_interval": w.commit_interval_s,
             "producer_linger": w.producer_linger_ms / 1000.0,
             "producer_acks": -1,
+            # Table writes and routed messages travel in large producer batches.
+            "producer_max_batch_size": 512 * 1024,
+            "producer_max_request_size": 4 * 1024 * 1024,
             "broker_rebalance_timeout": 3.0,
             "broker_session_timeout": 6.0,
             "broker_heartbeat_interval": 1.0,

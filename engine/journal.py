@@ -48,7 +48,9 @@ class Journal:
         self.next_seq = 0
         self._pending: set[int] = set()
         self._fh: BinaryIO | None = None
-        self._lock = asyncio.Lock()
+        self._written = 0  # appends so far (a generation number for group commit)
+        self._synced = 0  # appends known to be on disk
+        self._sync_task: asyncio.Future[None] | None = None
         self._saved_checkpoint = -1
         self.records_replayed = 0
 
@@ -118,49 +120,72 @@ class Journal:
         """Append ``(partition, payload)`` records; return their sequence numbers.
 
         The records are flushed to the operating system before this returns, and to the disk
-        when ``fsync`` is on. Each returned number stays pending until `mark_applied`.
+        when ``fsync`` is on: concurrent appends share one fsync (group commit). Each returned
+        number stays pending until `mark_applied`.
         """
         if self._fh is None:
             raise JournalError("journal: append before open()")
-        async with self._lock:
-            seqs: list[int] = []
-            chunks: list[bytes] = []
-            for partition, payload in records:
-                seq = self.next_seq
-                self.next_seq += 1
-                chunks.append(
-                    _HEADER.pack(_MAGIC, seq, partition, len(payload), zlib.crc32(payload))
-                )
-                chunks.append(payload)
-                seqs.append(seq)
-                self._pending.add(seq)
-            try:
-                self._fh.write(b"".join(chunks))
-                self._fh.flush()
-                if self.fsync:
-                    await asyncio.to_thread(os.fsync, self._fh.fileno())
-            except OSError as exc:
-                for seq in seqs:
-                    self._pending.discard(seq)
-                raise JournalError(f"journal: cannot write {self.directory}: {exc}") from exc
-            if self._fh.tell() >= self.segment_bytes:
-                self._fh.close()
-                self._fh = open(  # noqa: SIM115, ASYNC230 - rare, small
-                    self.directory / f"{self.next_seq:0{_SEGMENT_DIGITS}d}.log", "ab"
-                )
-            return seqs
+        seqs: list[int] = []
+        chunks: list[bytes] = []
+        for partition, payload in records:
+            seq = self.next_seq
+            self.next_seq += 1
+            chunks.append(_HEADER.pack(_MAGIC, seq, partition, len(payload), zlib.crc32(payload)))
+            chunks.append(payload)
+            seqs.append(seq)
+        try:  # no await until the write is done: appends never interleave
+            self._fh.write(b"".join(chunks))
+            self._fh.flush()
+        except OSError as exc:
+            raise JournalError(f"journal: cannot write {self.directory}: {exc}") from exc
+        self._pending.update(seqs)
+        self._written += 1
+        mine = self._written
+        if self._fh.tell() >= self.segment_bytes:
+            self._rotate()
+        if self.fsync:
+            await self._sync_to(mine)
+        return seqs
+
+    def _rotate(self) -> None:
+        assert self._fh is not None
+        if self.fsync:
+            os.fsync(self._fh.fileno())  # rare (once per segment) and needed before close
+            self._synced = self._written
+        self._fh.close()
+        self._fh = open(  # noqa: SIM115 - kept open for appends, closed in close()
+            self.directory / f"{self.next_seq:0{_SEGMENT_DIGITS}d}.log", "ab"
+        )
+
+    async def _sync_to(self, generation: int) -> None:
+        while self._synced < generation:
+            if self._sync_task is None:
+                self._sync_task = asyncio.ensure_future(self._sync_once())
+            await asyncio.shield(self._sync_task)
+
+    async def _sync_once(self) -> None:
+        target = self._written
+        try:
+            assert self._fh is not None
+            await asyncio.to_thread(os.fsync, self._fh.fileno())
+        except (OSError, ValueError) as exc:
+            if self._synced < target:  # not covered by a segment rotation meanwhile
+                raise JournalError(f"journal: cannot sync {self.directory}: {exc}") from exc
+        else:
+            self._synced = max(self._synced, target)
+        finally:
+            self._sync_task = None
 
     async def abort(self, seqs: list[int]) -> None:
         """Mark records whose publication failed, so that a replay skips them."""
         if not seqs or self._fh is None:
             return
-        async with self._lock:
-            for seq in seqs:
-                payload = struct.pack(">Q", seq)
-                header = _HEADER.pack(_MAGIC, seq, -1, len(payload), zlib.crc32(payload))
-                self._fh.write(header + payload)
-                self._pending.discard(seq)
-            self._fh.flush()
+        for seq in seqs:  # synchronous: never interleaves with an append
+            payload = struct.pack(">Q", seq)
+            header = _HEADER.pack(_MAGIC, seq, -1, len(payload), zlib.crc32(payload))
+            self._fh.write(header + payload)
+            self._pending.discard(seq)
+        self._fh.flush()
 
     def mark_applied(self, seq: int) -> None:
         """Record that the record ``seq`` has reached the tables."""

@@ -23,6 +23,8 @@ from personify.engine.models import Event, event_key
 __all__ = ["SEQ_HEADER", "Publisher", "partition_for"]
 
 SEQ_HEADER = "personify-seq"
+#: Routed messages carry at most this many events (keeps messages well under 1 MB).
+MAX_EVENTS_PER_MESSAGE = 500
 _log = get_logger(__name__)
 
 
@@ -58,7 +60,11 @@ class Publisher:
         """Publish ``events``; return once the broker has them (and the journal, if any)."""
         if not events:
             return
-        records = [(p, orjson.dumps(group)) for p, group in self.group(events).items()]
+        records = [
+            (p, orjson.dumps(group[i : i + MAX_EVENTS_PER_MESSAGE]))
+            for p, group in self.group(events).items()
+            for i in range(0, len(group), MAX_EVENTS_PER_MESSAGE)
+        ]
         await self.publish_records(records)
 
     async def publish_records(self, records: list[tuple[int, bytes]]) -> None:

@@ -11,12 +11,15 @@ retry and a journal replay therefore never count an event twice.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 from collections.abc import Iterable
 from typing import Any
 
 import orjson
+from faust.types import TP
+from rocksdict import WriteBatch
 
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
@@ -26,6 +29,7 @@ __all__ = [
     "LINK",
     "MERGE",
     "Profile",
+    "ProfileStore",
     "apply_events",
     "decode",
     "encode",
@@ -307,7 +311,8 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
 def table() -> Any:
     """The Faust profiles table, RocksDB- and changelog-backed.
 
-    It is co-partitioned with the routed events topic: the profile agent is its only writer.
+    It is co-partitioned with the routed events topic: the profile agent is its only writer
+    (through `ProfileStore`); the API reads it.
     """
     cfg = current_config()
     tbl = app.Table(
@@ -321,6 +326,70 @@ def table() -> Any:
     tbl.key_serializer = "raw"
     tbl.value_serializer = "raw"
     return tbl
+
+
+class ProfileStore:
+    """Batched access to the profiles table for its one writer, the profile agent.
+
+    Faust's per-key write (``table[key] = value``) sends one changelog record and rewrites
+    the partition's persisted offset for every key, which capped a worker at a few thousand
+    writes per second. `put_many` writes a whole batch the way Faust's own changelog restore
+    does: the changelog records go out as producer batches and are acknowledged first, then one
+    RocksDB write batch and one persisted-offset update per partition. The records and their
+    layout are Faust's, so restores, standbys and rebalancing work unchanged; and since the
+    changelog is written before the local store, a crash in between is repaired by redelivery.
+
+    Args:
+        tbl: the Faust table (`table()`).
+        max_batch_bytes: the most bytes sent in one changelog producer batch.
+    """
+
+    def __init__(self, tbl: Any, max_batch_bytes: int = 512 * 1024) -> None:
+        self.table = tbl
+        self.max_batch_bytes = max_batch_bytes
+
+    def _db(self, partition: int) -> Any:
+        # The store keeps one RocksDB database per partition.
+        return self.table.data._db_for_partition(partition)
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        """Read one profile of ``partition``."""
+        value: bytes | None = self._db(partition).get(key)
+        return value
+
+    async def put_many(self, partition: int, items: list[tuple[bytes, bytes]]) -> None:
+        """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB."""
+        if not items:
+            return
+        producer = app.producer._ensure_producer()  # Faust's started aiokafka producer
+        topic_name = self.table.changelog_topic.get_topic_name()
+        futures = []
+        counts = []
+        builder = producer.create_batch()
+        size = 0
+        n = 0
+        for key, value in items:
+            if n and size + len(key) + len(value) > self.max_batch_bytes:
+                futures.append(await producer.send_batch(builder, topic_name, partition=partition))
+                counts.append(n)
+                builder = producer.create_batch()
+                size = n = 0
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                raise ValueError(f"profile {key!r} of {len(value)} bytes exceeds a producer batch")
+            size += len(key) + len(value)
+            n += 1
+        futures.append(await producer.send_batch(builder, topic_name, partition=partition))
+        counts.append(n)
+        metas = await asyncio.gather(*futures)
+        last_offset = max(m.offset + c - 1 for m, c in zip(metas, counts, strict=True))
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items:
+            batch.put(key, value)
+        store = self.table.data
+        self._db(partition).write(batch)
+        for key, _value in items:
+            store._key_index[key] = partition  # lets reads outside the agent find the key
+        store.set_persisted_offset(TP(topic_name, partition), last_offset)
 
 
 def snapshot(p: Profile) -> Profile:

@@ -6,6 +6,7 @@ with RocksDB tables and the aiohttp API, started exactly as a user starts them.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -112,8 +113,8 @@ class Engine:
         except urllib.error.HTTPError as exc:
             payload = exc.read()
             status = exc.code
-        except (urllib.error.URLError, ConnectionError):
-            return 0, None
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            return 0, None  # the server is gone or went away mid-request
         try:
             return status, json.loads(payload)
         except ValueError:
