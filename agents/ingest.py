@@ -8,6 +8,7 @@ gets one derived from its position in the topic, so a redelivered message is rec
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import AGENT_LAG, EVENTS_ACCEPTED, EVENTS_REJECTED, rejection_reason
 from personify.engine.models import Event, validate_event
+from personify.engine.retry import until_done
 
 __all__ = ["ingest_agent", "parse_message"]
 
@@ -64,6 +66,10 @@ def parse_message(
     return valid, dead
 
 
+async def _send_dead(record: bytes) -> None:
+    await (await _dead_letter.send(value=record, force=True))
+
+
 @app.agent(_events, name="ingest")  # type: ignore[untyped-decorator] # Faust is untyped
 async def ingest_agent(stream: Any) -> None:
     """Validate raw events and route them; invalid ones go to the dead-letter topic."""
@@ -82,15 +88,11 @@ async def ingest_agent(stream: Any) -> None:
             )
             valid.extend(ok)
             dead.extend(bad)
-        try:
-            await pub.publish(valid)
-        except Exception:
-            _log.exception("cannot publish routed events; they will be redelivered")
-            raise
+        await until_done("routed publish", functools.partial(pub.publish, valid))
         EVENTS_ACCEPTED.labels("topic").inc(len(valid))
         for reason, record in dead:
             EVENTS_REJECTED.labels("topic", reason).inc()
-            await _dead_letter.send(value=record, force=True)
+            await until_done("dead-letter send", functools.partial(_send_dead, record))
         last = batch[-1].message
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:

@@ -7,6 +7,8 @@ writes each profile once, so a batch of N events for M visitors costs M table wr
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -17,9 +19,10 @@ from personify.engine.logging import get_logger
 from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE
 from personify.engine.models import Event, event_key, format_ts
 from personify.engine.publisher import SEQ_HEADER
+from personify.engine.retry import until_done
 from personify.tables import profiles
 
-__all__ = ["fold_batch", "profile_agent"]
+__all__ = ["Folded", "fold_batch", "profile_agent"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
@@ -56,111 +59,134 @@ def _control(
     }
 
 
-async def fold_batch(
-    store: profiles.ProfileStore, partition: int, events: list[Event]
-) -> tuple[int, int, list[Event]]:
-    """Apply ``events`` (all of one partition) to their profiles; write each profile once.
+@dataclass(slots=True)
+class Folded:
+    """What folding one routed message produced."""
 
-    Returns:
-        (events applied, duplicates skipped, events to publish onward). Onward events stitch
-        sessions across partitions: ``identify``/``alias`` sends a link to the anonymous
-        profile, which sends its content back as a merge and forwards its later events.
-        They are sent again on redelivery; their event ids make that harmless.
+    applied: int = 0
+    skipped: int = 0
+    onward: list[Event] = field(default_factory=list)
+    writes: list[tuple[bytes, bytes]] = field(default_factory=list)
+    failed: list[tuple[Event, str]] = field(default_factory=list)
+
+
+def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bool:
+    """Fold one visitor's events; append to ``out``. Raises if an event cannot be applied."""
+    state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
+    changed = False
+    todo: list[Event] = []
+    onward: list[Event] = []
+    for e in evs:
+        etype = e["type"]
+        if etype == profiles.LINK:
+            target = e["properties"]["target"]
+            if state.get("alias_of") is None:
+                state["alias_of"] = target
+                changed = True
+            merge = {"profile": profiles.snapshot(state)}
+            onward.append(
+                _control(profiles.MERGE, f"$merge:{key}", state["alias_of"], key, e["ts_ms"], merge)
+            )
+            continue
+        alias = state.get("alias_of")
+        if alias and not e.get("user_id"):
+            onward.append({**e, "user_id": alias})  # a linked anonymous visitor's event
+            continue
+        todo.append(e)
+        if etype in ("identify", "alias") and e["anonymous_id"] != key:
+            link = {"target": key}
+            onward.append(
+                _control(
+                    profiles.LINK,
+                    f"$link:{e['event_id']}",
+                    None,
+                    e["anonymous_id"],
+                    e["ts_ms"],
+                    link,
+                )
+            )
+    n = profiles.apply_events(state, todo, _cfg.profiles)
+    if n or changed:
+        out.writes.append((key.encode(), profiles.encode(state)))
+    out.applied += n
+    out.skipped += len(todo) - n
+    out.onward.extend(onward)
+    return True
+
+
+def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]) -> Folded:
+    """Apply ``events`` (all of one partition) to their profiles, in memory.
+
+    Each profile is read once and its new value is returned in ``writes``, to be written once.
+    ``onward`` holds events to publish next: they stitch sessions across partitions
+    (``identify``/``alias`` sends a link to the anonymous profile, which sends its content
+    back as a merge and forwards its later events); they are sent again on redelivery and
+    their event ids make that harmless. An event that cannot be applied lands in ``failed``
+    and the visitor's other events still count.
     """
     by_user: dict[str, list[Event]] = {}
     for e in events:
         by_user.setdefault(event_key(e), []).append(e)
-    applied = 0
-    skipped = 0
-    onward: list[Event] = []
-    writes: list[tuple[bytes, bytes]] = []
+    out = Folded()
     for key, evs in by_user.items():
-        bkey = key.encode()
-        raw = store.get(partition, bkey)
-        state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
-        changed = False
-        todo: list[Event] = []
-        for e in evs:
-            etype = e["type"]
-            if etype == profiles.LINK:
-                target = e["properties"]["target"]
-                if state.get("alias_of") is None:
-                    state["alias_of"] = target
-                    changed = True
-                onward.append(
-                    _control(
-                        profiles.MERGE,
-                        f"$merge:{key}",
-                        state["alias_of"],
-                        key,
-                        e["ts_ms"],
-                        {"profile": profiles.snapshot(state)},
-                    )
-                )
-                continue
-            alias = state.get("alias_of")
-            if alias and not e.get("user_id"):
-                onward.append({**e, "user_id": alias})  # a linked anonymous visitor's event
-                continue
-            todo.append(e)
-            if etype in ("identify", "alias") and e["anonymous_id"] != key:
-                onward.append(
-                    _control(
-                        profiles.LINK,
-                        f"$link:{e['event_id']}",
-                        None,
-                        e["anonymous_id"],
-                        e["ts_ms"],
-                        {"target": key},
-                    )
-                )
+        raw = store.get(partition, key.encode())
         with structlog.contextvars.bound_contextvars(user_id=key, event_id=evs[-1]["event_id"]):
-            n = profiles.apply_events(state, todo, _cfg.profiles)
-        if n or changed:
-            writes.append((bkey, profiles.encode(state)))
-        applied += n
-        skipped += len(todo) - n
-    await store.put_many(partition, writes)
-    return applied, skipped, onward
+            try:
+                _fold_user(key, raw, evs, out)
+            except Exception:
+                # Find the culprits one by one; the state is rebuilt from the stored value.
+                good: list[Event] = []
+                for e in evs:
+                    try:
+                        _fold_user(key, raw, [*good, e], Folded())
+                    except Exception as exc:
+                        _log.warning(
+                            "event cannot be applied", event_id=e["event_id"], error=str(exc)
+                        )
+                        out.failed.append((e, f"cannot apply event: {exc!r}"))
+                    else:
+                        good.append(e)
+                _fold_user(key, raw, good, out)
+    return out
+
+
+def _dead_letter_record(error: str, source: dict[str, Any], original: Any) -> bytes:
+    return orjson.dumps({"error": error, "field": "", "source": source, "event": original})
 
 
 @app.agent(_routed, name="profile")  # type: ignore[untyped-decorator] # Faust is untyped
 async def profile_agent(stream: Any) -> None:
     """Consume routed events and keep the profiles table current."""
-    journal = publisher().journal
+    pub = publisher()
     async for event in stream.events():
         message = event.message
+        source = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
+        dead: list[bytes] = []
         try:
             events: list[Event] = orjson.loads(event.value)
-            applied, dupes, onward = await fold_batch(_store, message.partition, events)
-            if onward:
-                await publisher().publish(onward)
-        except Exception as exc:  # a bad message must not stop the agent
-            _log.exception(
-                "routed message rejected", partition=message.partition, offset=message.offset
-            )
-            await _dead_letter.send(
-                value=orjson.dumps(
-                    {
-                        "error": f"cannot apply routed message: {exc}",
-                        "field": "",
-                        "source": {
-                            "topic": message.topic,
-                            "partition": message.partition,
-                            "offset": message.offset,
-                        },
-                        "raw": event.value.decode("utf-8", "replace")[:10000],
-                    }
-                ),
-                force=True,
-            )
-        else:
-            EVENTS_APPLIED.inc(applied)
-            if dupes:
-                EVENTS_DUPLICATE.inc(dupes)
+            folded = fold_batch(_store, message.partition, events)
+        except Exception as exc:  # not a routed message at all: keep it, with the reason
+            _log.exception("routed message rejected", **source)
+            raw = (event.value or b"").decode("utf-8", "replace")[:10000]
+            dead.append(_dead_letter_record(f"cannot read routed message: {exc!r}", source, raw))
+            folded = Folded()
+        dead.extend(_dead_letter_record(error, source, e) for e, error in folded.failed)
+        partition, writes, onward = message.partition, folded.writes, folded.onward
+        await until_done("profile write", functools.partial(_store.put_many, partition, writes))
+        if onward:
+            await until_done("onward publish", functools.partial(pub.publish, onward))
+        for record in dead:
+            await until_done("dead-letter send", functools.partial(_send_dead, record))
+        EVENTS_APPLIED.inc(folded.applied)
+        if folded.skipped:
+            EVENTS_DUPLICATE.inc(folded.skipped)
         seq = _seq_of(message.headers)
-        if journal is not None and seq is not None:
-            journal.mark_applied(seq)
+        if pub.journal is not None and seq is not None:
+            pub.journal.mark_applied(seq)
         hw = app.consumer.highwater(message.tp) if app.consumer else None
         if hw is not None:
             AGENT_LAG.labels("profile", str(message.partition)).set(max(hw - message.offset - 1, 0))
+
+
+async def _send_dead(record: bytes) -> None:
+    await (await _dead_letter.send(value=record, force=True))

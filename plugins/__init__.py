@@ -1,3 +1,3 @@
-"""Plugins: triggers and consent gates discovered through entry points (reserved: nothing here yet)."""
+"""Plugins: triggers and consent gates found through entry points (reserved, empty for now)."""
 
 __all__: list[str] = []

@@ -341,12 +341,10 @@ class ProfileStore:
 
     Args:
         tbl: the Faust table (`table()`).
-        max_batch_bytes: the most bytes sent in one changelog producer batch.
     """
 
-    def __init__(self, tbl: Any, max_batch_bytes: int = 512 * 1024) -> None:
+    def __init__(self, tbl: Any) -> None:
         self.table = tbl
-        self.max_batch_bytes = max_batch_bytes
 
     def _db(self, partition: int) -> Any:
         # The store keeps one RocksDB database per partition.
@@ -366,17 +364,17 @@ class ProfileStore:
         futures = []
         counts = []
         builder = producer.create_batch()
-        size = 0
         n = 0
         for key, value in items:
-            if n and size + len(key) + len(value) > self.max_batch_bytes:
+            if builder.append(key=key, value=value, timestamp=None) is None:
+                if n == 0:
+                    raise ValueError(f"profile {key!r} of {len(value)} bytes exceeds a batch")
                 futures.append(await producer.send_batch(builder, topic_name, partition=partition))
                 counts.append(n)
                 builder = producer.create_batch()
-                size = n = 0
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                raise ValueError(f"profile {key!r} of {len(value)} bytes exceeds a producer batch")
-            size += len(key) + len(value)
+                n = 0
+                if builder.append(key=key, value=value, timestamp=None) is None:
+                    raise ValueError(f"profile {key!r} of {len(value)} bytes exceeds a batch")
             n += 1
         futures.append(await producer.send_batch(builder, topic_name, partition=partition))
         counts.append(n)
