@@ -1,0 +1,1399 @@
+"""Ingestion benchmark: Personify against a naive Faust agent, measured in the same run.
+
+``.venv/bin/python bench/ingest.py [--events 200000] [--users 20000] [--rate 1000]
+[--duration 20]`` runs, one after the other on this machine:
+
+1. the baseline: a minimal Faust worker (``bench/_naive_app.py``, a subprocess with its own
+   embedded Tansu broker) that does one RocksDB table get + set per single-event message,
+   and the same worker without a table (Faust's per-message ceiling). Their topic is
+   pre-loaded before the worker starts; the rate is from the first event to the last, timed
+   inside the worker, and the table is read back to prove every event was counted;
+2. ``personify run`` (a subprocess on a fresh data directory and a free port), fed only
+   through its public interfaces:
+
+   a. the ``events`` topic, ``{"events": [...]}`` messages of ``--batch`` events (aiokafka);
+   b. the ``events`` topic, one event per message;
+   c. ``POST /v1/events`` with ``--batch`` events per request, ``--http-concurrency`` at once;
+
+   each time the events are written as fast as the client can and "applied" is read from
+   ``personify_events_applied_total`` on ``GET /metrics`` (polled every 20 ms): the steady
+   rate is from the first poll that saw progress to the poll that saw the last event. If (a)
+   stalls, (a2) repeats it with a producer kept within ``--window`` events of the worker, and
+   a run that fails is followed by a fresh engine;
+3. latency: single-event POSTs on an open-loop schedule (``--rate`` per second for
+   ``--duration`` seconds), each for a new visitor, timed from the scheduled send and from the
+   202 to the moment the profile exists: seen by ``GET /v1/users/{id}`` polling for a sample
+   of events, and seen on the table's changelog topic for every event. If the engine falls
+   more than a second behind, the schedule stops and runs again at half the rate it managed.
+
+Every event is valid (``personify.engine.models.validate_event``) and carries an event id, so
+``personify_events_duplicate_total`` and the rejected counters must stay at zero. Figures go
+to stdout with their ratio to the naive agent; ``--json FILE`` also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from personify.engine.broker import EmbeddedBroker, free_port
+from personify.engine.config import load_config
+from personify.engine.models import validate_event
+from personify.engine.publisher import partition_for
+
+REPO = Path(__file__).resolve().parent.parent
+NAIVE_APP = Path(__file__).resolve().with_name("_naive_app.py")
+PERSONIFY = str(Path(sys.executable).with_name("personify"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GOAL_EVENTS_PER_S = 30_000
+
+Event = dict[str, Any]
+
+_CATEGORIES = [
+    "outdoor/jackets",
+    "outdoor/tents",
+    "outdoor/boots",
+    "home/kitchen/knives",
+    "home/kitchen/pans",
+    "home/bedding",
+    "electronics/audio/headphones",
+    "electronics/audio/speakers",
+    "electronics/phones",
+    "electronics/laptops",
+    "fashion/women/dresses",
+    "fashion/men/shirts",
+    "fashion/shoes/sneakers",
+    "sports/cycling",
+    "sports/running",
+    "toys/lego",
+    "beauty/skincare",
+    "books/fiction",
+    "books/cooking",
+    "garden/tools",
+]
+_QUERIES = ["rain jacket", "tent 2 person", "chef knife", "noise cancelling", "running shoes"]
+_TYPES = ["product_view", "search", "add_to_cart", "purchase", "page_view"]
+_TYPE_WEIGHTS = [0.60, 0.15, 0.15, 0.05, 0.05]
+_ITEMS = 5000
+
+
+# -- events --------------------------------------------------------------------------------
+def make_events(
+    n: int, users: int, prefix: str, seed: int, *, unique_users: bool = False
+) -> list[Event]:
+    """``n`` valid wire events from ``users`` visitors (ids ``{prefix}u{k}``), oldest first.
+
+    Visitors are drawn uniformly at random, so consecutive events rarely share a visitor. With
+    ``unique_users`` every event has a visitor of its own and no timestamp (the server's now).
+    """
+    rng = random.Random(seed)
+    now_ms = int(time.time() * 1000)
+    start_ms = now_ms - 600_000  # spread over the last ten minutes
+    types = rng.choices(_TYPES, _TYPE_WEIGHTS, k=n)
+    out: list[Event] = []
+    for i, etype in enumerate(types):
+        user = f"{prefix}u{i}" if unique_users else f"{prefix}u{rng.randrange(users)}"
+        item = rng.randrange(_ITEMS)
+        item_id = f"sku-{item}"
+        price = float(5 + (item * 37) % 400)
+        category = _CATEGORIES[item % len(_CATEGORIES)]
+        ev: Event = {"event_id": f"{prefix}e{i}", "type": etype, "user_id": user}
+        if not unique_users:
+            ev["ts"] = start_ms + (i * 600_000) // max(n, 1)
+        if etype == "product_view":
+            ev["item_id"] = item_id
+            ev["properties"] = {"category": category, "price": price}
+        elif etype == "add_to_cart":
+            ev["item_id"] = item_id
+            ev["properties"] = {"category": category, "quantity": 1 + item % 3, "price": price}
+        elif etype == "purchase":
+            lines = [
+                {"item_id": item_id, "quantity": 1, "price": price, "category": category},
+                {"item_id": f"sku-{(item + 7) % _ITEMS}", "quantity": 2, "price": 9.5},
+            ]
+            ev["properties"] = {"items": lines, "currency": "EUR", "category": category}
+        elif etype == "search":
+            ev["properties"] = {
+                "query": _QUERIES[item % len(_QUERIES)],
+                "filters": {"category": category},
+            }
+        else:
+            ev["properties"] = {"category": category, "path": f"/c/{category}"}
+        out.append(ev)
+    return out
+
+
+def check_valid(events: Sequence[Event]) -> None:
+    """Fail early if the generator ever produces an event the product would reject."""
+    cfg = load_config(REPO / "config.toml").events
+    now_ms = int(time.time() * 1000)
+    for ev in events:
+        validate_event(dict(ev), cfg, now_ms)
+
+
+def chunks(items: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# -- processes -----------------------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``kB`` figure of /proc/PID/status (VmHWM: peak RSS, VmRSS: current)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@dataclass
+class CpuMeter:
+    """CPU used by some processes between `start` and `stop`, in cores (1.0 = one core)."""
+
+    pids: dict[str, int]
+    t0: float = 0.0
+    c0: dict[str, float] = field(default_factory=dict)
+    cores: dict[str, float] = field(default_factory=dict)
+
+    def start(self) -> CpuMeter:
+        """Take the starting figures."""
+        self.t0 = time.perf_counter()
+        self.c0 = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """Cores used by each process since `start`."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        self.cores = {
+            name: (cpu_seconds(pid) - self.c0[name]) / dt for name, pid in self.pids.items()
+        }
+        return self.cores
+
+
+def fmt_cpu(cores: dict[str, float]) -> str:
+    return ", ".join(f"{name} {100 * c:.0f}%" for name, c in cores.items())
+
+
+# -- Kafka helpers -------------------------------------------------------------------------
+async def create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+        )
+    finally:
+        await admin.close()
+
+
+async def produce(
+    bootstrap: str, topic: str, records: Sequence[tuple[int, bytes | None, bytes]]
+) -> float:
+    """Send ``(partition, key, value)`` records in large batches; return the seconds taken."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        max_batch_size=1 << 20,
+        max_request_size=4 << 20,
+        linger_ms=5,
+        acks=1,
+    )
+    await producer.start()
+    try:
+        t0 = time.perf_counter()
+        batches: dict[int, Any] = {}
+        futures: list[asyncio.Future[Any]] = []
+        for partition, key, value in records:
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = batches[partition] = producer.create_batch()
+                if batch.append(key=key, value=value, timestamp=None) is None:
+                    raise RuntimeError(f"a message of {len(value)} bytes fits in no batch")
+        for partition, batch in batches.items():
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+        await asyncio.gather(*futures)
+        return time.perf_counter() - t0
+    finally:
+        await producer.stop()
+
+
+def single_records(
+    events: Sequence[Event], partitions: int
+) -> list[tuple[int, bytes | None, bytes]]:
+    """One message per event, keyed and partitioned by visitor (as a Kafka client would)."""
+    return [
+        (partition_for(ev["user_id"], partitions), ev["user_id"].encode(), orjson.dumps(ev))
+        for ev in events
+    ]
+
+
+def batch_records(
+    events: Sequence[Event], size: int, partitions: int
+) -> list[tuple[int, bytes | None, bytes]]:
+    """``{"events": [...]}`` messages of ``size`` events, spread round-robin."""
+    return [
+        (i % partitions, f"batch-{i}".encode(), orjson.dumps({"events": list(group)}))
+        for i, group in enumerate(chunks(events, size))
+    ]
+
+
+# -- the naive baseline ----------------------------------------------------------------------
+@dataclass
+class NaiveResult:
+    """What the naive worker reported, with what the benchmark saw of it."""
+
+    mode: str
+    events: int
+    seconds: float
+    rate: float
+    cpu: dict[str, float]
+    rss_kb: int
+    startup_s: float
+    table_sum: int | None = None
+    table_keys: int | None = None
+
+
+async def run_naive(
+    mode: str, events: Sequence[Event], workdir: Path, partitions: int
+) -> NaiveResult:
+    """Pre-load ``events`` into a fresh broker, then time the naive worker over all of them."""
+    broker = EmbeddedBroker(workdir / f"naive-{mode}-broker.log")
+    broker.start()
+    try:
+        topic = f"naive-{mode}-events"
+        await create_topics(broker.bootstrap, [topic], partitions)
+        await produce(broker.bootstrap, topic, single_records(events, partitions))
+        log_path = workdir / f"naive-{mode}.log"
+        with open(log_path, "wb") as log:  # noqa: ASYNC230 - opening a log is instant
+            cmd = [
+                sys.executable,
+                str(NAIVE_APP),
+                "--broker",
+                broker.url,
+                "--topic",
+                topic,
+                "--mode",
+                mode,
+                "--expect",
+                str(len(events)),
+                "--datadir",
+                str(workdir / f"naive-{mode}-data"),
+                "--partitions",
+                str(partitions),
+                "--app-id",
+                f"naive-{mode}",
+            ]
+            t_start = time.perf_counter()
+            proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                cmd, stdout=subprocess.PIPE, stderr=log, cwd=workdir
+            )
+            meter = CpuMeter({"worker": proc.pid, "broker": broker.pid or 0})
+            assert proc.stdout is not None
+            loop = asyncio.get_running_loop()
+            deadline = time.perf_counter() + 60 + len(events) / 500
+            line = b""
+            with contextlib.suppress(TimeoutError):
+                while b"NAIVE_RESULT" not in line:
+                    line = await asyncio.wait_for(
+                        loop.run_in_executor(None, proc.stdout.readline),
+                        max(deadline - time.perf_counter(), 0.1),
+                    )
+                    if b"NAIVE_FIRST" in line:  # (after a terminal escape, maybe)
+                        meter.start()
+                    if not line and proc.poll() is not None:
+                        break
+            cpu = meter.stop() if meter.c0 else {}
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if b"NAIVE_RESULT" not in line:
+            tail = log_path.read_bytes()[-3000:].decode("utf-8", "replace")
+            raise RuntimeError(f"naive worker ({mode}) gave no result; its log ends:\n{tail}")
+        res = json.loads(line.split(b"NAIVE_RESULT", 1)[1])
+        seconds = float(res["seconds"])
+        return NaiveResult(
+            mode=mode,
+            events=int(res["events"]),
+            seconds=seconds,
+            rate=(int(res["events"]) - 1) / seconds,
+            cpu=cpu,
+            rss_kb=int(res.get("peak_rss_kb", 0)),
+            startup_s=time.perf_counter() - t_start - seconds,
+            table_sum=res.get("table_sum"),
+            table_keys=res.get("table_keys"),
+        )
+    finally:
+        broker.stop()
+
+
+# -- Personify -----------------------------------------------------------------------------
+_METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
+APPLIED = "personify_events_applied_total"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Sum Prometheus samples by metric name (labels folded) plus ``name{labels}`` entries."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC_RE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        out[name] = out.get(name, 0.0) + value
+        if labels:
+            out[name + labels] = value
+    return out
+
+
+@dataclass
+class Personify:
+    """A ``personify run`` subprocess on a fresh data directory and a free port."""
+
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    bootstrap: str = ""
+    broker_pid: int = 0
+    startup_s: float = 0.0
+    #: ``PERSONIFY_*`` settings for the process (the caller's own are not passed on).
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        """The API's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the process's output goes."""
+        return self.workdir / "personify.log"
+
+    def log_text(self) -> str:
+        """The process's output so far."""
+        return self.log_path.read_bytes().decode("utf-8", "replace")
+
+    def crash_reason(self, since: int = 0) -> str | None:
+        """The first agent crash or error logged after byte ``since`` of the log, if any."""
+        text = self.log_text()[since:]
+        found = re.search(r"Crashed reason=(.{0,300})", text)
+        if found:
+            return found.group(1).split(" _from_structlog")[0]
+        errors = re.findall(r"^\S+Z \[error\s*\] (.{0,80}?)\s{2,}.*$", text, re.MULTILINE)
+        cause = re.search(r"^(\w+Error: .{0,200})$", text, re.MULTILINE)
+        if errors:
+            detail = f": {cause.group(1)}" if cause else ""
+            return f"{len(errors)} errors logged, the first: {errors[0].strip()}{detail}"
+        return None
+
+    async def start(self, session: aiohttp.ClientSession, limit_s: float = 90.0) -> None:
+        """Start the process and wait until /healthz answers 200."""
+        self.port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONIFY_")}
+        env.update(self.extra_env)
+        cmd = [PERSONIFY, "run", "--config", str(REPO / "config.toml")]
+        cmd += ["--data-dir", str(self.workdir / "data"), "--port", str(self.port)]
+        cmd += ["--log-level", "warning"]
+        t0 = time.perf_counter()
+        with open(self.log_path, "wb") as log:  # noqa: ASYNC230 - before anything runs
+            self.proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir, env=env
+            )
+        while time.perf_counter() < t0 + limit_s:
+            if self.proc.poll() is not None:
+                tail = self.log_text()[-3000:]
+                raise RuntimeError(f"personify exited with {self.proc.returncode}:\n{tail}")
+            if not self.bootstrap:
+                found = re.search(r"Embedded broker listening on (\S+)", self.log_text())
+                if found:
+                    self.bootstrap = found.group(1)
+            if self.bootstrap:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(self.url + "/healthz") as resp:
+                        if resp.status == 200:
+                            self.startup_s = time.perf_counter() - t0
+                            kids = children(self.proc.pid)
+                            self.broker_pid = kids[0] if kids else 0
+                            return
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"personify not healthy after {limit_s:g} s:\n{self.log_text()[-3000:]}")
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait (SIGKILL after 30 s); return the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The processes whose CPU is metered: Personify, its broker, this benchmark."""
+        assert self.proc is not None
+        return {"personify": self.proc.pid, "broker": self.broker_pid, "bench": os.getpid()}
+
+    async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        """GET /metrics, parsed."""
+        async with session.get(self.url + "/metrics") as resp:
+            return parse_metrics(await resp.text())
+
+
+@dataclass
+class Applied:
+    """How a run of events reached the profiles, from polls of /metrics."""
+
+    events: int
+    applied: int
+    start_t: float  # the client started sending (perf_counter)
+    first_t: float  # the first poll that saw progress
+    first_count: int
+    last_t: float  # the poll that saw the last event (or the last poll, on a stall)
+
+    @property
+    def steady_rate(self) -> float:
+        """Events applied per second from the first poll that saw progress to the last one."""
+        return (self.applied - self.first_count) / max(self.last_t - self.first_t, 1e-9)
+
+    @property
+    def end_to_end_rate(self) -> float:
+        """Events applied per second from the first send to the last event applied."""
+        return self.applied / max(self.last_t - self.start_t, 1e-9)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every event was applied."""
+        return self.applied >= self.events
+
+
+class Progress:
+    """Polls ``personify_events_applied_total`` in the background (relative to a base)."""
+
+    def __init__(self, eng: Personify, session: aiohttp.ClientSession, interval: float) -> None:
+        self.eng = eng
+        self.session = session
+        self.interval = interval
+        self.base = 0.0
+        self.applied = 0
+        self.samples: list[tuple[float, int]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Progress:
+        self.base = (await self.eng.metrics(self.session)).get(APPLIED, 0.0)
+        self._task = asyncio.create_task(self._poll())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _poll(self) -> None:
+        while True:
+            applied = (await self.eng.metrics(self.session)).get(APPLIED, 0.0)
+            self.applied = int(applied - self.base)
+            self.samples.append((time.perf_counter(), self.applied))
+            await asyncio.sleep(self.interval)
+
+    async def wait(self, n: int, start_t: float, stall_s: float) -> Applied:
+        """Wait until ``n`` events are applied, or until none was applied for ``stall_s``."""
+        last_change = time.perf_counter()
+        seen = 0
+        while self.applied < n:
+            if self.applied != seen:
+                seen, last_change = self.applied, time.perf_counter()
+            if time.perf_counter() - last_change > stall_s:
+                break
+            await asyncio.sleep(self.interval / 2)
+        samples = list(self.samples)
+        moving = [(t, a) for t, a in samples if a > 0]
+        first_t, first_count = moving[0] if moving else samples[-1]
+        done = [(t, a) for t, a in samples if a >= n]
+        last_t, last = done[0] if done else samples[-1]
+        if not done:  # stalled: the time of the last progress
+            last_t = next((t for t, a in samples if a == last), last_t)
+        return Applied(n, last, start_t, first_t, first_count, last_t)
+
+
+@dataclass
+class Run:
+    """One throughput run against Personify."""
+
+    name: str
+    events: int
+    messages: int
+    send_s: float
+    applied: Applied
+    cpu: dict[str, float]
+    accepted: int = 0
+    failure: str | None = None
+
+    @property
+    def rate(self) -> float:
+        """The steady applied rate."""
+        return self.applied.steady_rate
+
+    @property
+    def send_rate(self) -> float:
+        """Events written (or accepted over HTTP) per second."""
+        return (self.accepted or self.events) / max(self.send_s, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready data."""
+        a = self.applied
+        return {
+            "name": self.name,
+            "events": self.events,
+            "messages": self.messages,
+            "send_s": self.send_s,
+            "send_rate": self.send_rate,
+            "accepted": self.accepted,
+            "applied": a.applied,
+            "steady_rate": a.steady_rate,
+            "end_to_end_rate": a.end_to_end_rate,
+            "first_send_to_last_applied_s": a.last_t - a.start_t,
+            "cpu": self.cpu,
+            "failure": self.failure,
+        }
+
+
+async def run_topic(
+    eng: Personify,
+    session: aiohttp.ClientSession,
+    name: str,
+    records: list[tuple[int, bytes | None, bytes]],
+    n_events: int,
+    *,
+    window: int | None = None,
+    per_record: int = 1,
+    stall_s: float = 6.0,
+) -> Run:
+    """Write ``records`` to the events topic and time them into the profiles.
+
+    With ``window``, the producer keeps at most that many events written but not yet applied
+    (a producer slower than the worker); without, it writes everything at once.
+    """
+    log_at = len(eng.log_text())
+    async with Progress(eng, session, 0.02) as progress:
+        meter = CpuMeter(eng.pids).start()
+        t0 = time.perf_counter()
+        if window is None:
+            sending = asyncio.create_task(produce(eng.bootstrap, "events", records))
+        else:
+            sending = asyncio.create_task(
+                produce_paced(eng.bootstrap, "events", records, per_record, window, progress)
+            )
+        applied = await progress.wait(n_events, t0, stall_s)
+        if not applied.complete and not sending.done():
+            sending.cancel()  # a paced producer would wait for the stalled worker forever
+        with contextlib.suppress(asyncio.CancelledError):
+            await sending
+        send_s = sending.result() if not sending.cancelled() else time.perf_counter() - t0
+        cpu = meter.stop()
+    failure = None
+    if not applied.complete:
+        reason = eng.crash_reason(log_at) or "no agent crash logged"
+        failure = f"stalled at {applied.applied:,}/{n_events:,} applied; {reason}"
+    return Run(name, n_events, len(records), send_s, applied, cpu, failure=failure)
+
+
+async def produce_paced(
+    bootstrap: str,
+    topic: str,
+    records: Sequence[tuple[int, bytes | None, bytes]],
+    per_record: int,
+    window: int,
+    progress: Progress,
+) -> float:
+    """Send records while fewer than ``window`` events are written but not yet applied."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, max_batch_size=1 << 20, max_request_size=4 << 20, linger_ms=1
+    )
+    await producer.start()
+    try:
+        t0 = time.perf_counter()
+        futures = []
+        for i, (partition, key, value) in enumerate(records):
+            while (i + 1) * per_record - progress.applied > window:  # noqa: ASYNC110 - polled
+                await asyncio.sleep(0.002)
+            futures.append(await producer.send(topic, value, key=key, partition=partition))
+        await asyncio.gather(*futures)
+        return time.perf_counter() - t0
+    finally:
+        await producer.stop()
+
+
+async def run_http(
+    eng: Personify,
+    session: aiohttp.ClientSession,
+    events: Sequence[Event],
+    batch: int,
+    concurrency: int,
+    stall_s: float = 6.0,
+) -> Run:
+    """POST ``events`` in batches, ``concurrency`` requests at a time; time them to profiles."""
+    bodies = [orjson.dumps({"events": list(group)}) for group in chunks(events, batch)]
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    totals = {"accepted": 0, "failed": 0}
+    headers = {"Content-Type": "application/json"}
+
+    async def poster() -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            async with session.post(eng.url + "/v1/events", data=body, headers=headers) as r:
+                doc = await r.json()
+                if r.status == 202:
+                    totals["accepted"] += int(doc["accepted"])
+                    totals["failed"] += len(doc["rejected"])
+                else:
+                    totals["failed"] += batch
+                    print(f"  ! POST answered {r.status}: {str(doc)[:200]}", flush=True)
+
+    async def post_all() -> float:
+        await asyncio.gather(*(poster() for _ in range(concurrency)))
+        return time.perf_counter() - t0
+
+    log_at = len(eng.log_text())
+    async with Progress(eng, session, 0.02) as progress:
+        meter = CpuMeter(eng.pids).start()
+        t0 = time.perf_counter()
+        posting = asyncio.create_task(post_all())
+        applied = await progress.wait(len(events), t0, stall_s)
+        post_s = await posting
+        cpu = meter.stop()
+    failure = None
+    if not applied.complete or totals["failed"]:
+        failure = (
+            f"{totals['failed']} events not accepted; {applied.applied:,} applied; "
+            f"{eng.crash_reason(log_at) or 'no agent crash logged'}"
+        )
+    return Run(
+        f"HTTP {batch}/POST",
+        len(events),
+        len(bodies),
+        post_s,
+        applied,
+        cpu,
+        accepted=totals["accepted"],
+        failure=failure,
+    )
+
+
+# -- latency -------------------------------------------------------------------------------
+async def drain(consumer: AIOKafkaConsumer, limit_s: float = 20.0) -> None:
+    """Move ``consumer`` to the true end of its partitions.
+
+    Tansu answers ListOffsets(latest) too low (measured: ~1,900 records short per partition),
+    so `seek_to_end` is only a start: read on until the position reaches the high-water mark
+    that fetch responses carry.
+    """
+    await consumer.seek_to_end()
+    tps = list(consumer.assignment())
+    deadline = time.perf_counter() + limit_s
+    while time.perf_counter() < deadline:
+        await consumer.getmany(timeout_ms=100, max_records=50_000)
+        behind = 0
+        for tp in tps:
+            hw = consumer.highwater(tp)
+            behind += 1 if hw is None else max(hw - await consumer.position(tp), 0)
+        if not behind:
+            return
+    print("  ! the changelog consumer did not catch up; changelog figures are late", flush=True)
+
+
+@dataclass
+class Latency:
+    """Single-event POSTs on an open-loop schedule, each for a new visitor."""
+
+    offered_rate: float
+    planned: int
+    sent: int
+    accepted: int
+    errors: int
+    send_window_s: float
+    accepted_in_window: int
+    applied_in_window: int
+    applied_total_s: float  # first scheduled send -> last profile write seen
+    overloaded: str  # why the schedule was cut short; empty if it was not
+    post_ms: list[float]  # scheduled send -> 202
+    ack_to_get_ms: list[float]  # 202 -> profile seen by GET (sample)
+    sched_to_get_ms: list[float]  # scheduled send -> profile seen by GET (sample)
+    ack_to_log_ms: list[float]  # 202 -> profile write seen on the changelog (every event)
+    sched_to_log_ms: list[float]
+    missing_log: int
+    missing_get: int
+    get_requests: int
+    cpu: dict[str, float]
+
+    @property
+    def accepted_rate(self) -> float:
+        """202s per second while the schedule ran (the API's capacity when overloaded)."""
+        return self.accepted_in_window / max(self.send_window_s, 1e-9)
+
+    @property
+    def applied_rate(self) -> float:
+        """Events written to profiles per second while the schedule ran."""
+        return self.applied_in_window / max(self.send_window_s, 1e-9)
+
+    @property
+    def drain_rate(self) -> float:
+        """Events into profiles per second from the first send to the last profile write."""
+        return len(self.ack_to_log_ms) / max(self.applied_total_s, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as JSON-ready data."""
+
+        def dist(v: Sequence[float]) -> dict[str, float]:
+            return {
+                "p50": pct(v, 50),
+                "p90": pct(v, 90),
+                "p99": pct(v, 99),
+                "max": max(v, default=float("nan")),
+                "n": len(v),
+            }
+
+        return {
+            "offered_rate": self.offered_rate,
+            "planned": self.planned,
+            "sent": self.sent,
+            "accepted": self.accepted,
+            "errors": self.errors,
+            "accepted_rate": self.accepted_rate,
+            "applied_rate": self.applied_rate,
+            "drain_rate": self.drain_rate,
+            "overloaded": self.overloaded,
+            "scheduled_to_202_ms": dist(self.post_ms),
+            "ack_to_get_ms": dist(self.ack_to_get_ms),
+            "scheduled_to_get_ms": dist(self.sched_to_get_ms),
+            "ack_to_changelog_ms": dist(self.ack_to_log_ms),
+            "scheduled_to_changelog_ms": dist(self.sched_to_log_ms),
+            "missing_changelog": self.missing_log,
+            "missing_get": self.missing_get,
+            "get_requests": self.get_requests,
+            "cpu": self.cpu,
+        }
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+async def run_latency(
+    eng: Personify,
+    session: aiohttp.ClientSession,
+    rate: float,
+    duration: float,
+    prefix: str,
+    *,
+    sample_every: int,
+    poll_ms: float,
+    max_backlog_s: float = 1.0,
+) -> Latency:
+    """Open-loop single-event POSTs; time each event until its profile exists.
+
+    "Exists" is seen two ways: ``GET /v1/users/{id}`` polled every ``poll_ms`` from the 202 on
+    for one event in ``sample_every`` (the public view), and the profile's record on the table's
+    changelog topic for every event (Personify writes it before RocksDB, Faust right after).
+    The schedule stops early, marked overloaded, when more than ``max_backlog_s`` seconds of
+    requests wait for their 202, or twice that of accepted events wait for their profile.
+    """
+    n = int(rate * duration)
+    events = make_events(n, 0, prefix, seed=7, unique_users=True)
+    bodies = [orjson.dumps(ev) for ev in events]
+    headers = {"Content-Type": "application/json"}
+    sched = [0.0] * n
+    acked = [0.0] * n
+    seen_get = [0.0] * n
+    seen_log = [0.0] * n
+    counts = {"errors": 0, "gets": 0, "open": 0, "acked": 0, "logged": 0}
+    done = asyncio.Event()
+
+    changelog = f"{load_config(REPO / 'config.toml').worker.app_id}-profiles-changelog"
+    consumer = AIOKafkaConsumer(
+        changelog,
+        bootstrap_servers=eng.bootstrap,
+        group_id=None,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=5,
+        max_partition_fetch_bytes=8 << 20,
+    )
+    await consumer.start()
+    await drain(consumer)
+    index = {ev["user_id"].encode(): i for i, ev in enumerate(events)}
+
+    async def watch_changelog() -> None:
+        while not done.is_set():
+            batches = await consumer.getmany(timeout_ms=50, max_records=10_000)
+            now = time.perf_counter()
+            for records in batches.values():
+                for rec in records:
+                    i = index.get(rec.key)
+                    if i is not None and not seen_log[i]:
+                        seen_log[i] = now
+                        counts["logged"] += 1
+
+    async def poll_get(i: int) -> None:
+        url = f"{eng.url}/v1/users/{events[i]['user_id']}"
+        start = time.perf_counter()
+        interval = poll_ms / 1000
+        while time.perf_counter() < start + 10:
+            async with session.get(url) as resp:
+                counts["gets"] += 1
+                await resp.read()
+                if resp.status == 200:
+                    seen_get[i] = time.perf_counter()
+                    return
+            await asyncio.sleep(interval)
+            if time.perf_counter() - start > 0.25:  # late: back off, not to flood the API
+                interval = min(interval * 2, 0.25)
+
+    async def post(i: int) -> None:
+        counts["open"] += 1
+        try:
+            async with session.post(eng.url + "/v1/events", data=bodies[i], headers=headers) as r:
+                await r.read()
+                if r.status == 202:
+                    acked[i] = time.perf_counter()
+                    counts["acked"] += 1
+                else:
+                    counts["errors"] += 1
+        except aiohttp.ClientError:
+            counts["errors"] += 1
+        finally:
+            counts["open"] -= 1
+        if acked[i] and i % sample_every == 0:
+            await poll_get(i)
+
+    watcher = asyncio.create_task(watch_changelog())
+    await asyncio.sleep(0.3)  # the consumer's first fetch
+    meter = CpuMeter(eng.pids).start()
+    tasks: list[asyncio.Task[None]] = []
+    overloaded = ""
+    backlog = max(50.0, rate * max_backlog_s)
+    t0 = time.perf_counter() + 0.05
+    sent = 0
+    for i in range(n):
+        target = t0 + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if counts["open"] > backlog:
+            overloaded = f"more than {backlog:,.0f} POSTs waiting for their 202"
+            break
+        if counts["acked"] - counts["logged"] > 2 * backlog:
+            overloaded = f"more than {2 * backlog:,.0f} accepted events not yet in a profile"
+            break
+        sched[i] = target  # open loop: latency counts from the schedule, not the actual send
+        tasks.append(asyncio.create_task(post(i)))
+        sent += 1
+    t_end = time.perf_counter()
+    in_window = sum(1 for i in range(sent) if acked[i] and acked[i] <= t_end)
+    applied_in_window = sum(1 for i in range(sent) if seen_log[i] and seen_log[i] <= t_end)
+    await asyncio.gather(*tasks)
+    deadline = time.perf_counter() + 10
+    while time.perf_counter() < deadline:  # the last changelog records
+        if all(seen_log[i] for i in range(sent) if acked[i]):
+            break
+        await asyncio.sleep(0.05)
+    cpu = meter.stop()
+    done.set()
+    await watcher
+    await consumer.stop()
+
+    def ms(a: float, b: float) -> float:
+        return (b - a) * 1000
+
+    ok = [i for i in range(sent) if acked[i]]
+    sampled = [i for i in ok if i % sample_every == 0]
+    return Latency(
+        offered_rate=rate,
+        planned=n,
+        sent=sent,
+        accepted=len(ok),
+        errors=counts["errors"],
+        send_window_s=t_end - t0,
+        accepted_in_window=in_window,
+        applied_in_window=applied_in_window,
+        applied_total_s=max(seen_log, default=t0) - t0,
+        overloaded=overloaded,
+        post_ms=[ms(sched[i], acked[i]) for i in ok],
+        ack_to_get_ms=[ms(acked[i], seen_get[i]) for i in sampled if seen_get[i]],
+        sched_to_get_ms=[ms(sched[i], seen_get[i]) for i in sampled if seen_get[i]],
+        ack_to_log_ms=[ms(acked[i], seen_log[i]) for i in ok if seen_log[i]],
+        sched_to_log_ms=[ms(sched[i], seen_log[i]) for i in ok if seen_log[i]],
+        missing_log=sum(1 for i in ok if not seen_log[i]),
+        missing_get=sum(1 for i in sampled if not seen_get[i]),
+        get_requests=counts["gets"],
+        cpu=cpu,
+    )
+
+
+@contextlib.asynccontextmanager
+async def py_spy(pid: int, out_dir: str | None, name: str) -> AsyncIterator[None]:
+    """Record a py-spy profile of ``pid`` into ``out_dir/name.txt`` while the block runs."""
+    if not out_dir:
+        yield
+        return
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - instant
+    out = Path(out_dir) / f"{name}.txt"
+    cmd = [exe, "record", "-p", str(pid), "-r", "100", "-f", "raw", "-o", str(out)]
+    spy = subprocess.Popen(  # noqa: ASYNC220 - starts at once
+        [*cmd, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        await asyncio.to_thread(spy.wait, 30)
+        print(f"  py-spy profile: {out}", flush=True)
+
+
+# -- output --------------------------------------------------------------------------------
+def ratio(rate: float, base: float | None) -> str:
+    return f"{rate / base:.2f}x" if base else "-"
+
+
+def dist(values: Sequence[float]) -> str:
+    if not values:
+        return "n/a"
+    return (
+        f"p50 {pct(values, 50):7.1f}  p90 {pct(values, 90):7.1f}  p99 {pct(values, 99):7.1f}  "
+        f"max {max(values):7.1f} ms  (n={len(values):,})"
+    )
+
+
+def print_run(r: Run, base: float | None) -> None:
+    a = r.applied
+    what = "accepted" if r.accepted else "written"
+    print(
+        f"  {r.accepted or r.events:,} events {what} in {r.send_s:.2f} s "
+        f"({r.send_rate:,.0f} events/s, {r.messages:,} {'POSTs' if r.accepted else 'messages'}); "
+        f"applied {a.applied:,}/{r.events:,}: steady {a.steady_rate:,.0f} events/s "
+        f"({ratio(a.steady_rate, base)} naive); first send -> last applied "
+        f"{a.last_t - a.start_t:.2f} s = {a.end_to_end_rate:,.0f} events/s",
+        flush=True,
+    )
+    print(f"  CPU {fmt_cpu(r.cpu)}", flush=True)
+    if r.failure:
+        print(f"  FAILED: {r.failure}", flush=True)
+
+
+def print_latency(r: Latency, sample_every: int, poll_ms: float) -> None:
+    if r.overloaded:
+        print(f"  OVERLOADED: stopped after {r.sent:,}/{r.planned:,} sends, {r.overloaded}")
+    print(
+        f"  while sending: {r.accepted_rate:,.0f} events/s accepted (202), "
+        f"{r.applied_rate:,.0f} events/s into profiles ({r.drain_rate:,.0f}/s until the last "
+        f"one); {r.accepted:,} accepted in all, "
+        f"{r.errors} errors",
+        flush=True,
+    )
+    print(f"  CPU {fmt_cpu(r.cpu)}")
+    print(f"  scheduled send -> 202              {dist(r.post_ms)}")
+    print(f"  202 -> profile (GET, 1/{sample_every}, {poll_ms:g} ms)   {dist(r.ack_to_get_ms)}")
+    print(f"  scheduled -> profile (GET)         {dist(r.sched_to_get_ms)}")
+    print(f"  202 -> changelog write (all)       {dist(r.ack_to_log_ms)}")
+    print(f"  scheduled -> changelog write (all) {dist(r.sched_to_log_ms)}")
+    print(
+        f"  never seen: changelog {r.missing_log}, GET {r.missing_get}; "
+        f"{r.get_requests:,} GETs issued",
+        flush=True,
+    )
+
+
+# -- main ----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--events", type=int, default=200_000, help="events per batched run")
+    p.add_argument(
+        "--small-events",
+        type=int,
+        default=50_000,
+        help="events for each naive baseline and the one-event-per-message run",
+    )
+    p.add_argument("--users", type=int, default=20_000, help="distinct visitors")
+    p.add_argument("--batch", type=int, default=500, help="events per message and per POST")
+    p.add_argument("--http-concurrency", type=int, default=4, help="POSTs in flight")
+    p.add_argument("--window", type=int, default=4000, help="(a2) events written, not applied")
+    p.add_argument("--rate", type=float, default=1000.0, help="latency: events/s offered")
+    p.add_argument("--duration", type=float, default=20.0, help="latency: seconds")
+    p.add_argument("--sample-every", type=int, default=10, help="latency: GET-poll 1 in N")
+    p.add_argument("--poll-ms", type=float, default=5.0, help="latency: GET poll interval")
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the naive topic")
+    p.add_argument("--skip-naive", action="store_true", help="skip the naive baselines")
+    p.add_argument("--only", default="abcl", help="Personify runs: a, b, c and/or l (latency)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION__KEY=VALUE",
+        help="a Personify setting for this run (PERSONIFY_SECTION__KEY), repeatable; "
+        "e.g. --set storage__journal_fsync=false",
+    )
+    p.add_argument(
+        "--py-spy",
+        metavar="DIR",
+        help="record a py-spy profile of Personify per run into DIR (raw folded stacks; "
+        "`pip install py-spy`; it takes some CPU)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Row:
+    """One line of the summary table."""
+
+    name: str
+    events: int
+    rate: float
+    base: float | None
+    cpu: str
+    note: str = ""
+    #: a batched run whose applied rate counts for the product's goal
+    goal: bool = False
+
+    @classmethod
+    def of(cls, name: str, r: Run, base: float | None, *, goal: bool = False) -> Row:
+        """The row of a throughput run."""
+        note = f"FAILED: {r.failure}" if r.failure else ""
+        return cls(name, r.events, r.rate, base, fmt_cpu(r.cpu), note, goal and not r.failure)
+
+
+@dataclass
+class PersonifyBench:
+    """The runs against ``personify run``, in order, sharing one process while it is healthy.
+
+    A run that leaves the engine broken (an agent crashed) is followed by a fresh engine.
+    """
+
+    args: argparse.Namespace
+    workdir: Path
+    session: aiohttp.ClientSession
+    base: float | None
+    rows: list[Row]
+    out: dict[str, Any]
+    eng: Personify | None = None
+    engines: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def settings(self) -> dict[str, str]:
+        """``--set`` as PERSONIFY_* environment variables."""
+        env = {}
+        for item in self.args.set:
+            key, _, value = item.partition("=")
+            env["PERSONIFY_" + key.upper()] = value
+        return env
+
+    async def start_engine(self) -> Personify:
+        """Start a ``personify run`` on a fresh data directory."""
+        eng = Personify(self.workdir / f"personify{len(self.engines)}", extra_env=self.settings)
+        eng.workdir.mkdir()
+        print("\n[personify] starting `personify run`...", flush=True)
+        self.eng = eng
+        await eng.start(self.session)
+        print(f"  healthy after {eng.startup_s:.1f} s (broker {eng.bootstrap})", flush=True)
+        return eng
+
+    async def stop_engine(self) -> None:
+        """Stop the engine, keeping its peak memory and counters."""
+        eng, self.eng = self.eng, None
+        if eng is None or eng.proc is None:
+            return
+        m: dict[str, float] = {}
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            m = await eng.metrics(self.session)
+        info: dict[str, Any] = {
+            "startup_s": eng.startup_s,
+            "peak_rss_kb": status_kb(eng.proc.pid, "VmHWM"),
+            "broker_peak_rss_kb": status_kb(eng.broker_pid, "VmHWM") if eng.broker_pid else 0,
+            "applied_total": m.get(APPLIED, 0.0),
+            "duplicates": m.get("personify_events_duplicate_total", 0.0),
+            "rejected": m.get("personify_events_rejected_total", 0.0),
+        }
+        info["exit_code"] = await asyncio.to_thread(eng.stop)
+        self.engines.append(info)
+
+    async def run(self) -> None:
+        """Do the runs that ``--only`` names, in order."""
+        try:
+            for key, phase in (
+                ("a", self.topic_batched),
+                ("b", self.topic_single),
+                ("c", self.http_batched),
+                ("l", self.latency),
+            ):
+                if key not in self.args.only:
+                    continue
+                eng = self.eng or await self.start_engine()
+                assert eng.proc is not None
+                async with py_spy(eng.proc.pid, self.args.py_spy, phase.__name__):
+                    await phase(eng)
+        finally:
+            await self.stop_engine()
+        self.out["personify"] = self.engines
+
+    async def after_failure(self, r: Run) -> None:
+        """A failed run can leave an agent dead or a backlog behind: use a fresh engine."""
+        if r.failure:
+            print("  (restarting Personify on a fresh data directory)", flush=True)
+            await self.stop_engine()
+            await self.start_engine()
+
+    async def topic_batched(self, eng: Personify) -> None:
+        """(a) ``{"events": [...]}`` messages on the events topic, all written at once."""
+        a = self.args
+        evs = make_events(a.events, a.users, "a-", seed=2)
+        recs = batch_records(evs, a.batch, 4)
+        print(f"\n[a] events topic: {len(recs):,} messages of {a.batch} events, written at once")
+        r = await run_topic(eng, self.session, "a", recs, len(evs))
+        print_run(r, self.base)
+        self.out["a_topic_batched"] = r.as_dict()
+        self.rows.append(Row.of(f"(a) topic, {a.batch} events/msg", r, self.base, goal=True))
+        if not r.failure:
+            return
+        await self.after_failure(r)
+        assert self.eng is not None
+        eng = self.eng
+        # The same again from a producer that stays at most `window` events ahead.
+        evs = make_events(a.events, a.users, "a2-", seed=5)
+        recs = batch_records(evs, a.batch, 4)
+        print(f"\n[a2] same, paced: at most {a.window:,} events written and not yet applied")
+        r = await run_topic(
+            eng, self.session, "a2", recs, len(evs), window=a.window, per_record=a.batch
+        )
+        print_run(r, self.base)
+        self.out["a2_topic_batched_paced"] = r.as_dict()
+        name = f"(a2) topic, {a.batch} events/msg, paced"
+        self.rows.append(Row.of(name, r, self.base, goal=True))
+        await self.after_failure(r)
+
+    async def topic_single(self, eng: Personify) -> None:
+        """(b) one event per message on the events topic."""
+        evs = make_events(self.args.small_events, self.args.users, "b-", seed=3)
+        recs = single_records(evs, 4)
+        print(f"\n[b] events topic: {len(recs):,} messages of 1 event", flush=True)
+        r = await run_topic(eng, self.session, "b", recs, len(evs))
+        print_run(r, self.base)
+        self.out["b_topic_single"] = r.as_dict()
+        self.rows.append(Row.of("(b) topic, 1 event/msg", r, self.base))
+        await self.after_failure(r)
+
+    async def http_batched(self, eng: Personify) -> None:
+        """(c) POST /v1/events with batches, a few requests in flight."""
+        a = self.args
+        evs = make_events(a.events, a.users, "c-", seed=4)
+        print(
+            f"\n[c] POST /v1/events: {a.batch} events per request, {a.http_concurrency} in flight",
+            flush=True,
+        )
+        r = await run_http(eng, self.session, evs, a.batch, a.http_concurrency)
+        print_run(r, self.base)
+        self.out["c_http_batched"] = r.as_dict()
+        name = f"(c) HTTP {a.batch} events/POST"
+        self.rows.append(Row(f"{name}: accepted", r.accepted, r.send_rate, self.base, ""))
+        self.rows.append(Row.of(f"{name}: applied", r, self.base, goal=True))
+        await self.after_failure(r)
+
+    async def latency(self, eng: Personify) -> None:
+        """Open-loop single-event POSTs; again at half the rate managed if overloaded."""
+        a = self.args
+        results = self.out.setdefault("latency", [])
+        rate, duration, prefix = a.rate, a.duration, "l-"
+        while True:
+            print(
+                f"\n[latency] {rate:g} single-event POSTs/s for {duration:g} s, open loop, "
+                "a new visitor each",
+                flush=True,
+            )
+            lat = await run_latency(
+                eng,
+                self.session,
+                rate,
+                duration,
+                prefix,
+                sample_every=a.sample_every,
+                poll_ms=a.poll_ms,
+            )
+            print_latency(lat, a.sample_every, a.poll_ms)
+            results.append(lat.as_dict())
+            if not lat.overloaded or prefix != "l-":
+                return
+            # Again at half of what the engine managed (202s, or profiles if those lagged).
+            managed = min(lat.accepted_rate, max(lat.applied_rate, lat.drain_rate))
+            rate = max(50.0, 50 * round(managed / 2 / 50))
+            duration, prefix = max(5.0, duration / 2), "l2-"
+
+
+async def bench_personify(
+    args: argparse.Namespace, workdir: Path, base: float | None, rows: list[Row]
+) -> dict[str, Any]:
+    """Do the Personify runs ``--only`` asks for; return their figures."""
+    out: dict[str, Any] = {}
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=1024)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        await PersonifyBench(args, workdir, session, base, rows, out).run()
+    return out
+
+
+def print_summary(out: dict[str, Any], rows: list[Row], elapsed: float) -> None:
+    print("\n" + "=" * 104)
+    print(f"SUMMARY  {out['date']}  {out['cpus']} CPUs  {out['cpu_model']}  ({elapsed:.0f} s)")
+    print(f"{'run':<40} {'events':>9} {'events/s':>9} {'vs naive':>9}  CPU (100% = one core)")
+    for r in rows:
+        if r.note.startswith("FAILED"):
+            print(f"{r.name:<40} {r.events:>9,} {'FAILED':>9} {'':>9}  {r.cpu}")
+        else:
+            rate = ratio(r.rate, r.base)
+            print(f"{r.name:<40} {r.events:>9,} {r.rate:>9,.0f} {rate:>9}  {r.cpu}")
+        if r.note:
+            print(f"{'':<42}{r.note[:160]}")
+    for lat in out.get("latency", []):
+        g, c, p = lat["ack_to_get_ms"], lat["ack_to_changelog_ms"], lat["scheduled_to_202_ms"]
+        state = "OVERLOADED: " if lat["overloaded"] else ""
+        print(
+            f"latency @ {lat['offered_rate']:g}/s ({state}{lat['accepted_rate']:,.0f} 202/s, "
+            f"{lat['applied_rate']:,.0f} applied/s): "
+            f"send->202 p50 {p['p50']:.0f} p99 {p['p99']:.0f} ms | 202->profile GET p50 "
+            f"{g['p50']:.1f} p99 {g['p99']:.1f} max {g['max']:.1f} ms | 202->changelog p50 "
+            f"{c['p50']:.1f} p99 {c['p99']:.1f} max {c['max']:.1f} ms"
+        )
+    for i, p in enumerate(out.get("personify", [])):
+        print(
+            f"personify #{i + 1}: peak RSS {p['peak_rss_kb'] / 1024:.0f} MiB (+ its broker "
+            f"{p['broker_peak_rss_kb'] / 1024:.0f} MiB); applied {p['applied_total']:,.0f}, "
+            f"duplicates {p['duplicates']:.0f}, rejected {p['rejected']:.0f}, "
+            f"exit code {p['exit_code']}"
+        )
+    best = max((r.rate for r in rows if r.goal), default=None)
+    if best is not None:
+        verdict = "MET" if best >= GOAL_EVENTS_PER_S else "NOT MET"
+        print(
+            f"goal >= {GOAL_EVENTS_PER_S:,} events/s applied, batched, per worker: {verdict} "
+            f"(best batched run {best:,.0f} events/s)"
+        )
+    print("=" * 104, flush=True)
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "?"
+
+
+async def amain(args: argparse.Namespace) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="personify-bench-"))
+    started = time.perf_counter()
+    out: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "args": vars(args),
+    }
+    rows: list[Row] = []
+    print(f"Personify ingest benchmark; {os.cpu_count()} CPUs; work dir {workdir}", flush=True)
+    try:
+        check_valid(make_events(2000, args.users, "p-", seed=0))
+        base: float | None = None
+        if not args.skip_naive:
+            small = make_events(args.small_events, args.users, "n-", seed=1)
+            for mode, label in (("table", "table get+set per event"), ("none", "no table")):
+                print(
+                    f"\n[naive/{mode}] pre-loading {len(small):,} single-event messages, "
+                    "then starting the worker",
+                    flush=True,
+                )
+                r = await run_naive(mode, small, workdir, args.partitions)
+                check = ""
+                if r.table_sum is not None:
+                    exact = "exact" if r.table_sum == r.events else "MISMATCH"
+                    check = f"; table read back: sum {r.table_sum:,} over "
+                    check += f"{r.table_keys:,} keys ({exact})"
+                print(
+                    f"  {r.events:,} events in {r.seconds:.2f} s = {r.rate:,.0f} events/s "
+                    f"(worker start {r.startup_s:.1f} s; CPU {fmt_cpu(r.cpu)}; "
+                    f"peak RSS {r.rss_kb / 1024:.0f} MiB{check})",
+                    flush=True,
+                )
+                out[f"naive_{mode}"] = r.__dict__
+                if mode == "table":
+                    base = r.rate
+                rows.append(
+                    Row(f"naive Faust agent, {label}", r.events, r.rate, base, fmt_cpu(r.cpu))
+                )
+        if args.only:
+            out.update(await bench_personify(args, workdir, base, rows))
+        print_summary(out, rows, time.perf_counter() - started)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2, default=str))  # noqa: ASYNC240
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark and print the figures."""
+    sys.exit(asyncio.run(amain(parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
