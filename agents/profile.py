@@ -7,12 +7,12 @@ writes each profile once, so a batch of N events for M visitors costs M table wr
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import structlog
 
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
@@ -26,7 +26,7 @@ __all__ = ["Folded", "fold_batch", "profile_agent"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
-_store = profiles.ProfileStore(profiles.table())
+_store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(_cfg.topics.routed)
 _dead_letter = topic(_cfg.topics.dead_letter)
 
@@ -128,25 +128,27 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
     for e in events:
         by_user.setdefault(event_key(e), []).append(e)
     out = Folded()
-    for key, evs in by_user.items():
-        raw = store.get(partition, key.encode())
-        with structlog.contextvars.bound_contextvars(user_id=key, event_id=evs[-1]["event_id"]):
-            try:
-                _fold_user(key, raw, evs, out)
-            except Exception:
-                # Find the culprits one by one; the state is rebuilt from the stored value.
-                good: list[Event] = []
-                for e in evs:
-                    try:
-                        _fold_user(key, raw, [*good, e], Folded())
-                    except Exception as exc:
-                        _log.warning(
-                            "event cannot be applied", event_id=e["event_id"], error=str(exc)
-                        )
-                        out.failed.append((e, f"cannot apply event: {exc!r}"))
-                    else:
-                        good.append(e)
-                _fold_user(key, raw, good, out)
+    stored = store.get_many(partition, [key.encode() for key in by_user])
+    for (key, evs), raw in zip(by_user.items(), stored, strict=True):
+        try:
+            _fold_user(key, raw, evs, out)
+        except Exception:
+            # Find the culprits one by one; the state is rebuilt from the stored value.
+            good: list[Event] = []
+            for e in evs:
+                try:
+                    _fold_user(key, raw, [*good, e], Folded())
+                except Exception as exc:
+                    _log.warning(
+                        "event cannot be applied",
+                        user_id=key,
+                        event_id=e["event_id"],
+                        error=repr(exc),
+                    )
+                    out.failed.append((e, f"cannot apply event: {exc!r}"))
+                else:
+                    good.append(e)
+            _fold_user(key, raw, good, out)
     return out
 
 
@@ -156,36 +158,60 @@ def _dead_letter_record(error: str, source: dict[str, Any], original: Any) -> by
 
 @app.agent(_routed, name="profile")  # type: ignore[untyped-decorator] # Faust is untyped
 async def profile_agent(stream: Any) -> None:
-    """Consume routed events and keep the profiles table current."""
+    """Consume routed events and keep the profiles table current.
+
+    Each round takes what has arrived (up to ``[worker] ingest_batch`` messages), folds it per
+    partition and visitor, and writes every touched profile once per round.
+    """
     pub = publisher()
-    async for event in stream.events():
-        message = event.message
-        source = {"topic": message.topic, "partition": message.partition, "offset": message.offset}
+    async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
+        by_partition: dict[int, list[Event]] = {}
         dead: list[bytes] = []
-        try:
-            events: list[Event] = orjson.loads(event.value)
-            folded = fold_batch(_store, message.partition, events)
-        except Exception as exc:  # not a routed message at all: keep it, with the reason
-            _log.exception("routed message rejected", **source)
-            raw = (event.value or b"").decode("utf-8", "replace")[:10000]
-            dead.append(_dead_letter_record(f"cannot read routed message: {exc!r}", source, raw))
-            folded = Folded()
-        dead.extend(_dead_letter_record(error, source, e) for e, error in folded.failed)
-        partition, writes, onward = message.partition, folded.writes, folded.onward
-        await until_done("profile write", functools.partial(_store.put_many, partition, writes))
+        for event in batch:
+            message = event.message
+            try:
+                events: list[Event] = orjson.loads(event.value)
+                if not isinstance(events, list):
+                    raise TypeError(f"expected a JSON array of events, got {type(events).__name__}")
+            except Exception as exc:  # not a routed message at all: keep it, with the reason
+                source = {
+                    "topic": message.topic,
+                    "partition": message.partition,
+                    "offset": message.offset,
+                }
+                _log.exception("routed message rejected", **source)
+                raw = (event.value or b"").decode("utf-8", "replace")[:10000]
+                dead.append(
+                    _dead_letter_record(f"cannot read routed message: {exc!r}", source, raw)
+                )
+                continue
+            by_partition.setdefault(message.partition, []).extend(events)
+        folds = {p: fold_batch(_store, p, evs) for p, evs in by_partition.items()}
+        await asyncio.gather(
+            *(
+                until_done("profile write", functools.partial(_store.put_many, p, f.writes))
+                for p, f in folds.items()
+            )
+        )
+        onward = [e for f in folds.values() for e in f.onward]
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))
+        for p, f in folds.items():
+            source = {"topic": _routed.get_topic_name(), "partition": p}
+            dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
+            EVENTS_APPLIED.inc(f.applied)
+            if f.skipped:
+                EVENTS_DUPLICATE.inc(f.skipped)
         for record in dead:
             await until_done("dead-letter send", functools.partial(_send_dead, record))
-        EVENTS_APPLIED.inc(folded.applied)
-        if folded.skipped:
-            EVENTS_DUPLICATE.inc(folded.skipped)
-        seq = _seq_of(message.headers)
-        if pub.journal is not None and seq is not None:
-            pub.journal.mark_applied(seq)
-        hw = app.consumer.highwater(message.tp) if app.consumer else None
+        for event in batch:
+            seq = _seq_of(event.message.headers)
+            if pub.journal is not None and seq is not None:
+                pub.journal.mark_applied(seq)
+        last = batch[-1].message
+        hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:
-            AGENT_LAG.labels("profile", str(message.partition)).set(max(hw - message.offset - 1, 0))
+            AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
 
 
 async def _send_dead(record: bytes) -> None:

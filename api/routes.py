@@ -35,6 +35,18 @@ def _not_ready() -> web.Response | None:
     return None
 
 
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it grows past ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 @routes.post("/v1/events")
 async def post_events(request: web.Request) -> web.Response:
     """Accept one event or ``{"events": [...]}``; 202 once the broker has the valid ones."""
@@ -55,8 +67,8 @@ async def post_events(request: web.Request) -> web.Response:
             "body",
             "split the batch; the limit is [events] max_body_bytes",
         )
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
+    body = await _read_body(request, limit)
+    if body is None:
         return json_error(
             413,
             f"body exceeds the limit of {limit} bytes",

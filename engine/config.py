@@ -101,6 +101,7 @@ class StorageConfig:
     data_dir: str = "./data"
     journal: Literal["auto", "on", "off"] = "auto"
     journal_fsync: bool = True
+    changelog: Literal["auto", "on", "off"] = "auto"
     journal_segment_bytes: int = 64 * 1024 * 1024
 
 
@@ -111,7 +112,7 @@ class WorkerConfig:
     app_id: str = "personify"
     commit_interval_s: float = 1.0
     fetch_max_wait_ms: int = 10
-    producer_linger_ms: int = 2
+    producer_linger_ms: int = 0
     standby_replicas: int = 0
     ingest_batch: int = 1000
 
@@ -178,6 +179,17 @@ class Config:
     def data_path(self) -> Path:
         """The data directory as an absolute path."""
         return Path(self.storage.data_dir).expanduser().resolve()
+
+    @property
+    def changelog_enabled(self) -> bool:
+        """Whether table writes also go to their changelog topics.
+
+        A broker that forgets everything when it stops cannot restore a table, so with the
+        embedded broker the tables are rebuilt from the journal instead.
+        """
+        if self.storage.changelog == "auto":
+            return not self.broker.embedded
+        return self.storage.changelog == "on"
 
     @property
     def journal_enabled(self) -> bool:

@@ -13,6 +13,7 @@ schema version. Errors raise `ValidationError` naming the field and the reason.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections.abc import Mapping
@@ -66,10 +67,15 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
 
 
+@functools.lru_cache(maxsize=8192)
+def _second(seconds: int) -> str:
+    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+
+
 def format_ts(ts_ms: int) -> str:
     """Format epoch milliseconds as UTC ISO 8601 with milliseconds and a ``Z``."""
-    dt = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+    seconds, millis = divmod(ts_ms, 1000)
+    return f"{_second(seconds)}{millis:03d}Z"
 
 
 def _parse_ts(value: Any) -> int:

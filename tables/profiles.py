@@ -341,24 +341,42 @@ class ProfileStore:
 
     Args:
         tbl: the Faust table (`table()`).
+        changelog: whether writes go to the changelog topic too (see
+            `Config.changelog_enabled`).
     """
 
-    def __init__(self, tbl: Any) -> None:
+    def __init__(self, tbl: Any, *, changelog: bool = True) -> None:
         self.table = tbl
+        self.changelog = changelog
 
     def _db(self, partition: int) -> Any:
         # The store keeps one RocksDB database per partition.
         return self.table.data._db_for_partition(partition)
 
-    def get(self, partition: int, key: bytes) -> bytes | None:
-        """Read one profile of ``partition``."""
-        value: bytes | None = self._db(partition).get(key)
-        return value
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        """Read the profiles of ``keys`` (all of ``partition``) in one call."""
+        values: list[bytes | None] = self._db(partition).get(keys)
+        return values
 
     async def put_many(self, partition: int, items: list[tuple[bytes, bytes]]) -> None:
         """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB."""
         if not items:
             return
+        last_offset = await self._send_changelog(partition, items) if self.changelog else None
+        batch = WriteBatch(raw_mode=True)
+        for key, value in items:
+            batch.put(key, value)
+        store = self.table.data
+        # RocksDB releases the GIL: the write overlaps with the event loop's other work.
+        await asyncio.to_thread(self._db(partition).write, batch)
+        for key, _value in items:
+            store._key_index[key] = partition  # lets reads outside the agent find the key
+        if last_offset is not None:
+            topic_name = self.table.changelog_topic.get_topic_name()
+            store.set_persisted_offset(TP(topic_name, partition), last_offset)
+
+    async def _send_changelog(self, partition: int, items: list[tuple[bytes, bytes]]) -> int:
+        """Send the changelog records; return the offset of the last one once acknowledged."""
         producer = app.producer._ensure_producer()  # Faust's started aiokafka producer
         topic_name = self.table.changelog_topic.get_topic_name()
         futures = []
@@ -379,15 +397,8 @@ class ProfileStore:
         futures.append(await producer.send_batch(builder, topic_name, partition=partition))
         counts.append(n)
         metas = await asyncio.gather(*futures)
-        last_offset = max(m.offset + c - 1 for m, c in zip(metas, counts, strict=True))
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items:
-            batch.put(key, value)
-        store = self.table.data
-        self._db(partition).write(batch)
-        for key, _value in items:
-            store._key_index[key] = partition  # lets reads outside the agent find the key
-        store.set_persisted_offset(TP(topic_name, partition), last_offset)
+        last: int = max(m.offset + c - 1 for m, c in zip(metas, counts, strict=True))
+        return last
 
 
 def snapshot(p: Profile) -> Profile:

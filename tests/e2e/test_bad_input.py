@@ -123,3 +123,15 @@ def test_rejections_are_counted_in_metrics(engine: Any) -> None:
     status, text = engine.request("GET", "/metrics")
     assert status == 200
     assert 'personify_events_rejected_total{reason="unknown_type",source="http"}' in text
+
+
+def test_large_body_under_the_limit_is_read_whole(engine: Any, uid: str) -> None:
+    """A body just under 1 MiB arrives in many chunks and is accepted whole."""
+    events = [
+        {"type": "search", "user_id": uid, "properties": {"query": "q" * 1000, "n": i}}
+        for i in range(900)
+    ]
+    status, body = engine.post_events(events)
+    assert status == 202, body
+    assert body["accepted"] == 900
+    engine.wait_profile(uid, lambda p: p["counts"].get("search") == 900)
