@@ -90,6 +90,10 @@ def _run_worker(config: Config, broker_url: str, broker_epoch: str) -> int:
     app.discover()
 
     class _Worker(Worker):  # type: ignore[misc] # Faust is untyped
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.spinner = None  # its terminal escapes would garble our logs
+
         def _on_sigint(self) -> None:
             if self._signal_stop_time:  # second Ctrl-C: stop now
                 os._exit(130)
