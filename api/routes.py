@@ -226,7 +226,7 @@ async def healthz(request: web.Request) -> web.Response:
         "broker": await _broker_reachable(),
         "assigned": assigned,
         "tables_recovered": recovered,
-        "journal_replayed": publisher().ready.is_set(),
+        "journal_replayed": publisher().caught_up,
     }
     ok = all(checks.values())
     assignment: dict[str, list[int]] = {}

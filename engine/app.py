@@ -7,6 +7,7 @@ imports ``personify.agents`` and ``personify.api``; the engine knows them only b
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -19,7 +20,16 @@ from personify.engine.logging import get_logger
 from personify.engine.publisher import Publisher
 from personify.engine.transport import Transport
 
-__all__ = ["PersonifyApp", "app", "configure", "current_config", "publisher", "topic"]
+__all__ = [
+    "PersonifyApp",
+    "app",
+    "check_journal",
+    "configure",
+    "current_config",
+    "publisher",
+    "tables_exist",
+    "topic",
+]
 
 _log = get_logger(__name__)
 
@@ -55,7 +65,7 @@ def configure(config: Config, broker_url: str, broker_epoch: str = "k") -> Perso
     app.personify_config = config
     app.personify_fetch_max_wait_ms = w.fetch_max_wait_ms
     app.personify_broker_epoch = broker_epoch
-    app.personify_tables_existed = any(datadir.rglob("profiles-*.db"))
+    app.personify_tables_existed = tables_exist(config)
     # The app id names the consumer group and changelog topics; Faust takes it from the
     # constructor's defaults, which configure() replaces here.
     app._default_options = (w.app_id, app._default_options[1])
@@ -91,6 +101,27 @@ def configure(config: Config, broker_url: str, broker_epoch: str = "k") -> Perso
     )
     start_services()
     return app
+
+
+def _tables_dir(config: Config) -> Path:
+    return config.data_path / "faust"
+
+
+def tables_exist(config: Config) -> bool:
+    """Whether the data directory already holds tables (from an earlier run)."""
+    return any(_tables_dir(config).rglob("profiles-*.db"))
+
+
+def check_journal(config: Config) -> None:
+    """Fail early, with the fix, when the journal cannot tell what the tables hold.
+
+    Raises:
+        JournalError: see `Journal.replay_start`.
+    """
+    if config.journal_enabled:
+        Journal(config.data_path / "journal").replay_start(
+            tables_exist(config), _tables_dir(config)
+        )
 
 
 def current_config() -> Config:
@@ -150,7 +181,7 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
         await pub.topic.maybe_declare()
         await topic(cfg.topics.dead_letter).maybe_declare()
         if pub.journal is not None:
-            start = pub.journal.load_checkpoint() if app.personify_tables_existed else 0
+            start = pub.journal.replay_start(app.personify_tables_existed, _tables_dir(cfg))
             count = await pub.replay(start)
             _log.info("journal ready", replayed=count, next_seq=pub.journal.next_seq)
         pub.ready.set()

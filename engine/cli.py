@@ -121,7 +121,10 @@ def _cmd_run(config: Config, *, require_external: bool) -> int:
             f"{config.source}: [broker] url: `personify worker` needs an external broker "
             '(url = "kafka://host:port"); for one process on this machine use `personify run`'
         )
+    from personify.engine.app import check_journal
+
     lock = _lock_data_dir(config.data_path)
+    check_journal(config)
     broker: EmbeddedBroker | None = None
     epoch = "k"
     try:

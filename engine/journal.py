@@ -69,6 +69,8 @@ class Journal:
                 _, last_seq = self._scan_valid(segments[-2])
             self.next_seq = (last_seq + 1) if last_seq is not None else int(last.stem)
         self._open_segment_for_append()
+        if not (self.directory / "checkpoint").exists() and self.next_seq == 0:
+            self.save_checkpoint()  # a new journal: "nothing applied yet" is known, not lost
 
     def close(self) -> None:
         """Save the checkpoint and close the current segment."""
@@ -218,9 +220,34 @@ class Journal:
             return 0
         except ValueError as exc:
             raise JournalError(
-                f"journal: {self.directory / 'checkpoint'} is damaged ({exc}); delete it to "
-                "replay the whole journal (events already applied are skipped by event id)"
+                f"journal: {self.directory / 'checkpoint'} is damaged ({exc})"
             ) from None
+
+    def replay_start(self, tables_exist: bool, tables_dir: Path) -> int:
+        """Where replay must start: 0 to rebuild missing tables, else the saved checkpoint.
+
+        Raises:
+            JournalError: the tables exist but the checkpoint is missing or damaged, so it is
+                unknown which events they hold; replaying everything could count old events
+                twice (only the last ``dedup_window`` ids per visitor are remembered).
+        """
+        if not tables_exist:
+            return 0
+        path = self.directory / "checkpoint"
+        fix = (
+            f"to rebuild the tables from the journal, delete {tables_dir} and start again; "
+            f"or restore {path} from a backup"
+        )
+        if not path.exists():
+            if any(p.stat().st_size for p in self._segments()):
+                raise JournalError(
+                    f"journal: {path} is missing but the tables in {tables_dir} exist; {fix}"
+                )
+            return 0
+        try:
+            return self.load_checkpoint()
+        except JournalError as exc:
+            raise JournalError(f"{exc}; {fix}") from None
 
     # -- replay -------------------------------------------------------------------------
     def records_from(self, start: int) -> list[Record]:

@@ -48,6 +48,8 @@ class Publisher:
         self.partitions = partitions
         self.journal = journal
         self.ready = asyncio.Event()
+        #: Journal records below this were replayed at start.
+        self.replayed_until = 0
 
     def group(self, events: Iterable[Event]) -> dict[int, list[Event]]:
         """Group events by partition, keeping their order."""
@@ -87,6 +89,13 @@ class Publisher:
                 await self.journal.abort(seqs)
             raise
 
+    @property
+    def caught_up(self) -> bool:
+        """Whether the replayed journal tail has been applied to the tables."""
+        return self.ready.is_set() and (
+            self.journal is None or self.journal.checkpoint >= self.replayed_until
+        )
+
     async def replay(self, start: int) -> int:
         """Publish again every journal record from ``start`` on; return how many."""
         if self.journal is None:
@@ -112,4 +121,5 @@ class Publisher:
                 _log.info("journal replay progress", published=done, total=len(records))
         await asyncio.gather(*batch)
         self.journal.records_replayed = len(records)
+        self.replayed_until = self.journal.next_seq
         return len(records)

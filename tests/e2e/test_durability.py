@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from personify.engine.broker import EmbeddedBroker
 
 pytestmark = pytest.mark.e2e
 
+PERSONIFY = str(Path(sys.executable).with_name("personify"))
 USERS = [f"dur-{i}" for i in range(12)]
 
 
@@ -200,3 +203,24 @@ def test_changelog_restore_is_exact_on_kafka(engine_factory: Any, tmp_path: Path
         for u in users:
             status, p = fresh.profile(u)
             assert status == 200 and p["counts"] == {"page_view": 3}, (u, p)
+
+
+def test_missing_checkpoint_is_refused_with_the_fix(engine_factory: Any) -> None:
+    """With tables but no journal checkpoint, the start fails clearly instead of double counting."""
+    eng = engine_factory().start()
+    assert eng.post_events([{"type": "page_view", "user_id": "cp"}])[0] == 202
+    eng.wait_profile("cp", lambda p: p["counts"] == {"page_view": 1})
+    assert eng.stop() == 0
+    (eng.data_dir / "journal" / "checkpoint").unlink()
+    result = subprocess.run(
+        [PERSONIFY, "run", "--data-dir", str(eng.data_dir), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "checkpoint is missing" in result.stderr and "delete" in result.stderr
+    shutil.rmtree(eng.data_dir / "faust")  # the documented fix: rebuild from the journal
+    eng2 = engine_factory(eng.data_dir).start()  # healthy once the journal tail is applied
+    assert eng2.profile("cp")[1]["counts"] == {"page_view": 1}

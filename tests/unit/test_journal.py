@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -136,10 +137,10 @@ async def test_save_and_load_checkpoint(journal_factory: JournalFactory, journal
 async def test_damaged_checkpoint_is_a_journal_error(
     journal_factory: JournalFactory, journal_dir: Path
 ) -> None:
-    """A checkpoint file that is not a number fails with a JournalError saying what to do."""
+    """A checkpoint file that is not a number fails with a JournalError naming the file."""
     j = journal_factory()
     (journal_dir / "checkpoint").write_text("twelve")
-    with pytest.raises(JournalError, match=r"is damaged .* delete it to replay the whole journal"):
+    with pytest.raises(JournalError, match=r"checkpoint is damaged"):
         j.load_checkpoint()
 
 
@@ -272,3 +273,48 @@ async def test_torn_record_in_new_segment(
     assert j2.next_seq == 1
     assert await j2.append([(0, b"again")]) == [1]
     assert j2.records_from(0) == [(0, 0, b"y" * 40), (1, 0, b"again")]
+
+
+async def test_replay_start_rebuilds_missing_tables(journal_factory: JournalFactory) -> None:
+    """Without tables, replay starts at 0 whatever the checkpoint says."""
+    j = journal_factory()
+    seqs = await j.append([(0, b"a"), (0, b"b")])
+    for seq in seqs:
+        j.mark_applied(seq)
+    j.save_checkpoint()
+    assert j.replay_start(False, Path("/tables")) == 0
+    assert j.replay_start(True, Path("/tables")) == 2
+
+
+async def test_replay_start_refuses_a_missing_checkpoint(
+    journal_factory: JournalFactory, journal_dir: Path
+) -> None:
+    """With tables and journal data but no checkpoint, start fails and says how to fix it."""
+    j = journal_factory()
+    assert (journal_dir / "checkpoint").read_text() == "0"  # a new journal records "nothing yet"
+    await j.append([(0, b"a")])
+    (journal_dir / "checkpoint").unlink()
+    with pytest.raises(JournalError, match=r"is missing.*delete /tables"):
+        j.replay_start(True, Path("/tables"))
+
+
+async def test_replay_start_refuses_a_damaged_checkpoint(
+    journal_factory: JournalFactory, journal_dir: Path
+) -> None:
+    """A damaged checkpoint is reported with the fix, not silently treated as 0."""
+    j = journal_factory()
+    await j.append([(0, b"a")])
+    (journal_dir / "checkpoint").write_text("not a number")
+    with pytest.raises(JournalError, match=r"damaged.*delete /tables"):
+        j.replay_start(True, Path("/tables"))
+
+
+async def test_concurrent_appends_share_fsyncs(journal_factory: JournalFactory) -> None:
+    """Many concurrent appends with fsync all complete, with distinct ordered sequence numbers."""
+    j = journal_factory(fsync=True)
+    results = await asyncio.gather(*(j.append([(i % 4, f"r{i}".encode())]) for i in range(50)))
+    seqs = [s for r in results for s in r]
+    assert sorted(seqs) == list(range(50))
+    assert [payload for _s, _p, payload in j.records_from(0)] == [
+        f"r{i}".encode() for i in range(50)
+    ]
