@@ -5,7 +5,10 @@ PersonifyError
 ├── ConfigError          config.toml or a PERSONIFY_* variable is wrong (names file, key, fix)
 ├── BrokerError          the embedded broker could not start or the broker is unreachable
 ├── ValidationError      an event failed validation (names the field and the reason)
-└── JournalError         the local event journal is damaged or cannot be written
+├── JournalError         the local event journal is damaged or cannot be written
+└── EmbeddingError       (personify.embeddings) the model or an index snapshot cannot be used
+    ├── ModelLoadError
+    └── SnapshotError
 ```
 """
 
