@@ -52,7 +52,6 @@ class Journal:
         self._synced = 0  # appends known to be on disk
         self._sync_task: asyncio.Future[None] | None = None
         self._saved_checkpoint = -1
-        self.records_replayed = 0
 
     # -- opening ------------------------------------------------------------------------
     def open(self) -> None:

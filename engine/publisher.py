@@ -120,6 +120,5 @@ class Publisher:
                 batch.clear()
                 _log.info("journal replay progress", published=done, total=len(records))
         await asyncio.gather(*batch)
-        self.journal.records_replayed = len(records)
         self.replayed_until = self.journal.next_seq
         return len(records)
