@@ -1,7 +1,7 @@
 """Ingestion benchmark: Personify against a naive Faust agent, measured in the same run.
 
-``.venv/bin/python bench/ingest.py [--events 200000] [--users 20000] [--rate 1000]
-[--duration 20]`` runs, one after the other on this machine:
+``.venv/bin/python bench/ingest.py [--events 200000] [--users 20000] [--rate 1000,100]
+[--duration 30] [--changelog]`` runs, one after the other on this machine:
 
 1. the baseline: a minimal Faust worker (``bench/_naive_app.py``, a subprocess with its own
    embedded Tansu broker) that does one RocksDB table get + set per single-event message,
@@ -20,11 +20,17 @@
    rate is from the first poll that saw progress to the poll that saw the last event. If (a)
    stalls, (a2) repeats it with a producer kept within ``--window`` events of the worker, and
    a run that fails is followed by a fresh engine;
-3. latency: single-event POSTs on an open-loop schedule (``--rate`` per second for
-   ``--duration`` seconds), each for a new visitor, timed from the scheduled send and from the
-   202 to the moment the profile exists: seen by ``GET /v1/users/{id}`` polling for a sample
-   of events, and seen on the table's changelog topic for every event. If the engine falls
-   more than a second behind, the schedule stops and runs again at half the rate it managed.
+3. latency: single-event POSTs on an open-loop schedule (each ``--rate``, by default 1,000
+   and then 100 per second, for ``--duration`` seconds each), every one for a new visitor, so
+   its profile exists once it is applied. Timed from the scheduled send to the 202, and from
+   the 202 to the profile: ``GET /v1/users/{id}`` is polled every ``--poll-ms`` (or every 20%
+   of the time waited, if longer; at most ``--get-budget`` GETs a second in all) for about
+   ``--probes-per-s`` sampled events a second, which brackets the moment of the write (the
+   last 404 sent, the first 200 back). Overload is judged from ``GET /metrics`` (every
+   100 ms): applied against accepted events. This works with the default configuration,
+   where the embedded broker has no table changelogs; ``--changelog`` runs the latency part
+   on a fresh engine with ``PERSONIFY_STORAGE__CHANGELOG=on`` and also times every event by
+   its record on the profiles changelog (figures labelled "changelog on").
 
 Every event is valid (``personify.engine.models.validate_event``) and carries an event id, so
 ``personify_events_duplicate_total`` and the rejected counters must stay at zero. Figures go
@@ -727,6 +733,19 @@ async def run_http(
 
 
 # -- latency -------------------------------------------------------------------------------
+ACCEPTED_HTTP = 'personify_events_accepted_total{source="http"}'
+CHANGELOG_ENV = "PERSONIFY_STORAGE__CHANGELOG"
+#: Latency GET polls: the interval grows to this fraction of the time already waited.
+POLL_GROWTH = 0.2
+#: GETs the polls may send at once beyond their budget per second.
+GET_BURST = 10
+
+
+def changelog_on(eng: Personify | None) -> bool:
+    """Whether ``eng`` was started with its table changelogs forced on (the default: off)."""
+    return eng is not None and eng.extra_env.get(CHANGELOG_ENV, "").lower() == "on"
+
+
 async def drain(consumer: AIOKafkaConsumer, limit_s: float = 20.0) -> None:
     """Move ``consumer`` to the true end of its partitions.
 
@@ -748,6 +767,47 @@ async def drain(consumer: AIOKafkaConsumer, limit_s: float = 20.0) -> None:
     print("  ! the changelog consumer did not catch up; changelog figures are late", flush=True)
 
 
+class Counters:
+    """Polls HTTP-accepted and applied events from ``GET /metrics``, relative to a base."""
+
+    def __init__(self, eng: Personify, session: aiohttp.ClientSession, interval: float) -> None:
+        self.eng = eng
+        self.session = session
+        self.interval = interval
+        self.base = (0.0, 0.0)
+        self.accepted = 0
+        self.applied = 0
+        self.backlog_max = 0
+        self.polls = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def poll(self) -> tuple[int, int]:
+        """Read the counters now; return ``(accepted, applied)`` since the base."""
+        m = await self.eng.metrics(self.session)
+        self.polls += 1
+        self.accepted = int(m.get(ACCEPTED_HTTP, 0.0) - self.base[0])
+        self.applied = int(m.get(APPLIED, 0.0) - self.base[1])
+        self.backlog_max = max(self.backlog_max, self.accepted - self.applied)
+        return self.accepted, self.applied
+
+    async def __aenter__(self) -> Counters:
+        m = await self.eng.metrics(self.session)
+        self.base = (m.get(ACCEPTED_HTTP, 0.0), m.get(APPLIED, 0.0))
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await self.poll()
+            await asyncio.sleep(self.interval)
+
+
 @dataclass
 class Latency:
     """Single-event POSTs on an open-loop schedule, each for a new visitor."""
@@ -755,37 +815,49 @@ class Latency:
     offered_rate: float
     planned: int
     sent: int
-    accepted: int
+    accepted: int  # 202s the benchmark received
     errors: int
-    send_window_s: float
-    accepted_in_window: int
-    applied_in_window: int
-    applied_total_s: float  # first scheduled send -> last profile write seen
-    overloaded: str  # why the schedule was cut short; empty if it was not
+    send_window_s: float  # first scheduled send -> last send
+    metrics_accepted: int  # accepted (HTTP) during the send window, from /metrics
+    metrics_applied: int  # applied during the send window, from /metrics
+    backlog_max: int  # most accepted-but-not-applied events seen on /metrics
+    caught_up_s: float | None  # last send -> /metrics shows every accepted event applied
+    overloaded: str  # why the run counts as overloaded; empty if it does not
+    stopped_early: bool
     post_ms: list[float]  # scheduled send -> 202
-    ack_to_get_ms: list[float]  # 202 -> profile seen by GET (sample)
-    sched_to_get_ms: list[float]  # scheduled send -> profile seen by GET (sample)
+    ack_to_get_ms: list[float]  # 202 -> the first GET answering 200 came back (upper bound)
+    ack_to_get_lower_ms: list[float]  # 202 -> the last GET answering 404 was sent (lower bound)
+    sched_to_get_ms: list[float]  # scheduled send -> the first GET answering 200 came back
+    get_timeline: list[tuple[float, float]]  # (s after the first send, 202 -> profile ms)
+    sample_every: int
+    poll_ms: float
+    get_budget: float  # most GETs per second the polls may send (bursts of GET_BURST)
+    samples: int
+    missing_get: int
+    get_requests: int
+    get_errors: int
+    metrics_polls: int
+    probe_s: float  # from the first scheduled send to the last GET poll
+    changelog: bool  # whether the engine wrote the changelog (and it was watched)
     ack_to_log_ms: list[float]  # 202 -> profile write seen on the changelog (every event)
     sched_to_log_ms: list[float]
     missing_log: int
-    missing_get: int
-    get_requests: int
     cpu: dict[str, float]
 
     @property
     def accepted_rate(self) -> float:
-        """202s per second while the schedule ran (the API's capacity when overloaded)."""
-        return self.accepted_in_window / max(self.send_window_s, 1e-9)
+        """Events accepted (HTTP 202) per second while the schedule ran, from /metrics."""
+        return self.metrics_accepted / max(self.send_window_s, 1e-9)
 
     @property
     def applied_rate(self) -> float:
-        """Events written to profiles per second while the schedule ran."""
-        return self.applied_in_window / max(self.send_window_s, 1e-9)
+        """Events folded into profiles per second while the schedule ran, from /metrics."""
+        return self.metrics_applied / max(self.send_window_s, 1e-9)
 
     @property
-    def drain_rate(self) -> float:
-        """Events into profiles per second from the first send to the last profile write."""
-        return len(self.ack_to_log_ms) / max(self.applied_total_s, 1e-9)
+    def get_rate(self) -> float:
+        """Profile GETs per second that the sampling added."""
+        return self.get_requests / max(self.probe_s, 1e-9)
 
     def as_dict(self) -> dict[str, Any]:
         """The figures as JSON-ready data."""
@@ -799,26 +871,41 @@ class Latency:
                 "n": len(v),
             }
 
-        return {
+        out = {
             "offered_rate": self.offered_rate,
             "planned": self.planned,
             "sent": self.sent,
             "accepted": self.accepted,
             "errors": self.errors,
+            "send_window_s": self.send_window_s,
             "accepted_rate": self.accepted_rate,
             "applied_rate": self.applied_rate,
-            "drain_rate": self.drain_rate,
+            "backlog_max": self.backlog_max,
+            "caught_up_s": self.caught_up_s,
             "overloaded": self.overloaded,
+            "stopped_early": self.stopped_early,
             "scheduled_to_202_ms": dist(self.post_ms),
             "ack_to_get_ms": dist(self.ack_to_get_ms),
+            "ack_to_get_lower_bound_ms": dist(self.ack_to_get_lower_ms),
             "scheduled_to_get_ms": dist(self.sched_to_get_ms),
-            "ack_to_changelog_ms": dist(self.ack_to_log_ms),
-            "scheduled_to_changelog_ms": dist(self.sched_to_log_ms),
-            "missing_changelog": self.missing_log,
+            "get_timeline": self.get_timeline,
+            "sample_every": self.sample_every,
+            "poll_ms": self.poll_ms,
+            "get_budget": self.get_budget,
+            "samples": self.samples,
             "missing_get": self.missing_get,
             "get_requests": self.get_requests,
+            "get_errors": self.get_errors,
+            "get_rate": self.get_rate,
+            "metrics_polls": self.metrics_polls,
+            "changelog": self.changelog,
             "cpu": self.cpu,
         }
+        if self.changelog:
+            out["ack_to_changelog_ms"] = dist(self.ack_to_log_ms)
+            out["scheduled_to_changelog_ms"] = dist(self.sched_to_log_ms)
+            out["missing_changelog"] = self.missing_log
+        return out
 
 
 def pct(values: Sequence[float], q: float) -> float:
@@ -837,15 +924,28 @@ async def run_latency(
     *,
     sample_every: int,
     poll_ms: float,
-    max_backlog_s: float = 1.0,
+    get_budget: float,
+    changelog: bool = False,
+    metrics_s: float = 0.1,
+    max_backlog_s: float = 2.0,
+    min_applied_ratio: float = 0.95,
 ) -> Latency:
-    """Open-loop single-event POSTs; time each event until its profile exists.
+    """Open-loop single-event POSTs; time sampled events until their profile exists.
 
-    "Exists" is seen two ways: ``GET /v1/users/{id}`` polled every ``poll_ms`` from the 202 on
-    for one event in ``sample_every`` (the public view), and the profile's record on the table's
-    changelog topic for every event (Personify writes it before RocksDB, Faust right after).
-    The schedule stops early, marked overloaded, when more than ``max_backlog_s`` seconds of
-    requests wait for their 202, or twice that of accepted events wait for their profile.
+    Every event has a visitor of its own, so "the profile exists" means "the event is applied".
+    For one event in ``sample_every``, ``GET /v1/users/{id}`` is polled from its 202 on, one
+    request every ``poll_ms`` (or every `POLL_GROWTH` of the time waited, if longer), until it
+    answers 200: the profile was written after the last 404 was sent (or the 202) and before
+    the 200 came back, which bounds the time from below and above. All polls together send at
+    most ``get_budget`` GETs per second (a poll waits for its turn: the bracket widens, the
+    load on the engine does not grow with its latency). With ``changelog`` (an
+    engine started with the changelog on), the profile's record on the table's changelog
+    topic also times every event.
+
+    Overload is judged from ``GET /metrics`` (polled every ``metrics_s``): the schedule stops
+    early when more than ``max_backlog_s`` seconds of accepted events wait to be applied (or of
+    requests wait for their 202), and a run whose applied rate stays below
+    ``min_applied_ratio`` of its accepted rate is overloaded too.
     """
     n = int(rate * duration)
     events = make_events(n, 0, prefix, seed=7, unique_users=True)
@@ -854,25 +954,31 @@ async def run_latency(
     sched = [0.0] * n
     acked = [0.0] * n
     seen_get = [0.0] * n
+    last_miss = [0.0] * n
     seen_log = [0.0] * n
-    counts = {"errors": 0, "gets": 0, "open": 0, "acked": 0, "logged": 0}
+    counts = {"errors": 0, "gets": 0, "get_errors": 0, "open": 0, "acked": 0}
+    probe_end = [0.0]
+    gate = [0.0]  # the GET budget's theoretical arrival time
     done = asyncio.Event()
 
-    changelog = f"{load_config(REPO / 'config.toml').worker.app_id}-profiles-changelog"
-    consumer = AIOKafkaConsumer(
-        changelog,
-        bootstrap_servers=eng.bootstrap,
-        group_id=None,
-        auto_offset_reset="latest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=5,
-        max_partition_fetch_bytes=8 << 20,
-    )
-    await consumer.start()
-    await drain(consumer)
+    consumer: AIOKafkaConsumer | None = None
+    if changelog:
+        name = f"{load_config(REPO / 'config.toml').worker.app_id}-profiles-changelog"
+        consumer = AIOKafkaConsumer(
+            name,
+            bootstrap_servers=eng.bootstrap,
+            group_id=None,
+            auto_offset_reset="latest",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=5,
+            max_partition_fetch_bytes=8 << 20,
+        )
+        await consumer.start()
+        await drain(consumer)
     index = {ev["user_id"].encode(): i for i, ev in enumerate(events)}
 
     async def watch_changelog() -> None:
+        assert consumer is not None
         while not done.is_set():
             batches = await consumer.getmany(timeout_ms=50, max_records=10_000)
             now = time.perf_counter()
@@ -881,22 +987,38 @@ async def run_latency(
                     i = index.get(rec.key)
                     if i is not None and not seen_log[i]:
                         seen_log[i] = now
-                        counts["logged"] += 1
 
     async def poll_get(i: int) -> None:
+        # The first GET one interval after the 202 (the event has only just reached the
+        # broker); then every `poll_ms`, or every POLL_GROWTH of the time waited so far if that
+        # is longer: a bracket within ~20% at most a few dozen GETs per event, even when slow.
         url = f"{eng.url}/v1/users/{events[i]['user_id']}"
-        start = time.perf_counter()
-        interval = poll_ms / 1000
-        while time.perf_counter() < start + 10:
-            async with session.get(url) as resp:
-                counts["gets"] += 1
-                await resp.read()
-                if resp.status == 200:
-                    seen_get[i] = time.perf_counter()
-                    return
-            await asyncio.sleep(interval)
-            if time.perf_counter() - start > 0.25:  # late: back off, not to flood the API
-                interval = min(interval * 2, 0.25)
+        start = last_miss[i] = acked[i]
+        next_at = start + poll_ms / 1000
+        while True:
+            # The GET budget, a token bucket (GCRA): bursts of GET_BURST, then 1/get_budget.
+            slot = max(next_at, gate[0] - GET_BURST / get_budget)
+            gate[0] = max(gate[0], slot) + 1 / get_budget
+            await asyncio.sleep(max(slot - time.perf_counter(), 0.0))
+            sent_at = time.perf_counter()
+            if sent_at > start + 10:
+                return
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    status = resp.status
+            except aiohttp.ClientError:
+                status = 0
+            counts["gets"] += 1
+            now = probe_end[0] = time.perf_counter()
+            if status == 200:
+                seen_get[i] = now
+                return
+            if status == 404:
+                last_miss[i] = sent_at
+            else:
+                counts["get_errors"] += 1
+            next_at = sent_at + max(poll_ms / 1000, POLL_GROWTH * (sent_at - start))
 
     async def post(i: int) -> None:
         counts["open"] += 1
@@ -915,66 +1037,105 @@ async def run_latency(
         if acked[i] and i % sample_every == 0:
             await poll_get(i)
 
-    watcher = asyncio.create_task(watch_changelog())
-    await asyncio.sleep(0.3)  # the consumer's first fetch
+    watcher = asyncio.create_task(watch_changelog()) if consumer is not None else None
+    await asyncio.sleep(0.3)  # the changelog consumer's first fetch; a quiet engine
     meter = CpuMeter(eng.pids).start()
     tasks: list[asyncio.Task[None]] = []
     overloaded = ""
-    backlog = max(50.0, rate * max_backlog_s)
-    t0 = time.perf_counter() + 0.05
-    sent = 0
-    for i in range(n):
-        target = t0 + i / rate
-        delay = target - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if counts["open"] > backlog:
-            overloaded = f"more than {backlog:,.0f} POSTs waiting for their 202"
-            break
-        if counts["acked"] - counts["logged"] > 2 * backlog:
-            overloaded = f"more than {2 * backlog:,.0f} accepted events not yet in a profile"
-            break
-        sched[i] = target  # open loop: latency counts from the schedule, not the actual send
-        tasks.append(asyncio.create_task(post(i)))
-        sent += 1
-    t_end = time.perf_counter()
-    in_window = sum(1 for i in range(sent) if acked[i] and acked[i] <= t_end)
-    applied_in_window = sum(1 for i in range(sent) if seen_log[i] and seen_log[i] <= t_end)
-    await asyncio.gather(*tasks)
-    deadline = time.perf_counter() + 10
-    while time.perf_counter() < deadline:  # the last changelog records
-        if all(seen_log[i] for i in range(sent) if acked[i]):
-            break
-        await asyncio.sleep(0.05)
-    cpu = meter.stop()
+    backlog = max(100.0, rate * max_backlog_s)
+    async with Counters(eng, session, metrics_s) as counters:
+        t0 = time.perf_counter() + 0.05
+        sent = 0
+        for i in range(n):
+            target = t0 + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if counters.accepted - counters.applied > backlog:
+                overloaded = (
+                    f"stopped after {sent:,}/{n:,} sends: more than {backlog:,.0f} accepted "
+                    "events not yet applied (/metrics)"
+                )
+                break
+            if counts["open"] > backlog:
+                overloaded = (
+                    f"stopped after {sent:,}/{n:,} sends: more than {backlog:,.0f} POSTs "
+                    "waiting for their 202"
+                )
+                break
+            sched[i] = target  # open loop: latency counts from the schedule, not the send
+            tasks.append(asyncio.create_task(post(i)))
+            sent += 1
+        t_end = time.perf_counter()
+        acc_window, app_window = await counters.poll()
+        window = max(t_end - t0, 1e-9)
+        # Until /metrics shows every accepted event applied; then the last GET polls.
+        caught_up: float | None = None
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline:
+            acc, app = await counters.poll()
+            if not counts["open"] and app >= acc:
+                caught_up = time.perf_counter() - t_end
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks)
+        deadline = time.perf_counter() + 10
+        while consumer is not None and time.perf_counter() < deadline:  # the last records
+            if all(seen_log[i] for i in range(sent) if acked[i]):
+                break
+            await asyncio.sleep(0.05)
+        cpu = meter.stop()
     done.set()
-    await watcher
-    await consumer.stop()
+    if watcher is not None and consumer is not None:
+        await watcher
+        await consumer.stop()
+
+    stopped_early = bool(overloaded)
+    if not overloaded and app_window < min_applied_ratio * acc_window:
+        overloaded = (
+            f"applied {app_window / window:,.0f}/s < {100 * min_applied_ratio:.0f}% of "
+            f"accepted {acc_window / window:,.0f}/s (/metrics)"
+        )
+    if not overloaded and caught_up is None:
+        overloaded = "accepted events still not applied 30 s after the last send (/metrics)"
 
     def ms(a: float, b: float) -> float:
         return (b - a) * 1000
 
     ok = [i for i in range(sent) if acked[i]]
     sampled = [i for i in ok if i % sample_every == 0]
+    got = [i for i in sampled if seen_get[i]]
     return Latency(
         offered_rate=rate,
         planned=n,
         sent=sent,
         accepted=len(ok),
         errors=counts["errors"],
-        send_window_s=t_end - t0,
-        accepted_in_window=in_window,
-        applied_in_window=applied_in_window,
-        applied_total_s=max(seen_log, default=t0) - t0,
+        send_window_s=window,
+        metrics_accepted=acc_window,
+        metrics_applied=app_window,
+        backlog_max=counters.backlog_max,
+        caught_up_s=caught_up,
         overloaded=overloaded,
+        stopped_early=stopped_early,
         post_ms=[ms(sched[i], acked[i]) for i in ok],
-        ack_to_get_ms=[ms(acked[i], seen_get[i]) for i in sampled if seen_get[i]],
-        sched_to_get_ms=[ms(sched[i], seen_get[i]) for i in sampled if seen_get[i]],
+        ack_to_get_ms=[ms(acked[i], seen_get[i]) for i in got],
+        ack_to_get_lower_ms=[ms(acked[i], last_miss[i]) for i in got],
+        sched_to_get_ms=[ms(sched[i], seen_get[i]) for i in got],
+        get_timeline=[(round(sched[i] - t0, 3), round(ms(acked[i], seen_get[i]), 2)) for i in got],
+        sample_every=sample_every,
+        poll_ms=poll_ms,
+        get_budget=get_budget,
+        samples=len(sampled),
+        missing_get=len(sampled) - len(got),
+        get_requests=counts["gets"],
+        get_errors=counts["get_errors"],
+        metrics_polls=counters.polls,
+        probe_s=max(probe_end[0] - t0, window),
+        changelog=changelog,
         ack_to_log_ms=[ms(acked[i], seen_log[i]) for i in ok if seen_log[i]],
         sched_to_log_ms=[ms(sched[i], seen_log[i]) for i in ok if seen_log[i]],
-        missing_log=sum(1 for i in ok if not seen_log[i]),
-        missing_get=sum(1 for i in sampled if not seen_get[i]),
-        get_requests=counts["gets"],
+        missing_log=sum(1 for i in ok if not seen_log[i]) if changelog else 0,
         cpu=cpu,
     )
 
@@ -1030,30 +1191,45 @@ def print_run(r: Run, base: float | None) -> None:
         print(f"  FAILED: {r.failure}", flush=True)
 
 
-def print_latency(r: Latency, sample_every: int, poll_ms: float) -> None:
-    if r.overloaded:
-        print(f"  OVERLOADED: stopped after {r.sent:,}/{r.planned:,} sends, {r.overloaded}")
+def print_latency(r: Latency) -> None:
+    caught = "never" if r.caught_up_s is None else f"{r.caught_up_s:.2f} s after the last send"
+    state = f"OVERLOADED: {r.overloaded}" if r.overloaded else "keeping up"
     print(
-        f"  while sending: {r.accepted_rate:,.0f} events/s accepted (202), "
-        f"{r.applied_rate:,.0f} events/s into profiles ({r.drain_rate:,.0f}/s until the last "
-        f"one); {r.accepted:,} accepted in all, "
-        f"{r.errors} errors",
+        f"  {state}; /metrics while sending: {r.accepted_rate:,.0f} events/s accepted (HTTP), "
+        f"{r.applied_rate:,.0f} events/s applied; at most {r.backlog_max:,} accepted, not yet "
+        f"applied; all applied {caught}; {r.accepted:,} 202s, {r.errors} errors",
         flush=True,
     )
     print(f"  CPU {fmt_cpu(r.cpu)}")
-    print(f"  scheduled send -> 202              {dist(r.post_ms)}")
-    print(f"  202 -> profile (GET, 1/{sample_every}, {poll_ms:g} ms)   {dist(r.ack_to_get_ms)}")
-    print(f"  scheduled -> profile (GET)         {dist(r.sched_to_get_ms)}")
-    print(f"  202 -> changelog write (all)       {dist(r.ack_to_log_ms)}")
-    print(f"  scheduled -> changelog write (all) {dist(r.sched_to_log_ms)}")
+    print(f"  scheduled send -> 202                   {dist(r.post_ms)}")
+    print(f"  202 -> profile (GET 200 back; upper)    {dist(r.ack_to_get_ms)}")
+    print(f"  202 -> profile (last 404 sent; lower)   {dist(r.ack_to_get_lower_ms)}")
+    print(f"  scheduled send -> profile (GET, upper)  {dist(r.sched_to_get_ms)}")
+    if r.changelog:
+        print(f"  202 -> changelog write (all; chlog on)  {dist(r.ack_to_log_ms)}")
+        print(f"  scheduled -> changelog write (all)      {dist(r.sched_to_log_ms)}")
     print(
-        f"  never seen: changelog {r.missing_log}, GET {r.missing_get}; "
-        f"{r.get_requests:,} GETs issued",
+        f"  probe load: GET /v1/users/{{id}} for 1 event in {r.sample_every} ({r.samples:,}), "
+        f"every {r.poll_ms:g} ms or {100 * POLL_GROWTH:.0f}% of the time waited, until 200, at "
+        f"most {r.get_budget:,.0f} GETs/s: {r.get_requests:,} GETs = {r.get_rate:,.0f}/s, "
+        f"{100 * r.get_rate / r.offered_rate:.0f}% of the POST rate; "
+        f"GET /metrics every 100 ms ({r.metrics_polls} polls); "
+        f"never seen: GET {r.missing_get}"
+        + (f", changelog {r.missing_log}" if r.changelog else "")
+        + (f"; {r.get_errors} GET errors" if r.get_errors else ""),
         flush=True,
     )
 
 
 # -- main ----------------------------------------------------------------------------------
+def rates(text: str) -> list[float]:
+    """``"1000,100"`` -> ``[1000.0, 100.0]``."""
+    out = [float(x) for x in text.split(",") if x.strip()]
+    if not out or min(out) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive rates, got {text!r}")
+    return out
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--events", type=int, default=200_000, help="events per batched run")
@@ -1067,10 +1243,37 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=500, help="events per message and per POST")
     p.add_argument("--http-concurrency", type=int, default=4, help="POSTs in flight")
     p.add_argument("--window", type=int, default=4000, help="(a2) events written, not applied")
-    p.add_argument("--rate", type=float, default=1000.0, help="latency: events/s offered")
-    p.add_argument("--duration", type=float, default=20.0, help="latency: seconds")
-    p.add_argument("--sample-every", type=int, default=10, help="latency: GET-poll 1 in N")
-    p.add_argument("--poll-ms", type=float, default=5.0, help="latency: GET poll interval")
+    p.add_argument(
+        "--rate",
+        type=rates,
+        default=[1000.0, 100.0],
+        metavar="R[,R...]",
+        help="latency: events/s offered, one run per rate (default 1000,100)",
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="latency: seconds per rate")
+    p.add_argument(
+        "--probes-per-s",
+        type=float,
+        default=10.0,
+        help="latency: sampled events per second polled with GET (sets the 1-in-N sample)",
+    )
+    p.add_argument(
+        "--sample-every", type=int, default=0, help="latency: GET-poll 1 event in N (overrides)"
+    )
+    p.add_argument("--poll-ms", type=float, default=2.0, help="latency: GET poll interval")
+    p.add_argument(
+        "--get-budget",
+        type=float,
+        default=0.0,
+        help="latency: most GETs/s for all polls together (default: 10%% of the rate, >= 100)",
+    )
+    p.add_argument(
+        "--changelog",
+        action="store_true",
+        help="latency on a fresh engine with the profiles changelog on "
+        f"({CHANGELOG_ENV}=on; off by default with the embedded broker), watched to time "
+        "every event; those figures are labelled 'changelog on'",
+    )
     p.add_argument("--partitions", type=int, default=4, help="partitions of the naive topic")
     p.add_argument("--skip-naive", action="store_true", help="skip the naive baselines")
     p.add_argument("--only", default="abcl", help="Personify runs: a, b, c and/or l (latency)")
@@ -1138,11 +1341,13 @@ class PersonifyBench:
             env["PERSONIFY_" + key.upper()] = value
         return env
 
-    async def start_engine(self) -> Personify:
-        """Start a ``personify run`` on a fresh data directory."""
-        eng = Personify(self.workdir / f"personify{len(self.engines)}", extra_env=self.settings)
+    async def start_engine(self, changelog: bool = False) -> Personify:
+        """Start a ``personify run`` on a fresh data directory (``changelog``: forced on)."""
+        env = {**self.settings, **({CHANGELOG_ENV: "on"} if changelog else {})}
+        eng = Personify(self.workdir / f"personify{len(self.engines)}", extra_env=env)
         eng.workdir.mkdir()
-        print("\n[personify] starting `personify run`...", flush=True)
+        label = f" with {CHANGELOG_ENV}=on" if changelog_on(eng) else ""
+        print(f"\n[personify] starting `personify run`{label}...", flush=True)
         self.eng = eng
         await eng.start(self.session)
         print(f"  healthy after {eng.startup_s:.1f} s (broker {eng.bootstrap})", flush=True)
@@ -1163,6 +1368,7 @@ class PersonifyBench:
             "applied_total": m.get(APPLIED, 0.0),
             "duplicates": m.get("personify_events_duplicate_total", 0.0),
             "rejected": m.get("personify_events_rejected_total", 0.0),
+            "changelog": changelog_on(eng),
         }
         info["exit_code"] = await asyncio.to_thread(eng.stop)
         self.engines.append(info)
@@ -1178,6 +1384,9 @@ class PersonifyBench:
             ):
                 if key not in self.args.only:
                     continue
+                if key == "l" and self.args.changelog and not changelog_on(self.eng):
+                    await self.stop_engine()  # the opt-in precise latency: changelog on
+                    await self.start_engine(changelog=True)
                 eng = self.eng or await self.start_engine()
                 assert eng.proc is not None
                 async with py_spy(eng.proc.pid, self.args.py_spy, phase.__name__):
@@ -1249,33 +1458,35 @@ class PersonifyBench:
         await self.after_failure(r)
 
     async def latency(self, eng: Personify) -> None:
-        """Open-loop single-event POSTs; again at half the rate managed if overloaded."""
+        """Open-loop single-event POSTs at each ``--rate``, on the same engine."""
         a = self.args
         results = self.out.setdefault("latency", [])
-        rate, duration, prefix = a.rate, a.duration, "l-"
-        while True:
+        for k, rate in enumerate(a.rate):
+            every = a.sample_every or max(1, round(rate / a.probes_per_s))
+            chlog = changelog_on(eng)
             print(
-                f"\n[latency] {rate:g} single-event POSTs/s for {duration:g} s, open loop, "
-                "a new visitor each",
+                f"\n[latency] {rate:g} single-event POSTs/s for {a.duration:g} s, open loop, "
+                f"a new visitor each{' (changelog on)' if chlog else ''}",
                 flush=True,
             )
             lat = await run_latency(
                 eng,
                 self.session,
                 rate,
-                duration,
-                prefix,
-                sample_every=a.sample_every,
+                a.duration,
+                f"l{k}-",
+                sample_every=every,
                 poll_ms=a.poll_ms,
+                get_budget=a.get_budget or max(100.0, rate / 10),
+                changelog=chlog,
             )
-            print_latency(lat, a.sample_every, a.poll_ms)
+            print_latency(lat)
             results.append(lat.as_dict())
-            if not lat.overloaded or prefix != "l-":
-                return
-            # Again at half of what the engine managed (202s, or profiles if those lagged).
-            managed = min(lat.accepted_rate, max(lat.applied_rate, lat.drain_rate))
-            rate = max(50.0, 50 * round(managed / 2 / 50))
-            duration, prefix = max(5.0, duration / 2), "l2-"
+            if lat.caught_up_s is None and k + 1 < len(a.rate):
+                reason = eng.crash_reason() or "no agent crash logged"
+                print(f"  (a backlog is left: {reason}; restarting Personify)", flush=True)
+                await self.stop_engine()
+                eng = await self.start_engine(changelog=chlog)
 
 
 async def bench_personify(
@@ -1303,21 +1514,35 @@ def print_summary(out: dict[str, Any], rows: list[Row], elapsed: float) -> None:
         if r.note:
             print(f"{'':<42}{r.note[:160]}")
     for lat in out.get("latency", []):
-        g, c, p = lat["ack_to_get_ms"], lat["ack_to_changelog_ms"], lat["scheduled_to_202_ms"]
-        state = "OVERLOADED: " if lat["overloaded"] else ""
-        print(
-            f"latency @ {lat['offered_rate']:g}/s ({state}{lat['accepted_rate']:,.0f} 202/s, "
-            f"{lat['applied_rate']:,.0f} applied/s): "
-            f"send->202 p50 {p['p50']:.0f} p99 {p['p99']:.0f} ms | 202->profile GET p50 "
-            f"{g['p50']:.1f} p99 {g['p99']:.1f} max {g['max']:.1f} ms | 202->changelog p50 "
-            f"{c['p50']:.1f} p99 {c['p99']:.1f} max {c['max']:.1f} ms"
+        g, lo, p = (
+            lat["ack_to_get_ms"],
+            lat["ack_to_get_lower_bound_ms"],
+            lat["scheduled_to_202_ms"],
         )
+        state = f"OVERLOADED: {lat['overloaded']}" if lat["overloaded"] else "keeping up"
+        chlog = ", changelog on" if lat["changelog"] else ""
+        print(
+            f"latency @ {lat['offered_rate']:g}/s{chlog}: {lat['accepted_rate']:,.0f} accepted/s, "
+            f"{lat['applied_rate']:,.0f} applied/s (/metrics): {state}"
+        )
+        print(
+            f"  send->202 p50 {p['p50']:.1f} p99 {p['p99']:.1f} max {p['max']:.1f} ms | "
+            f"202->profile p50 {g['p50']:.1f} p99 {g['p99']:.1f} max {g['max']:.1f} ms "
+            f"(GET-polled 1 in {lat['sample_every']}, n={g['n']}, every >={lat['poll_ms']:g} ms, "
+            f"{lat['get_rate']:,.0f} GETs/s; lower bound p50 {lo['p50']:.1f} p99 {lo['p99']:.1f})"
+        )
+        if lat["changelog"]:
+            c = lat["ack_to_changelog_ms"]
+            print(
+                f"  202->changelog write, every event (changelog on): p50 {c['p50']:.1f} "
+                f"p99 {c['p99']:.1f} max {c['max']:.1f} ms (n={c['n']:,})"
+            )
     for i, p in enumerate(out.get("personify", [])):
         print(
             f"personify #{i + 1}: peak RSS {p['peak_rss_kb'] / 1024:.0f} MiB (+ its broker "
             f"{p['broker_peak_rss_kb'] / 1024:.0f} MiB); applied {p['applied_total']:,.0f}, "
             f"duplicates {p['duplicates']:.0f}, rejected {p['rejected']:.0f}, "
-            f"exit code {p['exit_code']}"
+            f"exit code {p['exit_code']}{' (changelog on)' if p.get('changelog') else ''}"
         )
     best = max((r.rate for r in rows if r.goal), default=None)
     if best is not None:
