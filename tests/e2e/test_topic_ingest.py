@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from personify.engine.models import format_ts
+from personify.engine.publisher import partition_for
 
 
 def _total(profile: dict[str, Any]) -> int:
@@ -22,7 +27,10 @@ async def _produce(engine: Any, *messages: tuple[bytes | None, bytes]) -> None:
         await producer.stop()
 
 
-async def _dead_letters(engine: Any, want: int) -> list[dict[str, Any]]:
+async def _dead_letters(
+    engine: Any, want: int, match: Callable[[dict[str, Any]], bool] = lambda d: True
+) -> list[dict[str, Any]]:
+    """Read events-dlq from the start until ``want`` records satisfy ``match`` (or 20 s)."""
     consumer = AIOKafkaConsumer(
         "events-dlq",
         bootstrap_servers=engine.broker,
@@ -36,7 +44,7 @@ async def _dead_letters(engine: Any, want: int) -> list[dict[str, Any]]:
         for _ in range(200):
             batch = await consumer.getmany(timeout_ms=100)
             found += [json.loads(r.value) for rs in batch.values() for r in rs]
-            if len(found) >= want:
+            if sum(1 for d in found if match(d)) >= want:
                 break
     finally:
         await consumer.stop()
@@ -92,7 +100,16 @@ async def test_invalid_topic_events_go_to_dead_letter_topic(engine: Any, uid: st
         (None, json.dumps(batch).encode()),
     )
     engine.wait_profile(uid, lambda p: p["counts"].get("page_view") == 1)
-    letters = await _dead_letters(engine, 3)
+
+    def from_this_test(d: dict[str, Any]) -> bool:
+        event = d["event"]
+        if isinstance(event, str):
+            return event.startswith("{not json")
+        return event.get("user_id") == uid or (
+            event.get("type") == "page_view" and "user_id" not in event
+        )
+
+    letters = [d for d in await _dead_letters(engine, 3, from_this_test) if from_this_test(d)]
     mine = [d for d in letters if isinstance(d["event"], dict) and d["event"].get("user_id") == uid]
     assert {d["field"] for d in mine} == {"type"}
     assert "teleport" in mine[0]["error"]
@@ -100,4 +117,56 @@ async def test_invalid_topic_events_go_to_dead_letter_topic(engine: Any, uid: st
     assert no_id, letters
     malformed = [d for d in letters if "malformed JSON" in d["error"]]
     assert malformed and malformed[0]["event"].startswith("{not json")
+    assert len(letters) >= 3
     assert all({"topic", "partition", "offset"} <= set(d["source"]) for d in letters)
+
+
+async def test_event_that_cannot_be_applied_is_dead_lettered_alone(engine: Any, uid: str) -> None:
+    """A routed event the profile cannot take goes to events-dlq; its neighbours still count."""
+    now = int(time.time() * 1000)
+
+    def routed(event_id: str, etype: str, props: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "event_id": event_id,
+            "type": etype,
+            "user_id": uid,
+            "anonymous_id": None,
+            "item_id": "i-1",
+            "ts": format_ts(now),
+            "ts_ms": now,
+            "properties": props,
+        }
+
+    batch = [
+        routed(f"{uid}-ok-1", "page_view", {}),
+        routed(f"{uid}-bad", "add_to_cart", {}),  # no quantity: never passes validation
+        routed(f"{uid}-ok-2", "product_view", {}),
+    ]
+    producer = AIOKafkaProducer(bootstrap_servers=engine.broker)
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            "events-routed", json.dumps(batch).encode(), partition=partition_for(uid, 4)
+        )
+    finally:
+        await producer.stop()
+    p = engine.wait_profile(uid, lambda p: sum(p["counts"].values()) == 2)
+    assert p["counts"] == {"page_view": 1, "product_view": 1}
+
+    def is_mine(d: dict[str, Any]) -> bool:
+        return isinstance(d["event"], dict) and d["event"].get("event_id") == f"{uid}-bad"
+
+    letters = await _dead_letters(engine, 1, is_mine)
+    mine = [
+        d
+        for d in letters
+        if isinstance(d["event"], dict) and d["event"].get("event_id") == f"{uid}-bad"
+    ]
+    assert mine and "cannot apply" in mine[0]["error"]
+    # the agent is still alive and applies later events
+    assert (
+        engine.post_events([{"type": "search", "user_id": uid, "properties": {"query": "x"}}])[0]
+        == 202
+    )
+    engine.wait_profile(uid, lambda p: p["counts"].get("search") == 1)
