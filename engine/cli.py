@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import os
 import signal
 import sys
@@ -88,6 +89,10 @@ def _run_worker(config: Config, broker_url: str, broker_epoch: str) -> int:
 
     app = configure(config, broker_url, broker_epoch)
     app.discover()
+    # Profiles are acyclic and the agent keeps many alive (its cache): frequent full cyclic
+    # collections over them cost more than they free. Collect rarely; modules never change.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
 
     class _Worker(Worker):  # type: ignore[misc] # Faust is untyped
         def __init__(self, *args: Any, **kwargs: Any) -> None:
