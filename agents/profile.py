@@ -26,9 +26,7 @@ __all__ = ["Folded", "fold_batch", "profile_agent"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
-_store = profiles.ProfileStore(
-    profiles.table(), changelog=_cfg.changelog_enabled, cache_size=_cfg.profiles.cache_size
-)
+_store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(_cfg.topics.routed)
 _dead_letter = topic(_cfg.topics.dead_letter)
 
@@ -68,16 +66,13 @@ class Folded:
     applied: int = 0
     skipped: int = 0
     onward: list[Event] = field(default_factory=list)
-    writes: list[tuple[str, profiles.Profile]] = field(default_factory=list)
+    writes: list[tuple[bytes, bytes]] = field(default_factory=list)
     failed: list[tuple[Event, str]] = field(default_factory=list)
 
 
-def _fold_user(key: str, state: profiles.Profile, evs: list[Event], out: Folded) -> None:
-    """Fold one visitor's events into ``state`` (in place); record the outcome in ``out``.
-
-    Raises:
-        Exception: an event cannot be applied (``state`` is then half-changed).
-    """
+def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bool:
+    """Fold one visitor's events; append to ``out``. Raises if an event cannot be applied."""
+    state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
     changed = False
     todo: list[Event] = []
     onward: list[Event] = []
@@ -112,10 +107,11 @@ def _fold_user(key: str, state: profiles.Profile, evs: list[Event], out: Folded)
             )
     n = profiles.apply_events(state, todo, _cfg.profiles)
     if n or changed:
-        out.writes.append((key, state))
+        out.writes.append((key.encode(), profiles.encode(state)))
     out.applied += n
     out.skipped += len(todo) - n
     out.onward.extend(onward)
+    return True
 
 
 def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]) -> Folded:
@@ -132,22 +128,16 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
     for e in events:
         by_user.setdefault(event_key(e), []).append(e)
     out = Folded()
-    keys = list(by_user)
-    for key, state in zip(keys, store.load_many(partition, keys), strict=True):
-        evs = by_user[key]
+    stored = store.get_many(partition, [key.encode() for key in by_user])
+    for (key, evs), raw in zip(by_user.items(), stored, strict=True):
         try:
-            _fold_user(key, state if state is not None else profiles.new_profile(key), evs, out)
+            _fold_user(key, raw, evs, out)
         except Exception:
-            # Find the culprits one by one, each try on a fresh copy of the stored profile.
-            store.forget(key)
-
-            def fresh(key: str = key) -> profiles.Profile:
-                return store.read(partition, key) or profiles.new_profile(key)
-
+            # Find the culprits one by one; the state is rebuilt from the stored value.
             good: list[Event] = []
             for e in evs:
                 try:
-                    _fold_user(key, fresh(), [*good, e], Folded())
+                    _fold_user(key, raw, [*good, e], Folded())
                 except Exception as exc:
                     _log.warning(
                         "event cannot be applied",
@@ -158,7 +148,7 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
                     out.failed.append((e, f"cannot apply event: {exc!r}"))
                 else:
                     good.append(e)
-            _fold_user(key, fresh(), good, out)
+            _fold_user(key, raw, good, out)
     return out
 
 

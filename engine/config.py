@@ -150,7 +150,6 @@ class ProfilesConfig:
     affinity_half_life_s: float = 7 * 86400.0
     frequency_window_s: float = 7 * 86400.0
     dedup_window: int = 1000
-    cache_size: int = 20000
     engagement_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
 
 
@@ -298,8 +297,6 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
         )
-    if section == "profiles" and obj.cache_size < 0:
-        raise ConfigError(f"{source}: [profiles] cache_size: expected >= 0, got {obj.cache_size}")
     if section == "worker" and obj.fetch_max_wait_ms < 0:
         raise ConfigError(
             f"{source}: [worker] fetch_max_wait_ms: expected >= 0, got {obj.fetch_max_wait_ms}"

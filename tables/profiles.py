@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -346,80 +345,35 @@ class ProfileStore:
             `Config.changelog_enabled`).
     """
 
-    def __init__(self, tbl: Any, *, changelog: bool = True, cache_size: int = 0) -> None:
+    def __init__(self, tbl: Any, *, changelog: bool = True) -> None:
         self.table = tbl
         self.changelog = changelog
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Profile] = OrderedDict()
-        self._generation = -1
 
     def _db(self, partition: int) -> Any:
         # The store keeps one RocksDB database per partition.
         return self.table.data._db_for_partition(partition)
 
-    def _valid_cache(self) -> OrderedDict[str, Profile]:
-        # A rebalance may move partitions (and restore them from the changelog): start afresh.
-        generation = app.rebalancing_count
-        if generation != self._generation:
-            self._cache.clear()
-            self._generation = generation
-        return self._cache
+    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        """Read the profiles of ``keys`` (all of ``partition``) in one call."""
+        values: list[bytes | None] = self._db(partition).get(keys)
+        return values
 
-    def load_many(self, partition: int, keys: list[str]) -> list[Profile | None]:
-        """The profiles of ``keys`` (all of ``partition``), decoded; None for new visitors.
-
-        The caller may change the returned profiles in place and must then either write them
-        with `put_many` or `forget` them.
-        """
-        cache = self._valid_cache()
-        found: list[Profile | None] = []
-        missing: list[int] = []
-        for i, key in enumerate(keys):
-            state = cache.get(key)
-            if state is not None:
-                cache.move_to_end(key)
-            else:
-                missing.append(i)
-            found.append(state)
-        if missing:
-            raws = self._db(partition).get([keys[i].encode() for i in missing])
-            for i, raw in zip(missing, raws, strict=True):
-                found[i] = decode(raw) if raw is not None else None
-        return found
-
-    def read(self, partition: int, key: str) -> Profile | None:
-        """The stored profile of ``key``, decoded afresh (bypassing the cache)."""
-        raw = self._db(partition).get(key.encode())
-        return decode(raw) if raw is not None else None
-
-    def forget(self, key: str) -> None:
-        """Drop ``key`` from the cache (after changing it in place without writing it)."""
-        self._cache.pop(key, None)
-
-    async def put_many(self, partition: int, states: list[tuple[str, Profile]]) -> None:
-        """Write profiles of ``partition``: changelog first, then RocksDB, then the cache."""
-        if not states:
+    async def put_many(self, partition: int, items: list[tuple[bytes, bytes]]) -> None:
+        """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB."""
+        if not items:
             return
-        items = [(key.encode(), encode(state)) for key, state in states]
         last_offset = await self._send_changelog(partition, items) if self.changelog else None
         batch = WriteBatch(raw_mode=True)
-        for bkey, value in items:
-            batch.put(bkey, value)
+        for key, value in items:
+            batch.put(key, value)
         store = self.table.data
         # RocksDB releases the GIL: the write overlaps with the event loop's other work.
         await asyncio.to_thread(self._db(partition).write, batch)
-        for bkey, _value in items:
-            store._key_index[bkey] = partition  # lets reads outside the agent find the key
+        for key, _value in items:
+            store._key_index[key] = partition  # lets reads outside the agent find the key
         if last_offset is not None:
             topic_name = self.table.changelog_topic.get_topic_name()
             store.set_persisted_offset(TP(topic_name, partition), last_offset)
-        if self.cache_size:
-            cache = self._valid_cache()
-            for key, state in states:
-                cache[key] = state
-                cache.move_to_end(key)
-            while len(cache) > self.cache_size:
-                cache.popitem(last=False)
 
     async def _send_changelog(self, partition: int, items: list[tuple[bytes, bytes]]) -> int:
         """Send the changelog records; return the offset of the last one once acknowledged."""
