@@ -50,6 +50,8 @@ class Publisher:
         self.ready = asyncio.Event()
         #: Journal records below this were replayed at start.
         self.replayed_until = 0
+        self._queue: list[tuple[list[Event], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Future[None] | None = None
 
     def group(self, events: Iterable[Event]) -> dict[int, list[Event]]:
         """Group events by partition, keeping their order."""
@@ -59,9 +61,43 @@ class Publisher:
         return groups
 
     async def publish(self, events: list[Event]) -> None:
-        """Publish ``events``; return once the broker has them (and the journal, if any)."""
+        """Publish ``events``; return once the broker has them (and the journal, if any).
+
+        Concurrent calls are coalesced: while one flush waits for the disk and the broker,
+        the events of the callers arriving meanwhile gather and go out together in the next
+        one (one journal append, one message per partition). Under light load a call is
+        flushed on the next turn of the event loop, so nothing waits for a timer.
+        """
         if not events:
             return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((events, done))
+        if self._flusher is None:
+            self._flusher = asyncio.ensure_future(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue:
+                await asyncio.sleep(0)  # let callers of this same turn join the batch
+                batch, self._queue = self._queue, []
+                try:
+                    await self._publish_now([e for events, _done in batch for e in events])
+                except BaseException as exc:
+                    cancelled = isinstance(exc, asyncio.CancelledError)
+                    for _events, done in batch:
+                        if not done.done():
+                            done.cancel() if cancelled else done.set_exception(exc)
+                    if cancelled:
+                        raise
+                else:
+                    for _events, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+        finally:
+            self._flusher = None
+
+    async def _publish_now(self, events: list[Event]) -> None:
         records = [
             (p, orjson.dumps(group[i : i + MAX_EVENTS_PER_MESSAGE]))
             for p, group in self.group(events).items()
