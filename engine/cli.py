@@ -89,8 +89,8 @@ def _run_worker(config: Config, broker_url: str, broker_epoch: str) -> int:
 
     app = configure(config, broker_url, broker_epoch)
     app.discover()
-    # Profiles are acyclic and the agent keeps many alive (its cache): frequent full cyclic
-    # collections over them cost more than they free. Collect rarely; modules never change.
+    # The agents allocate many short-lived, acyclic objects (events, profiles): collect cyclic
+    # garbage rarely, and never rescan what start-up created (modules, the app).
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
 
