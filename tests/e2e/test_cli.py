@@ -1,0 +1,63 @@
+"""The command line: clear errors for bad configuration and for a data directory in use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PERSONIFY = str(Path(sys.executable).with_name("personify"))
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PERSONIFY, *args], capture_output=True, text=True, timeout=60, check=False, cwd=cwd
+    )
+
+
+def test_unknown_config_key_names_file_and_key(tmp_path: Path) -> None:
+    """A misspelt key stops the start (exit 2), naming the file, the key and the known keys."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("[server]\nprot = 9000\n")
+    result = _run("run", "--config", str(cfg), "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{cfg}: unknown key [server] prot" in result.stderr
+    assert "port" in result.stderr
+
+
+def test_bad_value_names_expected_and_got(tmp_path: Path) -> None:
+    """A value of the wrong type says what was expected and what was found."""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[broker]\npartitions = "four"\n')
+    result = _run("run", "--config", str(cfg), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "[broker] partitions: expected an integer, got 'four'" in result.stderr
+
+
+def test_worker_refuses_the_embedded_broker(tmp_path: Path) -> None:
+    """`personify worker` needs an external broker and says how to get one process instead."""
+    result = _run("worker", "--data-dir", str(tmp_path / "d"), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "kafka://host:port" in result.stderr and "personify run" in result.stderr
+
+
+def test_data_directory_in_use_is_refused(engine: Any, tmp_path: Path) -> None:
+    """A second engine on a running engine's data directory stops with a clear message."""
+    result = _run("run", "--data-dir", str(engine.data_dir), "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "is in use by another Personify process" in result.stderr
+
+
+def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
+    """/metrics has agent lag, request latency histograms and accepted events by source."""
+    assert engine.post_events([{"type": "page_view", "user_id": uid}])[0] == 202
+    engine.wait_profile(uid, lambda p: p["counts"] == {"page_view": 1})
+    status, text = engine.request("GET", "/metrics")
+    assert status == 200
+    assert 'personify_agent_lag{agent="profile",partition=' in text
+    assert (
+        'personify_http_request_seconds_bucket{le="0.005",method="POST",route="/v1/events"' in text
+    )
+    assert 'personify_events_accepted_total{source="http"}' in text
+    assert "personify_events_applied_total" in text
