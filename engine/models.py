@@ -28,9 +28,11 @@ __all__ = [
     "ITEM_EVENT_TYPES",
     "SCHEMA_VERSION",
     "Event",
+    "Item",
     "event_key",
     "format_ts",
     "validate_event",
+    "validate_item",
 ]
 
 SCHEMA_VERSION: Final = 1
@@ -139,22 +141,24 @@ def _quantity(props: Mapping[str, Any], field: str, value: Any) -> int:
     return value
 
 
-def _text(props: Mapping[str, Any], name: str, limit: int, *, required: bool) -> str | None:
+def _text(
+    props: Mapping[str, Any], name: str, limit: int, *, required: bool, prefix: str = "properties."
+) -> str | None:
     value = props.get(name)
     if value is None:
         if required:
-            raise ValidationError(f"properties.{name}", "required for this event type")
+            raise ValidationError(
+                f"{prefix}{name}", "required" if not prefix else "required for this event type"
+            )
         return None
     if not isinstance(value, str):
-        raise ValidationError(
-            f"properties.{name}", f"expected a string, got {type(value).__name__}"
-        )
+        raise ValidationError(f"{prefix}{name}", f"expected a string, got {type(value).__name__}")
     if len(value) > limit:
         raise ValidationError(
-            f"properties.{name}", f"expected at most {limit} characters, got {len(value)}"
+            f"{prefix}{name}", f"expected at most {limit} characters, got {len(value)}"
         )
     if required and not value.strip():
-        raise ValidationError(f"properties.{name}", "must not be empty")
+        raise ValidationError(f"{prefix}{name}", "must not be empty")
     return value
 
 
@@ -342,3 +346,73 @@ def event_key(event: Mapping[str, Any]) -> str:
     key = event.get("user_id") or event.get("anonymous_id")
     assert isinstance(key, str)
     return key
+
+
+#: A normalised catalog item (see `validate_item`).
+Item = dict[str, Any]
+
+_ITEM_FIELDS: Final = frozenset(
+    {"item_id", "title", "description", "category", "price", "tags", "in_stock", "attributes"}
+)
+
+
+def validate_item(obj: Any, cfg: EventsConfig) -> Item:
+    """Validate one catalog item and return its normalised form.
+
+    The wire format is ``{"item_id", "title", "description", "category", "price", "tags",
+    "in_stock", "attributes"}``: ``item_id`` and ``title`` are required; ``category`` is a path
+    like ``"outdoor/jackets"`` (normalised without empty or surrounding slashes); ``tags`` is a
+    list of strings (duplicates dropped, order kept); ``in_stock`` defaults to true;
+    ``attributes`` holds anything else.
+
+    Raises:
+        ValidationError: naming the field and the reason.
+    """
+    if not isinstance(obj, dict):
+        raise ValidationError("", f"expected a JSON object, got {type(obj).__name__}")
+    unknown = obj.keys() - _ITEM_FIELDS
+    if unknown:
+        raise ValidationError(sorted(unknown)[0], "unknown field; put extra data under attributes")
+    item_id = _opt_id(obj, "item_id", cfg.max_id_length)
+    if item_id is None:
+        raise ValidationError("item_id", "required")
+    title = _text(obj, "title", cfg.max_string_length, required=True, prefix="")
+    description = _text(obj, "description", cfg.max_string_length, required=False, prefix="") or ""
+    raw_category = obj.get("category")
+    if raw_category is not None and not isinstance(raw_category, str):
+        raise ValidationError("category", f"expected a path like a/b, got {raw_category!r}")
+    category = "/".join(p.strip() for p in (raw_category or "").split("/") if p.strip())
+    if len(category) > cfg.max_string_length:
+        raise ValidationError("category", f"expected at most {cfg.max_string_length} characters")
+    price = obj.get("price")
+    if price is not None and (
+        isinstance(price, bool)
+        or not isinstance(price, int | float)
+        or not math.isfinite(price)
+        or price < 0
+    ):
+        raise ValidationError("price", f"expected a number >= 0, got {price!r}")
+    tags = obj.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) and t for t in tags):
+        raise ValidationError("tags", f"expected a list of non-empty strings, got {tags!r}")
+    if len(tags) > cfg.max_list_length:
+        raise ValidationError(
+            "tags", f"expected at most {cfg.max_list_length} tags, got {len(tags)}"
+        )
+    in_stock = obj.get("in_stock", True)
+    if not isinstance(in_stock, bool):
+        raise ValidationError("in_stock", f"expected true or false, got {in_stock!r}")
+    attributes = obj.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise ValidationError("attributes", f"expected an object, got {type(attributes).__name__}")
+    _check_sizes(attributes, "attributes", cfg)
+    return {
+        "item_id": item_id,
+        "title": title,
+        "description": description,
+        "category": category or None,
+        "price": None if price is None else float(price),
+        "tags": list(dict.fromkeys(tags)),
+        "in_stock": in_stock,
+        "attributes": attributes,
+    }
