@@ -107,9 +107,7 @@ def test_invalid_items_name_the_field(obj: Any, field: str) -> None:
     )
 )
 def test_validation_only_raises_validation_errors(obj: dict[str, Any]) -> None:
-    """Whatever the input, validate_item returns an item or raises ValidationError, and a
-    normalised item validates to itself.
-    """
+    """Any input gives an item or a ValidationError; a normalised item validates to itself."""
     try:
         item = validate_item(obj, CFG)
     except ValidationError:
