@@ -147,6 +147,7 @@ class ProfilesConfig:
     session_gap_s: float = 1800.0
     recent_items: int = 50
     recent_searches: int = 20
+    max_cart_items: int = 200
     affinity_half_life_s: float = 7 * 86400.0
     frequency_window_s: float = 7 * 86400.0
     dedup_window: int = 1000
@@ -267,6 +268,7 @@ _POSITIVE = {
     "profiles.session_gap_s",
     "profiles.recent_items",
     "profiles.recent_searches",
+    "profiles.max_cart_items",
     "profiles.affinity_half_life_s",
     "profiles.frequency_window_s",
     "profiles.dedup_window",

@@ -187,10 +187,13 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
         _add_affinity(p, category, weight, ts, cfg)
 
     if etype == "add_to_cart":
-        line = p["cart"].setdefault(item_id, {"quantity": 0, "price": None, "added_at": ts})
+        cart = p["cart"]
+        line = cart.setdefault(item_id, {"quantity": 0, "price": None, "added_at": ts})
         line["quantity"] += props["quantity"]
         if props.get("price") is not None:
             line["price"] = float(props["price"])
+        if len(cart) > cfg.max_cart_items:  # the line added longest ago leaves
+            del cart[min(cart, key=lambda k: cart[k]["added_at"])]
     elif etype == "remove_from_cart":
         line = p["cart"].get(item_id)
         if line is not None:

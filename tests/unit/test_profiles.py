@@ -554,3 +554,18 @@ def test_late_events_take_their_place_in_recent_lists(event_factory: EventFactor
     assert [r["item_id"] for r in v["recent_items"]] == ["new", "mid", "old"]
     assert v["recent_items"][0]["ts"] == "2026-11-22T10:00:02.000Z"
     assert [s["query"] for s in v["recent_searches"]] == ["later", "earlier"]
+
+
+def test_cart_is_bounded(event_factory: EventFactory) -> None:
+    """Past max_cart_items the line added longest ago leaves the cart."""
+    cfg = ProfilesConfig(max_cart_items=3)
+    p = fold(
+        [event_factory("add_to_cart", T0 + i, item_id=f"i{i}") for i in range(5)]
+        + [event_factory("add_to_cart", T0 + 9, item_id="i3")],
+        cfg,
+    )
+    assert [line["item_id"] for line in view(p, cfg, T0 + 10)["cart"]["items"]] == [
+        "i2",
+        "i3",
+        "i4",
+    ]
