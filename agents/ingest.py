@@ -21,7 +21,7 @@ from personify.engine.metrics import AGENT_LAG, EVENTS_ACCEPTED, EVENTS_REJECTED
 from personify.engine.models import Event, validate_event
 from personify.engine.retry import until_done
 
-__all__ = ["ingest_agent", "parse_message"]
+__all__ = ["dead_letter", "ingest_agent", "parse_message", "send_dead_letter"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
@@ -29,13 +29,16 @@ _events = topic(_cfg.topics.events)
 _dead_letter = topic(_cfg.topics.dead_letter)
 
 
-def _dead(error: str, field: str, source: dict[str, Any], original: Any) -> bytes:
+def dead_letter(
+    error: str, field: str, source: dict[str, Any], original: Any, *, what: str = "event"
+) -> bytes:
+    """A dead-letter record: reason, field, source, and the input under ``what``."""
     return orjson.dumps(
         {
             "error": error,
             "field": field,
             "source": source,
-            "event": original,
+            what: original,
             "rejected_at": int(time.time() * 1000),
         }
     )
@@ -51,7 +54,7 @@ def parse_message(
         obj = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raw = value.decode("utf-8", "replace")[:10000]
-        dead.append(("malformed", _dead(f"malformed JSON: {exc}", "", source, raw)))
+        dead.append(("malformed", dead_letter(f"malformed JSON: {exc}", "", source, raw)))
         return valid, dead
     batch = obj.get("events") if isinstance(obj, dict) and "type" not in obj else None
     items = batch if isinstance(batch, list) else [obj]
@@ -62,11 +65,14 @@ def parse_message(
             valid.append(validate_event(item, _cfg.events, now_ms))
         except ValidationError as exc:
             where = {**source, "index": i}
-            dead.append((rejection_reason(exc.field), _dead(exc.reason, exc.field, where, item)))
+            dead.append(
+                (rejection_reason(exc.field), dead_letter(exc.reason, exc.field, where, item))
+            )
     return valid, dead
 
 
-async def _send_dead(record: bytes) -> None:
+async def send_dead_letter(record: bytes) -> None:
+    """Send a record to the dead-letter topic; return once the broker has it."""
     await (await _dead_letter.send(value=record, force=True))
 
 
@@ -92,7 +98,7 @@ async def ingest_agent(stream: Any) -> None:
         EVENTS_ACCEPTED.labels("topic").inc(len(valid))
         for reason, record in dead:
             EVENTS_REJECTED.labels("topic", reason).inc()
-            await until_done("dead-letter send", functools.partial(_send_dead, record))
+            await until_done("dead-letter send", functools.partial(send_dead_letter, record))
         last = batch[-1].message
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:

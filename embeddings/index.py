@@ -168,6 +168,10 @@ class VectorIndex(Protocol):
         """The stored (unit-length) vector of ``item_id``, or None."""
         ...
 
+    def vectors(self, item_ids: Sequence[str]) -> tuple[list[str], Vector]:
+        """The stored vectors of those of ``item_ids`` present, in order."""
+        ...
+
     def search(self, query: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()) -> list[Hit]:
         """The ``k`` best hits for one query vector, best first, skipping ``exclude``."""
         ...
@@ -435,6 +439,15 @@ class FaissIndex:
         """The ids held, in no particular order."""
         with self._lock:
             return list(self._key_to_int)
+
+    def vectors(self, item_ids: Sequence[str]) -> tuple[list[str], Vector]:
+        """The stored vectors of those of ``item_ids`` present (in order), under one lock."""
+        with self._lock:
+            found = [i for i in item_ids if i in self._key_to_int]
+            rows = np.empty((len(found), self._dim), dtype=np.float32)
+            for n, item_id in enumerate(found):
+                rows[n] = self._index.reconstruct(self._key_to_int[item_id])
+            return found, rows
 
     def vector(self, item_id: str) -> Vector | None:
         """The stored (unit-length) vector of ``item_id``, or None when absent."""

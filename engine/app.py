@@ -26,6 +26,7 @@ __all__ = [
     "check_journal",
     "configure",
     "current_config",
+    "items_publisher",
     "publisher",
     "tables_exist",
     "topic",
@@ -39,7 +40,8 @@ class PersonifyApp(faust.App):  # type: ignore[misc] # Faust is untyped
 
     personify_config: Config | None = None
     personify_fetch_max_wait_ms: int = 10
-    personify_tables_existed: bool = False
+    #: Table name -> whether the data directory held it at start.
+    personify_tables_existed: dict[str, bool] = {}  # noqa: RUF012 # set per process in configure
     #: Distinguishes broker lifetimes in ids derived from offsets ("k": a durable cluster).
     personify_broker_epoch: str = "k"
 
@@ -65,7 +67,7 @@ def configure(config: Config, broker_url: str, broker_epoch: str = "k") -> Perso
     app.personify_config = config
     app.personify_fetch_max_wait_ms = w.fetch_max_wait_ms
     app.personify_broker_epoch = broker_epoch
-    app.personify_tables_existed = tables_exist(config)
+    app.personify_tables_existed = {t: tables_exist(config, t) for t in _JOURNALS.values()}
     # The app id names the consumer group and changelog topics; Faust takes it from the
     # constructor's defaults, which configure() replaces here.
     app._default_options = (w.app_id, app._default_options[1])
@@ -107,21 +109,26 @@ def _tables_dir(config: Config) -> Path:
     return config.data_path / "faust"
 
 
-def tables_exist(config: Config) -> bool:
-    """Whether the data directory already holds tables (from an earlier run)."""
-    return any(_tables_dir(config).rglob("profiles-*.db"))
+def tables_exist(config: Config, table: str = "profiles") -> bool:
+    """Whether the data directory already holds ``table`` (from an earlier run)."""
+    return any(_tables_dir(config).rglob(f"{table}-*.db"))
+
+
+#: Journal directory (under the data directory) -> the table its records are applied to.
+_JOURNALS = {"journal": "profiles", "journal-items": "items"}
 
 
 def check_journal(config: Config) -> None:
-    """Fail early, with the fix, when the journal cannot tell what the tables hold.
+    """Fail early, with the fix, when a journal cannot tell what the tables hold.
 
     Raises:
         JournalError: see `Journal.replay_start`.
     """
     if config.journal_enabled:
-        Journal(config.data_path / "journal").replay_start(
-            tables_exist(config), _tables_dir(config)
-        )
+        for directory, table in _JOURNALS.items():
+            Journal(config.data_path / directory).replay_start(
+                tables_exist(config, table), _tables_dir(config)
+            )
 
 
 def current_config() -> Config:
@@ -151,48 +158,68 @@ def topic(name: str) -> Any:
     )
 
 
+def _journal(cfg: Config, directory: str) -> Journal | None:
+    if not cfg.journal_enabled:
+        return None
+    return Journal(
+        cfg.data_path / directory,
+        fsync=cfg.storage.journal_fsync,
+        segment_bytes=cfg.storage.journal_segment_bytes,
+    )
+
+
 @functools.cache
 def publisher() -> Publisher:
     """The process's publisher of routed events (with the journal when it is enabled)."""
     cfg = current_config()
-    journal = None
-    if cfg.journal_enabled:
-        journal = Journal(
-            cfg.data_path / "journal",
-            fsync=cfg.storage.journal_fsync,
-            segment_bytes=cfg.storage.journal_segment_bytes,
-        )
-    return Publisher(topic(cfg.topics.routed), cfg.broker.partitions, journal)
+    return Publisher(topic(cfg.topics.routed), cfg.broker.partitions, _journal(cfg, "journal"))
+
+
+@functools.cache
+def items_publisher() -> Publisher:
+    """The process's publisher of catalog changes (with their own journal when enabled)."""
+    cfg = current_config()
+    return Publisher(topic(cfg.topics.items), cfg.broker.partitions, _journal(cfg, "journal-items"))
+
+
+def _publishers() -> list[tuple[Publisher, str]]:
+    return [(publisher(), "profiles"), (items_publisher(), "items")]
 
 
 class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
-    """Opens the journal and replays its tail on start; saves and closes it on stop."""
+    """Opens the journals and replays their tails on start; saves and closes them on stop."""
 
     async def on_start(self) -> None:
-        pub = publisher()
-        if pub.journal is not None:
-            pub.journal.open()
+        for pub, _table in _publishers():
+            if pub.journal is not None:
+                pub.journal.open()
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _replay(self) -> None:
         cfg = current_config()
-        pub = publisher()
         await app.producer.maybe_start()
-        await pub.topic.maybe_declare()
         await topic(cfg.topics.dead_letter).maybe_declare()
-        if pub.journal is not None:
-            start = pub.journal.replay_start(app.personify_tables_existed, _tables_dir(cfg))
-            count = await pub.replay(start)
-            _log.info("journal ready", replayed=count, next_seq=pub.journal.next_seq)
-        pub.ready.set()
-        while not self.should_stop and pub.journal is not None:
+        journals = []
+        for pub, table in _publishers():
+            await pub.topic.maybe_declare()
+            if pub.journal is not None:
+                existed = app.personify_tables_existed.get(table, False)
+                start = pub.journal.replay_start(existed, _tables_dir(cfg))
+                count = await pub.replay(start)
+                _log.info(
+                    "journal ready", table=table, replayed=count, next_seq=pub.journal.next_seq
+                )
+                journals.append(pub.journal)
+            pub.ready.set()
+        while not self.should_stop and journals:
             await self.sleep(1.0)
-            pub.journal.save_checkpoint()
+            for journal in journals:
+                journal.save_checkpoint()
 
     async def on_stop(self) -> None:
-        pub = publisher()
-        if pub.journal is not None:
-            pub.journal.close()
+        for pub, _table in _publishers():
+            if pub.journal is not None:
+                pub.journal.close()
 
 
 def start_services() -> None:

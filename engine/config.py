@@ -25,10 +25,13 @@ from personify.engine.errors import ConfigError
 
 __all__ = [
     "BrokerConfig",
+    "CatalogConfig",
     "Config",
+    "EmbeddingsConfig",
     "EventsConfig",
     "LoggingConfig",
     "ProfilesConfig",
+    "RecommendConfig",
     "ServerConfig",
     "StorageConfig",
     "TopicsConfig",
@@ -37,6 +40,16 @@ __all__ = [
 ]
 
 ENV_PREFIX = "PERSONIFY_"
+
+#: Blend weights of the candidate sources (see [recommend.weights] in config.toml).
+DEFAULT_BLEND: dict[str, float] = {
+    "covisit": 1.0,
+    "copurchase": 1.0,
+    "content": 0.5,
+    "chat": 2.0,
+    "trending": 0.2,
+    "category": 0.3,
+}
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "page_view": 0.5,
@@ -124,6 +137,7 @@ class TopicsConfig:
     events: str = "events"
     routed: str = "events-routed"
     dead_letter: str = "events-dlq"
+    items: str = "items"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +169,68 @@ class ProfilesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CatalogConfig:
+    """The item catalog."""
+
+    #: Items per request of POST /v1/items.
+    max_batch: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingsConfig:
+    """Text embeddings (items and chat) and the vector index."""
+
+    #: Texts encoded per model call.
+    batch_size: int = 64
+    #: Load the model when the engine starts rather than on the first item or chat message.
+    preload: bool = True
+    #: The index is exact below this many items and HNSW from there on.
+    hnsw_threshold: int = 10_000
+    hnsw_m: int = 32
+    ef_search: int = 64
+    #: How often the index is snapshotted to disk while items change (seconds).
+    snapshot_interval_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RecommendConfig:
+    """Collaborative signals and ranking."""
+
+    default_k: int = 10
+    max_k: int = 100
+    #: An item a visitor interacts with is paired with this many of their previous items.
+    covisit_window: int = 5
+    #: The pair's weight falls with distance d in the visitor's sequence as d ** -power ...
+    covisit_distance_power: float = 0.5
+    #: ... and halves for every this many seconds between the two interactions.
+    covisit_gap_half_life_s: float = 3600.0
+    #: Normalisation of a pair count c(a, b): c / (n(a) ** alpha * n(b) ** (1 - alpha));
+    #: 0.5 is the cosine, 1 the share of a's pairs.
+    covisit_alpha: float = 0.5
+    #: Neighbours kept per item in the co-visitation and co-purchase tables.
+    neighbours: int = 100
+    #: Co-visitation and co-purchase counts halve every this many seconds.
+    signal_half_life_s: float = 30 * 86400.0
+    #: Changed signal rows are written to the table at this interval (and on stop).
+    signal_flush_interval_s: float = 5.0
+    #: Trending scores halve every this many seconds.
+    trending_half_life_s: float = 86400.0
+    #: Items kept in each trending list (global and per category).
+    trending_size: int = 500
+    #: Recent items of the visitor that seed candidates ...
+    seeds: int = 10
+    #: ... the newest counts fully, and a seed's weight halves every this many items back.
+    seed_half_life: float = 2.0
+    #: Candidates taken from each seed's row and from each other source before blending.
+    candidates: int = 50
+    #: The chat text vector halves every this many seconds (a new message counts fully).
+    chat_half_life_s: float = 3600.0
+    #: At most this many recommendations from one category (0: no limit).
+    max_per_category: int = 0
+    weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BLEND))
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """Structured logs."""
 
@@ -173,6 +249,9 @@ class Config:
     topics: TopicsConfig = field(default_factory=TopicsConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
+    embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
+    recommend: RecommendConfig = field(default_factory=RecommendConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -204,8 +283,8 @@ class Config:
         changes: dict[str, Any] = {}
         for name, values in sections.items():
             current = getattr(self, name)
-            if name == "profiles":
-                values = _merge_weights(values, self.source)
+            if name in ("profiles", "recommend"):
+                values = _merge_weights(values, self.source, name)
             changes[name] = _build(type(current), {**_asdict(current), **values}, self.source, name)
         return dataclasses.replace(self, **changes)
 
@@ -275,6 +354,25 @@ _POSITIVE = {
     "worker.commit_interval_s",
     "worker.ingest_batch",
     "storage.journal_segment_bytes",
+    "catalog.max_batch",
+    "embeddings.batch_size",
+    "embeddings.hnsw_threshold",
+    "embeddings.hnsw_m",
+    "embeddings.ef_search",
+    "embeddings.snapshot_interval_s",
+    "recommend.default_k",
+    "recommend.max_k",
+    "recommend.covisit_window",
+    "recommend.covisit_gap_half_life_s",
+    "recommend.seed_half_life",
+    "recommend.neighbours",
+    "recommend.signal_half_life_s",
+    "recommend.trending_half_life_s",
+    "recommend.signal_flush_interval_s",
+    "recommend.trending_size",
+    "recommend.seeds",
+    "recommend.candidates",
+    "recommend.chat_half_life_s",
 }
 
 
@@ -299,6 +397,26 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
         )
+    if section == "recommend":
+        if not 0.0 <= obj.covisit_alpha <= 1.0:
+            raise ConfigError(
+                f"{source}: [recommend] covisit_alpha: expected 0-1, got {obj.covisit_alpha}"
+            )
+        if obj.covisit_distance_power < 0:
+            raise ConfigError(
+                f"{source}: [recommend] covisit_distance_power: expected >= 0, "
+                f"got {obj.covisit_distance_power}"
+            )
+        if obj.max_per_category < 0:
+            raise ConfigError(
+                f"{source}: [recommend] max_per_category: expected >= 0 (0: no limit), "
+                f"got {obj.max_per_category}"
+            )
+        for name, weight in obj.weights.items():
+            if weight < 0:
+                raise ConfigError(
+                    f"{source}: [recommend.weights] {name}: expected >= 0, got {weight}"
+                )
     if section == "worker" and obj.fetch_max_wait_ms < 0:
         raise ConfigError(
             f"{source}: [worker] fetch_max_wait_ms: expected >= 0, got {obj.fetch_max_wait_ms}"
@@ -306,17 +424,28 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
     return obj
 
 
-def _merge_weights(values: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Engagement weights given are merged over the defaults (the others keep theirs)."""
-    weights = values.get("engagement_weights")
+def _merge_weights(values: Mapping[str, Any], source: str, section: str) -> dict[str, Any]:
+    """Weights given are merged over the defaults (the others keep theirs)."""
+    name, defaults = (
+        ("engagement_weights", DEFAULT_WEIGHTS)
+        if section == "profiles"
+        else ("weights", DEFAULT_BLEND)
+    )
+    weights = values.get(name)
     if weights is None:
         return dict(values)
     if not isinstance(weights, Mapping):
         raise ConfigError(
-            f"{source}: [profiles] engagement_weights: expected a table of event type = weight, "
-            f"got {weights!r}"
+            f"{source}: [{section}] {name}: expected a table of name = weight, got {weights!r}"
         )
-    return {**values, "engagement_weights": {**DEFAULT_WEIGHTS, **weights}}
+    if section == "recommend":
+        unknown = set(weights) - set(DEFAULT_BLEND)
+        if unknown:
+            raise ConfigError(
+                f"{source}: [recommend.weights] {sorted(unknown)[0]}: unknown source; "
+                f"known: {', '.join(sorted(DEFAULT_BLEND))}"
+            )
+    return {**values, name: {**defaults, **weights}}
 
 
 def _parse_env_value(text: str) -> Any:
@@ -384,7 +513,7 @@ def load_config(
                 f"known sections: {', '.join(sorted(sections))}"
             )
         cls = typing.get_type_hints(Config)[section]
-        if section == "profiles":
-            values = _merge_weights(values, source)
+        if section in ("profiles", "recommend"):
+            values = _merge_weights(values, source, section)
         built[section] = _build(cls, values, source, section)
     return Config(**built, source=source)

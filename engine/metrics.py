@@ -6,10 +6,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "AGENT_LAG",
+    "CATALOG_ITEMS",
     "EVENTS_ACCEPTED",
     "EVENTS_APPLIED",
     "EVENTS_DUPLICATE",
     "EVENTS_REJECTED",
+    "ITEMS_ENCODED",
+    "ITEMS_REJECTED",
     "REGISTRY",
     "REQUEST_LATENCY",
     "rejection_reason",
@@ -41,6 +44,22 @@ AGENT_LAG = Gauge(
     "personify_agent_lag",
     "Messages between an agent's position and the partition's high-water mark.",
     ["agent", "partition"],
+    registry=REGISTRY,
+)
+CATALOG_ITEMS = Gauge(
+    "personify_catalog_items",
+    "Items in this worker's catalog view and vector index.",
+    registry=REGISTRY,
+)
+ITEMS_ENCODED = Counter(
+    "personify_items_encoded",
+    "Item texts embedded by the model (cache misses; unchanged items are never re-encoded).",
+    registry=REGISTRY,
+)
+ITEMS_REJECTED = Counter(
+    "personify_items_rejected",
+    "Catalog items rejected (sent to the dead-letter topic), by source.",
+    ["source"],
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

@@ -119,6 +119,8 @@ def _opt_id(obj: Mapping[str, Any], name: str, limit: int) -> str | None:
         raise ValidationError(name, f"expected a string, got {type(value).__name__}")
     if not value or len(value) > limit:
         raise ValidationError(name, f"expected 1-{limit} characters, got {len(value)}")
+    if value[0] < " ":
+        raise ValidationError(name, "must not start with a control character")
     return value
 
 

@@ -12,11 +12,15 @@ retry and a journal replay therefore never count an event twice.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from hashlib import blake2b
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 from faust.types import TP
 from rocksdict import WriteBatch
@@ -28,11 +32,15 @@ from personify.engine.models import Event, format_ts
 __all__ = [
     "LINK",
     "MERGE",
+    "VECTOR_KEY",
     "Profile",
     "ProfileStore",
     "apply_events",
+    "bytes_table",
+    "chat_vector",
     "decode",
     "encode",
+    "id_digest",
     "merge",
     "new_profile",
     "snapshot",
@@ -46,6 +54,9 @@ Profile = dict[str, Any]
 MERGE = "$merge"
 #: Internal event telling an anonymous visitor's profile which user it now belongs to.
 LINK = "$link"
+
+#: An event may carry its text's embedding under this key while it is folded (never stored).
+VECTOR_KEY = "_vector"
 
 _HOUR_MS = 3_600_000
 #: Session intervals kept exactly (late events are placed among them); older ones are counted.
@@ -161,7 +172,37 @@ def _session(p: Profile, ts: int, cfg: ProfilesConfig) -> None:
         del sessions[: len(sessions) - _MAX_SESSIONS]
 
 
-def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
+def _add_chat(p: Profile, vector: Any, ts: int, half_life_s: float) -> None:
+    """Fold a chat message's unit vector into the visitor's decayed chat vector."""
+    new = np.asarray(vector, dtype=np.float32)
+    chat = p.get("chat")
+    if chat is None:
+        total, ref = new, ts
+    else:
+        old = np.frombuffer(base64.b64decode(chat["v"]), dtype=np.float32)
+        ref = max(ts, chat["ts"])
+        total = old * math.pow(0.5, (ref - chat["ts"]) / (half_life_s * 1000.0)) + new * math.pow(
+            0.5, (ref - ts) / (half_life_s * 1000.0)
+        )
+    p["chat"] = {
+        "v": base64.b64encode(total.astype(np.float32).tobytes()).decode(),
+        "ts": ref,
+        "n": (chat or {}).get("n", 0) + 1,
+    }
+
+
+def chat_vector(p: Profile, now_ms: int, half_life_s: float) -> npt.NDArray[np.float32] | None:
+    """The visitor's chat vector decayed to ``now_ms`` (its length says how recent), or None."""
+    chat = p.get("chat")
+    if chat is None:
+        return None
+    vec = np.frombuffer(base64.b64decode(chat["v"]), dtype=np.float32)
+    scale = math.pow(0.5, max(now_ms - chat["ts"], 0) / (half_life_s * 1000.0))
+    out: npt.NDArray[np.float32] = (vec * scale).astype(np.float32)
+    return out
+
+
+def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig, chat_half_life_s: float = 3600.0) -> None:
     etype: str = e["type"]
     ts: int = e["ts_ms"]
     props: dict[str, Any] = e["properties"]
@@ -212,6 +253,8 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
             cat = line.get("category", category)
             if isinstance(cat, str):
                 _add_affinity(p, cat, weight, ts, cfg)
+    elif etype == "chat_message" and e.get(VECTOR_KEY) is not None:
+        _add_chat(p, e[VECTOR_KEY], ts, chat_half_life_s)
     elif etype == "search":
         entry: dict[str, Any] = {"query": props["query"], "ts": ts}
         if props.get("filters"):
@@ -224,19 +267,47 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig) -> None:
         p["hours"] = {h: v for h, v in p["hours"].items() if int(h) >= horizon}
 
 
-def apply_events(p: Profile, events: Iterable[Event], cfg: ProfilesConfig) -> int:
-    """Fold ``events`` into profile ``p`` in place; return how many were new (not duplicates)."""
-    seen_list: list[str] = p["seen"]
+def id_digest(event_id: str) -> int:
+    """The 64-bit digest under which a profile remembers an applied event id.
+
+    Fixed-size digests keep a profile's dedup memory small whatever the ids look like; with
+    1,000 ids remembered, a collision is about as likely as 1 in 10^13.
+    """
+    return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def apply_events(
+    p: Profile,
+    events: Iterable[Event],
+    cfg: ProfilesConfig,
+    *,
+    observe: Callable[[Profile, Event], None] | None = None,
+    chat_half_life_s: float = 3600.0,
+) -> int:
+    """Fold ``events`` into profile ``p`` in place; return how many were new (not duplicates).
+
+    Args:
+        p: the profile.
+        events: the events, in order.
+        cfg: the [profiles] settings.
+        observe: called with the profile and each new event just before it is applied (the
+            collaborative signals are derived there).
+        chat_half_life_s: how fast the chat vector fades (chat events carry their vector under
+            `VECTOR_KEY`).
+    """
+    seen_list: list[int] = p["seen"]
     seen = set(seen_list)
     applied = 0
     for e in events:
-        eid = e["event_id"]
+        eid = id_digest(e["event_id"])
         if eid in seen:
             continue
         if e["type"] == MERGE:
             merge(p, e["properties"]["profile"], cfg)
         else:
-            _apply_one(p, e, cfg)
+            if observe is not None:
+                observe(p, e)
+            _apply_one(p, e, cfg, chat_half_life_s)
         seen.add(eid)
         seen_list.append(eid)
         applied += 1
@@ -310,6 +381,22 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
     }
 
 
+def bytes_table(name: str, help: str) -> Any:
+    """A RocksDB-backed Faust table of raw bytes, with the topics' partition count."""
+    cfg = current_config()
+    tbl = app.Table(
+        name,
+        default=None,
+        partitions=cfg.broker.partitions,
+        key_type=bytes,
+        value_type=bytes,
+        help=help,
+    )
+    tbl.key_serializer = "raw"
+    tbl.value_serializer = "raw"
+    return tbl
+
+
 @functools.cache
 def table() -> Any:
     """The Faust profiles table, RocksDB- and changelog-backed.
@@ -317,18 +404,7 @@ def table() -> Any:
     It is co-partitioned with the routed events topic: the profile agent is its only writer
     (through `ProfileStore`); the API reads it.
     """
-    cfg = current_config()
-    tbl = app.Table(
-        "profiles",
-        default=None,
-        partitions=cfg.broker.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help="Live visitor profiles, keyed by user id.",
-    )
-    tbl.key_serializer = "raw"
-    tbl.value_serializer = "raw"
-    return tbl
+    return bytes_table("profiles", "Live visitor profiles, keyed by user id.")
 
 
 class ProfileStore:
@@ -361,24 +437,33 @@ class ProfileStore:
         values: list[bytes | None] = self._db(partition).get(keys)
         return values
 
-    async def put_many(self, partition: int, items: list[tuple[bytes, bytes]]) -> None:
-        """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB."""
+    async def put_many(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> None:
+        """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB.
+
+        A value of None deletes the key (a tombstone in the changelog).
+        """
         if not items:
             return
         last_offset = await self._send_changelog(partition, items) if self.changelog else None
         batch = WriteBatch(raw_mode=True)
         for key, value in items:
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
         store = self.table.data
         # RocksDB releases the GIL: the write overlaps with the event loop's other work.
         await asyncio.to_thread(self._db(partition).write, batch)
-        for key, _value in items:
-            store._key_index[key] = partition  # lets reads outside the agent find the key
+        for key, value in items:
+            if value is None:
+                store._key_index.pop(key, None)
+            elif key[:1] != b"\x00":  # lets reads outside the agent find the key
+                store._key_index[key] = partition
         if last_offset is not None:
             topic_name = self.table.changelog_topic.get_topic_name()
             store.set_persisted_offset(TP(topic_name, partition), last_offset)
 
-    async def _send_changelog(self, partition: int, items: list[tuple[bytes, bytes]]) -> int:
+    async def _send_changelog(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> int:
         """Send the changelog records; return the offset of the last one once acknowledged."""
         producer = app.producer._ensure_producer()  # Faust's started aiokafka producer
         topic_name = self.table.changelog_topic.get_topic_name()
@@ -389,13 +474,13 @@ class ProfileStore:
         for key, value in items:
             if builder.append(key=key, value=value, timestamp=None) is None:
                 if n == 0:
-                    raise ValueError(f"profile {key!r} of {len(value)} bytes exceeds a batch")
+                    raise ValueError(f"record {key!r} of {len(value or b'')} bytes exceeds a batch")
                 futures.append(await producer.send_batch(builder, topic_name, partition=partition))
                 counts.append(n)
                 builder = producer.create_batch()
                 n = 0
                 if builder.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"profile {key!r} of {len(value)} bytes exceeds a batch")
+                    raise ValueError(f"record {key!r} of {len(value or b'')} bytes exceeds a batch")
             n += 1
         futures.append(await producer.send_batch(builder, topic_name, partition=partition))
         counts.append(n)
@@ -455,3 +540,6 @@ def merge(into: Profile, other: Profile, cfg: ProfilesConfig) -> None:
     for anon in other["anonymous_ids"]:
         if anon not in into["anonymous_ids"]:
             into["anonymous_ids"] = [*into["anonymous_ids"], anon][-20:]
+    chat = other.get("chat")
+    if chat is not None and (into.get("chat") is None or chat["ts"] > into["chat"]["ts"]):
+        into["chat"] = dict(chat)

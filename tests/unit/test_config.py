@@ -383,3 +383,29 @@ def test_data_path_is_absolute(tmp_path: Path) -> None:
     cfg = Config().replace(storage={"data_dir": str(tmp_path / "a" / ".." / "d")})
     assert cfg.data_path == (tmp_path / "d").resolve()
     assert cfg.data_path.is_absolute()
+
+
+def test_recommend_weights_merge_over_defaults(config_file: ConfigFile) -> None:
+    """[recommend.weights] given in part keeps the defaults of the other sources."""
+    cfg = load_config(config_file("[recommend.weights]\nchat = 5.0\n"), environ={})
+    assert cfg.recommend.weights["chat"] == 5.0
+    assert cfg.recommend.weights["covisit"] == Config().recommend.weights["covisit"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[recommend.weights]\npopularity = 1.0\n", r"\[recommend.weights\] popularity: unknown"),
+        ("[recommend.weights]\nchat = -1.0\n", r"\[recommend.weights\] chat: expected >= 0"),
+        ("[recommend]\ncovisit_alpha = 1.5\n", r"\[recommend\] covisit_alpha: expected 0-1"),
+        ("[recommend]\nmax_per_category = -1\n", r"\[recommend\] max_per_category: expected >= 0"),
+        ("[recommend]\nseeds = 0\n", r"\[recommend\] seeds: expected a value > 0"),
+        ("[embeddings]\nhnsw_threshold = 0\n", r"\[embeddings\] hnsw_threshold: expected"),
+    ],
+)
+def test_recommend_and_embeddings_settings_are_checked(
+    config_file: ConfigFile, text: str, message: str
+) -> None:
+    """Ranking and index settings out of range fail with the section, key and expectation."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(config_file(text), environ={})
