@@ -129,12 +129,130 @@ _PROFILE = {
     },
 }
 
+_ITEM = {
+    "type": "object",
+    "required": ["item_id", "title"],
+    "description": "A catalog item. Re-sending an item replaces it.",
+    "properties": {
+        "item_id": {"type": "string", "maxLength": 256},
+        "title": {"type": "string"},
+        "description": {"type": "string"},
+        "category": {
+            "type": ["string", "null"],
+            "description": "A path like outdoor/jackets; parents count too.",
+        },
+        "price": {"type": ["number", "null"], "minimum": 0},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "in_stock": {
+            "type": "boolean",
+            "default": True,
+            "description": "Out-of-stock items are never recommended.",
+        },
+        "attributes": {"type": "object", "description": "Anything else, kept as given."},
+    },
+    "additionalProperties": False,
+}
+
+_REASON = {
+    "type": "object",
+    "required": ["kind"],
+    "description": "Why an item is recommended: similar_to (item_id: an item the visitor "
+    "viewed, seen together with it or close in content), bought_together (item_id: an item "
+    "the visitor bought or has in the cart), matches_chat (the visitor's chat messages), "
+    "trending (category: where it is trending; null for the whole shop), popular (a catalog "
+    "item offered when there is no signal yet).",
+    "properties": {
+        "kind": {
+            "type": "string",
+            "enum": ["similar_to", "bought_together", "matches_chat", "trending", "popular"],
+        },
+        "item_id": {"type": "string"},
+        "category": {"type": ["string", "null"]},
+    },
+}
+
+_RECOMMENDATIONS = {
+    "type": "object",
+    "required": ["recommendation_id", "items"],
+    "properties": {
+        "recommendation_id": {
+            "type": "string",
+            "description": "Send it back with impression and click events to attribute them.",
+        },
+        "user_id": {"type": "string"},
+        "item_id": {"type": "string"},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["item_id", "score", "reasons"],
+                "properties": {
+                    "item_id": {"type": "string"},
+                    "score": {"type": "number", "description": "Blended score, best first."},
+                    "reasons": {"type": "array", "items": {"$ref": "#/components/schemas/Reason"}},
+                },
+            },
+        },
+    },
+}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _path(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+_K = _query(
+    "k", {"type": "integer", "minimum": 1}, "How many items ([recommend] default_k; at most max_k)."
+)
+_LIST_PARAMS = [
+    _K,
+    _query("category", {"type": "string"}, "Only items in this category path or below it."),
+    _query("exclude", {"type": "string"}, "Comma-separated item ids never to return."),
+    _query(
+        "max_per_category",
+        {"type": "integer", "minimum": 0},
+        "At most this many items of one category (0: no limit; default [recommend] "
+        "max_per_category).",
+    ),
+]
+
+
+def _json(schema_ref: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema_ref}"}}},
+    }
+
+
+_ITEMS_WRITE_RESPONSES = {
+    "202": _json(
+        "ItemsAccepted",
+        "The valid items are durable and will be applied; invalid ones are listed in rejected.",
+    ),
+    "400": _err("Malformed JSON."),
+    "413": _err("Body larger than [events] max_body_bytes or more than [catalog] max_batch items."),
+    "415": _err("Content-Type is not application/json."),
+    "422": _json("ItemsAccepted", "No item was valid; each rejection names the field."),
+    "503": _err("The engine is starting or the broker did not acknowledge."),
+}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
         "title": "Personify",
         "version": "1",
-        "description": "Real-time personalization engine: events in, live profiles out.",
+        "description": "Real-time personalization engine: events and catalog in; live "
+        "profiles and explained recommendations out.",
     },
     "paths": {
         "/v1/events": {
@@ -212,6 +330,98 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/users/{user_id}/recommendations": {
+            "get": {
+                "summary": "What this visitor should see next, and why",
+                "description": "Blends co-visitation with the visitor's recent items, items "
+                "bought together with theirs, content similarity (items and chat), and trending "
+                "items; skips what they bought, have in the cart or just viewed, out-of-stock "
+                "and deleted items. A visitor never seen gets trending items.",
+                "parameters": [
+                    _path("user_id"),
+                    *_LIST_PARAMS,
+                    _query(
+                        "context_item",
+                        {"type": "string"},
+                        "The item on screen: seeds the list first.",
+                    ),
+                ],
+                "responses": {
+                    "200": _json("Recommendations", "The list, best first."),
+                    "400": _err("A query parameter is invalid (field names it)."),
+                },
+            }
+        },
+        "/v1/items": {
+            "post": {
+                "summary": "Add or replace one item or a batch",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "oneOf": [
+                                    {"$ref": "#/components/schemas/Item"},
+                                    {
+                                        "type": "object",
+                                        "required": ["items"],
+                                        "properties": {
+                                            "items": {
+                                                "type": "array",
+                                                "items": {"$ref": "#/components/schemas/Item"},
+                                            }
+                                        },
+                                    },
+                                ]
+                            }
+                        }
+                    },
+                },
+                "responses": _ITEMS_WRITE_RESPONSES,
+            }
+        },
+        "/v1/items/{item_id}": {
+            "get": {
+                "summary": "One catalog item",
+                "parameters": [_path("item_id")],
+                "responses": {
+                    "200": _json("Item", "The item as stored."),
+                    "404": _err("No such item."),
+                },
+            },
+            "put": {
+                "summary": "Add or replace the item",
+                "parameters": [_path("item_id")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Item"}}
+                    },
+                },
+                "responses": _ITEMS_WRITE_RESPONSES,
+            },
+            "delete": {
+                "summary": "Remove the item from the catalog, the index and every list",
+                "parameters": [_path("item_id")],
+                "responses": {
+                    "202": {"description": "The delete is durable and will be applied."},
+                    "503": _err("The engine is starting or the broker did not acknowledge."),
+                },
+            },
+        },
+        "/v1/items/{item_id}/similar": {
+            "get": {
+                "summary": "Items like this one",
+                "description": "Seen together with it, bought together with it, and close to "
+                "it in content.",
+                "parameters": [_path("item_id"), *_LIST_PARAMS],
+                "responses": {
+                    "200": _json("Recommendations", "The list, best first."),
+                    "400": _err("A query parameter is invalid (field names it)."),
+                    "404": _err("No such item in the catalog."),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Readiness",
@@ -241,6 +451,32 @@ OPENAPI: dict[str, Any] = {
             "Error": _ERROR,
             "Event": _EVENT,
             "Profile": _PROFILE,
+            "Item": _ITEM,
+            "Reason": _REASON,
+            "Recommendations": _RECOMMENDATIONS,
+            "ItemsAccepted": {
+                "type": "object",
+                "required": ["accepted", "rejected", "item_ids"],
+                "properties": {
+                    "accepted": {"type": "integer"},
+                    "item_ids": {"type": "array", "items": {"type": "string"}},
+                    "rejected": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["index", "error", "field"],
+                            "properties": {
+                                "index": {"type": "integer"},
+                                "error": {"type": "string"},
+                                "field": {"type": "string"},
+                            },
+                        },
+                    },
+                    "error": {"type": "string"},
+                    "field": {"type": "string"},
+                    "detail": {"type": "string"},
+                },
+            },
             "EventsAccepted": {
                 "type": "object",
                 "required": ["accepted", "rejected"],

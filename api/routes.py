@@ -19,9 +19,10 @@ from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY, rejection_reason
 from personify.engine.models import Event, validate_event
+from personify.engine.publisher import Publisher
 from personify.tables import profiles
 
-__all__ = ["HTTP_CLIENT", "routes"]
+__all__ = ["FORWARDED", "HTTP_CLIENT", "forward", "not_ready", "owner_url", "read_json", "routes"]
 
 routes = web.RouteTableDef()
 #: The client session used to forward requests to other workers.
@@ -29,8 +30,9 @@ HTTP_CLIENT = web.AppKey("http_client", aiohttp.ClientSession)
 _log = get_logger(__name__)
 
 
-def _not_ready() -> web.Response | None:
-    if not publisher().ready.is_set():
+def not_ready(pub: Publisher | None = None) -> web.Response | None:
+    """A 503 while ``pub`` (default: the events publisher) has not replayed its journal yet."""
+    if not (pub or publisher()).ready.is_set():
         return json_error(503, "the engine is starting", "", "retry in a moment; see GET /healthz")
     return None
 
@@ -47,19 +49,22 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-@routes.post("/v1/events")
-async def post_events(request: web.Request) -> web.Response:
-    """Accept one event or ``{"events": [...]}``; 202 once the broker has the valid ones."""
-    cfg = current_config().events
+async def read_json(request: web.Request, what: str) -> Any:
+    """The request's JSON body, or the 4xx response that says why there is none.
+
+    Args:
+        request: the request.
+        what: what the body should hold, for the error's hint ("the events").
+    """
+    limit = current_config().events.max_body_bytes
     ctype = request.content_type
     if ctype != "application/json":
         return json_error(
             415,
             f"expected Content-Type application/json, got {ctype or 'none'}",
             "Content-Type",
-            "send the events as a JSON body",
+            f"send {what} as a JSON body",
         )
-    limit = cfg.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         return json_error(
             413,
@@ -76,9 +81,18 @@ async def post_events(request: web.Request) -> web.Response:
             "split the batch; the limit is [events] max_body_bytes",
         )
     try:
-        doc = orjson.loads(body)
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         return json_error(400, f"malformed JSON: {exc}", "body", "send one JSON object")
+
+
+@routes.post("/v1/events")
+async def post_events(request: web.Request) -> web.Response:
+    """Accept one event or ``{"events": [...]}``; 202 once the broker has the valid ones."""
+    cfg = current_config().events
+    doc = await read_json(request, "the events")
+    if isinstance(doc, web.Response):
+        return doc
     if isinstance(doc, dict) and "events" in doc and "type" not in doc:
         items = doc["events"]
         if not isinstance(items, list):
@@ -105,9 +119,9 @@ async def post_events(request: web.Request) -> web.Response:
             "body",
             "see GET /v1/openapi.json",
         )
-    not_ready = _not_ready()
-    if not_ready is not None:
-        return not_ready
+    starting = not_ready()
+    if starting is not None:
+        return starting
 
     now_ms = int(time.time() * 1000)
     valid: list[Event] = []
@@ -151,7 +165,7 @@ async def post_events(request: web.Request) -> web.Response:
 FORWARDED = "X-Personify-Forwarded"
 
 
-def _owner_url(key: str) -> str | None:
+def owner_url(key: str) -> str | None:
     """The API URL of the worker that owns ``key``'s partition, or None when it is us."""
     try:
         url = str(faust_app.router.key_store("profiles", key.encode())).rstrip("/")
@@ -161,7 +175,8 @@ def _owner_url(key: str) -> str | None:
     return None if url == own else url
 
 
-async def _forward(request: web.Request, owner: str) -> web.Response:
+async def forward(request: web.Request, owner: str) -> web.Response:
+    """Answer ``request`` with what the worker at ``owner`` answers to it."""
     session: aiohttp.ClientSession = request.app[HTTP_CLIENT]
     try:
         async with session.get(owner + request.rel_url.path_qs, headers={FORWARDED: "1"}) as resp:
@@ -181,9 +196,9 @@ async def get_user(request: web.Request) -> web.Response:
     """The visitor's live profile (forwarded to the worker that owns it, with several)."""
     user_id = request.match_info["user_id"]
     if FORWARDED not in request.headers:
-        owner = _owner_url(user_id)
+        owner = owner_url(user_id)
         if owner is not None:
-            return await _forward(request, owner)
+            return await forward(request, owner)
     raw = profiles.table().get(user_id.encode())
     if raw is None:
         return json_error(

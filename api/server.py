@@ -10,6 +10,7 @@ import aiohttp
 import mode
 from aiohttp import web
 
+from personify.api.items import item_routes
 from personify.api.routes import HTTP_CLIENT, routes
 from personify.api.schemas import json_error
 from personify.engine.app import app as faust_app
@@ -49,6 +50,7 @@ def build_app() -> web.Application:
     """The aiohttp application with every route of the API."""
     web_app = web.Application(middlewares=[_errors_and_timing])
     web_app.add_routes(routes)
+    web_app.add_routes(item_routes)
     web_app.cleanup_ctx.append(_http_client)
     return web_app
 

@@ -1,9 +1,10 @@
-"""The ``personify`` command: ``run`` (one process, embedded broker by default) and ``worker``.
+"""The ``personify`` command: ``run``, ``worker`` and ``items import``.
 
 ``personify run`` starts the embedded broker when ``[broker] url = "embedded"``, then the
 Faust worker with its agents, tables and the HTTP API, all in this process. ``personify
 worker`` runs the same worker against an external ``kafka://`` cluster; start several and
-they share the partitions.
+they share the partitions. ``personify items import FILE`` loads a catalog file into a
+running engine over HTTP (see `personify.engine.importer`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import argparse
 import fcntl
 import gc
+import importlib
 import os
+import pkgutil
 import signal
 import sys
 import uuid
@@ -49,7 +52,58 @@ def _parser() -> argparse.ArgumentParser:
             choices=["debug", "info", "warning", "error"],
             help="overrides [logging] level",
         )
+    _add_items_parser(sub)
     return parser
+
+
+def _add_items_parser(sub: Any) -> None:
+    """``personify items import FILE``: load a catalog file into a running engine."""
+    items = sub.add_parser("items", help="manage the item catalog of a running engine")
+    items_sub = items.add_subparsers(dest="items_command", required=True, metavar="ACTION")
+    help_text = "load a catalog file (CSV or JSON Lines) into a running engine over HTTP"
+    cmd = items_sub.add_parser("import", help=help_text, description=help_text)
+    cmd.add_argument("file", metavar="FILE", help="the catalog: .csv, .jsonl, .ndjson, .json-lines")
+    cmd.add_argument("--config", metavar="FILE", help="config file (default: ./config.toml)")
+    cmd.add_argument("--url", help="the engine's address (default: [server] host and port)")
+    cmd.add_argument(
+        "--batch", type=_batch_size, default=500, metavar="N", help="items per request (1-1000)"
+    )
+    cmd.add_argument(
+        "--restart", action="store_true", help="start from the first row, not where it stopped"
+    )
+    cmd.add_argument(
+        "--format", choices=["csv", "jsonl"], help="the file's format (default: by extension)"
+    )
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"expected 1-1000 items per request, got {text!r}")
+    return value
+
+
+def _cmd_items(args: argparse.Namespace) -> int:
+    from personify.engine.importer import import_command
+
+    try:
+        config = load_config(args.config)
+        return import_command(
+            config,
+            args.file,
+            url=args.url,
+            batch=args.batch,
+            restart=args.restart,
+            fmt=args.format,
+        )
+    except PersonifyError as exc:
+        print(f"personify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -88,6 +142,11 @@ def _run_worker(config: Config, broker_url: str, broker_epoch: str) -> int:
     from personify.engine.app import configure
 
     app = configure(config, broker_url, broker_epoch)
+    # Import every agent and API module first: Faust's discovery only logs an import error
+    # and would start a worker without them.
+    for package in ("personify.agents", "personify.api"):
+        for module in pkgutil.iter_modules(importlib.import_module(package).__path__):
+            importlib.import_module(f"{package}.{module.name}")
     app.discover()
     # The agents allocate many short-lived, acyclic objects (events, profiles): collect cyclic
     # garbage rarely, and never rescan what start-up created (modules, the app).
@@ -150,6 +209,8 @@ def _cmd_run(config: Config, *, require_external: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the ``personify`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "items":
+        sys.exit(_cmd_items(args))
     try:
         config = _load(args)
         configure_logging(config.logging)

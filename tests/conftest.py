@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 PERSONIFY = str(Path(sys.executable).with_name("personify"))
 START_TIMEOUT_S = 90.0
@@ -127,6 +128,51 @@ class Engine:
     def profile(self, user_id: str) -> tuple[int, Any]:
         return self.request("GET", f"/v1/users/{user_id}")
 
+    def wait_for(self, check: Callable[[], Any], timeout: float = 60.0, what: str = "it") -> Any:
+        """Poll ``check`` until it returns something truthy; fail with the last value."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            last = check()
+            if last:
+                return last
+            time.sleep(0.1)
+        raise AssertionError(f"{what} never held; last: {last!r}")
+
+    # -- Kafka -----------------------------------------------------------------------
+    async def produce(self, topic: str, *messages: tuple[bytes | None, bytes]) -> None:
+        """Write ``(key, value)`` messages to ``topic`` on the engine's broker."""
+        producer = AIOKafkaProducer(bootstrap_servers=self.broker)
+        await producer.start()
+        try:
+            for key, value in messages:
+                await producer.send_and_wait(topic, value, key=key)
+        finally:
+            await producer.stop()
+
+    async def dead_letters(
+        self, want: int, match: Callable[[dict[str, Any]], bool] = lambda d: True
+    ) -> list[dict[str, Any]]:
+        """Read events-dlq from the start until ``want`` records satisfy ``match`` (or 30 s)."""
+        consumer = AIOKafkaConsumer(
+            "events-dlq",
+            bootstrap_servers=self.broker,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            fetch_max_wait_ms=50,
+        )
+        await consumer.start()
+        found: list[dict[str, Any]] = []
+        try:
+            for _ in range(300):
+                batch = await consumer.getmany(timeout_ms=100)
+                found += [json.loads(r.value) for rs in batch.values() for r in rs]
+                if sum(1 for d in found if match(d)) >= want:
+                    break
+        finally:
+            await consumer.stop()
+        return found
+
     def wait_profile(
         self, user_id: str, until: Callable[[dict[str, Any]], bool], timeout: float = 30.0
     ) -> dict[str, Any]:
@@ -177,6 +223,26 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
             eng.proc.wait()
         if not eng.log_fh.closed:
             eng.log_fh.close()
+
+
+@pytest.fixture(scope="module")
+def module_engine(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Engine]:
+    """Make an engine shared by the tests of one module (stopped by the caller)."""
+
+    def make(config: str | None = None) -> Engine:
+        root = tmp_path_factory.mktemp("module-engine")
+        cfg_path = None
+        if config is not None:
+            cfg_path = root / "config.toml"
+            cfg_path.write_text(config)
+        return Engine(
+            data_dir=root / "data",
+            port=_free_port(),
+            log_path=root / "engine.log",
+            config=cfg_path,
+        )
+
+    return make
 
 
 @pytest.fixture(scope="session")

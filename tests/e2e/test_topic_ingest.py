@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaProducer
 
 from personify.engine.models import format_ts
 from personify.engine.publisher import partition_for
@@ -15,40 +14,6 @@ from personify.engine.publisher import partition_for
 
 def _total(profile: dict[str, Any]) -> int:
     return sum(profile["counts"].values())
-
-
-async def _produce(engine: Any, *messages: tuple[bytes | None, bytes]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=engine.broker)
-    await producer.start()
-    try:
-        for key, value in messages:
-            await producer.send_and_wait("events", value, key=key)
-    finally:
-        await producer.stop()
-
-
-async def _dead_letters(
-    engine: Any, want: int, match: Callable[[dict[str, Any]], bool] = lambda d: True
-) -> list[dict[str, Any]]:
-    """Read events-dlq from the start until ``want`` records satisfy ``match`` (or 20 s)."""
-    consumer = AIOKafkaConsumer(
-        "events-dlq",
-        bootstrap_servers=engine.broker,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=50,
-    )
-    await consumer.start()
-    found: list[dict[str, Any]] = []
-    try:
-        for _ in range(200):
-            batch = await consumer.getmany(timeout_ms=100)
-            found += [json.loads(r.value) for rs in batch.values() for r in rs]
-            if sum(1 for d in found if match(d)) >= want:
-                break
-    finally:
-        await consumer.stop()
-    return found
 
 
 async def test_single_and_batch_messages_from_kafka(engine: Any, uid: str) -> None:
@@ -65,8 +30,8 @@ async def test_single_and_batch_messages_from_kafka(engine: Any, uid: str) -> No
             {"type": "add_to_cart", "user_id": uid, "item_id": "k1"},
         ]
     }
-    await _produce(
-        engine, (uid.encode(), json.dumps(single).encode()), (None, json.dumps(batch).encode())
+    await engine.produce(
+        "events", (uid.encode(), json.dumps(single).encode()), (None, json.dumps(batch).encode())
     )
     p = engine.wait_profile(uid, lambda p: _total(p) == 3)
     assert p["counts"] == {"product_view": 1, "search": 1, "add_to_cart": 1}
@@ -76,8 +41,8 @@ async def test_single_and_batch_messages_from_kafka(engine: Any, uid: str) -> No
 async def test_redelivered_event_id_counts_once(engine: Any, uid: str) -> None:
     """The same event id sent twice (over Kafka and over HTTP) is applied once."""
     event = {"event_id": f"dup-{uid}", "type": "page_view", "user_id": uid}
-    await _produce(
-        engine,
+    await engine.produce(
+        "events",
         (uid.encode(), json.dumps(event).encode()),
         (uid.encode(), json.dumps(event).encode()),
     )
@@ -93,8 +58,8 @@ async def test_invalid_topic_events_go_to_dead_letter_topic(engine: Any, uid: st
     """Invalid events from the topic land in events-dlq with the reason; valid ones still count."""
     bad_type = {"type": "teleport", "user_id": uid}
     batch = {"events": [{"type": "page_view", "user_id": uid}, {"type": "page_view"}]}
-    await _produce(
-        engine,
+    await engine.produce(
+        "events",
         (None, b"{not json"),
         (None, json.dumps(bad_type).encode()),
         (None, json.dumps(batch).encode()),
@@ -109,7 +74,7 @@ async def test_invalid_topic_events_go_to_dead_letter_topic(engine: Any, uid: st
             event.get("type") == "page_view" and "user_id" not in event
         )
 
-    letters = [d for d in await _dead_letters(engine, 3, from_this_test) if from_this_test(d)]
+    letters = [d for d in await engine.dead_letters(3, from_this_test) if from_this_test(d)]
     mine = [d for d in letters if isinstance(d["event"], dict) and d["event"].get("user_id") == uid]
     assert {d["field"] for d in mine} == {"type"}
     assert "teleport" in mine[0]["error"]
@@ -157,7 +122,7 @@ async def test_event_that_cannot_be_applied_is_dead_lettered_alone(engine: Any, 
     def is_mine(d: dict[str, Any]) -> bool:
         return isinstance(d["event"], dict) and d["event"].get("event_id") == f"{uid}-bad"
 
-    letters = await _dead_letters(engine, 1, is_mine)
+    letters = await engine.dead_letters(1, is_mine)
     mine = [
         d
         for d in letters

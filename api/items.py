@@ -1,0 +1,289 @@
+"""HTTP handlers: the catalog (items in and out) and recommendations.
+
+Catalog writes go through the items topic (journaled like events) and answer 202 once
+durable; the catalog agent applies them. Recommendations are computed here, in the API
+process, from the local tables and the vector index: no round trip through Kafka.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from personify.agents.catalog import embeddings
+from personify.agents.recommend import Recommender, Request, TableData
+from personify.api.routes import FORWARDED, forward, not_ready, owner_url, read_json
+from personify.api.schemas import Rejection, json_error, json_response
+from personify.engine.app import current_config, items_publisher
+from personify.engine.errors import ValidationError
+from personify.engine.logging import get_logger
+from personify.engine.metrics import ITEMS_REJECTED
+from personify.engine.models import Item, validate_item
+from personify.engine.publisher import MAX_EVENTS_PER_MESSAGE, partition_for
+from personify.tables import catalog as catalog_table
+from personify.tables import profiles
+
+__all__ = ["item_routes", "recommender"]
+
+item_routes = web.RouteTableDef()
+_log = get_logger(__name__)
+
+
+@functools.cache
+def _table_data() -> TableData:
+    cfg = current_config()
+    return TableData(profiles.table(), cfg.recommend)
+
+
+#: Recommendations are computed on one thread beside the event loop: the loop never waits on
+#: table reads or index searches, and requests don't contend with each other for the GIL.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recommend")
+
+
+def recommender() -> Recommender:
+    """A recommender over this worker's tables and index (cheap to build per request)."""
+    cfg = current_config()
+    service = embeddings()
+    return Recommender(
+        cfg.recommend,
+        _table_data(),
+        catalog_table.catalog(),
+        service.index if service.index_ready.is_set() else None,
+        cfg.profiles.affinity_half_life_s,
+    )
+
+
+async def _publish(changes: list[tuple[str, Item | None]]) -> None:
+    """Publish catalog changes, one message per partition (journaled when enabled)."""
+    pub = items_publisher()
+    groups: dict[int, list[tuple[str, Item | None]]] = {}
+    for item_id, item in changes:
+        groups.setdefault(partition_for(item_id, pub.partitions), []).append((item_id, item))
+    records: list[tuple[int, bytes]] = []
+    for partition, group in groups.items():
+        for i in range(0, len(group), MAX_EVENTS_PER_MESSAGE):
+            chunk = group[i : i + MAX_EVENTS_PER_MESSAGE]
+            upserts = [item for _id, item in chunk if item is not None]
+            deletes = [item_id for item_id, item in chunk if item is None]
+            if upserts:
+                records.append((partition, orjson.dumps({"items": upserts})))
+            if deletes:
+                records.append((partition, orjson.dumps({"delete": deletes})))
+    await pub.publish_records(records)
+
+
+async def _accept(entries: list[Any], single: bool) -> web.Response:
+    cfg = current_config()
+    valid: list[Item] = []
+    rejected: list[Rejection] = []
+    for i, entry in enumerate(entries):
+        try:
+            valid.append(validate_item(entry, cfg.events))
+        except ValidationError as exc:
+            rejected.append({"index": i, "error": exc.reason, "field": exc.field})
+    if rejected:
+        ITEMS_REJECTED.labels("http").inc(len(rejected))
+    if not valid:
+        first = rejected[0]
+        return json_response(
+            {
+                "error": first["error"] if single else f"all {len(rejected)} items were rejected",
+                "field": first["field"] if single else "items",
+                "detail": "see rejected[] for each item's field and reason",
+                "accepted": 0,
+                "rejected": rejected,
+                "item_ids": [],
+            },
+            422,
+        )
+    starting = not_ready(items_publisher())
+    if starting is not None:
+        return starting
+    try:
+        await _publish([(item["item_id"], item) for item in valid])
+    except Exception as exc:
+        _log.exception("catalog publish failed")
+        return json_error(
+            503,
+            f"the broker did not acknowledge the items: {exc}",
+            "",
+            "nothing was accepted; retry (an upsert is idempotent)",
+        )
+    return json_response(
+        {
+            "accepted": len(valid),
+            "rejected": rejected,
+            "item_ids": [item["item_id"] for item in valid],
+        },
+        202,
+    )
+
+
+@item_routes.post("/v1/items")
+async def post_items(request: web.Request) -> web.Response:
+    """Add or replace one item or ``{"items": [...]}``; 202 once the changes are durable."""
+    doc = await read_json(request, "the items")
+    if isinstance(doc, web.Response):
+        return doc
+    limit = current_config().catalog.max_batch
+    if isinstance(doc, dict) and "items" in doc and "item_id" not in doc:
+        entries = doc["items"]
+        if not isinstance(entries, list):
+            return json_error(
+                422,
+                f"expected a list of items, got {type(entries).__name__}",
+                "items",
+                'send {"items": [{...}, ...]}',
+            )
+        if len(entries) > limit:
+            return json_error(
+                413,
+                f"batch of {len(entries)} items exceeds the limit of {limit}",
+                "items",
+                "split the batch; the limit is [catalog] max_batch",
+            )
+        if not entries:
+            return json_error(422, "expected at least one item", "items", "")
+        return await _accept(entries, single=False)
+    if isinstance(doc, dict):
+        return await _accept([doc], single=True)
+    return json_error(
+        422,
+        f'expected an item object or {{"items": [...]}}, got {type(doc).__name__}',
+        "body",
+        "see GET /v1/openapi.json",
+    )
+
+
+@item_routes.put("/v1/items/{item_id}")
+async def put_item(request: web.Request) -> web.Response:
+    """Add or replace the item ``item_id`` (the body's item_id may be omitted)."""
+    item_id = request.match_info["item_id"]
+    doc = await read_json(request, "the items")
+    if isinstance(doc, web.Response):
+        return doc
+    if not isinstance(doc, dict):
+        return json_error(422, f"expected an item object, got {type(doc).__name__}", "body", "")
+    if doc.get("item_id", item_id) != item_id:
+        return json_error(
+            422,
+            f"item_id {doc['item_id']!r} differs from the path's {item_id!r}",
+            "item_id",
+            "omit item_id from the body or make it match the URL",
+        )
+    return await _accept([{**doc, "item_id": item_id}], single=True)
+
+
+@item_routes.delete("/v1/items/{item_id}")
+async def delete_item(request: web.Request) -> web.Response:
+    """Remove the item from the catalog, the index and every future recommendation."""
+    item_id = request.match_info["item_id"]
+    starting = not_ready(items_publisher())
+    if starting is not None:
+        return starting
+    try:
+        await _publish([(item_id, None)])
+    except Exception as exc:
+        _log.exception("catalog publish failed")
+        return json_error(503, f"the broker did not acknowledge the delete: {exc}", "", "retry")
+    return json_response({"deleted": item_id}, 202)
+
+
+@item_routes.get("/v1/items/{item_id}")
+async def get_item(request: web.Request) -> web.Response:
+    """The stored item."""
+    item_id = request.match_info["item_id"]
+    tbl = catalog_table.table()
+    raw = None
+    for db in list(tbl.data._dbs.values()):
+        raw = db.get(item_id.encode())
+        if raw is not None:
+            break
+    if raw is None:
+        return json_error(404, f"no item {item_id!r}", "item_id", "add it with PUT /v1/items/{id}")
+    return json_response(catalog_table.decode_item(raw))
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValidationError(name, f"expected an integer, got {text!r}") from None
+    if not low <= value <= high:
+        raise ValidationError(name, f"expected {low}-{high}, got {value}")
+    return value
+
+
+def _request(request: web.Request) -> Request:
+    cfg = current_config().recommend
+    exclude = [x for x in request.query.get("exclude", "").split(",") if x]
+    return Request(
+        k=_int_param(request, "k", cfg.default_k, 1, cfg.max_k),
+        context_item=request.query.get("context_item") or None,
+        category=request.query.get("category") or None,
+        exclude=exclude,
+        max_per_category=_int_param(
+            request, "max_per_category", cfg.max_per_category, 0, cfg.max_k
+        ),
+    )
+
+
+@item_routes.get("/v1/users/{user_id}/recommendations")
+async def get_recommendations(request: web.Request) -> web.Response:
+    """The visitor's next items with reasons (trending items for a visitor never seen)."""
+    user_id = request.match_info["user_id"]
+    try:
+        req = _request(request)
+    except ValidationError as exc:
+        return json_error(400, exc.reason, exc.field, "see GET /v1/openapi.json")
+    if FORWARDED not in request.headers:
+        owner = owner_url(user_id)
+        if owner is not None:
+            return await forward(request, owner)
+    now_ms = int(time.time() * 1000)
+    rec = recommender()
+    # Table reads and the index search run in a worker thread: the loop never waits on them.
+    loop = asyncio.get_running_loop()
+    rec_id, items = await loop.run_in_executor(_EXECUTOR, rec.recommend, user_id, req, now_ms)
+    return json_response(
+        {
+            "recommendation_id": rec_id,
+            "user_id": user_id,
+            "items": [r.as_json() for r in items],
+        }
+    )
+
+
+@item_routes.get("/v1/items/{item_id}/similar")
+async def get_similar(request: web.Request) -> web.Response:
+    """Items seen or bought together with ``item_id`` and close to it in content."""
+    item_id = request.match_info["item_id"]
+    try:
+        req = _request(request)
+    except ValidationError as exc:
+        return json_error(400, exc.reason, exc.field, "see GET /v1/openapi.json")
+    rec = recommender()
+    if item_id not in rec.catalog and rec.catalog.loaded and len(rec.catalog):
+        return json_error(
+            404, f"no item {item_id!r} in the catalog", "item_id", "add it with PUT /v1/items/{id}"
+        )
+    now_ms = int(time.time() * 1000)
+    loop = asyncio.get_running_loop()
+    items = await loop.run_in_executor(_EXECUTOR, rec.similar, item_id, req, now_ms)
+    return json_response(
+        {
+            "recommendation_id": uuid.uuid4().hex,
+            "item_id": item_id,
+            "items": [r.as_json() for r in items],
+        }
+    )
