@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
+from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+import mode
 import orjson
 
+from personify.agents.catalog import embeddings
+from personify.agents.ingest import send_dead_letter
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
 from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE
 from personify.engine.models import Event, event_key, format_ts
 from personify.engine.publisher import SEQ_HEADER
 from personify.engine.retry import until_done
-from personify.tables import profiles
+from personify.tables import profiles, signals
+from personify.tables.catalog import catalog
 
 __all__ = ["Folded", "fold_batch", "profile_agent"]
 
@@ -28,7 +35,9 @@ _log = get_logger(__name__)
 _cfg = current_config()
 _store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(_cfg.topics.routed)
-_dead_letter = topic(_cfg.topics.dead_letter)
+#: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
+_live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
+_flush_lock = asyncio.Lock()
 
 
 def _seq_of(headers: Any) -> int | None:
@@ -66,8 +75,20 @@ class Folded:
     applied: int = 0
     skipped: int = 0
     onward: list[Event] = field(default_factory=list)
-    writes: list[tuple[bytes, bytes]] = field(default_factory=list)
+    writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     failed: list[tuple[Event, str]] = field(default_factory=list)
+    signals: signals.SignalBatch = field(
+        default_factory=lambda: signals.SignalBatch(
+            _cfg.recommend, _cfg.profiles, catalog().category_of
+        )
+    )
+
+
+def _wire(e: Event) -> Event:
+    """The event without what folding attached to it (its chat vector)."""
+    if profiles.VECTOR_KEY in e:
+        return {k: v for k, v in e.items() if k != profiles.VECTOR_KEY}
+    return e
 
 
 def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bool:
@@ -90,7 +111,7 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
             continue
         alias = state.get("alias_of")
         if alias and not e.get("user_id"):
-            onward.append({**e, "user_id": alias})  # a linked anonymous visitor's event
+            onward.append({**_wire(e), "user_id": alias})  # a linked anonymous visitor's event
             continue
         todo.append(e)
         if etype in ("identify", "alias") and e["anonymous_id"] != key:
@@ -105,7 +126,13 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
                     link,
                 )
             )
-    n = profiles.apply_events(state, todo, _cfg.profiles)
+    n = profiles.apply_events(
+        state,
+        todo,
+        _cfg.profiles,
+        observe=out.signals.observe,
+        chat_half_life_s=_cfg.recommend.chat_half_life_s,
+    )
     if n or changed:
         out.writes.append((key.encode(), profiles.encode(state)))
     out.applied += n
@@ -145,11 +172,83 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
                         event_id=e["event_id"],
                         error=repr(exc),
                     )
-                    out.failed.append((e, f"cannot apply event: {exc!r}"))
+                    out.failed.append((_wire(e), f"cannot apply event: {exc!r}"))
                 else:
                     good.append(e)
             _fold_user(key, raw, good, out)
+    if out.signals.updates:
+        live = _live[partition]
+        missing = live.missing(out.signals.updates)
+        for row_key, row_raw in zip(missing, store.get_many(partition, missing), strict=True):
+            live.load(row_key, row_raw)
+        live.apply(out.signals)
     return out
+
+
+async def flush_signals(partitions: Collection[int] | None = None, *, drop: bool = False) -> None:
+    """Write the changed signal rows (of ``partitions``, default all) to the table.
+
+    Args:
+        partitions: which partitions; None for every one held.
+        drop: forget the rows afterwards (the partitions moved to another worker).
+    """
+    async with _flush_lock:  # one flush at a time: an older row never overwrites a newer one
+        for partition in list(_live if partitions is None else partitions):
+            live = _live.get(partition)
+            if live is None:
+                continue
+            writes: list[tuple[bytes, bytes | None]] = list(live.take_dirty())
+            if writes:
+                await until_done(
+                    "signal flush", functools.partial(_store.put_many, partition, writes)
+                )
+            if drop:
+                _live.pop(partition, None)
+
+
+def attach_categories(events: list[Event]) -> None:
+    """Give item events without a category the catalog's (category affinity, trending)."""
+    view = catalog()
+    if not len(view):
+        return
+    for e in events:
+        props = e["properties"]
+        if e["type"] == "purchase":
+            lines = props.get("items", ())
+            known = {
+                line["item_id"]: view.category_of(line["item_id"])
+                for line in lines
+                if not line.get("category")
+            }
+            if any(known.values()):
+                e["properties"] = {
+                    **props,
+                    "items": [
+                        {**line, "category": known[line["item_id"]]}
+                        if known.get(line["item_id"])
+                        else line
+                        for line in lines
+                    ],
+                }
+        elif e.get("item_id") and not props.get("category"):
+            category = view.category_of(e["item_id"])
+            if category:
+                e["properties"] = {**props, "category": category}
+
+
+async def attach_chat_vectors(events: list[Event]) -> None:
+    """Embed the text of each chat message (batched, off the loop) into the event."""
+    chats = [e for e in events if e["type"] == "chat_message"]
+    if not chats:
+        return
+    try:
+        model = await embeddings().wait_model()
+        vectors = await model.encode_async([e["properties"]["text"] for e in chats])
+    except Exception:
+        _log.exception("chat messages not embedded", count=len(chats))
+        return
+    for e, vector in zip(chats, vectors, strict=True):
+        e[profiles.VECTOR_KEY] = vector
 
 
 def _dead_letter_record(error: str, source: dict[str, Any], original: Any) -> bytes:
@@ -164,6 +263,7 @@ async def profile_agent(stream: Any) -> None:
     partition and visitor, and writes every touched profile once per round.
     """
     pub = publisher()
+    flushed = time.monotonic()
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
         by_partition: dict[int, list[Event]] = {}
         dead: list[bytes] = []
@@ -186,6 +286,9 @@ async def profile_agent(stream: Any) -> None:
                 )
                 continue
             by_partition.setdefault(message.partition, []).extend(events)
+        received = [e for evs in by_partition.values() for e in evs]
+        attach_categories(received)
+        await attach_chat_vectors(received)
         folds = {p: fold_batch(_store, p, evs) for p, evs in by_partition.items()}
         await asyncio.gather(
             *(
@@ -203,16 +306,39 @@ async def profile_agent(stream: Any) -> None:
             if f.skipped:
                 EVENTS_DUPLICATE.inc(f.skipped)
         for record in dead:
-            await until_done("dead-letter send", functools.partial(_send_dead, record))
+            await until_done("dead-letter send", functools.partial(send_dead_letter, record))
         for event in batch:
             seq = _seq_of(event.message.headers)
             if pub.journal is not None and seq is not None:
                 pub.journal.mark_applied(seq)
+        if time.monotonic() - flushed >= _cfg.recommend.signal_flush_interval_s:
+            await flush_signals()
+            flushed = time.monotonic()
         last = batch[-1].message
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:
             AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
 
 
-async def _send_dead(record: bytes) -> None:
-    await (await _dead_letter.send(value=record, force=True))
+@app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]
+async def _flush_when_idle() -> None:
+    """Write changed signal rows also when no events arrive."""
+    await flush_signals()
+
+
+async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
+    """Write and forget the signal rows of partitions this worker gives up."""
+    parts = {tp.partition for tp in revoked if tp.topic == _routed.get_topic_name()}
+    if parts:
+        await flush_signals(parts, drop=True)
+
+
+app.on_partitions_revoked.connect(_on_revoked)
+
+
+@app.service
+class _SignalFlusher(mode.Service):  # type: ignore[misc] # mode is untyped
+    """Writes the changed signal rows on stop."""
+
+    async def on_stop(self) -> None:
+        await flush_signals()

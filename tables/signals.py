@@ -1,0 +1,358 @@
+"""Collaborative signals: co-visitation, co-purchase and trending, folded from events.
+
+The profile agent derives these from the events it applies (only from events new to the
+profile, so a redelivered or replayed event is never counted twice), keeps its partitions'
+rows decoded in memory (`LiveRows`) and writes the changed ones to the profiles table, under
+reserved keys (a visitor id never starts with NUL), every ``signal_flush_interval_s`` and on
+stop. A crash can lose at most that interval of signal updates (never a profile change).
+
+Each partition holds the signals of its own visitors, a uniform sample of all of them; a read
+sums the partitions it owns. A row maps item ids to decayed scores. Decay is *forward*: a
+contribution made at time ``t`` is stored as ``w * 2**((t - ref) / half_life)`` against the row's
+reference time ``ref``, so an update touches one entry and never rescales the row (until the
+factor grows large, when the row moves its reference), and entries of one row compare directly.
+
+Rows (``s``: neighbour -> pair count; ``n``: the row's own item count; ``m``: each neighbour's
+own count, copied when the pair was last updated, so a pair can be normalised without reading
+the neighbour's row):
+
+- ``covisit:A``: items the same visitors interacted with within ``covisit_window`` items of A
+  (weighted by distance in their sequence and by the time between the two).
+- ``copurchase:A``: items bought in the same order as A, or by the same visitor later.
+- ``trending:C``: items by decayed interest (engagement weight) in category ``C`` (and its
+  parents); ``C = ""`` is the whole catalog.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from personify.engine.config import ProfilesConfig, RecommendConfig
+
+__all__ = [
+    "PREFIX",
+    "SELF",
+    "LiveRows",
+    "Row",
+    "SignalBatch",
+    "SignalKind",
+    "apply_updates",
+    "categories_of",
+    "decode_row",
+    "encode_row",
+    "half_life_of",
+    "merge_rows",
+    "normalised",
+    "refresh_counts",
+    "row_key",
+]
+
+SignalKind = Literal["covisit", "copurchase", "trending"]
+#: Keys of signal rows start with this byte; visitor ids cannot.
+PREFIX = b"\x00"
+_KIND_BYTE: dict[str, bytes] = {"covisit": b"c", "copurchase": b"p", "trending": b"t"}
+#: A row's reference time moves forward once a new contribution would be scaled by more than
+#: this (keeps the stored numbers far from float overflow).
+_MAX_EXPONENT = 40.0
+#: Rows hold up to this factor over their cap before the weakest entries are pruned.
+_SLACK = 2.0
+#: Event types whose item counts as an interaction (and the weight of its co-visitation).
+_INTERACTIONS = {"product_view": 1.0, "click": 1.0, "add_to_cart": 1.0, "purchase": 1.0}
+
+Row = dict[str, Any]
+#: The pseudo item id under which an update counts towards a row's own item count.
+SELF = ""
+
+
+def row_key(kind: SignalKind, name: str) -> bytes:
+    """The table key of the ``kind`` row of item (or category) ``name``."""
+    return PREFIX + _KIND_BYTE[kind] + name.encode()
+
+
+def categories_of(path: str | None) -> list[str]:
+    """``"a/b/c"`` -> ``["a", "a/b", "a/b/c"]``; nothing for no category."""
+    if not path:
+        return []
+    parts = [p for p in path.strip("/").split("/") if p]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def encode_row(row: Row) -> bytes:
+    """Serialise a row for the table."""
+    return orjson.dumps(row)
+
+
+def decode_row(data: bytes | None) -> Row:
+    """Deserialise a row (an empty one for None)."""
+    if data is None:
+        return {"r": 0, "n": 0.0, "s": {}, "m": {}}
+    row: Row = orjson.loads(data)
+    return row
+
+
+def _rescale(row: Row, ref: int, half_life_ms: float) -> None:
+    factor = math.pow(2.0, (row["r"] - ref) / half_life_ms)
+    row["s"] = {k: v * factor for k, v in row["s"].items()}
+    if "m" in row:
+        row["m"] = {k: v * factor for k, v in row["m"].items()}
+    row["n"] = row.get("n", 0.0) * factor
+    row["r"] = ref
+
+
+def _scale(row: Row, ts: int, half_life_ms: float) -> float:
+    """The factor a contribution made at ``ts`` is stored with (moving ``ref`` if needed)."""
+    if not row["s"] and not row.get("n"):
+        row["r"] = ts
+    exponent = (ts - row["r"]) / half_life_ms
+    if exponent > _MAX_EXPONENT:
+        _rescale(row, ts, half_life_ms)
+        exponent = 0.0
+    return math.pow(2.0, exponent)
+
+
+def _prune(row: Row, cap: int) -> None:
+    scores = row["s"]
+    if len(scores) > cap * _SLACK:
+        row["s"] = dict(heapq.nlargest(cap, scores.items(), key=lambda kv: kv[1]))
+        if "m" in row:
+            row["m"] = {k: v for k, v in row["m"].items() if k in row["s"]}
+
+
+def apply_updates(
+    row: Row, updates: Iterable[tuple[str, float, int]], half_life_s: float, cap: int
+) -> Row:
+    """Add ``(item, weight, ts)`` contributions to ``row`` (in place) and prune it to ``cap``.
+
+    An empty item id (`SELF`) counts towards the row's own item count ``n``.
+    """
+    half_life_ms = half_life_s * 1000.0
+    last_ts: int | None = None
+    factor = 1.0
+    for item, weight, ts in updates:
+        if ts != last_ts:  # an event's contributions share its time
+            factor = _scale(row, ts, half_life_ms)
+            last_ts = ts
+        if item == SELF:
+            row["n"] = row.get("n", 0.0) + weight * factor
+        else:
+            scores = row["s"]
+            scores[item] = scores.get(item, 0.0) + weight * factor
+    _prune(row, cap)
+    return row
+
+
+def merge_rows(rows: Iterable[Row | None], half_life_s: float, now_ms: int) -> Row:
+    """Sum rows (one per partition) into one row, decayed to ``now_ms`` (``r`` = now).
+
+    A single row is returned as it is (not decayed: every score read from it is a ratio of
+    two of its entries, or compared with its other entries, which decay alike).
+    """
+    present = [row for row in rows if row]
+    if len(present) == 1:
+        return present[0]
+    half_life_ms = half_life_s * 1000.0
+    scores: dict[str, float] = {}
+    others: dict[str, float] = {}
+    own = 0.0
+    for row in present:
+        factor = math.pow(2.0, (row["r"] - now_ms) / half_life_ms)
+        own += row.get("n", 0.0) * factor
+        for item, score in row["s"].items():
+            scores[item] = scores.get(item, 0.0) + score * factor
+        for item, count in row.get("m", {}).items():
+            others[item] = others.get(item, 0.0) + count * factor
+    return {"r": now_ms, "n": own, "s": scores, "m": others}
+
+
+def normalised(row: Row, alpha: float) -> dict[str, float]:
+    """Pair counts of a merged row scored as ``c / (n_self ** alpha * n_other ** (1 - alpha))``.
+
+    A count missing from the row is taken as the pair count.
+    """
+    scores: dict[str, float] = row["s"]
+    if not scores:
+        return {}
+    own = row.get("n", 0.0) or max(scores.values())
+    others: dict[str, float] = row.get("m", {})
+    base = math.pow(own, alpha)
+    beta = 1.0 - alpha
+    out: dict[str, float] = {}
+    for item, count in scores.items():
+        other = others.get(item) or count
+        out[item] = count / (base * math.pow(other, beta))
+    return out
+
+
+def half_life_of(key: bytes, cfg: RecommendConfig) -> float:
+    """The decay half-life (seconds) of the row stored under ``key``."""
+    if key[1:2] == _KIND_BYTE["trending"]:
+        return cfg.trending_half_life_s
+    return cfg.signal_half_life_s
+
+
+def refresh_counts(
+    rows: Mapping[bytes, Row], key: bytes, items: Iterable[str], cfg: RecommendConfig
+) -> None:
+    """Copy into row ``key`` the own counts of its neighbours ``items`` (from ``rows``)."""
+    if key[1:2] == _KIND_BYTE["trending"]:
+        return
+    row = rows[key]
+    m = row.setdefault("m", {})
+    scores = row["s"]
+    half_life_ms = half_life_of(key, cfg) * 1000.0
+    prefix = key[:2]
+    for item in items:
+        if item == SELF or item not in scores:
+            continue
+        other = rows.get(prefix + item.encode())
+        if other is not None:
+            # Both counts in this row's decay frame: only the reference times differ.
+            m[item] = other.get("n", 0.0) * math.pow(2.0, (other["r"] - row["r"]) / half_life_ms)
+
+
+@dataclass(slots=True)
+class SignalBatch:
+    """The signal contributions of one batch of events, grouped by row.
+
+    The profile fold calls `observe` with each event it applies, before applying it (the
+    profile then still shows the visitor's earlier items).
+
+    Args:
+        cfg: the [recommend] settings.
+        profiles_cfg: the [profiles] settings (session gap, engagement weights).
+        category_of: the catalog category of an item id, when the event carries none.
+    """
+
+    cfg: RecommendConfig
+    profiles_cfg: ProfilesConfig
+    category_of: Callable[[str], str | None] = lambda _item: None
+    updates: dict[bytes, list[tuple[str, float, int]]] = field(default_factory=dict)
+
+    def _put(self, kind: SignalKind, name: str, item: str, weight: float, ts: int) -> None:
+        self.updates.setdefault(row_key(kind, name), []).append((item, weight, ts))
+
+    def observe(self, profile: Mapping[str, Any], event: Mapping[str, Any]) -> None:
+        """Record what ``event`` contributes, given the visitor's ``profile`` before it."""
+        etype: str = event["type"]
+        ts: int = event["ts_ms"]
+        props: Mapping[str, Any] = event["properties"]
+        if etype == "purchase":
+            lines = [line["item_id"] for line in props.get("items", ())]
+            categories = {line["item_id"]: line.get("category") for line in props["items"]}
+        elif etype in _INTERACTIONS and event.get("item_id"):
+            lines = [event["item_id"]]
+            categories = {event["item_id"]: props.get("category")}
+        else:
+            return
+        cfg = self.cfg
+        interest = self.profiles_cfg.engagement_weights.get(etype, 0.0)
+        gap_ms = cfg.covisit_gap_half_life_s * 1000.0
+        recent = [r for r in profile["recent_items"] if r["item_id"] not in lines][
+            : cfg.covisit_window
+        ]
+        for item in lines:
+            self._put("covisit", item, SELF, 1.0, ts)
+            for distance, r in enumerate(recent, start=1):
+                weight = math.pow(distance, -cfg.covisit_distance_power) * math.pow(
+                    0.5, abs(ts - r["ts"]) / gap_ms
+                )
+                self._put("covisit", r["item_id"], item, weight, ts)
+                self._put("covisit", item, r["item_id"], weight, ts)
+            if interest > 0:
+                category = categories.get(item) or self.category_of(item)
+                for name in ["", *categories_of(category)]:
+                    self._put("trending", name, item, interest, ts)
+        if etype == "purchase":
+            earlier = [
+                r["item_id"]
+                for r in profile["recent_items"]
+                if r["type"] == "purchase" and r["item_id"] not in lines
+            ][: cfg.covisit_window]
+            for item in lines:
+                self._put("copurchase", item, SELF, 1.0, ts)
+                for other in [*lines, *earlier]:
+                    if other != item:
+                        self._put("copurchase", item, other, 1.0, ts)
+                for other in earlier:
+                    self._put("copurchase", other, item, 1.0, ts)
+
+    def cap_of(self, key: bytes) -> int:
+        """How many entries the row under ``key`` keeps."""
+        if key[1:2] == _KIND_BYTE["trending"]:
+            return self.cfg.trending_size
+        return self.cfg.neighbours
+
+    def fold_rows(self, rows: dict[bytes, Row], *, refresh: bool = True) -> None:
+        """Apply the batch to decoded rows (a missing row starts empty), in place.
+
+        With ``refresh``, each updated pair also records the neighbour's own count (from the
+        neighbour's row, which the same batch touches), so reads can normalise without reading
+        it; `LiveRows` defers that to the flush instead.
+        """
+        for key, updates in self.updates.items():
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = decode_row(None)
+            apply_updates(row, updates, half_life_of(key, self.cfg), self.cap_of(key))
+        if refresh:
+            for key, updates in self.updates.items():
+                refresh_counts(rows, key, {item for item, _w, _ts in updates}, self.cfg)
+
+    def fold_into(self, stored: Mapping[bytes, bytes | None]) -> list[tuple[bytes, bytes]]:
+        """New values of every touched row, given their stored values (see `fold_rows`)."""
+        rows = {key: decode_row(stored.get(key)) for key in self.updates}
+        self.fold_rows(rows)
+        return [(key, encode_row(rows[key])) for key in self.updates]
+
+
+class LiveRows:
+    """The writer's signal rows of one partition, decoded, and which changed since the flush.
+
+    Hot rows change in nearly every round; keeping them decoded and writing each changed row
+    once per flush interval (instead of once per round) is what keeps ingestion fast. Clean
+    rows beyond ``capacity`` are forgotten, least recently used first; changed rows never are.
+
+    Args:
+        capacity: clean rows kept decoded.
+    """
+
+    def __init__(self, cfg: RecommendConfig, capacity: int = 10_000) -> None:
+        self.cfg = cfg
+        self.capacity = capacity
+        self.rows: OrderedDict[bytes, Row] = OrderedDict()
+        #: Changed rows -> neighbours whose own counts are to be copied in at the flush.
+        self.dirty: dict[bytes, set[str]] = {}
+
+    def missing(self, keys: Iterable[bytes]) -> list[bytes]:
+        """Those of ``keys`` not held (to be read from the table and given to `load`)."""
+        return [key for key in keys if key not in self.rows]
+
+    def load(self, key: bytes, raw: bytes | None) -> None:
+        """Hold the stored row of ``key``."""
+        self.rows[key] = decode_row(raw)
+
+    def apply(self, batch: SignalBatch) -> None:
+        """Fold a batch into the held rows (every row it touches must be held)."""
+        batch.fold_rows(self.rows, refresh=False)
+        for key, updates in batch.updates.items():
+            self.rows.move_to_end(key)
+            self.dirty.setdefault(key, set()).update(item for item, _w, _ts in updates)
+
+    def take_dirty(self) -> list[tuple[bytes, bytes]]:
+        """The changed rows, encoded, to write now; they count as clean from here on."""
+        for key, items in self.dirty.items():
+            refresh_counts(self.rows, key, items, self.cfg)
+        out = [(key, encode_row(self.rows[key])) for key in self.dirty]
+        self.dirty.clear()
+        excess = len(self.rows) - self.capacity
+        if excess > 0:
+            for key in list(self.rows)[:excess]:
+                del self.rows[key]
+        return out

@@ -1,0 +1,210 @@
+"""Collaborative signals: forward-decayed rows, pruning, and what each event contributes."""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from personify.engine.config import Config
+from personify.tables import profiles, signals
+
+CFG = Config()
+DAY_MS = 86_400_000
+#: A partition's row with nothing in it yet (merging with it decays the other to now).
+EMPTY = signals.decode_row(None)
+
+
+def _row(updates: list[tuple[str, float, int]], half_life_s: float = 86400.0) -> signals.Row:
+    return signals.apply_updates(signals.decode_row(None), updates, half_life_s, cap=1000)
+
+
+def test_scores_halve_every_half_life() -> None:
+    """A contribution read one half-life later counts half; two later, a quarter."""
+    assert signals.merge_rows([_row([("a", 4.0, 0)])], 86400.0, DAY_MS)["s"]["a"] == 4.0
+    row = _row([("a", 4.0, 0)])
+    assert math.isclose(signals.merge_rows([row, EMPTY], 86400.0, DAY_MS)["s"]["a"], 2.0)
+    assert math.isclose(signals.merge_rows([row, EMPTY], 86400.0, 2 * DAY_MS)["s"]["a"], 1.0)
+
+
+def test_far_apart_contributions_stay_exact() -> None:
+    """Contributions hundreds of half-lives apart are still decayed exactly (no overflow)."""
+    start = 1_700_000_000_000
+    row = _row([("old", 1.0, start), ("new", 1.0, start + 500 * DAY_MS)])
+    now = start + 500 * DAY_MS
+    merged = signals.merge_rows([row, EMPTY], 86400.0, now)["s"]
+    assert math.isclose(merged["new"], 1.0)
+    assert merged["old"] < 1e-100
+    assert all(math.isfinite(v) for v in row["s"].values())
+
+
+def test_prune_keeps_the_strongest() -> None:
+    """A row over its cap keeps the entries with the highest scores."""
+    row = signals.decode_row(None)
+    signals.apply_updates(row, [(f"i{n}", float(n), 0) for n in range(100)], 86400.0, cap=10)
+    assert set(row["s"]) == {f"i{n}" for n in range(90, 100)}
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from("abcde"), st.floats(0.1, 10), st.integers(0, 30 * DAY_MS)),
+        min_size=1,
+        max_size=40,
+    ),
+    st.integers(1, 4),
+)
+def test_rows_split_over_partitions_sum_to_the_whole(
+    updates: list[tuple[str, float, int]], parts: int
+) -> None:
+    """Updates spread over partition rows, in any order, merge to the same decayed totals."""
+    parts = max(parts, 2)
+    whole = signals.merge_rows([_row(updates), EMPTY], 86400.0, 31 * DAY_MS)["s"]
+    pieces = [_row(list(reversed(updates[i::parts]))) for i in range(parts)]
+    split = signals.merge_rows(pieces, 86400.0, 31 * DAY_MS)["s"]
+    assert whole.keys() == split.keys()
+    for key, value in whole.items():
+        assert math.isclose(value, split[key], rel_tol=1e-9, abs_tol=1e-300)
+
+
+def _view(item: str, ts: int, category: str | None = None) -> dict[str, object]:
+    props = {"category": category} if category else {}
+    return {
+        "type": "product_view",
+        "event_id": f"{item}-{ts}",
+        "item_id": item,
+        "ts_ms": ts,
+        "properties": props,
+    }
+
+
+def _fold(events: list[dict[str, object]]) -> signals.SignalBatch:
+    batch = signals.SignalBatch(CFG.recommend, CFG.profiles, lambda item: f"cat/{item}")
+    p = profiles.new_profile("u")
+    profiles.apply_events(p, events, CFG.profiles, observe=batch.observe)
+    return batch
+
+
+def _pairs(batch: signals.SignalBatch, kind: signals.SignalKind, item: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for other, weight, _ts in batch.updates.get(signals.row_key(kind, item), []):
+        if other != signals.SELF:
+            out[other] = out.get(other, 0.0) + weight
+    return out
+
+
+GAP_S = CFG.recommend.covisit_gap_half_life_s
+
+
+def test_items_viewed_one_after_the_other_are_covisited_both_ways() -> None:
+    """An item viewed after another adds each to the other's row, decayed by the time between."""
+    batch = _fold([_view("a", 0), _view("b", 60_000)])
+    weight = 0.5 ** (60 / GAP_S)
+    assert _pairs(batch, "covisit", "a") == {"b": weight}
+    assert _pairs(batch, "covisit", "b") == {"a": weight}
+
+
+def test_views_far_apart_in_time_weigh_less() -> None:
+    """Ten gap half-lives between two views leave the pair 1/1024 of its weight."""
+    batch = _fold([_view("a", 0), _view("b", int(10 * GAP_S * 1000))])
+    assert math.isclose(_pairs(batch, "covisit", "a")["b"], 2.0**-10)
+
+
+def test_closer_items_weigh_more() -> None:
+    """The item viewed just before counts fully, the one before it d ** -power."""
+    batch = _fold([_view("a", 0), _view("b", 0), _view("c", 0)])
+    power = CFG.recommend.covisit_distance_power
+    assert _pairs(batch, "covisit", "c") == {"b": 1.0, "a": 2.0**-power}
+
+
+def test_own_counts_and_normalised_pairs() -> None:
+    """Rows count their own item; a pair is scored c / sqrt(n_a * n_b) (alpha 0.5)."""
+    batch = _fold([_view("a", 0), _view("b", 0), _view("a", 1), _view("c", 2)])
+    rows = {k: signals.decode_row(v) for k, v in batch.fold_into({}) if k[1:2] == b"c"}
+    row_a = signals.merge_rows([rows[signals.row_key("covisit", "a")], EMPTY], 1e9, 2)
+    assert math.isclose(row_a["n"], 2.0, rel_tol=1e-6)
+    scores = signals.normalised(row_a, 0.5)
+    # a-b: 1 (b after a) + 1 (a after b); n_a = 2, n_b = 1
+    assert math.isclose(scores["b"], 2.0 / math.sqrt(2.0 * 1.0), rel_tol=1e-6)
+    assert scores["b"] > scores["c"]
+
+
+def test_trending_counts_the_category_and_its_parents() -> None:
+    """A view counts for the whole shop and each level of its category path."""
+    batch = _fold([_view("a", 0, "outdoor/hiking/jackets")])
+    for name in ("", "outdoor", "outdoor/hiking", "outdoor/hiking/jackets"):
+        assert batch.updates[signals.row_key("trending", name)] == [("a", 1.0, 0)]
+
+
+def test_catalog_category_is_used_when_the_event_has_none() -> None:
+    """Without a category on the event, the catalog's is used."""
+    batch = _fold([_view("a", 0)])
+    assert signals.row_key("trending", "cat/a") in batch.updates
+
+
+def test_items_of_one_order_are_bought_together() -> None:
+    """A purchase of x and y pairs them in the co-purchase rows."""
+    purchase = {
+        "type": "purchase",
+        "event_id": "o1",
+        "item_id": None,
+        "ts_ms": 5,
+        "properties": {
+            "items": [{"item_id": "x", "quantity": 1}, {"item_id": "y", "quantity": 1}],
+            "revenue": 1.0,
+            "currency": "USD",
+        },
+    }
+    batch = _fold([purchase])
+    assert _pairs(batch, "copurchase", "x") == {"y": 1.0}
+    assert _pairs(batch, "copurchase", "y") == {"x": 1.0}
+
+
+def test_duplicate_events_add_nothing() -> None:
+    """An event id already applied to the profile contributes no signal again."""
+    batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
+    p = profiles.new_profile("u")
+    events = [_view("a", 0), _view("b", 1000)]
+    profiles.apply_events(p, events, CFG.profiles, observe=batch.observe)
+    before = {k: list(v) for k, v in batch.updates.items()}
+    profiles.apply_events(p, events, CFG.profiles, observe=batch.observe)
+    assert batch.updates == before
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.sampled_from("abcdef"), st.integers(0, 10_000)), max_size=6),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1, 3),
+)
+def test_live_rows_flushed_equal_rows_written_every_round(
+    rounds: list[list[tuple[str, int]]], flush_every: int
+) -> None:
+    """Rows folded in memory and flushed now and then end up as if written every round."""
+    direct: dict[bytes, bytes] = {}
+    flushed: dict[bytes, bytes] = {}
+    live = signals.LiveRows(
+        CFG.recommend, capacity=2
+    )  # small: clean rows are forgotten along the way
+    p1, p2 = profiles.new_profile("u"), profiles.new_profile("u")
+    for n, views in enumerate(rounds):
+        events = [_view(item, ts + n * 10_000) for item, ts in views]
+        batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
+        profiles.apply_events(p1, events, CFG.profiles, observe=batch.observe)
+        direct.update(batch.fold_into({k: direct.get(k) for k in batch.updates}))
+        batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
+        profiles.apply_events(p2, events, CFG.profiles, observe=batch.observe)
+        for key in live.missing(batch.updates):
+            live.load(key, flushed.get(key))
+        live.apply(batch)
+        if n % flush_every == 0:
+            flushed.update(live.take_dirty())
+    flushed.update(live.take_dirty())
+    assert {k: orjson.loads(v) for k, v in direct.items()} == {
+        k: orjson.loads(v) for k, v in flushed.items()
+    }
