@@ -24,10 +24,11 @@ def test_two_workers_share_partitions_and_serve_every_profile(
 
         def owned(eng: Any) -> set[int]:
             status, health = eng.request("GET", "/healthz")
-            assert status == 200, health
+            if status != 200:  # 503 while a rebalance is under way
+                return set()
             return set(health["partitions"].get("events-routed", []))
 
-        for _ in range(100):  # until the second join's rebalance has settled
+        for _ in range(300):  # until the second join's rebalance has settled
             pa, pb = owned(a), owned(b)
             if pa and pb and not pa & pb and pa | pb == {0, 1, 2, 3}:
                 break

@@ -1,0 +1,171 @@
+"""Ranking: blending, filters, diversity and reasons, on in-memory data and a real FAISS index."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from personify.agents.recommend import Recommender, Request, blend
+from personify.embeddings import FaissIndex
+from personify.engine.config import Config
+from personify.tables import profiles, signals
+from personify.tables.catalog import Catalog
+
+CFG = Config()
+NOW = 1_800_000_000_000
+
+
+class Memory:
+    """A `DataSource` over dicts: profiles by id and signal rows by key."""
+
+    def __init__(self) -> None:
+        self.profiles: dict[str, profiles.Profile] = {}
+        self.signal_rows: dict[bytes, signals.Row] = {}
+
+    def profile(self, user_id: str) -> profiles.Profile | None:
+        return self.profiles.get(user_id)
+
+    def rows(self, keys: Sequence[bytes], now_ms: int) -> list[signals.Row]:
+        return [
+            signals.merge_rows(
+                [self.signal_rows.get(k)], signals.half_life_of(k, CFG.recommend), now_ms
+            )
+            for k in keys
+        ]
+
+    def fold(self, user: str, events: list[dict[str, object]]) -> None:
+        p = self.profiles.setdefault(user, profiles.new_profile(user))
+        batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
+        profiles.apply_events(p, events, CFG.profiles, observe=batch.observe)
+        for key, updates in batch.updates.items():
+            row = self.signal_rows.setdefault(key, signals.decode_row(None))
+            signals.apply_updates(row, updates, signals.half_life_of(key, CFG.recommend), 100)
+
+
+def view(item: str, ts: int) -> dict[str, object]:
+    return {
+        "type": "product_view",
+        "event_id": f"{item}{ts}",
+        "item_id": item,
+        "ts_ms": ts,
+        "properties": {},
+    }
+
+
+def shop() -> tuple[Memory, Catalog, FaissIndex]:
+    """Items in two categories whose vectors cluster by category."""
+    rng = np.random.default_rng(7)
+    cat = Catalog()
+    centers = {"outdoor": rng.normal(size=16), "kitchen": rng.normal(size=16)}
+    ids, vecs = [], []
+    for c, center in centers.items():
+        for n in range(6):
+            item = f"{c[0]}{n}"
+            cat.put({"item_id": item, "title": item, "category": c, "in_stock": True})
+            ids.append(item)
+            vecs.append(center + 0.3 * rng.normal(size=16))
+    index = FaissIndex(16)
+    index.upsert(ids, np.array(vecs, dtype=np.float32))
+    return Memory(), cat, index
+
+
+def recommender(mem: Memory, cat: Catalog, index: FaissIndex | None) -> Recommender:
+    return Recommender(CFG.recommend, mem, cat, index)
+
+
+def test_blend_scales_each_source_and_keeps_the_strongest_reason_first() -> None:
+    """Each source is scaled to its best candidate; reasons follow their contribution."""
+    sources = {
+        "covisit": {"a": (10.0, {"kind": "similar_to", "item_id": "x"}), "b": (5.0, {"kind": "s"})},
+        "trending": {"b": (100.0, {"kind": "trending", "category": None})},
+    }
+    out = blend(sources, {"covisit": 1.0, "trending": 0.2}, 2, lambda i: True, lambda i: None)
+    assert [(r.item_id, round(r.score, 3)) for r in out] == [("a", 1.0), ("b", 0.7)]
+    assert out[1].reasons[0] == {"kind": "s"}
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.dictionaries(st.sampled_from("abcdefghij"), st.floats(0.01, 100), min_size=1),
+    st.integers(1, 10),
+    st.integers(0, 3),
+)
+def test_blend_respects_k_filters_and_diversity(
+    scores: dict[str, float], k: int, per_category: int
+) -> None:
+    """Never more than k, never a filtered item, never more than N of one category."""
+    sources = {"covisit": {i: (s, {"kind": "similar_to"}) for i, s in scores.items()}}
+    banned = {"a", "b"}
+    out = blend(
+        sources,
+        {"covisit": 1.0},
+        k,
+        lambda i: i not in banned,
+        lambda i: (i in "aeiou" and "v") or "c",
+        per_category,
+    )
+    got = [r.item_id for r in out]
+    assert len(got) <= k and len(got) == len(set(got))
+    assert not banned & set(got)
+    if per_category:
+        cats = [("v" if i in "aeiou" else "c") for i in got]
+        assert all(cats.count(c) <= per_category for c in set(cats))
+    assert [r.score for r in out] == sorted((r.score for r in out), reverse=True)
+
+
+def test_new_visitor_gets_trending() -> None:
+    """With no profile, the most interacted-with items come first, as trending."""
+    mem, cat, index = shop()
+    for n, item in enumerate(["o1", "o1", "o1", "k2", "k2", "o4"]):
+        mem.fold(f"v{n}", [view(item, NOW - 1000)])
+    _rid, items = recommender(mem, cat, index).recommend("new", Request(k=3), NOW)
+    assert [r.item_id for r in items] == ["o1", "k2", "o4"]
+    assert items[0].reasons == [{"kind": "trending", "category": None}]
+
+
+def test_covisited_and_similar_items_for_a_viewer() -> None:
+    """A viewer of o1 gets what others viewed after o1, then o-items close in content."""
+    mem, cat, index = shop()
+    for n in range(3):
+        mem.fold(f"v{n}", [view("o1", NOW - 5000), view("o2", NOW - 4000)])
+    mem.fold("me", [view("o1", NOW - 1000)])
+    _rid, items = recommender(mem, cat, index).recommend("me", Request(k=4), NOW)
+    got = [r.item_id for r in items]
+    assert got[0] == "o2"
+    assert {"kind": "similar_to", "item_id": "o1"} in items[0].reasons
+    assert "o1" not in got  # already viewed
+    assert all(i.startswith("o") for i in got), got
+
+
+def test_out_of_stock_deleted_and_excluded_items_are_skipped() -> None:
+    """Filters: out of stock, deleted from the catalog, excluded by the caller."""
+    mem, cat, index = shop()
+    for n, item in enumerate(["o1", "o2", "o3", "o4"]):
+        mem.fold(f"v{n}", [view(item, NOW - 1000)])
+    cat.put({"item_id": "o1", "title": "o1", "category": "outdoor", "in_stock": False})
+    cat.remove("o2")
+    _rid, items = recommender(mem, cat, index).recommend("new", Request(k=10, exclude=["o3"]), NOW)
+    got = [r.item_id for r in items]
+    assert not {"o1", "o2", "o3"} & set(got)
+    assert got[0] == "o4"
+
+
+def test_category_request_and_fill_from_catalog() -> None:
+    """category= keeps one category; with no signals the catalog fills the list."""
+    mem, cat, _index = shop()
+    _rid, items = recommender(mem, cat, None).recommend(
+        "new", Request(k=3, category="kitchen"), NOW
+    )
+    assert [r.item_id for r in items] == ["k0", "k1", "k2"]
+    assert items[0].reasons == [{"kind": "popular"}]
+
+
+def test_similar_items_come_from_content_when_nobody_viewed_them() -> None:
+    """similar() of an item nobody viewed yet returns its content neighbours."""
+    mem, cat, index = shop()
+    items = recommender(mem, cat, index).similar("k0", Request(k=5), NOW)
+    assert items and all(r.item_id.startswith("k") for r in items)
+    assert "k0" not in [r.item_id for r in items]
