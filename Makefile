@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench quality clean
+.PHONY: run test lint bench quality serve clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -40,6 +40,9 @@ bench: $(BENCH_STAMP)
 
 quality: $(BENCH_STAMP)
 	$(BIN)/python bench/quality.py
+
+serve: $(BENCH_STAMP)
+	$(BIN)/python bench/serve.py
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .mypy_cache .ruff_cache

@@ -60,6 +60,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from _proc import children, cpu_model, cpu_seconds, parse_metrics, status_kb
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -71,7 +72,6 @@ from personify.engine.publisher import partition_for
 REPO = Path(__file__).resolve().parent.parent
 NAIVE_APP = Path(__file__).resolve().with_name("_naive_app.py")
 PERSONIFY = str(Path(sys.executable).with_name("personify"))
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 GOAL_EVENTS_PER_S = 30_000
 
 Event = dict[str, Any]
@@ -164,30 +164,6 @@ def chunks(items: Sequence[Event], size: int) -> Iterator[Sequence[Event]]:
 
 
 # -- processes -----------------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process (0 when it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def status_kb(pid: int, key: str) -> int:
-    """A ``kB`` figure of /proc/PID/status (VmHWM: peak RSS, VmRSS: current)."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            out += [int(c) for c in (task / "children").read_text().split()]
-    return out
 
 
 @dataclass
@@ -373,23 +349,7 @@ async def run_naive(
         broker.stop()
 
 
-# -- Personify -----------------------------------------------------------------------------
-_METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 APPLIED = "personify_events_applied_total"
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Sum Prometheus samples by metric name (labels folded) plus ``name{labels}`` entries."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC_RE.match(line)
-        if not m:
-            continue
-        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
-        out[name] = out.get(name, 0.0) + value
-        if labels:
-            out[name + labels] = value
-    return out
 
 
 @dataclass
@@ -1552,14 +1512,6 @@ def print_summary(out: dict[str, Any], rows: list[Row], elapsed: float) -> None:
             f"(best batched run {best:,.0f} events/s)"
         )
     print("=" * 104, flush=True)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "?"
 
 
 async def amain(args: argparse.Namespace) -> int:

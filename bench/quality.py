@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from _baselines import ContentSimilarity, ImplicitMF, ItemKNN, Popularity, RandomRanking
+from _engine import engine_spec
 from _harness import (
     Evaluation,
     Recommender,
@@ -483,6 +484,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Recommendation quality on MovieLens 100k (see the module docstring)."
     )
     parser.add_argument("--quick", action="store_true", help="sample users, small grids")
+    parser.add_argument(
+        "--no-engine", action="store_true", help="baselines only (skip the engine's hybrid)"
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
     parser.add_argument(
         "--min-rating", type=float, default=None, help="keep ratings >= this (default: all)"
@@ -596,7 +600,10 @@ def _run(args: argparse.Namespace, extra: Sequence[MethodSpec], started: float) 
         f"encoded in {ctx.phases['encode catalog']:.1f} s"
     )
 
-    specs = [*builtin_methods(encoder, threads=args.threads, seed=args.seed), *extra]
+    specs = [*builtin_methods(encoder, threads=args.threads, seed=args.seed)]
+    if not args.no_engine:
+        specs.append(engine_spec(encoder, ctx.items))
+    specs += extra
     rows: list[Row] = []
     tunings: dict[str, dict[str, Tuning]] = {}
     chosen: list[str] = []

@@ -1,0 +1,64 @@
+"""What the benchmarks read about processes (from /proc) and about the engine (from /metrics)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+from pathlib import Path
+
+__all__ = ["children", "cpu_model", "cpu_seconds", "parse_metrics", "status_kb"]
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Label values can hold braces (route="/v1/users/{user_id}"): the labels run to the last "}".
+_METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)$")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def status_kb(pid: int, key: str) -> int:
+    """A ``kB`` figure of /proc/PID/status (VmRSS: resident now, VmHWM: peak resident)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    """The child process ids of ``pid``."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus samples by ``name`` (labels summed) and by ``name{labels}``."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC_RE.match(line)
+        if m:
+            name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+            out[name] = out.get(name, 0.0) + value
+            if labels:
+                out[name + labels] = value
+    return out
