@@ -280,6 +280,7 @@ async def _apply_chunk(changes: dict[str, Item | None]) -> None:
         await service.index.upsert_async([item["item_id"] for item in upserts], vectors)
     if deletes:
         await service.index.remove_async(deletes)
+    view.touch()  # lists computed before the vectors were indexed are stale
     service.dirty = True
     CATALOG_ITEMS.set(len(view))
 

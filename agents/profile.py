@@ -20,6 +20,7 @@ import orjson
 
 from personify.agents.catalog import embeddings
 from personify.agents.ingest import send_dead_letter
+from personify.agents.lists import profiles_changed, signals_changed
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
 from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE
@@ -202,6 +203,11 @@ async def flush_signals(partitions: Collection[int] | None = None, *, drop: bool
                 await until_done(
                     "signal flush", functools.partial(_store.put_many, partition, writes)
                 )
+                rows = [signals.split_key(key) for key, _value in writes]
+                signals_changed(
+                    {name for kind, name in rows if kind != "trending"},
+                    trending=any(kind == "trending" for kind, _name in rows),
+                )
             if drop:
                 _live.pop(partition, None)
 
@@ -290,12 +296,15 @@ async def profile_agent(stream: Any) -> None:
         attach_categories(received)
         await attach_chat_vectors(received)
         folds = {p: fold_batch(_store, p, evs) for p, evs in by_partition.items()}
+        changed = [key.decode() for f in folds.values() for key, _value in f.writes]
+        profiles_changed(changed, done=False)
         await asyncio.gather(
             *(
                 until_done("profile write", functools.partial(_store.put_many, p, f.writes))
                 for p, f in folds.items()
             )
         )
+        profiles_changed(changed)
         onward = [e for f in folds.values() for e in f.onward]
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))

@@ -19,11 +19,14 @@ tables, the live index) and the offline evaluation (in-memory state) run the sam
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import itertools
 import math
 import threading
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -37,6 +40,8 @@ from personify.tables.catalog import Catalog
 
 __all__ = [
     "DataSource",
+    "Entry",
+    "ListCache",
     "Recommendation",
     "Recommender",
     "Request",
@@ -449,6 +454,115 @@ class Recommender:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A computed list.
+
+    Attributes:
+        computed_ms: when it was computed.
+        owners: what it was computed from: the visitor, and whom they were linked to.
+        gens: each owner's generation then (see `ListCache.generation`).
+        removals: the catalog's removal count then (`Catalog.removals`).
+        version: the catalog's version then (`Catalog.version`).
+        rec_id: its recommendation id.
+        items: the JSON array of its items, in the wire form.
+        size: how many items.
+    """
+
+    computed_ms: int
+    owners: tuple[str, ...]
+    gens: tuple[int, ...]
+    removals: int
+    version: int
+    rec_id: str
+    items: bytes
+    size: int
+
+
+class ListCache:
+    """Computed lists by key, valid while their owner's generation is unchanged (thread-safe).
+
+    Args:
+        capacity: lists kept; the least recently used go first.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._gen: dict[str, int] = {}
+        self._counter = itertools.count(1)
+        self._floor = 0
+        #: Owners whose lists are to be recomputed, oldest first.
+        self.pending: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def generation(self, owner: str) -> int:
+        """A number that changes whenever ``owner`` changes (read it before reading them)."""
+        return self._gen.get(owner, self._floor)
+
+    def changed(self, owners: Iterable[str], *, queue: bool) -> None:
+        """``owners`` changed: their lists are stale; ``queue`` them for recomputing."""
+        with self._lock:
+            for owner in owners:
+                self._gen[owner] = next(self._counter)
+                if queue:
+                    self.pending[owner] = None
+            if len(self._gen) > 4 * self.capacity:
+                self._reset()
+
+    def _reset(self) -> None:
+        # Forgetting generations would make old lists look current: forget the lists too.
+        self._gen.clear()
+        self._entries.clear()
+        self._floor = next(self._counter)
+
+    def clear(self) -> None:
+        """Forget every list (the worker's partitions moved)."""
+        with self._lock:
+            self._reset()
+            self.pending.clear()
+
+    def take(self, n: int) -> list[str]:
+        """Up to ``n`` queued owners, oldest first."""
+        with self._lock:
+            out = list(itertools.islice(self.pending, n))
+            for key in out:
+                del self.pending[key]
+            return out
+
+    def _current(self, entry: Entry) -> bool:
+        gen, floor = self._gen, self._floor
+        return all(gen.get(o, floor) == g for o, g in zip(entry.owners, entry.gens, strict=True))
+
+    def queue(self, key: str) -> None:
+        """Queue ``key``'s list for recomputing."""
+        with self._lock:
+            self.pending[key] = None
+
+    def get(self, key: str) -> Entry | None:
+        """The list of ``key`` while its owners are unchanged, else None."""
+        entry = self._entries.get(key)
+        if entry is None or not self._current(entry):
+            return None
+        with contextlib.suppress(KeyError):  # evicted meanwhile
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> bool:
+        """Keep ``entry`` unless an owner changed since ``entry.gens`` were read."""
+        with self._lock:
+            if not self._current(entry):
+                return False
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            return True
+
+
 class TableData:
     """`DataSource` over the profiles table of this worker (every partition it holds).
 
@@ -480,6 +594,15 @@ class TableData:
             if value is not None:
                 return value
         return None
+
+    def known(self, user_id: str) -> bool:
+        """Whether this worker holds a profile of ``user_id``."""
+        return self._get(user_id.encode()) is not None
+
+    def profile_of(self, user_id: str) -> profiles.Profile | None:
+        """The stored profile of ``user_id`` itself (an alias is not followed), or None."""
+        raw = self._get(user_id.encode())
+        return None if raw is None else profiles.decode(raw)
 
     def profile(self, user_id: str) -> profiles.Profile | None:
         """The visitor's profile, or the user's when the visitor has been identified."""

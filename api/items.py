@@ -1,24 +1,20 @@
 """HTTP handlers: the catalog (items in and out) and recommendations.
 
 Catalog writes go through the items topic (journaled like events) and answer 202 once
-durable; the catalog agent applies them. Recommendations are computed here, in the API
-process, from the local tables and the vector index: no round trip through Kafka.
+durable; the catalog agent applies them. Recommendations are answered here, in the API
+process, from the lists kept in memory or ranked from the local tables and the vector index
+(`personify.agents.lists`): no round trip through Kafka.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import functools
-import time
-import uuid
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from personify.agents.catalog import embeddings
-from personify.agents.recommend import Recommender, Request, TableData
+from personify.agents.lists import Served, recommender, serve_recommendations, serve_similar
+from personify.agents.recommend import Request
 from personify.api.routes import FORWARDED, forward, not_ready, owner_url, read_json
 from personify.api.schemas import Rejection, json_error, json_response
 from personify.engine.app import current_config, items_publisher
@@ -28,36 +24,11 @@ from personify.engine.metrics import ITEMS_REJECTED
 from personify.engine.models import Item, validate_item
 from personify.engine.publisher import MAX_EVENTS_PER_MESSAGE, partition_for
 from personify.tables import catalog as catalog_table
-from personify.tables import profiles
 
-__all__ = ["item_routes", "recommender"]
+__all__ = ["item_routes"]
 
 item_routes = web.RouteTableDef()
 _log = get_logger(__name__)
-
-
-@functools.cache
-def _table_data() -> TableData:
-    cfg = current_config()
-    return TableData(profiles.table(), cfg.recommend)
-
-
-#: Recommendations are computed on one thread beside the event loop: the loop never waits on
-#: table reads or index searches, and requests don't contend with each other for the GIL.
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recommend")
-
-
-def recommender() -> Recommender:
-    """A recommender over this worker's tables and index (cheap to build per request)."""
-    cfg = current_config()
-    service = embeddings()
-    return Recommender(
-        cfg.recommend,
-        _table_data(),
-        catalog_table.catalog(),
-        service.index if service.index_ready.is_set() else None,
-        cfg.profiles.affinity_half_life_s,
-    )
 
 
 async def _publish(changes: list[tuple[str, Item | None]]) -> None:
@@ -250,18 +221,23 @@ async def get_recommendations(request: web.Request) -> web.Response:
         owner = owner_url(user_id)
         if owner is not None:
             return await forward(request, owner)
-    now_ms = int(time.time() * 1000)
-    rec = recommender()
-    # Table reads and the index search run in a worker thread: the loop never waits on them.
-    loop = asyncio.get_running_loop()
-    rec_id, items = await loop.run_in_executor(_EXECUTOR, rec.recommend, user_id, req, now_ms)
-    return json_response(
-        {
-            "recommendation_id": rec_id,
-            "user_id": user_id,
-            "items": [r.as_json() for r in items],
-        }
+    return _answer("user_id", user_id, await serve_recommendations(user_id, req))
+
+
+def _answer(key: str, value: str, served: Served) -> web.Response:
+    """The wire answer, assembled from the list's stored JSON."""
+    body = b"".join(
+        (
+            b'{"recommendation_id":',
+            orjson.dumps(served.rec_id),
+            b',"' + key.encode() + b'":',
+            orjson.dumps(value),
+            b',"items":',
+            served.items,
+            b"}",
+        )
     )
+    return web.Response(body=body, content_type="application/json")
 
 
 @item_routes.get("/v1/items/{item_id}/similar")
@@ -277,13 +253,4 @@ async def get_similar(request: web.Request) -> web.Response:
         return json_error(
             404, f"no item {item_id!r} in the catalog", "item_id", "add it with PUT /v1/items/{id}"
         )
-    now_ms = int(time.time() * 1000)
-    loop = asyncio.get_running_loop()
-    items = await loop.run_in_executor(_EXECUTOR, rec.similar, item_id, req, now_ms)
-    return json_response(
-        {
-            "recommendation_id": uuid.uuid4().hex,
-            "item_id": item_id,
-            "items": [r.as_json() for r in items],
-        }
-    )
+    return _answer("item_id", item_id, await serve_similar(item_id, req))

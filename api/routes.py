@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from personify.api.openapi import OPENAPI
 from personify.api.schemas import EventsAccepted, Rejection, json_error, json_response
 from personify.engine.app import app as faust_app
-from personify.engine.app import current_config, publisher
+from personify.engine.app import current_config, items_publisher, publisher
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY, rejection_reason
@@ -241,7 +241,7 @@ async def healthz(request: web.Request) -> web.Response:
         "broker": await _broker_reachable(),
         "assigned": assigned,
         "tables_recovered": recovered,
-        "journal_replayed": publisher().caught_up,
+        "journal_replayed": publisher().caught_up and items_publisher().caught_up,
     }
     ok = all(checks.values())
     assignment: dict[str, list[int]] = {}

@@ -951,6 +951,50 @@ async def load_events(
     }
 
 
+async def wait_lists(eng: Engine, session: aiohttp.ClientSession, limit_s: float = 1800.0) -> Json:
+    """Phase 2b: wait until the lists queued as profiles changed are computed ahead.
+
+    Done when ``personify_lists_pending`` reads 0 twice in a row; reports how long it took.
+    """
+    name = 'personify_lists_computed_total{kind="user"}'
+    print("\n[lists] visitors' lists computed ahead after their events", flush=True)
+    cpu0 = eng.cpu()
+    t0 = last_print = time.perf_counter()
+    base = (await eng.metrics(session)).get(name, 0.0)
+    zero = 0
+    while zero < 2:
+        await asyncio.sleep(0.5)
+        m = await eng.metrics(session)
+        zero = zero + 1 if m.get("personify_lists_pending", 0.0) == 0 else 0
+        now = time.perf_counter()
+        if now - t0 > limit_s:
+            raise RuntimeError(f"lists still pending after {limit_s:.0f} s:\n{eng.log_tail()}")
+        if now - last_print >= 10:
+            print(
+                f"  ... {m.get(name, 0.0):,.0f} computed, "
+                f"{m.get('personify_lists_pending', 0):,.0f} pending after {now - t0:.0f} s",
+                flush=True,
+            )
+            last_print = now
+    m = await eng.metrics(session)
+    took = time.perf_counter() - t0
+    computed = m.get(name, 0.0)
+    cpu = (eng.cpu() - cpu0) / took
+    print(
+        f"  {computed:,.0f} lists computed in all; the last {computed - base:,.0f} in {took:.1f} s"
+        f" after the events were applied = {(computed - base) / took:,.0f} lists/s "
+        f"(engine CPU {100 * cpu:.0f}%)",
+        flush=True,
+    )
+    return {
+        "computed": computed,
+        "after_events": computed - base,
+        "wait_s": took,
+        "per_s": (computed - base) / took,
+        "engine_cores": cpu,
+    }
+
+
 # -- phase 3: the load generator (runs in its own process) ------------------------------------
 @dataclass
 class LoadSpec:
@@ -1220,6 +1264,13 @@ def print_summary(out: Json) -> None:
             f"{e['applied_per_s']:,.0f} events/s ({e['applied_s']:.1f} s); last visitor's counts "
             f"{'match' if e['last_user_counts_match'] else 'MISMATCH'}"
         )
+    lists = out.get("lists")
+    if lists:
+        print(
+            f"lists:   {lists['computed']:,.0f} visitors' lists computed ahead; the last "
+            f"{lists['after_events']:,.0f} {lists['wait_s']:.1f} s after the events were applied "
+            f"({lists['per_s']:,.0f} lists/s)"
+        )
     print(f"engine start {out.get('startup_s', 0):.1f} s to /healthz 200")
     head = (
         f"{'load run':<22} {'req/s':>8} {'requests':>9} {'p50 ms':>8} {'p90 ms':>8} "
@@ -1267,6 +1318,7 @@ async def amain(args: argparse.Namespace, eng: Engine, out: Json) -> None:
         print(f"personify up at {eng.url} in {eng.startup_s:.1f} s (pid {eng.pid})", flush=True)
         out["catalog"] = await load_catalog(eng, session, cat, args.post_concurrency)
         out["events"] = await load_events(eng, session, plan, args.post_concurrency)
+        out["lists"] = await wait_lists(eng, session)
         runs = [
             LoadSpec(f"open {r:g}/s", eng.url, paths, args.duration, rate=r, warmup=400 * (k == 0))
             for k, r in enumerate(args.rate)

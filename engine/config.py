@@ -227,6 +227,17 @@ class RecommendConfig:
     chat_half_life_s: float = 3600.0
     #: At most this many recommendations from one category (0: no limit).
     max_per_category: int = 0
+    #: Compute a visitor's list ahead, in the background, whenever their profile changes.
+    precompute: bool = True
+    #: Items kept in each stored list: requests with k up to this and no other parameter are
+    #: answered from memory.
+    list_size: int = 10
+    #: A stored list older than this is served once more and recomputed behind the answer ...
+    list_refresh_s: float = 60.0
+    #: ... and one older than this is recomputed before answering.
+    list_max_age_s: float = 900.0
+    #: Stored lists kept per worker (visitors; as many again for similar items).
+    list_cache_size: int = 200_000
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BLEND))
 
 
@@ -373,6 +384,10 @@ _POSITIVE = {
     "recommend.seeds",
     "recommend.candidates",
     "recommend.chat_half_life_s",
+    "recommend.list_size",
+    "recommend.list_refresh_s",
+    "recommend.list_max_age_s",
+    "recommend.list_cache_size",
 }
 
 
@@ -406,6 +421,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
             raise ConfigError(
                 f"{source}: [recommend] covisit_distance_power: expected >= 0, "
                 f"got {obj.covisit_distance_power}"
+            )
+        if obj.list_max_age_s < obj.list_refresh_s:
+            raise ConfigError(
+                f"{source}: [recommend] list_max_age_s: expected >= list_refresh_s "
+                f"({obj.list_refresh_s}), got {obj.list_max_age_s}"
             )
         if obj.max_per_category < 0:
             raise ConfigError(

@@ -13,6 +13,9 @@ __all__ = [
     "EVENTS_REJECTED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
+    "LISTS_COMPUTED",
+    "LISTS_PENDING",
+    "LISTS_SERVED",
     "REGISTRY",
     "REQUEST_LATENCY",
     "rejection_reason",
@@ -60,6 +63,23 @@ ITEMS_REJECTED = Counter(
     "personify_items_rejected",
     "Catalog items rejected (sent to the dead-letter topic), by source.",
     ["source"],
+    registry=REGISTRY,
+)
+LISTS_COMPUTED = Counter(
+    "personify_lists_computed",
+    "Recommendation lists ranked and stored, by kind (user, new_visitor, similar).",
+    ["kind"],
+    registry=REGISTRY,
+)
+LISTS_PENDING = Gauge(
+    "personify_lists_pending",
+    "Stored lists waiting to be recomputed in the background.",
+    registry=REGISTRY,
+)
+LISTS_SERVED = Counter(
+    "personify_lists_served",
+    "Recommendation answers, by how: memory (a stored list) or computed (ranked on request).",
+    ["how"],
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

@@ -80,6 +80,11 @@ class Catalog:
         self._lock = threading.Lock()
         #: Set once the view holds the whole table (after start).
         self.loaded = False
+        #: Counts items deleted or gone out of stock: lists computed before a change of it
+        #: are checked for such items before they are served.
+        self.removals = 0
+        #: Counts every change.
+        self.version = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -105,6 +110,10 @@ class Catalog:
             price=item.get("price"),
         )
         with self._lock:
+            old = self._items.get(info.item_id)
+            if not info.in_stock and (old is None or old.in_stock):
+                self.removals += 1
+            self.version += 1
             self._items[info.item_id] = info
             self.deleted.discard(info.item_id)
 
@@ -113,6 +122,13 @@ class Catalog:
         with self._lock:
             self._items.pop(item_id, None)
             self.deleted.add(item_id)
+            self.removals += 1
+            self.version += 1
+
+    def touch(self) -> None:
+        """Count a change made elsewhere (the items' vectors were indexed)."""
+        with self._lock:
+            self.version += 1
 
     def category_of(self, item_id: str) -> str | None:
         """The item's category path, or None."""

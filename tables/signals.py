@@ -52,12 +52,14 @@ __all__ = [
     "normalised",
     "refresh_counts",
     "row_key",
+    "split_key",
 ]
 
 SignalKind = Literal["covisit", "copurchase", "trending"]
 #: Keys of signal rows start with this byte; visitor ids cannot.
 PREFIX = b"\x00"
 _KIND_BYTE: dict[str, bytes] = {"covisit": b"c", "copurchase": b"p", "trending": b"t"}
+_KIND_OF: dict[bytes, SignalKind] = {b"c": "covisit", b"p": "copurchase", b"t": "trending"}
 #: A row's reference time moves forward once a new contribution would be scaled by more than
 #: this (keeps the stored numbers far from float overflow).
 _MAX_EXPONENT = 40.0
@@ -74,6 +76,12 @@ SELF = ""
 def row_key(kind: SignalKind, name: str) -> bytes:
     """The table key of the ``kind`` row of item (or category) ``name``."""
     return PREFIX + _KIND_BYTE[kind] + name.encode()
+
+
+def split_key(key: bytes) -> tuple[SignalKind, str]:
+    """The kind and the item (or category) of a signal row's key (see `row_key`)."""
+    kind = _KIND_OF[key[1:2]]
+    return kind, key[2:].decode()
 
 
 def categories_of(path: str | None) -> list[str]:

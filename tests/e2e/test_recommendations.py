@@ -67,8 +67,12 @@ def shop(module_engine: Callable[..., Any]) -> Iterator[Any]:
     ]
     status, body = eng.request("POST", "/v1/items", {"items": items})
     assert status == 202, body
+    # Items are indexed partition by partition: wait for all of them.
     eng.wait_for(
-        lambda: eng.request("GET", "/v1/items/h-jacket/similar?k=3")[1].get("items"),
+        lambda: (
+            f"personify_catalog_items {float(len(CATALOG))}"
+            in str(eng.request("GET", "/metrics")[1])
+        ),
         what="the catalog to be indexed",
     )
     now = int(time.time() * 1000) - 3_600_000
@@ -302,3 +306,52 @@ def test_put_replaces_an_item(shop: Any) -> None:
     )
     body = recs(shop, "shoe-browser", "k=20&category=outdoor/hiking")
     assert "h-shoes" not in ids(body)
+
+
+def served(eng: Any, how: str) -> float:
+    """How many answers were served ``how`` (memory or computed), from GET /metrics."""
+    text = str(eng.request("GET", "/metrics")[1])
+    line = f'personify_lists_served_total{{how="{how}"}} '
+    return next((float(x[len(line) :]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_stored_list_follows_profile_and_catalog(shop: Any, uid: str) -> None:
+    """A stored list is served from memory, follows the visitor's events, drops deleted items."""
+    now = int(time.time() * 1000)
+    shop.post_events(views(uid, ["h-jacket"], now - 60_000))
+    shop.wait_profile(uid, lambda p: len(p["recent_items"]) == 1)
+    first = recs(shop, uid, "k=5")
+    memory = served(shop, "memory")
+    again = recs(shop, uid, "k=5")
+    assert served(shop, "memory") == memory + 1  # answered from the stored list
+    assert again == first  # the same list, the same recommendation id
+    shorter = recs(shop, uid, "k=2")
+    assert (
+        ids(shorter) == ids(first)[:2]
+        and shorter["recommendation_id"] == first["recommendation_id"]
+    )
+
+    shop.post_events(views(uid, ["h-boots"], now - 30_000))
+    shop.wait_profile(uid, lambda p: len(p["recent_items"]) == 2)
+    after = recs(shop, uid, "k=5")
+    assert after["recommendation_id"] != first["recommendation_id"]
+    assert "h-boots" not in ids(after)  # viewed now: the list was recomputed
+
+    gone = ids(after)[0]
+    status, _ = shop.request("DELETE", f"/v1/items/{gone}")
+    assert status == 202
+    shop.wait_for(
+        lambda: shop.request("GET", f"/v1/items/{gone}")[0] == 404,
+        what="the delete to be applied",
+    )
+    body = recs(shop, uid, "k=5")
+    assert gone not in ids(body), body
+    assert len(ids(body)) == 5
+    status, _ = shop.request("PUT", f"/v1/items/{gone}", item_of(gone))
+    assert status == 202
+
+
+def item_of(item_id: str) -> dict[str, Any]:
+    """The catalog entry of ``item_id`` in the wire form."""
+    _i, title, category, tags = next(row for row in CATALOG if row[0] == item_id)
+    return {"item_id": item_id, "title": title, "category": category, "tags": tags, "price": 50.0}

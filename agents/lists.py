@@ -1,0 +1,344 @@
+"""Each visitor's recommendations, computed ahead and served from memory.
+
+When a visitor's profile changes, the profile agent marks their list stale and queues them; a
+background builder recomputes queued lists, a few at a time, on the recommendation thread.
+A request for the default list (``k`` up to ``[recommend] list_size`` and no other parameter)
+is then answered from memory without touching the tables or the index:
+
+- while the visitor's profile is unchanged since the list was computed, and
+- the list is younger than ``list_max_age_s``; one older than ``list_refresh_s`` is served once
+  more and recomputed behind the answer (collaborative signals and trending move slowly).
+
+Every other request, and a miss, is computed on request (and a default one is stored). Items
+deleted from the catalog or out of stock since a list was computed are filtered out when it is
+served. "Similar items" lists are kept the same way, per item, refreshed by age.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import mode
+import orjson
+
+from personify.agents.catalog import embeddings
+from personify.agents.recommend import (
+    Entry,
+    ListCache,
+    Recommendation,
+    Recommender,
+    Request,
+    TableData,
+)
+from personify.engine.app import app, current_config
+from personify.engine.logging import get_logger
+from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_SERVED
+from personify.tables import catalog as catalog_table
+from personify.tables import profiles
+
+__all__ = [
+    "Served",
+    "list_cache",
+    "profiles_changed",
+    "recommender",
+    "run_ranking",
+    "serve_recommendations",
+    "serve_similar",
+    "signals_changed",
+    "similar_cache",
+]
+
+_log = get_logger(__name__)
+
+#: Rankings run on one thread beside the event loop: the loop never waits on table reads or
+#: index searches, and rankings don't contend with each other for the GIL.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recommend")
+#: Lists the builder computes per turn on the ranking thread (a request that misses the cache
+#: waits for at most one turn).
+_BUILD_BATCH = 8
+
+
+async def run_ranking(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` on the ranking thread."""
+    return await asyncio.get_running_loop().run_in_executor(_EXECUTOR, fn, *args)
+
+
+@functools.cache
+def list_cache() -> ListCache:
+    """The visitors' lists of this worker."""
+    return ListCache(current_config().recommend.list_cache_size)
+
+
+@functools.cache
+def similar_cache() -> ListCache:
+    """The items' "similar items" lists of this worker."""
+    return ListCache(current_config().recommend.list_cache_size)
+
+
+@functools.cache
+def _table_data() -> TableData:
+    return TableData(profiles.table(), current_config().recommend)
+
+
+def recommender() -> Recommender:
+    """A recommender over this worker's tables and index (cheap to build per request)."""
+    cfg = current_config()
+    service = embeddings()
+    return Recommender(
+        cfg.recommend,
+        _table_data(),
+        catalog_table.catalog(),
+        service.index if service.index_ready.is_set() else None,
+        cfg.profiles.affinity_half_life_s,
+    )
+
+
+def _encode(items: list[Recommendation]) -> bytes:
+    return orjson.dumps([r.as_json() for r in items])
+
+
+def _keep(rec: Recommender, cache: ListCache, key: str, entry: Entry) -> None:
+    # While the index loads, lists go without content: they are not kept.
+    if rec.index is not None:
+        cache.put(key, entry)
+
+
+def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -> Entry | None:
+    """Rank the default list of ``user_id`` and keep it; None for a visitor never seen."""
+    data = rec.data
+    assert isinstance(data, TableData)
+    # Generations are read before the profiles: a change meanwhile leaves the list stale.
+    owners, gens = [user_id], [cache.generation(user_id)]
+    profile = data.profile_of(user_id)
+    if profile is None:
+        return None
+    alias = profile.get("alias_of")
+    if alias is not None:  # an anonymous visitor linked to a user: the user's profile counts
+        owners.append(alias)
+        gens.append(cache.generation(alias))
+        profile = data.profile_of(alias) or profile
+    now_ms = int(time.time() * 1000)
+    removals, version = rec.catalog.removals, rec.catalog.version
+    rec_id, items = rec.recommend(user_id, Request(k=size), now_ms, profile=profile)
+    entry = Entry(
+        now_ms, tuple(owners), tuple(gens), removals, version, rec_id, _encode(items), len(items)
+    )
+    _keep(rec, cache, user_id, entry)
+    LISTS_COMPUTED.labels("user").inc()
+    return entry
+
+
+def _compute_new_visitor(rec: Recommender, cache: ListCache, size: int) -> Entry:
+    """The list of every visitor never seen (trending items), kept under the key ``""``."""
+    gen = cache.generation("")
+    now_ms = int(time.time() * 1000)
+    removals, version = rec.catalog.removals, rec.catalog.version
+    rec_id, items = rec.recommend(None, Request(k=size), now_ms)
+    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, _encode(items), len(items))
+    _keep(rec, cache, "", entry)
+    LISTS_COMPUTED.labels("new_visitor").inc()
+    return entry
+
+
+def _compute_similar(rec: Recommender, cache: ListCache, item_id: str, size: int) -> Entry:
+    gen = cache.generation(item_id)
+    now_ms = int(time.time() * 1000)
+    removals, version = rec.catalog.removals, rec.catalog.version
+    items = rec.similar(item_id, Request(k=size), now_ms)
+    rec_id = uuid.uuid4().hex
+    entry = Entry(now_ms, (item_id,), (gen,), removals, version, rec_id, _encode(items), len(items))
+    _keep(rec, cache, item_id, entry)
+    LISTS_COMPUTED.labels("similar").inc()
+    return entry
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """An answer: its recommendation id and the JSON array of its items."""
+
+    rec_id: str
+    items: bytes
+
+
+def _from_entry(entry: Entry, k: int, rec: Recommender) -> Served | None:
+    """``entry`` cut to ``k`` items, without the items removed since; None if too few remain."""
+    if entry.removals == rec.catalog.removals:
+        if k >= entry.size:
+            return Served(entry.rec_id, entry.items)
+        return Served(entry.rec_id, orjson.dumps(orjson.loads(entry.items)[:k]))
+    cat = rec.catalog
+    kept = []
+    for item in orjson.loads(entry.items):
+        info = cat.get(item["item_id"])
+        if item["item_id"] in cat.deleted or (info is not None and not info.in_stock):
+            continue
+        kept.append(item)
+    if len(kept) < min(k, entry.size):
+        return None
+    return Served(entry.rec_id, orjson.dumps(kept[:k]))
+
+
+def _is_default(req: Request) -> bool:
+    return (
+        req.context_item is None
+        and req.category is None
+        and not req.exclude
+        and req.max_per_category == current_config().recommend.max_per_category
+    )
+
+
+def _fresh(entry: Entry, now_ms: int) -> tuple[bool, bool]:
+    """(still servable, due for a refresh)."""
+    cfg = current_config().recommend
+    age_ms = now_ms - entry.computed_ms
+    return age_ms < cfg.list_max_age_s * 1000, age_ms >= cfg.list_refresh_s * 1000
+
+
+async def serve_recommendations(user_id: str, req: Request) -> Served:
+    """The visitor's list for ``req``: from memory when it can be, else ranked now."""
+    cfg = current_config().recommend
+    rec = recommender()
+    if not _is_default(req) or req.k > cfg.list_size:
+        now_ms = int(time.time() * 1000)
+        rec_id, items = await run_ranking(rec.recommend, user_id, req, now_ms)
+        LISTS_SERVED.labels("computed").inc()
+        return Served(rec_id, _encode(items))
+    cache = list_cache()
+    now_ms = int(time.time() * 1000)
+    entry = cache.get(user_id)
+    key = user_id
+    if entry is None and not _table_data().known(user_id):
+        key = ""  # a visitor never seen: the list they all share
+        entry = cache.get(key)
+    if entry is not None:
+        servable, due = _fresh(entry, now_ms)
+        served = _from_entry(entry, req.k, rec) if servable else None
+        if served is not None:
+            if due:
+                _queue_refresh(cache, key)
+            LISTS_SERVED.labels("memory").inc()
+            return served
+    if key == "":
+        entry = await run_ranking(_compute_new_visitor, rec, cache, cfg.list_size)
+    else:
+        entry = await run_ranking(_compute_user, rec, cache, user_id, cfg.list_size)
+        if entry is None:  # never seen after all
+            entry = await run_ranking(_compute_new_visitor, rec, cache, cfg.list_size)
+    LISTS_SERVED.labels("computed").inc()
+    served = _from_entry(entry, req.k, rec)
+    if served is None:  # removed items everywhere: rank with the catalog as it is now
+        rec_id, items = await run_ranking(rec.recommend, user_id, req, now_ms)
+        return Served(rec_id, _encode(items))
+    return served
+
+
+async def serve_similar(item_id: str, req: Request) -> Served:
+    """Items like ``item_id`` for ``req``: from memory when it can be, else ranked now."""
+    cfg = current_config().recommend
+    rec = recommender()
+    now_ms = int(time.time() * 1000)
+    if _is_default(req) and req.k <= cfg.list_size:
+        cache = similar_cache()
+        entry = cache.get(item_id)
+        if entry is not None and entry.version == rec.catalog.version:
+            servable, due = _fresh(entry, now_ms)
+            served = _from_entry(entry, req.k, rec) if servable else None
+            if served is not None:
+                if due:
+                    _queue_refresh(cache, item_id)
+                LISTS_SERVED.labels("memory").inc()
+                return served
+        entry = await run_ranking(_compute_similar, rec, cache, item_id, cfg.list_size)
+        served = _from_entry(entry, req.k, rec)
+        if served is not None:
+            LISTS_SERVED.labels("computed").inc()
+            return served
+    items = await run_ranking(rec.similar, item_id, req, now_ms)
+    LISTS_SERVED.labels("computed").inc()
+    return Served(uuid.uuid4().hex, _encode(items))
+
+
+def _queue_refresh(cache: ListCache, key: str) -> None:
+    """Recompute ``key``'s list behind the answer (it stays servable meanwhile)."""
+    cache.queue(key)
+    _builder_wake().set()
+
+
+@functools.cache
+def _builder_wake() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def profiles_changed(user_ids: Iterable[str], *, done: bool = True) -> None:
+    """The profiles of ``user_ids`` change: their lists are stale.
+
+    Called before the new profiles are written (no list computed from the old ones is served
+    once they can be read) and again once written (``done``: nothing computed during the write
+    counts, and the lists are queued to be computed ahead).
+    """
+    precompute = done and current_config().recommend.precompute
+    list_cache().changed(user_ids, queue=precompute)
+    if precompute:
+        LISTS_PENDING.set(len(list_cache().pending) + len(similar_cache().pending))
+        _builder_wake().set()
+
+
+def signals_changed(items: Iterable[str], trending: bool) -> None:
+    """Signal rows were written: the lists that read them are stale.
+
+    Those are the similar-items lists of ``items`` and, with ``trending``, the list of
+    visitors never seen.
+    """
+    similar_cache().changed(items, queue=False)
+    if trending:
+        list_cache().changed([""], queue=False)
+
+
+def _build(rec: Recommender, size: int, users: list[str], items: list[str]) -> None:
+    users_cache, items_cache = list_cache(), similar_cache()
+    for key in users:
+        if key == "":
+            _compute_new_visitor(rec, users_cache, size)
+        else:
+            _compute_user(rec, users_cache, key, size)
+    for key in items:
+        _compute_similar(rec, items_cache, key, size)
+
+
+@app.service
+class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
+    """Recomputes queued lists in the background, a few per turn of the ranking thread."""
+
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _run(self) -> None:
+        wake = _builder_wake()
+        users_cache, items_cache = list_cache(), similar_cache()
+        size = current_config().recommend.list_size
+        while not self.should_stop:
+            users = users_cache.take(_BUILD_BATCH)
+            items = items_cache.take(_BUILD_BATCH - len(users)) if len(users) < _BUILD_BATCH else []
+            if not users and not items:
+                LISTS_PENDING.set(0)
+                wake.clear()
+                await wake.wait()
+                continue
+            try:
+                await run_ranking(_build, recommender(), size, users, items)
+            except Exception:
+                _log.exception("list builder failed; the lists are computed on request")
+            LISTS_PENDING.set(len(users_cache.pending) + len(items_cache.pending))
+
+
+async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+    """Partitions moved: lists computed from profiles this worker no longer holds go."""
+    list_cache().clear()
+
+
+app.on_partitions_assigned.connect(_on_assigned)

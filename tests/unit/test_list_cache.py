@@ -1,0 +1,117 @@
+"""The store of computed lists: valid while their owners are unchanged, bounded, thread-safe."""
+
+from __future__ import annotations
+
+import threading
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from personify.agents.recommend import Entry, ListCache
+
+
+def entry(cache: ListCache, *owners: str, rec_id: str = "r") -> Entry:
+    """A list computed now from ``owners`` (their generations read first, as the builder does)."""
+    gens = tuple(cache.generation(o) for o in owners)
+    return Entry(0, owners, gens, 0, 0, rec_id, b"[]", 0)
+
+
+def test_a_list_lasts_until_its_owner_changes() -> None:
+    cache = ListCache(10)
+    assert cache.put("u", entry(cache, "u"))
+    got = cache.get("u")
+    assert got is not None and got.rec_id == "r"
+    cache.changed(["u"], queue=False)
+    assert cache.get("u") is None
+    assert "u" not in cache.pending
+
+
+def test_a_list_computed_during_a_change_is_refused() -> None:
+    """Generations are read before the profile: a change meanwhile makes the result stale."""
+    cache = ListCache(10)
+    stale = entry(cache, "u")  # read before ...
+    cache.changed(["u"], queue=True)  # ... the profile changed
+    assert not cache.put("u", stale)
+    assert cache.get("u") is None
+    assert cache.take(5) == ["u"]
+    assert cache.take(5) == []
+
+
+def test_a_linked_visitor_follows_both_profiles() -> None:
+    cache = ListCache(10)
+    assert cache.put("anon", entry(cache, "anon", "user"))
+    cache.changed(["user"], queue=False)
+    assert cache.get("anon") is None
+    assert cache.put("anon", entry(cache, "anon", "user"))
+    cache.changed(["anon"], queue=False)
+    assert cache.get("anon") is None
+
+
+def test_least_recently_used_lists_go_first() -> None:
+    cache = ListCache(2)
+    for key in "abc":
+        cache.put(key, entry(cache, key))
+        if key == "b":
+            assert cache.get("a") is not None  # a is used: b is now the oldest
+    assert cache.get("b") is None
+    assert cache.get("a") is not None and cache.get("c") is not None
+    assert len(cache) == 2
+
+
+def test_forgetting_generations_never_revives_a_stale_list() -> None:
+    """Past 4 x capacity generations the cache starts over; an old list cannot come back."""
+    cache = ListCache(1)
+    old = entry(cache, "u")
+    cache.changed(["u"], queue=False)
+    cache.changed([f"x{n}" for n in range(10)], queue=False)  # resets
+    assert not cache.put("u", old)
+    assert cache.put("u", entry(cache, "u"))
+
+
+def test_clear_forgets_lists_and_queue() -> None:
+    cache = ListCache(10)
+    cache.put("u", entry(cache, "u"))
+    cache.changed(["v"], queue=True)
+    cache.clear()
+    assert cache.get("u") is None and cache.take(10) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["put", "change"]), st.sampled_from("abc")), max_size=40))
+def test_never_serves_a_list_older_than_the_last_change(ops: list[tuple[str, str]]) -> None:
+    """Whatever the order of puts and changes, get() returns lists computed after the change."""
+    cache = ListCache(2)
+    changed_at: dict[str, int] = {}
+    for step, (op, key) in enumerate(ops):
+        if op == "change":
+            cache.changed([key], queue=False)
+            changed_at[key] = step
+        else:
+            cache.put(key, Entry(step, (key,), (cache.generation(key),), 0, 0, str(step), b"[]", 0))
+        for k in "abc":
+            got = cache.get(k)
+            if got is not None:
+                assert got.computed_ms > changed_at.get(k, -1)
+
+
+def test_concurrent_changes_and_puts() -> None:
+    """Changes from one thread and puts from another never leave a stale list servable."""
+    cache = ListCache(100)
+    stop = threading.Event()
+
+    def changer() -> None:
+        while not stop.is_set():
+            cache.changed(["u"], queue=True)
+
+    t = threading.Thread(target=changer)
+    t.start()
+    try:
+        for _ in range(2000):
+            e = entry(cache, "u")
+            cache.put("u", e)
+    finally:
+        stop.set()
+        t.join()
+    last = entry(cache, "u")
+    got = cache.get("u")
+    assert got is None or got.gens == last.gens
