@@ -29,6 +29,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
+from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import (
     Entry,
     ListCache,
@@ -47,6 +48,7 @@ __all__ = [
     "Served",
     "list_cache",
     "profiles_changed",
+    "push_list",
     "recommender",
     "run_ranking",
     "serve_recommendations",
@@ -283,10 +285,20 @@ def profiles_changed(user_ids: Iterable[str], *, done: bool = True) -> None:
     once they can be read) and again once written (``done``: nothing computed during the write
     counts, and the lists are queued to be computed ahead).
     """
-    precompute = done and current_config().recommend.precompute
-    list_cache().changed(user_ids, queue=precompute)
-    if precompute:
-        LISTS_PENDING.set(len(list_cache().pending) + len(similar_cache().pending))
+    cache = list_cache()
+    if not done:
+        cache.changed(user_ids, queue=False)
+        return
+    users = list(user_ids)
+    live = hub()
+    watched = [u for u in users if live.watching(u)]  # pushed first, with or without precompute
+    if watched:
+        cache.changed(watched, queue=True, urgent=True)
+    if len(watched) < len(users):
+        others = [u for u in users if u not in set(watched)] if watched else users
+        cache.changed(others, queue=current_config().recommend.precompute)
+    if watched or current_config().recommend.precompute:
+        LISTS_PENDING.set(cache.backlog() + similar_cache().backlog())
         _builder_wake().set()
 
 
@@ -301,26 +313,44 @@ def signals_changed(items: Iterable[str], trending: bool) -> None:
         list_cache().changed([""], queue=False)
 
 
-def _build(rec: Recommender, size: int, users: list[str], items: list[str]) -> None:
+def _build(
+    rec: Recommender, size: int, users: list[str], items: list[str]
+) -> list[tuple[str, Entry]]:
+    """Compute the lists of ``users`` and ``items``; return the users' (to push)."""
     users_cache, items_cache = list_cache(), similar_cache()
+    out: list[tuple[str, Entry]] = []
     for key in users:
         if key == "":
             _compute_new_visitor(rec, users_cache, size)
         else:
-            _compute_user(rec, users_cache, key, size)
+            entry = _compute_user(rec, users_cache, key, size)
+            if entry is not None:
+                out.append((key, entry))
     for key in items:
         _compute_similar(rec, items_cache, key, size)
+    return out
+
+
+def push_list(user_id: str, rec_id: str, items: bytes) -> int:
+    """Push a ``recommendations`` message to the visitor's sockets; its seq (0: none)."""
+    body = recommendations_message(user_id, rec_id, items)
+    return hub().publish(user_id, "recommendations", body)
 
 
 @app.service
 class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
-    """Recomputes queued lists in the background, a few per turn of the ranking thread."""
+    """Recomputes queued lists in the background, a few per turn of the ranking thread.
+
+    Each visitor's new list is pushed to their sockets; visitors with one open go first.
+    """
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _run(self) -> None:
         wake = _builder_wake()
         users_cache, items_cache = list_cache(), similar_cache()
         size = current_config().recommend.list_size
+        debounce_s = current_config().push.debounce_ms / 1000.0
+        live = hub()
         while not self.should_stop:
             users = users_cache.take(_BUILD_BATCH)
             items = items_cache.take(_BUILD_BATCH - len(users)) if len(users) < _BUILD_BATCH else []
@@ -328,12 +358,18 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 LISTS_PENDING.set(0)
                 wake.clear()
                 await wake.wait()
+                if debounce_s > 0:  # gather a burst of events into one list and one push
+                    await asyncio.sleep(debounce_s)
                 continue
             try:
-                await run_ranking(_build, recommender(), size, users, items)
+                built = await run_ranking(_build, recommender(), size, users, items)
             except Exception:
                 _log.exception("list builder failed; the lists are computed on request")
-            LISTS_PENDING.set(len(users_cache.pending) + len(items_cache.pending))
+                built = []
+            for user_id, entry in built:
+                if live.watching(user_id):
+                    push_list(user_id, entry.rec_id, entry.items)
+            LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
 
 
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:

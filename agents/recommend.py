@@ -492,8 +492,10 @@ class ListCache:
         self._gen: dict[str, int] = {}
         self._counter = itertools.count(1)
         self._floor = 0
-        #: Owners whose lists are to be recomputed, oldest first.
+        #: Owners whose lists are to be recomputed, oldest first ...
         self.pending: dict[str, None] = {}
+        #: ... after these, which someone is waiting for (a socket is open).
+        self.urgent: dict[str, None] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -503,12 +505,14 @@ class ListCache:
         """A number that changes whenever ``owner`` changes (read it before reading them)."""
         return self._gen.get(owner, self._floor)
 
-    def changed(self, owners: Iterable[str], *, queue: bool) -> None:
-        """``owners`` changed: their lists are stale; ``queue`` them for recomputing."""
+    def changed(self, owners: Iterable[str], *, queue: bool, urgent: bool = False) -> None:
+        """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first)."""
         with self._lock:
             for owner in owners:
                 self._gen[owner] = next(self._counter)
-                if queue:
+                if urgent:
+                    self.urgent[owner] = None
+                elif queue:
                     self.pending[owner] = None
             if len(self._gen) > 4 * self.capacity:
                 self._reset()
@@ -524,14 +528,23 @@ class ListCache:
         with self._lock:
             self._reset()
             self.pending.clear()
+            self.urgent.clear()
 
     def take(self, n: int) -> list[str]:
-        """Up to ``n`` queued owners, oldest first."""
+        """Up to ``n`` queued owners: the urgent ones first, each kind oldest first."""
         with self._lock:
-            out = list(itertools.islice(self.pending, n))
+            out = list(itertools.islice(self.urgent, n))
             for key in out:
+                del self.urgent[key]
+                self.pending.pop(key, None)
+            more = list(itertools.islice(self.pending, n - len(out)))
+            for key in more:
                 del self.pending[key]
-            return out
+            return out + more
+
+    def backlog(self) -> int:
+        """How many lists are queued."""
+        return len(self.pending) + len(self.urgent)
 
     def _current(self, entry: Entry) -> bool:
         gen, floor = self._gen, self._floor

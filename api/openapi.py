@@ -422,6 +422,38 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/ws": {
+            "get": {
+                "summary": "Live recommendations over a WebSocket",
+                "description": "Follows one visitor. Server messages are JSON objects with "
+                "`type` and `seq` (the visitor's message number, increasing): "
+                '`{"type": "recommendations", "seq": 7, "user_id": "U", '
+                '"recommendation_id": "...", "items": [...]}` (items as in GET '
+                "/v1/users/{id}/recommendations), sent at once and after each of the visitor's "
+                "events. Reconnect with `resume_from` set to the last `seq` received to get "
+                "what was sent meanwhile (up to [push] replay_size messages; past that, a "
+                "fresh list). The server pings every [push] heartbeat_s and closes with 1001 "
+                "when it stops; a client too slow to read loses its oldest queued messages.",
+                "parameters": [
+                    {
+                        "name": "user_id",
+                        "in": "query",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "The visitor to follow.",
+                    },
+                    _query(
+                        "resume_from",
+                        {"type": "integer", "minimum": 0},
+                        "The last seq received before a reconnect.",
+                    ),
+                ],
+                "responses": {
+                    "101": {"description": "Switching to the WebSocket protocol."},
+                    "400": _err("user_id or resume_from is invalid, or not a WebSocket upgrade."),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Readiness",

@@ -13,6 +13,7 @@ from aiohttp import web
 from personify.api.items import item_routes
 from personify.api.routes import HTTP_CLIENT, routes
 from personify.api.schemas import json_error
+from personify.api.ws import close_sockets, ws_routes
 from personify.engine.app import app as faust_app
 from personify.engine.app import current_config
 from personify.engine.logging import get_logger
@@ -51,7 +52,9 @@ def build_app() -> web.Application:
     web_app = web.Application(middlewares=[_errors_and_timing])
     web_app.add_routes(routes)
     web_app.add_routes(item_routes)
+    web_app.add_routes(ws_routes)
     web_app.cleanup_ctx.append(_http_client)
+    web_app.on_shutdown.append(close_sockets)
     return web_app
 
 

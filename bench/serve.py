@@ -15,6 +15,9 @@
    the items of each), some add-to-cart and purchase events; ``POST /v1/events`` batches of
    1,000. Reported: events/s accepted, and events/s applied (``personify_events_applied_total``
    on ``GET /metrics``, and the last visitor's counts on ``GET /v1/users/{id}``);
+   Then the lists: every visitor whose profile changed gets their list computed ahead in the
+   background; the run waits until none is pending (``personify_lists_pending``) and reports
+   how many were computed and how long the queue took to drain after the events;
 3. load test, from a separate process (``multiprocessing``, an asyncio + aiohttp client):
    about 80% ``GET /v1/users/{known user}/recommendations?k=10``, 10% the same for visitors
    never seen, 10% ``GET /v1/items/{popular item}/similar?k=10``. First an open-loop run at

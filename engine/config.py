@@ -31,6 +31,7 @@ __all__ = [
     "EventsConfig",
     "LoggingConfig",
     "ProfilesConfig",
+    "PushConfig",
     "RecommendConfig",
     "ServerConfig",
     "StorageConfig",
@@ -242,6 +243,24 @@ class RecommendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PushConfig:
+    """Live updates over WebSocket (GET /v1/ws)."""
+
+    #: After a visitor's event, wait this long for more before computing and pushing.
+    debounce_ms: float = 10.0
+    #: Messages kept per visitor so a client that reconnects with resume_from misses none.
+    replay_size: int = 64
+    #: Messages queued per socket; past this the oldest is dropped (and counted).
+    queue_size: int = 64
+    #: Ping interval; a client that does not answer is closed.
+    heartbeat_s: float = 20.0
+    #: A visitor's replay buffer is kept this long after their last socket closed.
+    replay_ttl_s: float = 300.0
+    #: Visitors with a replay buffer kept per worker (the least recently used go first).
+    max_channels: int = 100_000
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """Structured logs."""
 
@@ -263,6 +282,7 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    push: PushConfig = field(default_factory=PushConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -388,6 +408,11 @@ _POSITIVE = {
     "recommend.list_refresh_s",
     "recommend.list_max_age_s",
     "recommend.list_cache_size",
+    "push.replay_size",
+    "push.queue_size",
+    "push.heartbeat_s",
+    "push.replay_ttl_s",
+    "push.max_channels",
 }
 
 
@@ -437,6 +462,8 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
                 raise ConfigError(
                     f"{source}: [recommend.weights] {name}: expected >= 0, got {weight}"
                 )
+    if section == "push" and obj.debounce_ms < 0:
+        raise ConfigError(f"{source}: [push] debounce_ms: expected >= 0, got {obj.debounce_ms}")
     if section == "worker" and obj.fetch_max_wait_ms < 0:
         raise ConfigError(
             f"{source}: [worker] fetch_max_wait_ms: expected >= 0, got {obj.fetch_max_wait_ms}"

@@ -18,6 +18,9 @@ __all__ = [
     "LISTS_SERVED",
     "REGISTRY",
     "REQUEST_LATENCY",
+    "WS_DROPPED",
+    "WS_MESSAGES",
+    "WS_SOCKETS",
     "rejection_reason",
 ]
 
@@ -80,6 +83,20 @@ LISTS_SERVED = Counter(
     "personify_lists_served",
     "Recommendation answers, by how: memory (a stored list) or computed (ranked on request).",
     ["how"],
+    registry=REGISTRY,
+)
+WS_SOCKETS = Gauge(
+    "personify_ws_sockets", "Open WebSocket connections (GET /v1/ws).", registry=REGISTRY
+)
+WS_MESSAGES = Counter(
+    "personify_ws_messages",
+    "Messages pushed to visitors' WebSocket channels, by type.",
+    ["type"],
+    registry=REGISTRY,
+)
+WS_DROPPED = Counter(
+    "personify_ws_dropped",
+    "Messages dropped because a socket's queue was full (a client too slow to take them).",
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

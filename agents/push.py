@@ -1,0 +1,199 @@
+"""Live updates: per-visitor message channels behind the WebSocket endpoint.
+
+Each visitor with a socket open (or open recently) has a `Channel`: a per-visitor sequence
+number, a bounded replay buffer (``[push] replay_size``) that lets a client reconnecting with
+``resume_from`` receive what it missed, and the sockets subscribed to it. Each socket has a
+`Subscriber` queue bounded at ``[push] queue_size``: a client that does not keep up loses its
+oldest messages (counted) and never slows down the others or the engine.
+
+Messages are JSON objects with ``type`` and ``seq``; they are encoded once and the same bytes
+go to every socket of the visitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import orjson
+
+from personify.engine.app import current_config
+from personify.engine.config import PushConfig
+from personify.engine.metrics import WS_DROPPED, WS_MESSAGES
+
+__all__ = ["Channel", "Hub", "Subscriber", "hub", "recommendations_message"]
+
+
+class Subscriber:
+    """One socket's queue of encoded messages, bounded: the oldest go first when it is full."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._queue: deque[bytes] = deque()
+        self._wake = asyncio.Event()
+        self.dropped = 0
+        self.closed = False
+
+    def offer(self, data: bytes) -> None:
+        """Queue ``data``; drop the oldest message if the queue is full."""
+        if len(self._queue) >= self.capacity:
+            self._queue.popleft()
+            self.dropped += 1
+            WS_DROPPED.inc()
+        self._queue.append(data)
+        self._wake.set()
+
+    async def take(self) -> list[bytes]:
+        """Every queued message, oldest first (waits for at least one; [] once closed)."""
+        while not self._queue and not self.closed:
+            self._wake.clear()
+            await self._wake.wait()
+        out = list(self._queue)
+        self._queue.clear()
+        return out
+
+    def close(self) -> None:
+        """Wake `take` for good."""
+        self.closed = True
+        self._wake.set()
+
+
+@dataclass
+class Channel:
+    """A visitor's sequence, replay buffer and sockets."""
+
+    replay_size: int
+    seq: int = 0
+    buffer: deque[tuple[int, bytes]] = field(default_factory=deque)
+    subscribers: set[Subscriber] = field(default_factory=set)
+    idle_since: float | None = None
+
+
+class Hub:
+    """Every visitor's channel on this worker.
+
+    Args:
+        cfg: the [push] settings.
+    """
+
+    def __init__(self, cfg: PushConfig) -> None:
+        self.cfg = cfg
+        self._channels: OrderedDict[str, Channel] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def watching(self, user_id: str) -> bool:
+        """Whether anyone follows ``user_id`` (a socket open now or recently)."""
+        channel = self._channels.get(user_id)
+        if channel is None:
+            return False
+        if channel.subscribers:
+            return True
+        return not self._expired(channel, time.monotonic())
+
+    def sockets(self) -> int:
+        """Open sockets."""
+        return sum(len(c.subscribers) for c in self._channels.values())
+
+    def _expired(self, channel: Channel, now: float) -> bool:
+        return (
+            not channel.subscribers
+            and channel.idle_since is not None
+            and now - channel.idle_since > self.cfg.replay_ttl_s
+        )
+
+    def subscribe(self, user_id: str, resume_from: int | None) -> tuple[Subscriber, bool]:
+        """A new socket of ``user_id``: its queue, and whether it needs a fresh list.
+
+        With ``resume_from``, the messages after that sequence number still in the replay
+        buffer are queued first; a fresh list is needed when none was given, or when messages
+        after it are no longer buffered (or the sequence is unknown, e.g. after a restart).
+        """
+        channel = self._channels.get(user_id)
+        if channel is None or self._expired(channel, time.monotonic()):
+            channel = Channel(self.cfg.replay_size)
+            self._channels[user_id] = channel
+        self._channels.move_to_end(user_id)
+        sub = Subscriber(self.cfg.queue_size)
+        channel.subscribers.add(sub)
+        channel.idle_since = None
+        self._evict()
+        if resume_from is None or resume_from > channel.seq:
+            return sub, True
+        missed = [data for seq, data in channel.buffer if seq > resume_from]
+        oldest = channel.buffer[0][0] if channel.buffer else channel.seq + 1
+        for data in missed:
+            sub.offer(data)
+        return sub, oldest > resume_from + 1
+
+    def unsubscribe(self, user_id: str, sub: Subscriber) -> None:
+        """The socket closed; the buffer stays for ``replay_ttl_s``."""
+        sub.close()
+        channel = self._channels.get(user_id)
+        if channel is None:
+            return
+        channel.subscribers.discard(sub)
+        if not channel.subscribers:
+            channel.idle_since = time.monotonic()
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        while len(self._channels) > self.cfg.max_channels:
+            oldest, channel = next(iter(self._channels.items()))
+            if channel.subscribers and not self._expired(channel, now):
+                self._channels.move_to_end(oldest)  # in use: never dropped
+                if all(c.subscribers for c in self._channels.values()):
+                    break
+                continue
+            del self._channels[oldest]
+
+    def publish(self, user_id: str, kind: str, body: bytes) -> int:
+        """Send ``{"type": kind, "seq": N, <body>}`` to ``user_id``'s sockets; return N.
+
+        ``body`` is the rest of the object, encoded: ``b'"user_id":"u","items":[...]'``.
+        Nothing is sent (0) when no channel follows the visitor.
+        """
+        channel = self._channels.get(user_id)
+        if channel is None:
+            return 0
+        if self._expired(channel, time.monotonic()):
+            del self._channels[user_id]
+            return 0
+        channel.seq += 1
+        head = b'{"type":' + orjson.dumps(kind) + b',"seq":' + str(channel.seq).encode()
+        data = head + (b"," + body if body else b"") + b"}"
+        channel.buffer.append((channel.seq, data))
+        while len(channel.buffer) > channel.replay_size:
+            channel.buffer.popleft()
+        for sub in channel.subscribers:
+            sub.offer(data)
+        WS_MESSAGES.labels(kind).inc()
+        return channel.seq
+
+    def close_all(self) -> None:
+        """Wake every socket's sender to finish (the server is stopping)."""
+        for channel in self._channels.values():
+            for sub in channel.subscribers:
+                sub.close()
+
+
+def recommendations_message(user_id: str, rec_id: str, items: bytes) -> bytes:
+    """The body of a ``recommendations`` message (see `Hub.publish`)."""
+    return (
+        b'"user_id":'
+        + orjson.dumps(user_id)
+        + b',"recommendation_id":'
+        + orjson.dumps(rec_id)
+        + b',"items":'
+        + items
+    )
+
+
+@functools.cache
+def hub() -> Hub:
+    """This worker's hub."""
+    return Hub(current_config().push)

@@ -1,0 +1,179 @@
+"""Live recommendations over a real WebSocket: pushes after events, resume after a reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CATALOG = [
+    ("h-jacket", "Waterproof hiking jacket", "outdoor/hiking"),
+    ("h-boots", "Leather hiking boots", "outdoor/hiking"),
+    ("h-poles", "Carbon trekking poles", "outdoor/hiking"),
+    ("k-knife", "Chef's kitchen knife", "home/kitchen"),
+    ("k-pan", "Nonstick frying pan", "home/kitchen"),
+    ("e-buds", "Wireless earbuds", "electronics/audio"),
+]
+
+
+@pytest.fixture(scope="module")
+def live(module_engine: Callable[..., Any]) -> Iterator[Any]:
+    """An engine with a small catalog, pushing without delay."""
+    eng = module_engine("[push]\ndebounce_ms = 0\n[recommend]\nsignal_flush_interval_s = 0.2\n")
+    eng.start()
+    items = [{"item_id": i, "title": t, "category": c} for i, t, c in CATALOG]
+    status, body = eng.request("POST", "/v1/items", {"items": items})
+    assert status == 202, body
+    eng.wait_for(
+        lambda: (
+            f"personify_catalog_items {float(len(CATALOG))}"
+            in str(eng.request("GET", "/metrics")[1])
+        ),
+        what="the catalog to be indexed",
+    )
+    yield eng
+    assert eng.stop() == 0, eng.tail()
+
+
+def ws_url(eng: Any, query: str) -> str:
+    return eng.url.replace("http://", "ws://", 1) + "/v1/ws?" + query
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, limit_s: float = 30.0) -> dict[str, Any]:
+    """The next server message, as JSON."""
+    msg = await ws.receive(timeout=limit_s)
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    return dict(json.loads(msg.data))
+
+
+def view(user: str, item: str) -> dict[str, Any]:
+    return {"type": "product_view", "user_id": user, "item_id": item}
+
+
+async def post(eng: Any, events: list[dict[str, Any]]) -> None:
+    status, body = await asyncio.to_thread(eng.post_events, events)
+    assert status == 202, body
+
+
+def test_recommendations_are_pushed_after_each_event(live: Any, uid: str) -> None:
+    """The current list arrives at once, and a fresh one after each of the visitor's events."""
+
+    async def run() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(ws_url(live, f"user_id={uid}")) as ws,
+        ):
+            first = await receive(ws)
+            assert first["type"] == "recommendations" and first["seq"] == 1
+            assert first["user_id"] == uid and first["recommendation_id"]
+            assert len(first["items"]) > 0
+            for n, item in enumerate(["h-jacket", "k-knife"], start=2):
+                await post(live, [view(uid, item)])
+                got = await receive(ws)
+                assert got["type"] == "recommendations"
+                assert got["seq"] == n  # one push per event, in order
+                assert item not in [r["item_id"] for r in got["items"]]  # seen: not shown again
+                assert got["recommendation_id"] != first["recommendation_id"]
+            # The pushed list is the one the HTTP API answers now.
+            status, body = await asyncio.to_thread(
+                live.request, "GET", f"/v1/users/{uid}/recommendations"
+            )
+            assert status == 200
+            assert body["recommendation_id"] == got["recommendation_id"]
+            assert body["items"] == got["items"]
+
+    asyncio.run(run())
+
+
+def pushed(eng: Any) -> float:
+    """Recommendation messages pushed so far, from GET /metrics."""
+    line = 'personify_ws_messages_total{type="recommendations"} '
+    text = str(eng.request("GET", "/metrics")[1])
+    return next((float(x[len(line) :]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_reconnect_resumes_without_losing_messages(live: Any, uid: str) -> None:
+    """Messages pushed while the client was away arrive, in order, when it resumes."""
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(ws_url(live, f"user_id={uid}")) as ws:
+                first = await receive(ws)
+            before = await asyncio.to_thread(pushed, live)
+            await post(live, [view(uid, "h-boots")])
+            await asyncio.to_thread(
+                live.wait_for,
+                lambda: pushed(live) > before,
+                what="the list pushed while the client is away",
+            )
+            url = ws_url(live, f"user_id={uid}&resume_from={first['seq']}")
+            async with session.ws_connect(url) as ws:
+                missed = await receive(ws)
+                assert missed["seq"] == first["seq"] + 1
+                assert "h-boots" not in [r["item_id"] for r in missed["items"]]
+                await post(live, [view(uid, "h-poles")])
+                after = await receive(ws)
+                assert after["seq"] == missed["seq"] + 1
+            # Resuming from a sequence never sent (e.g. after a restart) gets a fresh list.
+            async with session.ws_connect(ws_url(live, f"user_id={uid}&resume_from=999")) as ws:
+                fresh = await receive(ws)
+                assert fresh["seq"] == after["seq"] + 1
+                assert "h-poles" not in [r["item_id"] for r in fresh["items"]]
+
+    asyncio.run(run())
+
+
+def test_each_socket_gets_only_its_visitor(live: Any, uid: str) -> None:
+    """Two visitors' sockets: an event of one is pushed to that one alone."""
+
+    async def run() -> None:
+        other = uid + "-other"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(ws_url(live, f"user_id={uid}")) as mine,
+            session.ws_connect(ws_url(live, f"user_id={other}")) as theirs,
+        ):
+            await receive(mine)
+            await receive(theirs)
+            await post(live, [view(other, "e-buds")])
+            got = await receive(theirs)
+            assert got["user_id"] == other and got["seq"] == 2
+            with pytest.raises(asyncio.TimeoutError):
+                await mine.receive(timeout=1.0)
+
+    asyncio.run(run())
+
+
+def test_bad_requests_name_the_field(live: Any) -> None:
+    status, body = live.request("GET", "/v1/ws")
+    assert status == 400 and body["field"] == "user_id"
+    status, body = live.request("GET", "/v1/ws?user_id=u&resume_from=-1")
+    assert status == 400 and body["field"] == "resume_from"
+    status, body = live.request("GET", "/v1/ws?user_id=u")  # plain HTTP, no upgrade
+    assert status == 400 and "WebSocket" in body["error"]
+
+
+def test_server_stop_closes_sockets_with_going_away(module_engine: Callable[..., Any]) -> None:
+    """A stopping worker closes its sockets with 1001."""
+    eng = module_engine()
+    eng.start()
+
+    async def run() -> int | None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(ws_url(eng, "user_id=someone")) as ws,
+        ):
+            await receive(ws)
+            stopping = asyncio.create_task(asyncio.to_thread(eng.stop))
+            msg = await ws.receive(timeout=60)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
+            assert await stopping == 0
+            return ws.close_code
+
+    assert asyncio.run(run()) == 1001
