@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench quality serve clean
+.PHONY: run test lint bench quality serve push clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -43,6 +43,9 @@ quality: $(BENCH_STAMP)
 
 serve: $(BENCH_STAMP)
 	$(BIN)/python bench/serve.py
+
+push: $(BENCH_STAMP)
+	$(BIN)/python bench/push.py
 
 clean:
 	rm -rf $(VENV) build data .pytest_cache .mypy_cache .ruff_cache

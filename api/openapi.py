@@ -252,8 +252,13 @@ OPENAPI: dict[str, Any] = {
         "title": "Personify",
         "version": "1",
         "description": "Real-time personalization engine: events and catalog in; live "
-        "profiles and explained recommendations out.",
+        "profiles and explained recommendations out. With [auth.keys] configured, every "
+        "route but /healthz and /v1/openapi.json needs `Authorization: Bearer <key>` with the "
+        "route's scope (ingest: POST /v1/events; read: the GET routes and WebSocket tokens; "
+        "admin: everything): 401 without a valid key, 403 when its scopes do not allow the "
+        "route. Without keys the API answers on loopback only.",
     },
+    "security": [{"bearer": []}],
     "paths": {
         "/v1/events": {
             "post": {
@@ -454,6 +459,44 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/ws/tokens": {
+            "post": {
+                "summary": "A WebSocket token for one visitor",
+                "description": "For a browser: GET /v1/ws?user_id=U&token=T. The token is "
+                "valid for that visitor only, for [auth] token_ttl_s. Needs the read scope.",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["user_id"],
+                                "properties": {"user_id": {"type": "string"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "The token and when it expires (epoch seconds).",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "user_id": {"type": "string"},
+                                        "token": {"type": "string"},
+                                        "expires": {"type": "integer"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "422": _err("user_id is missing (field names it)."),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Readiness",
@@ -479,6 +522,7 @@ OPENAPI: dict[str, Any] = {
         },
     },
     "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
             "Error": _ERROR,
             "Event": _EVENT,
@@ -530,6 +574,6 @@ OPENAPI: dict[str, Any] = {
                     "error": {"type": "string"},
                 },
             },
-        }
+        },
     },
 }

@@ -179,7 +179,10 @@ async def forward(request: web.Request, owner: str) -> web.Response:
     """Answer ``request`` with what the worker at ``owner`` answers to it."""
     session: aiohttp.ClientSession = request.app[HTTP_CLIENT]
     try:
-        async with session.get(owner + request.rel_url.path_qs, headers={FORWARDED: "1"}) as resp:
+        headers = {FORWARDED: "1"}
+        if "Authorization" in request.headers:
+            headers["Authorization"] = request.headers["Authorization"]
+        async with session.get(owner + request.rel_url.path_qs, headers=headers) as resp:
             body = await resp.read()
             return web.Response(body=body, status=resp.status, content_type="application/json")
     except (aiohttp.ClientError, TimeoutError) as exc:

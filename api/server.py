@@ -10,6 +10,7 @@ import aiohttp
 import mode
 from aiohttp import web
 
+from personify.api.auth import auth_middleware, auth_routes
 from personify.api.items import item_routes
 from personify.api.routes import HTTP_CLIENT, routes
 from personify.api.schemas import json_error
@@ -49,10 +50,11 @@ async def _errors_and_timing(request: web.Request, handler: Handler) -> web.Stre
 
 def build_app() -> web.Application:
     """The aiohttp application with every route of the API."""
-    web_app = web.Application(middlewares=[_errors_and_timing])
+    web_app = web.Application(middlewares=[_errors_and_timing, auth_middleware])
     web_app.add_routes(routes)
     web_app.add_routes(item_routes)
     web_app.add_routes(ws_routes)
+    web_app.add_routes(auth_routes)
     web_app.cleanup_ctx.append(_http_client)
     web_app.on_shutdown.append(close_sockets)
     return web_app
@@ -81,6 +83,12 @@ class ApiServer(mode.Service):  # type: ignore[misc] # mode is untyped
         sockets = server.sockets if server is not None else []
         port = sockets[0].getsockname()[1] if sockets else cfg.port
         print(f"Personify API listening on http://{cfg.host}:{port}", flush=True)
+        if not current_config().auth.keys:
+            print(
+                "No API keys configured ([auth.keys]): the API answers on this machine only, "
+                "without authentication.",
+                flush=True,
+            )
         _log.info("api listening", host=cfg.host, port=port)
 
     async def on_stop(self) -> None:

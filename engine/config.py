@@ -24,6 +24,8 @@ from typing import Any, Literal
 from personify.engine.errors import ConfigError
 
 __all__ = [
+    "ApiKey",
+    "AuthConfig",
     "BrokerConfig",
     "CatalogConfig",
     "Config",
@@ -260,6 +262,33 @@ class PushConfig:
     max_channels: int = 100_000
 
 
+Scope = Literal["ingest", "read", "admin"]
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """One API key and what it may do."""
+
+    key: str
+    #: ingest: POST /v1/events (safe to ship to browsers); read: profiles, recommendations,
+    #: items, WebSocket tokens; admin: the catalog and everything else.
+    scopes: tuple[Scope, ...] = ("read",)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """API keys. With none (the local default) the API answers on loopback only."""
+
+    #: name -> key; requests send ``Authorization: Bearer <key>``.
+    keys: Mapping[str, ApiKey] = field(default_factory=dict)
+    #: Signs WebSocket tokens (POST /v1/ws/tokens); every worker needs the same one. Empty: a
+    #: random secret per process (tokens then work only on the worker that made them).
+    token_secret: str = ""
+    #: How long a WebSocket token is valid.
+    token_ttl_s: float = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """Structured logs."""
@@ -283,6 +312,7 @@ class Config:
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     push: PushConfig = field(default_factory=PushConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -317,7 +347,7 @@ class Config:
             if name in ("profiles", "recommend"):
                 values = _merge_weights(values, self.source, name)
             changes[name] = _build(type(current), {**_asdict(current), **values}, self.source, name)
-        return dataclasses.replace(self, **changes)
+        return _checked(dataclasses.replace(self, **changes))
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
@@ -362,6 +392,13 @@ def _check(value: Any, tp: Any, where: str) -> Any:
         return {
             _check(k, key_tp, where): _check(v, val_tp, f"{where}.{k}") for k, v in value.items()
         }
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        source, _, section = where.rpartition(": [")
+        return _build(tp, value, source, section.replace("] ", "."))
     if isinstance(tp, types.UnionType):  # pragma: no cover - no unions in use yet
         return value
     raise ConfigError(f"{where}: unsupported setting type {tp!r}")  # pragma: no cover
@@ -413,6 +450,7 @@ _POSITIVE = {
     "push.heartbeat_s",
     "push.replay_ttl_s",
     "push.max_channels",
+    "auth.token_ttl_s",
 }
 
 
@@ -462,6 +500,18 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
                 raise ConfigError(
                     f"{source}: [recommend.weights] {name}: expected >= 0, got {weight}"
                 )
+    if section.startswith("auth.keys.") and len(obj.key) < 16:
+        raise ConfigError(
+            f"{source}: [{section}] key: expected at least 16 characters (a random secret)"
+        )
+    if section == "auth":
+        seen: dict[str, str] = {}
+        for name, api_key in obj.keys.items():
+            if api_key.key in seen:
+                raise ConfigError(
+                    f"{source}: [auth.keys] {name}: the same key as {seen[api_key.key]}"
+                )
+            seen[api_key.key] = name
     if section == "push" and obj.debounce_ms < 0:
         raise ConfigError(f"{source}: [push] debounce_ms: expected >= 0, got {obj.debounce_ms}")
     if section == "worker" and obj.fetch_max_wait_ms < 0:
@@ -563,4 +613,15 @@ def load_config(
         if section in ("profiles", "recommend"):
             values = _merge_weights(values, source, section)
         built[section] = _build(cls, values, source, section)
-    return Config(**built, source=source)
+    return _checked(Config(**built, source=source))
+
+
+def _checked(cfg: Config) -> Config:
+    """Checks across sections: an API without keys stays on loopback."""
+    if not cfg.auth.keys and cfg.server.host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"{cfg.source}: [server] host = {cfg.server.host!r} without [auth.keys] is refused: "
+            "anyone who reaches that address could read and change every profile. Add API keys "
+            "(see [auth] in config.toml) or bind 127.0.0.1."
+        )
+    return cfg

@@ -102,9 +102,12 @@ class Engine:
         *,
         raw: bytes | None = None,
         content_type: str = "application/json",
+        key: str | None = None,
     ) -> tuple[int, Any]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(self.url + path, data=data, method=method)
+        if key is not None:
+            req.add_header("Authorization", f"Bearer {key}")
         if data is not None:
             req.add_header("Content-Type", content_type)
         try:

@@ -245,10 +245,37 @@ def test_env_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_env_overrides_beat_the_file(config_file: ConfigFile) -> None:
     """An environment variable wins over the same key in the file; other keys stay."""
-    path = config_file('[server]\nport = 7000\nhost = "0.0.0.0"\n')
+    path = config_file('[server]\nport = 7000\nhost = "localhost"\n')
     cfg = load_config(path, environ={"PERSONIFY_SERVER__PORT": "7001"})
     assert cfg.server.port == 7001
-    assert cfg.server.host == "0.0.0.0"
+    assert cfg.server.host == "localhost"
+
+
+def test_api_keys_and_the_loopback_rule(config_file: ConfigFile) -> None:
+    """Keys load with their scopes; another address than loopback needs keys."""
+    keys = (
+        '[auth.keys.backend]\nkey = "k-0123456789abcdef"\nscopes = ["read", "admin"]\n'
+        '[auth.keys.browser]\nkey = "k-fedcba9876543210"\nscopes = ["ingest"]\n'
+    )
+    cfg = load_config(config_file('[server]\nhost = "0.0.0.0"\n' + keys), environ={})
+    assert cfg.auth.keys["backend"].scopes == ("read", "admin")
+    assert cfg.auth.keys["browser"].key == "k-fedcba9876543210"
+    with pytest.raises(ConfigError, match=r"host = '0.0.0.0' without \[auth.keys\] is refused"):
+        load_config(config_file('[server]\nhost = "0.0.0.0"\n'), environ={})
+    with pytest.raises(ConfigError, match=r"auth.keys.x\] key: expected at least 16"):
+        load_config(config_file('[auth.keys.x]\nkey = "short"\n'), environ={})
+    with pytest.raises(ConfigError, match=r"scopes\[0\]: expected one of"):
+        load_config(
+            config_file('[auth.keys.x]\nkey = "k-0123456789abcdef"\nscopes = ["all"]\n'), environ={}
+        )
+    with pytest.raises(ConfigError, match="the same key as"):
+        load_config(
+            config_file(
+                '[auth.keys.a]\nkey = "k-0123456789abcdef"\n'
+                '[auth.keys.b]\nkey = "k-0123456789abcdef"\n'
+            ),
+            environ={},
+        )
 
 
 def test_unrelated_env_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

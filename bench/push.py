@@ -1,0 +1,306 @@
+"""Push benchmark: event posted -> fresh recommendations received on the visitor's WebSocket.
+
+``.venv/bin/python bench/push.py [--items 2000] [--sockets 1000] [--rate 100,1000]
+[--duration 30] [--json FILE]`` runs, against one ``personify run`` subprocess on a fresh data
+directory (default configuration):
+
+1. a synthetic catalog (the serving benchmark's) through ``POST /v1/items`` until indexed,
+   and one warm-up event per visitor so every visitor has a profile;
+2. ``--sockets`` WebSockets (``GET /v1/ws?user_id=...``), one per visitor, each reading its
+   first list;
+3. for each ``--rate``: open loop for ``--duration`` seconds, one ``product_view`` per
+   ``POST /v1/events`` for a visitor chosen at random among those with no event in flight (so
+   every push answers exactly one event). Latency is from the moment the POST is sent to the
+   moment the visitor's next ``recommendations`` message arrives: validation, the broker round
+   trip, the profile agent, ranking and the push.
+
+Reported per rate: events/s sent, pushes received, p50/p90/p99/max latency, events that got
+no push within 10 s, messages dropped by the server (slow sockets), the engine's CPU. Sockets,
+posts and timing run in this one process (asyncio + aiohttp), on the same machine as the
+engine; the client's CPU is shown too. The engine is stopped with SIGTERM at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from _proc import cpu_model
+from serve import Engine, load_catalog, make_catalog, percentile
+
+Json = dict[str, Any]
+NO_PUSH_S = 10.0
+
+
+def client_cpu() -> float:
+    """CPU seconds used by this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Sockets:
+    """One WebSocket per visitor; records when each visitor's next message arrives."""
+
+    def __init__(self, url: str, users: list[str]) -> None:
+        self.url = url.replace("http://", "ws://", 1)
+        self.users = users
+        self.waiting: dict[str, float] = {}  # visitor -> when their event was posted
+        self.latencies_ms: list[float] = []
+        self.received = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.ready = 0
+
+    async def _hold(self, session: aiohttp.ClientSession, user: str) -> None:
+        async with session.ws_connect(f"{self.url}/v1/ws?user_id={user}", heartbeat=None) as ws:
+            first = await ws.receive()
+            assert first.type == aiohttp.WSMsgType.TEXT, first
+            self.ready += 1
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                now = time.perf_counter()
+                self.received += 1
+                sent = self.waiting.pop(user, None)
+                if sent is not None:
+                    self.latencies_ms.append((now - sent) * 1000)
+
+    async def open(self, session: aiohttp.ClientSession) -> float:
+        """Open every socket; wait until each has its first list; return the seconds."""
+        t0 = time.perf_counter()
+        for i, user in enumerate(self.users):
+            self.tasks.append(asyncio.create_task(self._hold(session, user)))
+            if i % 50 == 49:
+                await asyncio.sleep(0.05)
+        while self.ready < len(self.users):
+            if any(t.done() for t in self.tasks):
+                for t in self.tasks:
+                    if t.done() and t.exception():
+                        raise RuntimeError(f"a socket failed: {t.exception()!r}")
+            await asyncio.sleep(0.05)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Close every socket."""
+        for t in self.tasks:
+            t.cancel()
+
+
+async def run_rate(
+    eng: Engine,
+    session: aiohttp.ClientSession,
+    socks: Sockets,
+    items: list[str],
+    rate: float,
+    duration: float,
+) -> Json:
+    """Post one view per event at ``rate`` for ``duration`` s; measure event -> push."""
+    rng = random.Random(int(rate))
+    socks.latencies_ms.clear()
+    socks.waiting.clear()
+    lost = 0
+    received0 = socks.received
+    metrics0 = await eng.metrics(session)
+    cpu0, ccpu0 = eng.cpu(), client_cpu()
+    idle = set(socks.users)
+    posts: set[asyncio.Task[None]] = set()
+    errors = 0
+
+    async def post(user: str, body: bytes) -> None:
+        nonlocal errors
+        async with session.post(
+            eng.url + "/v1/events", data=body, headers={"Content-Type": "application/json"}
+        ) as r:
+            if r.status != 202:
+                errors += 1
+            await r.read()
+
+    t0 = time.perf_counter()
+    n = 0
+    while True:
+        due = t0 + n / rate
+        now = time.perf_counter()
+        if due - t0 >= duration:
+            break
+        if due > now:
+            await asyncio.sleep(due - now)
+        # Visitors whose push came, or never will (NO_PUSH_S), can take the next event.
+        now = time.perf_counter()
+        for user in [u for u, sent in socks.waiting.items() if now - sent > NO_PUSH_S]:
+            del socks.waiting[user]
+            lost += 1
+        idle = set(socks.users) - socks.waiting.keys() if n % 100 == 0 else idle
+        user = rng.choice(tuple(idle)) if idle else rng.choice(socks.users)
+        idle.discard(user)
+        body = orjson.dumps({"type": "product_view", "user_id": user, "item_id": rng.choice(items)})
+        socks.waiting[user] = time.perf_counter()
+        task = asyncio.create_task(post(user, body))
+        posts.add(task)
+        task.add_done_callback(posts.discard)
+        n += 1
+    sent_s = time.perf_counter() - t0
+    deadline = time.perf_counter() + NO_PUSH_S
+    while socks.waiting and time.perf_counter() < deadline:  # noqa: ASYNC110 - polls a dict
+        await asyncio.sleep(0.05)
+    lost += len(socks.waiting)
+    socks.waiting.clear()
+    took = time.perf_counter() - t0
+    metrics1 = await eng.metrics(session)
+    lat = sorted(socks.latencies_ms)
+    dropped = metrics1.get("personify_ws_dropped_total", 0) - metrics0.get(
+        "personify_ws_dropped_total", 0
+    )
+    return {
+        "rate": rate,
+        "events": n,
+        "sent_per_s": n / sent_s,
+        "post_errors": errors,
+        "pushes": socks.received - received0,
+        "measured": len(lat),
+        "p50_ms": percentile(lat, 0.50),
+        "p90_ms": percentile(lat, 0.90),
+        "p99_ms": percentile(lat, 0.99),
+        "max_ms": lat[-1] if lat else 0.0,
+        "no_push": lost,
+        "dropped": dropped,
+        "engine_cores": (eng.cpu() - cpu0) / took,
+        "client_cores": (client_cpu() - ccpu0) / took,
+    }
+
+
+async def amain(args: argparse.Namespace, eng: Engine, out: Json) -> None:
+    cat = make_catalog(args.items)
+    items = [it["item_id"] for it in cat.items]
+    users = [f"visitor-{n:05d}" for n in range(args.sockets)]
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=120),
+        connector=aiohttp.TCPConnector(limit=0),
+    ) as session:
+        await eng.start(session)
+        out["startup_s"] = eng.startup_s
+        print(f"personify up at {eng.url} in {eng.startup_s:.1f} s (pid {eng.pid})", flush=True)
+        out["catalog"] = await load_catalog(eng, session, cat, 2)
+        rng = random.Random(5)
+        warm = [{"type": "product_view", "user_id": u, "item_id": rng.choice(items)} for u in users]
+        for i in range(0, len(warm), 500):
+            async with session.post(
+                eng.url + "/v1/events", json={"events": warm[i : i + 500]}
+            ) as r:
+                assert r.status == 202, await r.text()
+        await asyncio.sleep(2)
+        socks = Sockets(eng.url, users)
+        opened = await socks.open(session)
+        print(f"\n[sockets] {len(users):,} WebSockets open in {opened:.1f} s", flush=True)
+        out["sockets_open_s"] = opened
+        out["runs"] = []
+        for rate in args.rate:
+            await asyncio.sleep(2)
+            print(f"\n[push] {rate:g} events/s for {args.duration:g} s", flush=True)
+            res = await run_rate(eng, session, socks, items, rate, args.duration)
+            out["runs"].append(res)
+            print(
+                f"  {res['events']:,} events ({res['sent_per_s']:,.0f}/s, {res['post_errors']} "
+                f"errors), {res['pushes']:,} pushes | event -> push p50 {res['p50_ms']:.1f} "
+                f"p90 {res['p90_ms']:.1f} p99 {res['p99_ms']:.1f} max {res['max_ms']:.1f} ms | "
+                f"no push {res['no_push']}, dropped {res['dropped']:.0f} | engine CPU "
+                f"{100 * res['engine_cores']:.0f}%, client CPU {100 * res['client_cores']:.0f}%",
+                flush=True,
+            )
+        socks.close()
+
+
+def print_summary(out: Json) -> None:
+    print("\n" + "=" * 100)
+    print(f"SUMMARY  {out['date']}  {out['cpus']} CPUs  {out['cpu_model']}  Python {out['python']}")
+    print(f"{out['args']['sockets']:,} sockets; catalog {out['args']['items']:,} items")
+    print(
+        f"{'events/s':>9} {'events':>8} {'pushes':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'max ms':>8} {'no push':>8} {'dropped':>8} {'eng CPU':>8} {'cli CPU':>8}"
+    )
+    for r in out.get("runs", []):
+        print(
+            f"{r['rate']:>9g} {r['events']:>8,} {r['pushes']:>8,} {r['p50_ms']:>8.1f} "
+            f"{r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} {r['no_push']:>8} "
+            f"{r['dropped']:>8.0f} {100 * r['engine_cores']:>7.0f}% "
+            f"{100 * r['client_cores']:>7.0f}%"
+        )
+    print("latency: from sending POST /v1/events to receiving the visitor's next push")
+    print("=" * 100)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--items", type=int, default=2000, help="catalog size (default 2,000)")
+    p.add_argument("--sockets", type=int, default=1000, help="open WebSockets (default 1,000)")
+    p.add_argument(
+        "--rate",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[100.0, 1000.0],
+        help="events/s, comma-separated (default 100,1000)",
+    )
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per rate (default 30)")
+    p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--keep", action="store_true", help="keep the work directory")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the benchmark, print the figures, and stop the engine whatever happens."""
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="personify-push-"))
+    eng = Engine(workdir, args.log_level)
+    out: Json = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "args": vars(args),
+    }
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    print(f"Personify push benchmark; {os.cpu_count()} CPUs; work dir {workdir}", flush=True)
+    code = 0
+    try:
+        asyncio.run(amain(args, eng, out))
+    except KeyboardInterrupt:
+        print("\ninterrupted", flush=True)
+        code = 130
+    except Exception as exc:
+        print(f"\nFAILED: {exc!r}", flush=True)
+        code = 1
+    finally:
+        if eng.proc is not None:
+            print("stopping personify (SIGTERM) ...", flush=True)
+            out["exit_code"] = eng.stop()
+        if out.get("runs"):
+            print_summary(out)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+        if args.keep or code:
+            print(f"work directory kept: {workdir} (engine log: {eng.log_path})")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
