@@ -21,12 +21,14 @@ import orjson
 from personify.agents.catalog import embeddings
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
+from personify.agents.push import deliver
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE
+from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE, PLUGIN_ERRORS
 from personify.engine.models import Event, event_key, format_ts
 from personify.engine.publisher import SEQ_HEADER
 from personify.engine.retry import until_done
+from personify.plugins.manager import FAILED, plugins
 from personify.tables import profiles, signals
 from personify.tables.catalog import catalog
 
@@ -39,6 +41,8 @@ _routed = topic(_cfg.topics.routed)
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
 _flush_lock = asyncio.Lock()
+#: (visitor, event, their profile's view) waiting for the triggers, in order.
+_triggers: asyncio.Queue[tuple[str, Event, dict[str, Any]]] = asyncio.Queue(maxsize=10_000)
 
 
 def _seq_of(headers: Any) -> int | None:
@@ -305,6 +309,7 @@ async def profile_agent(stream: Any) -> None:
             )
         )
         profiles_changed(changed)
+        _queue_triggers(folds, received)
         onward = [e for f in folds.values() for e in f.onward]
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))
@@ -327,6 +332,54 @@ async def profile_agent(stream: Any) -> None:
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:
             AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
+
+
+def _queue_triggers(folds: dict[int, Folded], received: list[Event]) -> None:
+    """Hand the applied events, with their visitor's new profile, to the trigger plugins."""
+    if not plugins().has("personify_on_event"):
+        return
+    latest = {key.decode(): value for f in folds.values() for key, value in f.writes if value}
+    now_ms = int(time.time() * 1000)
+    views: dict[str, dict[str, Any]] = {}
+    for e in received:
+        user = event_key(e)
+        raw = latest.get(user)
+        if raw is None or e["type"].startswith("$"):
+            continue
+        if user not in views:
+            views[user] = profiles.view(profiles.decode(raw), _cfg.profiles, now_ms)
+        try:
+            _triggers.put_nowait((user, _wire(e), views[user]))
+        except asyncio.QueueFull:
+            PLUGIN_ERRORS.labels("*", "personify_on_event").inc()
+            _log.error("trigger queue full; event skipped by the triggers", user_id=user)
+
+
+@app.service
+class _Triggers(mode.Service):  # type: ignore[misc] # mode is untyped
+    """Runs the trigger plugins on applied events, in order, beside the profile agent."""
+
+    async def on_start(self) -> None:
+        """Load the plugins now, and say which."""
+        names = plugins().names()
+        if names:
+            print(f"Plugins loaded: {', '.join(names)}", flush=True)
+
+    async def on_stop(self) -> None:
+        """Abandon hook calls still running."""
+        plugins().close()
+
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _run(self) -> None:
+        while not self.should_stop:
+            user, event, view = await _triggers.get()
+            for name, actions in await plugins().call(
+                "personify_on_event", event=event, profile=view
+            ):
+                if actions is FAILED or not actions:
+                    continue
+                for action in actions if isinstance(actions, list) else [actions]:
+                    await deliver(user, name, action)
 
 
 @app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]

@@ -17,14 +17,20 @@ import functools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
 from personify.engine.app import current_config
 from personify.engine.config import PushConfig
+from personify.engine.logging import get_logger
 from personify.engine.metrics import WS_DROPPED, WS_MESSAGES
+from personify.plugins.manager import plugins
 
-__all__ = ["Channel", "Hub", "Subscriber", "hub", "recommendations_message"]
+__all__ = ["Channel", "Hub", "Subscriber", "deliver", "hub", "recommendations_message"]
+
+
+_log = get_logger(__name__)
 
 
 class Subscriber:
@@ -191,6 +197,30 @@ def recommendations_message(user_id: str, rec_id: str, items: bytes) -> bytes:
         + b',"items":'
         + items
     )
+
+
+async def deliver(user_id: str, plugin: str, action: Any) -> bool:
+    """Send a trigger's action to the visitor's sockets and to the outbound-action hooks.
+
+    An action is a dict with a string ``type`` (e.g. ``offer``); anything else is logged and
+    dropped. Returns whether it was sent.
+    """
+    if not isinstance(action, dict) or not isinstance(action.get("type"), str):
+        _log.warning(
+            "plugin returned an invalid action; dropped", plugin=plugin, action=repr(action)
+        )
+        return False
+    kind = action["type"]
+    rest = {k: v for k, v in action.items() if k != "type"}
+    rest.setdefault("plugin", plugin)
+    try:
+        body = orjson.dumps(rest)[1:-1]
+    except TypeError as exc:
+        _log.warning("plugin action is not JSON; dropped", plugin=plugin, error=str(exc))
+        return False
+    hub().publish(user_id, kind, body)
+    await plugins().call("personify_action", user_id=user_id, action=action)
+    return True
 
 
 @functools.cache

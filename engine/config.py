@@ -32,6 +32,7 @@ __all__ = [
     "EmbeddingsConfig",
     "EventsConfig",
     "LoggingConfig",
+    "PluginsConfig",
     "ProfilesConfig",
     "PushConfig",
     "RecommendConfig",
@@ -262,6 +263,20 @@ class PushConfig:
     max_channels: int = 100_000
 
 
+@dataclass(frozen=True, slots=True)
+class PluginsConfig:
+    """Plugins found through the ``personify`` entry-point group, and the built-in ones."""
+
+    #: Only these entry-point names are loaded (empty: every one installed).
+    allow: tuple[str, ...] = ()
+    #: These are never loaded (entry points and built-ins alike).
+    deny: tuple[str, ...] = ()
+    #: A hook call running longer than this is abandoned, counted and skipped.
+    timeout_ms: float = 200.0
+    #: Threads that run hook calls.
+    threads: int = 4
+
+
 Scope = Literal["ingest", "read", "admin"]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -313,6 +328,7 @@ class Config:
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     push: PushConfig = field(default_factory=PushConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -451,6 +467,8 @@ _POSITIVE = {
     "push.replay_ttl_s",
     "push.max_channels",
     "auth.token_ttl_s",
+    "plugins.timeout_ms",
+    "plugins.threads",
 }
 
 

@@ -16,6 +16,8 @@ __all__ = [
     "LISTS_COMPUTED",
     "LISTS_PENDING",
     "LISTS_SERVED",
+    "PLUGIN_CALLS",
+    "PLUGIN_ERRORS",
     "REGISTRY",
     "REQUEST_LATENCY",
     "WS_DROPPED",
@@ -97,6 +99,19 @@ WS_MESSAGES = Counter(
 WS_DROPPED = Counter(
     "personify_ws_dropped",
     "Messages dropped because a socket's queue was full (a client too slow to take them).",
+    registry=REGISTRY,
+)
+PLUGIN_CALLS = Histogram(
+    "personify_plugin_call_seconds",
+    "Plugin hook calls by plugin and hook.",
+    ["plugin", "hook"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
+    registry=REGISTRY,
+)
+PLUGIN_ERRORS = Counter(
+    "personify_plugin_errors",
+    "Plugin hook calls that raised or timed out (skipped), and plugins that failed to load.",
+    ["plugin", "hook"],
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

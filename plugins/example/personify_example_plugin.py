@@ -1,0 +1,67 @@
+"""An example Personify plugin package.
+
+``gift_wrap`` is a trigger: when a visitor searches for a gift, it offers free gift wrapping.
+The offer reaches the visitor's open WebSockets as::
+
+    {"type": "offer", "seq": 12, "trigger": "gift_wrap", "plugin": "gift_wrap",
+     "payload": {"message": "...", "searches": 3}}
+
+``always_fails`` and ``hangs`` misbehave on purpose: Personify logs, counts and skips them
+(``personify_plugin_errors_total``) and every other plugin and push goes on. Leave them out
+with ``[plugins] allow = ["gift_wrap"]`` (or ``deny``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from personify.plugins.spec import hookimpl
+
+
+class GiftWrap:
+    """Offer gift wrapping to visitors searching for a gift."""
+
+    @hookimpl
+    def personify_on_event(
+        self, event: dict[str, Any], profile: dict[str, Any]
+    ) -> list[dict[str, Any]] | None:
+        """An offer when the event is a search mentioning a gift."""
+        if event["type"] != "search":
+            return None
+        if "gift" not in event["properties"]["query"].lower():
+            return None
+        return [
+            {
+                "type": "offer",
+                "trigger": "gift_wrap",
+                "payload": {
+                    "message": "Free gift wrapping on this order",
+                    "searches": len(profile.get("recent_searches", [])),
+                },
+            }
+        ]
+
+
+class AlwaysFails:
+    """A trigger that raises on every event."""
+
+    @hookimpl
+    def personify_on_event(self, event: dict[str, Any], profile: dict[str, Any]) -> None:
+        """Raise."""
+        raise RuntimeError("this plugin always fails")
+
+
+class Hangs:
+    """A trigger that blocks far past the time limit when a visitor searches for "hang"."""
+
+    @hookimpl
+    def personify_on_event(self, event: dict[str, Any], profile: dict[str, Any]) -> None:
+        """Block for 3 s on a search for "hang"."""
+        if event["type"] == "search" and event["properties"]["query"] == "hang":
+            time.sleep(3)
+
+
+gift_wrap = GiftWrap()
+always_fails = AlwaysFails()
+hangs = Hangs()

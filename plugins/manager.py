@@ -1,0 +1,133 @@
+"""Loads plugins and calls their hooks one by one, isolated and time-limited.
+
+Built-in plugins are registered first, then ``[plugins] deny`` blocks names, then plugins
+declared under the ``personify`` entry-point group are loaded (only those in ``[plugins]
+allow`` when it is not empty). A plugin that fails to load is logged and skipped.
+
+`Plugins.call` runs each implementation of a hook on a small thread pool with a time limit:
+a plugin that raises or hangs is logged, counted and skipped, and the others still run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import importlib.metadata
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pluggy
+
+from personify.engine.app import current_config
+from personify.engine.config import PluginsConfig
+from personify.engine.logging import get_logger
+from personify.engine.metrics import PLUGIN_CALLS, PLUGIN_ERRORS
+from personify.plugins.spec import Specs
+
+__all__ = ["FAILED", "Plugins", "plugins"]
+
+_log = get_logger(__name__)
+GROUP = "personify"
+
+
+class Plugins:
+    """The plugin manager of this process.
+
+    Args:
+        cfg: the [plugins] settings.
+        builtins: (name, plugin) registered before the entry points.
+    """
+
+    def __init__(self, cfg: PluginsConfig, builtins: Sequence[tuple[str, object]] = ()) -> None:
+        self.cfg = cfg
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(Specs)
+        for name, plugin in builtins:
+            if name not in cfg.deny:
+                self.pm.register(plugin, name=name)
+        for name in cfg.deny:
+            self.pm.set_blocked(name)
+        self._load_entry_points()
+        self.pm.check_pending()
+        self._pool = concurrent.futures.ThreadPoolExecutor(cfg.threads, thread_name_prefix="plugin")
+
+    def _load_entry_points(self) -> None:
+        for ep in importlib.metadata.entry_points(group=GROUP):
+            if self.cfg.allow and ep.name not in self.cfg.allow:
+                continue
+            if self.pm.is_blocked(ep.name) or self.pm.has_plugin(ep.name):
+                continue
+            try:
+                self.pm.register(ep.load(), name=ep.name)
+            except Exception:
+                PLUGIN_ERRORS.labels(ep.name, "load").inc()
+                _log.exception("plugin failed to load; skipped", plugin=ep.name)
+            else:
+                _log.info("plugin loaded", plugin=ep.name, value=ep.value)
+
+    def names(self) -> list[str]:
+        """The registered plugins."""
+        return sorted(name for name, _p in self.pm.list_name_plugin() if name)
+
+    def has(self, hook: str) -> bool:
+        """Whether any plugin implements ``hook``."""
+        return bool(getattr(self.pm.hook, hook).get_hookimpls())
+
+    async def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Each implementation's (plugin name, result); failures are logged and left out.
+
+        Raises nothing: an implementation that raises or runs past ``[plugins] timeout_ms``
+        is counted in ``personify_plugin_errors_total`` and skipped.
+        """
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        if not impls:
+            return []
+        loop = asyncio.get_running_loop()
+        limit = self.cfg.timeout_ms / 1000.0
+        out: list[tuple[str, Any]] = []
+        for impl in reversed(impls):  # registration order
+            fn: Callable[..., Any] = functools.partial(impl.function, **kwargs)
+            start = time.perf_counter()
+            try:
+                result = await asyncio.wait_for(loop.run_in_executor(self._pool, fn), limit)
+            except TimeoutError:
+                PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
+                _log.error(
+                    "plugin timed out; skipped", plugin=impl.plugin_name, hook=hook, limit_s=limit
+                )
+                out.append((impl.plugin_name, FAILED))
+                continue
+            except Exception as exc:
+                PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
+                _log.error(
+                    "plugin failed; skipped", plugin=impl.plugin_name, hook=hook, error=repr(exc)
+                )
+                out.append((impl.plugin_name, FAILED))
+                continue
+            finally:
+                PLUGIN_CALLS.labels(impl.plugin_name, hook).observe(time.perf_counter() - start)
+            out.append((impl.plugin_name, result))
+        return out
+
+    def close(self) -> None:
+        """Stop the plugin threads (a hung call is abandoned)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+@functools.cache
+def plugins() -> Plugins:
+    """This process's plugins (loaded on first use)."""
+    return Plugins(current_config().plugins)
+
+
+class _Failed:
+    """Stands for a call that raised or timed out (a consent gate reads it as a veto)."""
+
+    def __repr__(self) -> str:
+        return "FAILED"
+
+
+#: A call that raised or timed out, in `Plugins.call` results.
+FAILED = _Failed()

@@ -1,0 +1,111 @@
+"""Plugins through their entry points: the example package installed, loaded, isolated."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "plugins" / "example"
+
+
+@pytest.fixture(scope="module")
+def with_plugins(
+    module_engine: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """An engine whose environment has the example plugin package installed."""
+    root = tmp_path_factory.mktemp("plugin")
+    source = root / "src"
+    shutil.copytree(EXAMPLE, source)
+    target = root / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+    )
+    eng = module_engine("[plugins]\ntimeout_ms = 300.0\n[push]\ndebounce_ms = 0\n")
+    eng.extra_env = {"PYTHONPATH": str(target)}
+    eng.start()
+    yield eng
+    assert eng.stop() == 0, eng.tail()
+
+
+def search(user: str, query: str) -> dict[str, Any]:
+    return {"type": "search", "user_id": user, "properties": {"query": query}}
+
+
+async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+    """The next message of type ``kind`` (others are skipped)."""
+    while True:
+        msg = await ws.receive(timeout=30)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        body = dict(msg.json())
+        if body["type"] == kind:
+            return body
+
+
+def errors_of(eng: Any, plugin: str) -> float:
+    line = f'personify_plugin_errors_total{{hook="personify_on_event",plugin="{plugin}"}} '
+    text = str(eng.request("GET", "/metrics")[1])
+    return next((float(x[len(line) :]) for x in text.splitlines() if x.startswith(line)), 0.0)
+
+
+def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
+    """The example's gift_wrap trigger, found through its entry point, offers on a gift search."""
+    url = with_plugins.url.replace("http://", "ws://", 1) + f"/v1/ws?user_id={uid}"
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            first = await next_of(ws, "recommendations")
+            status, _ = await asyncio.to_thread(
+                with_plugins.post_events, [search(uid, "Birthday GIFT ideas")]
+            )
+            assert status == 202
+            offer = await next_of(ws, "offer")
+            assert offer["trigger"] == "gift_wrap" and offer["plugin"] == "gift_wrap"
+            assert offer["payload"]["searches"] == 1
+            assert offer["seq"] > first["seq"]
+
+    asyncio.run(run())
+    assert "Plugins loaded: always_fails, gift_wrap, hangs" in with_plugins.tail(20000)
+
+
+def test_failing_and_hanging_plugins_are_skipped(with_plugins: Any, uid: str) -> None:
+    """A plugin that raises or hangs is counted and skipped; pushes and offers go on."""
+    url = with_plugins.url.replace("http://", "ws://", 1) + f"/v1/ws?user_id={uid}"
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            await next_of(ws, "recommendations")
+            failed = await asyncio.to_thread(errors_of, with_plugins, "always_fails")
+            hung = await asyncio.to_thread(errors_of, with_plugins, "hangs")
+            for query in ("hang", "gift for dad"):
+                status, _ = await asyncio.to_thread(with_plugins.post_events, [search(uid, query)])
+                assert status == 202
+            # The list still follows the events, and the good plugin still offers.
+            await next_of(ws, "recommendations")
+            offer = await next_of(ws, "offer")
+            assert offer["trigger"] == "gift_wrap"
+            assert await asyncio.to_thread(errors_of, with_plugins, "always_fails") >= failed + 2
+            assert await asyncio.to_thread(errors_of, with_plugins, "hangs") == hung + 1
+
+    asyncio.run(run())
