@@ -39,6 +39,7 @@ from personify.agents.recommend import (
     TableData,
 )
 from personify.engine.app import app, current_config
+from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
 from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_SERVED
 from personify.tables import catalog as catalog_table
@@ -99,7 +100,12 @@ def recommender() -> Recommender:
         catalog_table.catalog(),
         service.index if service.index_ready.is_set() else None,
         cfg.profiles.affinity_half_life_s,
+        functools.partial(_personal, cfg.profiles),
     )
+
+
+def _personal(cfg: ProfilesConfig, profile: profiles.Profile) -> bool:
+    return profiles.consents(profile, "personalization", cfg)
 
 
 def _encode(items: list[Recommendation]) -> bytes:

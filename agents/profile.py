@@ -24,7 +24,13 @@ from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.push import deliver
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, EVENTS_APPLIED, EVENTS_DUPLICATE, PLUGIN_ERRORS
+from personify.engine.metrics import (
+    AGENT_LAG,
+    EVENTS_APPLIED,
+    EVENTS_DUPLICATE,
+    EVENTS_VETOED,
+    PLUGIN_ERRORS,
+)
 from personify.engine.models import Event, event_key, format_ts
 from personify.engine.publisher import SEQ_HEADER
 from personify.engine.retry import until_done
@@ -79,6 +85,7 @@ class Folded:
 
     applied: int = 0
     skipped: int = 0
+    vetoed: int = 0
     onward: list[Event] = field(default_factory=list)
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     failed: list[tuple[Event, str]] = field(default_factory=list)
@@ -131,17 +138,20 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
                     link,
                 )
             )
+    vetoed: list[Event] = []
     n = profiles.apply_events(
         state,
         todo,
         _cfg.profiles,
         observe=out.signals.observe,
         chat_half_life_s=_cfg.recommend.chat_half_life_s,
+        vetoed=vetoed,
     )
     if n or changed:
         out.writes.append((key.encode(), profiles.encode(state)))
     out.applied += n
-    out.skipped += len(todo) - n
+    out.vetoed += len(vetoed)
+    out.skipped += len(todo) - n - len(vetoed)
     out.onward.extend(onward)
     return True
 
@@ -317,6 +327,8 @@ async def profile_agent(stream: Any) -> None:
             source = {"topic": _routed.get_topic_name(), "partition": p}
             dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
             EVENTS_APPLIED.inc(f.applied)
+            if f.vetoed:
+                EVENTS_VETOED.inc(f.vetoed)
             if f.skipped:
                 EVENTS_DUPLICATE.inc(f.skipped)
         for record in dead:
@@ -347,7 +359,10 @@ def _queue_triggers(folds: dict[int, Folded], received: list[Event]) -> None:
         if raw is None or e["type"].startswith("$"):
             continue
         if user not in views:
-            views[user] = profiles.view(profiles.decode(raw), _cfg.profiles, now_ms)
+            state = profiles.decode(raw)
+            if not profiles.consents(state, "marketing", _cfg.profiles):
+                continue  # no trigger fires for a visitor without marketing consent
+            views[user] = profiles.view(state, _cfg.profiles, now_ms)
         try:
             _triggers.put_nowait((user, _wire(e), views[user]))
         except asyncio.QueueFull:

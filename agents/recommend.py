@@ -207,6 +207,8 @@ class Recommender:
         catalog: the catalog view (filters, categories); an empty catalog filters nothing.
         index: the item vector index, or None while it is not ready.
         affinity_half_life_s: how fast category affinity fades ([profiles]).
+        personal: whether a profile may personalise its visitor's list (their consent);
+            when not, they get the list of a visitor never seen.
     """
 
     def __init__(
@@ -216,12 +218,14 @@ class Recommender:
         catalog: Catalog,
         index: VectorIndex | None,
         affinity_half_life_s: float = 7 * 86400.0,
+        personal: Callable[[profiles.Profile], bool] | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
         self.catalog = catalog
         self.index = index
         self.affinity_half_life_s = affinity_half_life_s
+        self.personal = personal
 
     # -- sources ---------------------------------------------------------------------------
     def _from_rows(
@@ -366,6 +370,8 @@ class Recommender:
         """(recommendation id, the visitor's top items); a new visitor gets trending items."""
         if profile is None and user_id is not None:
             profile = self.data.profile(user_id)
+        if profile is not None and self.personal is not None and not self.personal(profile):
+            profile = None  # no consent to personalise: what a visitor never seen gets
         history = {r["item_id"] for r in (profile or {}).get("recent_items", ())}
         history.update((profile or {}).get("cart", {}))
         exclude = set(request.exclude) | history

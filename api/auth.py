@@ -39,6 +39,7 @@ _SCOPES: dict[tuple[str, str], Scope | None] = {
     ("GET", "/healthz"): None,
     ("GET", "/v1/openapi.json"): None,
     ("POST", "/v1/events"): "ingest",
+    ("PUT", "/v1/users/{user_id}/consent"): "ingest",
     ("GET", "/v1/users/{user_id}"): "read",
     ("GET", "/v1/users/{user_id}/recommendations"): "read",
     ("GET", "/v1/items/{item_id}"): "read",

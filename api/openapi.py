@@ -459,6 +459,38 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/users/{user_id}/consent": {
+            "put": {
+                "summary": "Set the visitor's consent per purpose",
+                "description": "Any of analytics, personalization, marketing set to true or "
+                "false (a `consent` event does the same). Without personalization consent the "
+                "visitor's events change nothing and their lists are not personal; without "
+                "marketing consent no trigger fires for them. Until they say, [profiles] consent "
+                "decides (opt-out grants, opt-in withholds). Needs the ingest scope.",
+                "parameters": [_path("user_id")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    p: {"type": "boolean"}
+                                    for p in ("analytics", "personalization", "marketing")
+                                },
+                                "additionalProperties": False,
+                                "minProperties": 1,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": {"description": "Recorded; applied like an event."},
+                    "422": _err("A purpose is unknown or not a boolean (field names it)."),
+                    "503": _err("Starting, or the broker did not acknowledge."),
+                },
+            }
+        },
         "/v1/ws/tokens": {
             "post": {
                 "summary": "A WebSocket token for one visitor",

@@ -220,6 +220,31 @@ async def get_user(request: web.Request) -> web.Response:
     return json_response(profiles.view(state, current_config().profiles, now_ms))
 
 
+@routes.put("/v1/users/{user_id}/consent")
+async def put_consent(request: web.Request) -> web.Response:
+    """Set the visitor's consent per purpose; 202 once durable (applied like any event)."""
+    user_id = request.match_info["user_id"]
+    doc = await read_json(request, "the consent")
+    if isinstance(doc, web.Response):
+        return doc
+    starting = not_ready()
+    if starting is not None:
+        return starting
+    cfg = current_config().events
+    wire = {"type": "consent", "user_id": user_id, "properties": doc}
+    try:
+        event = validate_event(wire, cfg, int(time.time() * 1000))
+    except ValidationError as exc:
+        return json_error(422, exc.reason, exc.field, 'e.g. {"personalization": false}')
+    try:
+        await publisher().publish([event])
+    except Exception as exc:
+        _log.exception("publish failed")
+        return json_error(503, f"the broker did not acknowledge the consent: {exc}", "", "retry")
+    EVENTS_ACCEPTED.labels("http").inc()
+    return json_response({"user_id": user_id, "consent": doc, "event_id": event["event_id"]}, 202)
+
+
 async def _broker_reachable() -> bool:
     host, _, port = str(faust_app.conf.broker[0]).split("://", 1)[-1].partition(":")
     try:

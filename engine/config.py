@@ -162,6 +162,9 @@ class EventsConfig:
 class ProfilesConfig:
     """How profiles are computed."""
 
+    #: A visitor's consent to a purpose (analytics, personalization, marketing) before any
+    #: ``consent`` event: "opt-out" grants it, "opt-in" withholds it until granted.
+    consent: Literal["opt-out", "opt-in"] = "opt-out"
     session_gap_s: float = 1800.0
     recent_items: int = 50
     recent_searches: int = 20

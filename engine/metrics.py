@@ -11,6 +11,7 @@ __all__ = [
     "EVENTS_APPLIED",
     "EVENTS_DUPLICATE",
     "EVENTS_REJECTED",
+    "EVENTS_VETOED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
     "LISTS_COMPUTED",
@@ -46,6 +47,11 @@ EVENTS_APPLIED = Counter(
 EVENTS_DUPLICATE = Counter(
     "personify_events_duplicate",
     "Events skipped because their event id was already applied (retries, redelivery, replay).",
+    registry=REGISTRY,
+)
+EVENTS_VETOED = Counter(
+    "personify_events_vetoed",
+    "Events that changed nothing because the visitor withholds personalization consent.",
     registry=REGISTRY,
 )
 AGENT_LAG = Gauge(

@@ -26,6 +26,7 @@ from personify.engine.errors import ValidationError
 __all__ = [
     "EVENT_TYPES",
     "ITEM_EVENT_TYPES",
+    "PURPOSES",
     "SCHEMA_VERSION",
     "Event",
     "Item",
@@ -51,8 +52,11 @@ EVENT_TYPES: Final = frozenset(
         "click",
         "identify",
         "alias",
+        "consent",
     }
 )
+#: The purposes a visitor consents to (a ``consent`` event sets any of them to true or false).
+PURPOSES: Final = ("analytics", "personalization", "marketing")
 #: Types that must name an item.
 ITEM_EVENT_TYPES: Final = frozenset({"product_view", "add_to_cart", "remove_from_cart", "click"})
 
@@ -310,6 +314,18 @@ def validate_event(obj: Any, cfg: EventsConfig, now_ms: int) -> Event:
         _purchase(props, item_id, cfg)
     elif etype == "chat_message":
         _text(props, "text", cfg.max_string_length, required=True)
+    elif etype == "consent":
+        for key, value in props.items():
+            if key not in PURPOSES:
+                raise ValidationError(
+                    f"properties.{key}", f"unknown purpose; expected one of {', '.join(PURPOSES)}"
+                )
+            if not isinstance(value, bool):
+                raise ValidationError(f"properties.{key}", f"expected true or false, got {value!r}")
+        if not props:
+            raise ValidationError(
+                "properties", f"expected at least one purpose: {', '.join(PURPOSES)}"
+            )
     elif etype in ("impression", "click"):
         _text(props, "recommendation_id", cfg.max_id_length, required=False)
         if etype == "impression":

@@ -27,7 +27,7 @@ from rocksdict import WriteBatch
 
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
-from personify.engine.models import Event, format_ts
+from personify.engine.models import PURPOSES, Event, format_ts
 
 __all__ = [
     "LINK",
@@ -276,6 +276,23 @@ def id_digest(event_id: str) -> int:
     return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
 
 
+def consents(p: Profile | None, purpose: str, cfg: ProfilesConfig) -> bool:
+    """Whether the visitor of ``p`` consents to ``purpose`` (their choice, else the regime's)."""
+    record = (p or {}).get("consent", {}).get(purpose)
+    if record is None:
+        return cfg.consent == "opt-out"
+    return bool(record[0])
+
+
+def _set_consent(p: Profile, e: Event) -> None:
+    """Record each purpose the event sets; a later choice wins over an earlier one."""
+    choices = p.setdefault("consent", {})
+    for purpose, granted in e["properties"].items():
+        old = choices.get(purpose)
+        if old is None or e["ts_ms"] >= old[1]:
+            choices[purpose] = [bool(granted), e["ts_ms"]]
+
+
 def apply_events(
     p: Profile,
     events: Iterable[Event],
@@ -283,8 +300,12 @@ def apply_events(
     *,
     observe: Callable[[Profile, Event], None] | None = None,
     chat_half_life_s: float = 3600.0,
+    vetoed: list[Event] | None = None,
 ) -> int:
     """Fold ``events`` into profile ``p`` in place; return how many were new (not duplicates).
+
+    Without personalization consent (`consents`) an event changes nothing: it is appended to
+    ``vetoed`` instead, not even remembered as seen. ``consent`` events always apply.
 
     Args:
         p: the profile.
@@ -294,6 +315,7 @@ def apply_events(
             collaborative signals are derived there).
         chat_half_life_s: how fast the chat vector fades (chat events carry their vector under
             `VECTOR_KEY`).
+        vetoed: receives the events left out for want of personalization consent.
     """
     seen_list: list[int] = p["seen"]
     seen = set(seen_list)
@@ -302,7 +324,13 @@ def apply_events(
         eid = id_digest(e["event_id"])
         if eid in seen:
             continue
-        if e["type"] == MERGE:
+        if e["type"] == "consent":
+            _set_consent(p, e)
+        elif e["type"] != MERGE and not consents(p, "personalization", cfg):
+            if vetoed is not None:
+                vetoed.append(e)
+            continue
+        elif e["type"] == MERGE:
             merge(p, e["properties"]["profile"], cfg)
         else:
             if observe is not None:
@@ -378,6 +406,7 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
         "recent_searches": [{**s, "ts": _iso(s["ts"])} for s in p["searches"]],
         "category_affinity": dict(sorted(affinity.items(), key=lambda kv: -kv[1])),
         "engagement_score": round(p["engagement"], 4),
+        "consent": {purpose: consents(p, purpose, cfg) for purpose in PURPOSES},
     }
 
 

@@ -53,10 +53,12 @@ def search(user: str, query: str) -> dict[str, Any]:
     return {"type": "search", "user_id": user, "properties": {"query": query}}
 
 
-async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+async def next_of(
+    ws: aiohttp.ClientWebSocketResponse, kind: str, limit_s: float = 30.0
+) -> dict[str, Any]:
     """The next message of type ``kind`` (others are skipped)."""
     while True:
-        msg = await ws.receive(timeout=30)
+        msg = await ws.receive(timeout=limit_s)
         assert msg.type == aiohttp.WSMsgType.TEXT, msg
         body = dict(msg.json())
         if body["type"] == kind:
@@ -107,5 +109,26 @@ def test_failing_and_hanging_plugins_are_skipped(with_plugins: Any, uid: str) ->
             assert offer["trigger"] == "gift_wrap"
             assert await asyncio.to_thread(errors_of, with_plugins, "always_fails") >= failed + 2
             assert await asyncio.to_thread(errors_of, with_plugins, "hangs") == hung + 1
+
+    asyncio.run(run())
+
+
+def test_no_trigger_without_marketing_consent(with_plugins: Any, uid: str) -> None:
+    """A visitor who said no to marketing gets no offer; their list still follows them."""
+    status, _ = with_plugins.request("PUT", f"/v1/users/{uid}/consent", {"marketing": False})
+    assert status == 202
+    with_plugins.wait_profile(uid, lambda p: p["consent"]["marketing"] is False)
+    url = with_plugins.url.replace("http://", "ws://", 1) + f"/v1/ws?user_id={uid}"
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+            await next_of(ws, "recommendations")
+            status, _ = await asyncio.to_thread(
+                with_plugins.post_events, [search(uid, "a gift for mum")]
+            )
+            assert status == 202
+            await next_of(ws, "recommendations")  # the event was applied ...
+            with pytest.raises(asyncio.TimeoutError):  # ... and no offer follows
+                await next_of(ws, "offer", limit_s=3.0)
 
     asyncio.run(run())

@@ -355,3 +355,34 @@ def item_of(item_id: str) -> dict[str, Any]:
     """The catalog entry of ``item_id`` in the wire form."""
     _i, title, category, tags = next(row for row in CATALOG if row[0] == item_id)
     return {"item_id": item_id, "title": title, "category": category, "tags": tags, "price": 50.0}
+
+
+def test_without_personalization_consent_nothing_personal(shop: Any, uid: str) -> None:
+    """A visitor who withdraws consent: their events change nothing, their list is trending."""
+    now = int(time.time() * 1000)
+    shop.post_events(views(uid, ["h-jacket", "h-boots"], now - 120_000))
+    shop.wait_profile(uid, lambda p: len(p["recent_items"]) == 2)
+    assert ids(recs(shop, uid, "k=3"))[0] == "h-poles"  # personal while consented
+    status, body = shop.request("PUT", f"/v1/users/{uid}/consent", {"personalization": False})
+    assert status == 202, body
+    shop.wait_profile(uid, lambda p: p["consent"]["personalization"] is False)
+    vetoed = served_metric(shop, "personify_events_vetoed_total ")
+    shop.post_events(views(uid, ["k-knife"], now - 10_000))
+    shop.wait_for(
+        lambda: served_metric(shop, "personify_events_vetoed_total ") > vetoed,
+        what="the event to be vetoed",
+    )
+    profile = shop.profile(uid)[1]
+    assert [r["item_id"] for r in profile["recent_items"]] == ["h-boots", "h-jacket"]
+    assert profile["counts"] == {"product_view": 2}
+    body = recs(shop, uid, "k=3")
+    assert ids(body) == ids(recs(shop, "never-seen-visitor", "k=3")), body
+    assert all(r["reasons"][0]["kind"] in ("trending", "popular") for r in body["items"])
+    status, body = shop.request("PUT", f"/v1/users/{uid}/consent", {"cookies": True})
+    assert status == 422 and body["field"] == "properties.cookies"
+
+
+def served_metric(eng: Any, prefix: str) -> float:
+    """The value of the first /metrics line starting with ``prefix``."""
+    text = str(eng.request("GET", "/metrics")[1])
+    return next((float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix)), 0.0)

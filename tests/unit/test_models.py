@@ -50,7 +50,7 @@ def error(obj: Any, cfg: EventsConfig = CFG, now_ms: int = NOW_MS) -> Validation
 
 
 def test_taxonomy_is_the_documented_one() -> None:
-    """The built-in taxonomy has exactly the eleven documented types."""
+    """The built-in taxonomy has exactly the twelve documented types."""
     assert {
         "page_view",
         "product_view",
@@ -63,6 +63,7 @@ def test_taxonomy_is_the_documented_one() -> None:
         "click",
         "identify",
         "alias",
+        "consent",
     } == EVENT_TYPES
     assert {"product_view", "add_to_cart", "remove_from_cart", "click"} == ITEM_EVENT_TYPES
 

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from personify.engine.config import DEFAULT_WEIGHTS, EventsConfig, ProfilesConfig
+from personify.engine.errors import ValidationError
 from personify.engine.models import validate_event
 from personify.tables.profiles import apply_events, decode, encode, id_digest, new_profile, view
 
@@ -569,3 +570,59 @@ def test_cart_is_bounded(event_factory: EventFactory) -> None:
         "i3",
         "i4",
     ]
+
+
+def test_without_personalization_consent_events_change_nothing(
+    event_factory: EventFactory,
+) -> None:
+    """After a consent withdrawal, events are vetoed: not applied, not even remembered."""
+    p = new_profile("u-1")
+    view1 = event_factory("product_view", item_id="sku-1")
+    assert apply_events(p, [view1], CFG) == 1
+    withdraw = event_factory("consent", ts=T0 + 1000, properties={"personalization": False})
+    apply_events(p, [withdraw], CFG)
+    before = encode(p)
+    vetoed: list[dict[str, Any]] = []
+    later = event_factory("product_view", ts=T0 + 2000, item_id="sku-2")
+    assert apply_events(p, [later], CFG, vetoed=vetoed) == 0
+    assert vetoed == [later] and encode(p) == before
+    assert view(p, CFG, T0 + 3000)["consent"] == {
+        "analytics": True,
+        "personalization": False,
+        "marketing": True,
+    }
+    grant = event_factory("consent", ts=T0 + 4000, properties={"personalization": True})
+    assert apply_events(p, [grant, later], CFG) == 2  # the same event applies once consented
+    assert [r["item_id"] for r in p["recent_items"]] == ["sku-2", "sku-1"]
+
+
+def test_opt_in_withholds_until_granted_and_the_later_choice_wins(
+    event_factory: EventFactory,
+) -> None:
+    cfg = ProfilesConfig(consent="opt-in")
+    p = new_profile("u-1")
+    vetoed: list[dict[str, Any]] = []
+    assert (
+        apply_events(p, [event_factory("search", properties={"query": "x"})], cfg, vetoed=vetoed)
+        == 0
+    )
+    assert len(vetoed) == 1 and p["searches"] == []
+    newer = event_factory("consent", ts=T0 + 5000, properties={"personalization": True})
+    older = event_factory("consent", ts=T0 + 1000, properties={"personalization": False})
+    apply_events(p, [newer, older], cfg)  # arrives late: the earlier choice does not win
+    assert view(p, cfg, T0)["consent"]["personalization"] is True
+    assert view(p, cfg, T0)["consent"]["marketing"] is False
+
+
+def test_consent_events_are_validated() -> None:
+    with pytest.raises(ValidationError, match="unknown purpose") as info:
+        validate_event(
+            {"type": "consent", "user_id": "u", "properties": {"cookies": True}}, EVENTS_CFG, T0
+        )
+    assert info.value.field == "properties.cookies"
+    with pytest.raises(ValidationError, match="true or false"):
+        validate_event(
+            {"type": "consent", "user_id": "u", "properties": {"marketing": "yes"}}, EVENTS_CFG, T0
+        )
+    with pytest.raises(ValidationError, match="at least one purpose"):
+        validate_event({"type": "consent", "user_id": "u", "properties": {}}, EVENTS_CFG, T0)
