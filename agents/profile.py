@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Collection
@@ -21,7 +22,7 @@ import orjson
 from personify.agents.catalog import embeddings
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
-from personify.agents.push import deliver
+from personify.agents.push import deliver, hub
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
@@ -44,6 +45,7 @@ _log = get_logger(__name__)
 _cfg = current_config()
 _store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(_cfg.topics.routed)
+_audit_topic = topic(_cfg.topics.audit)
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
 _flush_lock = asyncio.Lock()
@@ -86,6 +88,8 @@ class Folded:
     applied: int = 0
     skipped: int = 0
     vetoed: int = 0
+    #: (visitor, erasure request id) erased in this round.
+    erased: list[tuple[str, str]] = field(default_factory=list)
     onward: list[Event] = field(default_factory=list)
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     failed: list[tuple[Event, str]] = field(default_factory=list)
@@ -111,6 +115,17 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
     onward: list[Event] = []
     for e in evs:
         etype = e["type"]
+        if etype == profiles.ERASE:
+            # Everything held goes; linked anonymous ids are erased too (on their partitions).
+            for anon in state.get("anonymous_ids", []):
+                onward.append(
+                    _control(profiles.ERASE, f"$erase:{anon}", None, anon, e["ts_ms"], {})
+                )
+            out.erased.append((key, e["properties"].get("request_id", "")))
+            state = profiles.new_profile(key)
+            todo = []
+            changed = True
+            continue
         if etype == profiles.LINK:
             target = e["properties"]["target"]
             if state.get("alias_of") is None:
@@ -147,7 +162,9 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
         chat_half_life_s=_cfg.recommend.chat_half_life_s,
         vetoed=vetoed,
     )
-    if n or changed:
+    if out.erased and out.erased[-1][0] == key and not n:
+        out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
+    elif n or changed:
         out.writes.append((key.encode(), profiles.encode(state)))
     out.applied += n
     out.vetoed += len(vetoed)
@@ -319,6 +336,10 @@ async def profile_agent(stream: Any) -> None:
             )
         )
         profiles_changed(changed)
+        for f in folds.values():
+            for user, request_id in f.erased:
+                hub().forget(user)
+                await until_done("audit record", functools.partial(_audit, user, request_id))
         _queue_triggers(folds, received)
         onward = [e for f in folds.values() for e in f.onward]
         if onward:
@@ -344,6 +365,17 @@ async def profile_agent(stream: Any) -> None:
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:
             AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
+
+
+async def _audit(user_id: str, request_id: str) -> None:
+    """Record an erasure: when, which request, and a digest of the id (not the id itself)."""
+    record = {
+        "action": "erase",
+        "request_id": request_id,
+        "user_digest": hashlib.sha256(user_id.encode()).hexdigest(),
+        "at": format_ts(int(time.time() * 1000)),
+    }
+    await (await _audit_topic.send(value=orjson.dumps(record), force=True))
 
 
 def _queue_triggers(folds: dict[int, Folded], received: list[Event]) -> None:

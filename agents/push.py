@@ -180,6 +180,12 @@ class Hub:
         WS_MESSAGES.labels(kind).inc()
         return channel.seq
 
+    def forget(self, user_id: str) -> None:
+        """Drop what is buffered for ``user_id`` (an erasure); their sockets stay open."""
+        channel = self._channels.get(user_id)
+        if channel is not None:
+            channel.buffer.clear()
+
     def close_all(self) -> None:
         """Wake every socket's sender to finish (the server is stopping)."""
         for channel in self._channels.values():

@@ -40,6 +40,7 @@ _SCOPES: dict[tuple[str, str], Scope | None] = {
     ("GET", "/v1/openapi.json"): None,
     ("POST", "/v1/events"): "ingest",
     ("PUT", "/v1/users/{user_id}/consent"): "ingest",
+    # Export and erasure (GET .../export, DELETE /v1/users/{id}) need "admin".
     ("GET", "/v1/users/{user_id}"): "read",
     ("GET", "/v1/users/{user_id}/recommendations"): "read",
     ("GET", "/v1/items/{item_id}"): "read",

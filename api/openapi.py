@@ -333,7 +333,20 @@ OPENAPI: dict[str, Any] = {
                     },
                     "404": _err("No profile for this id."),
                 },
-            }
+            },
+            "delete": {
+                "summary": "Erase the visitor",
+                "description": "Right to erasure: the profile (with its dedup memory and chat "
+                "vector) and those of the anonymous ids linked to it are deleted, with "
+                "tombstones in the changelog, the stored lists and WebSocket buffers dropped, "
+                "and an audit record (a digest of the id, never the id) written to the audit "
+                "topic. Applied in order with the visitor's events. Needs the admin scope.",
+                "parameters": [_path("user_id")],
+                "responses": {
+                    "202": {"description": "{user_id, request_id}: accepted, durable."},
+                    "503": _err("Starting, or the broker did not acknowledge."),
+                },
+            },
         },
         "/v1/users/{user_id}/recommendations": {
             "get": {
@@ -456,6 +469,19 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "101": {"description": "Switching to the WebSocket protocol."},
                     "400": _err("user_id or resume_from is invalid, or not a WebSocket upgrade."),
+                },
+            }
+        },
+        "/v1/users/{user_id}/export": {
+            "get": {
+                "summary": "Everything held about the visitor",
+                "description": "Right of access and portability: the profile as GET "
+                "/v1/users/{id} shows it and as stored (dedup memory and chat vector included). "
+                "Needs the admin scope.",
+                "parameters": [_path("user_id")],
+                "responses": {
+                    "200": {"description": "{user_id, exported_at, profile, stored}."},
+                    "404": _err("Nothing is held about this visitor."),
                 },
             }
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import aiohttp
@@ -18,7 +19,7 @@ from personify.engine.app import current_config, items_publisher, publisher
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY, rejection_reason
-from personify.engine.models import Event, validate_event
+from personify.engine.models import Event, format_ts, validate_event
 from personify.engine.publisher import Publisher
 from personify.tables import profiles
 
@@ -218,6 +219,57 @@ async def get_user(request: web.Request) -> web.Response:
             state = profiles.decode(linked)
     now_ms = int(time.time() * 1000)
     return json_response(profiles.view(state, current_config().profiles, now_ms))
+
+
+@routes.get("/v1/users/{user_id}/export")
+async def export_user(request: web.Request) -> web.Response:
+    """Everything held about the visitor (right of access and portability)."""
+    user_id = request.match_info["user_id"]
+    if FORWARDED not in request.headers:
+        owner = owner_url(user_id)
+        if owner is not None:
+            return await forward(request, owner)
+    raw = profiles.table().get(user_id.encode())
+    if raw is None:
+        return json_error(404, f"nothing held about {user_id!r}", "user_id", "")
+    state = profiles.decode(raw)
+    now_ms = int(time.time() * 1000)
+    return json_response(
+        {
+            "user_id": user_id,
+            "exported_at": format_ts(now_ms),
+            "profile": profiles.view(state, current_config().profiles, now_ms),
+            "stored": state,
+        }
+    )
+
+
+@routes.delete("/v1/users/{user_id}")
+async def erase_user(request: web.Request) -> web.Response:
+    """Erase the visitor (and the anonymous ids linked to them); 202 once durable."""
+    user_id = request.match_info["user_id"]
+    starting = not_ready()
+    if starting is not None:
+        return starting
+    now_ms = int(time.time() * 1000)
+    request_id = uuid.uuid4().hex
+    event: Event = {
+        "v": 1,
+        "event_id": f"$erase:{request_id}",
+        "type": profiles.ERASE,
+        "user_id": user_id,
+        "anonymous_id": None,
+        "item_id": None,
+        "ts": format_ts(now_ms),
+        "ts_ms": now_ms,
+        "properties": {"request_id": request_id},
+    }
+    try:
+        await publisher().publish([event])
+    except Exception as exc:
+        _log.exception("publish failed")
+        return json_error(503, f"the broker did not acknowledge the erasure: {exc}", "", "retry")
+    return json_response({"user_id": user_id, "request_id": request_id}, 202)
 
 
 @routes.put("/v1/users/{user_id}/consent")

@@ -142,6 +142,8 @@ class TopicsConfig:
     routed: str = "events-routed"
     dead_letter: str = "events-dlq"
     items: str = "items"
+    #: Erasures (and other privacy actions) are recorded here, without personal data.
+    audit: str = "audit"
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from personify.engine.config import ProfilesConfig
 from personify.engine.models import PURPOSES, Event, format_ts
 
 __all__ = [
+    "ERASE",
     "LINK",
     "MERGE",
     "VECTOR_KEY",
@@ -54,6 +55,8 @@ Profile = dict[str, Any]
 MERGE = "$merge"
 #: Internal event telling an anonymous visitor's profile which user it now belongs to.
 LINK = "$link"
+#: Erase the visitor: the profile is deleted (a tombstone in the changelog).
+ERASE = "$erase"
 
 #: An event may carry its text's embedding under this key while it is folded (never stored).
 VECTOR_KEY = "_vector"

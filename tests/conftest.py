@@ -154,11 +154,14 @@ class Engine:
             await producer.stop()
 
     async def dead_letters(
-        self, want: int, match: Callable[[dict[str, Any]], bool] = lambda d: True
+        self,
+        want: int,
+        match: Callable[[dict[str, Any]], bool] = lambda d: True,
+        topic: str = "events-dlq",
     ) -> list[dict[str, Any]]:
-        """Read events-dlq from the start until ``want`` records satisfy ``match`` (or 30 s)."""
+        """Read ``topic`` from the start until ``want`` records satisfy ``match`` (or 30 s)."""
         consumer = AIOKafkaConsumer(
-            "events-dlq",
+            topic,
             bootstrap_servers=self.broker,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
