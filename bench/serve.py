@@ -1375,6 +1375,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory (engine log)")
     p.add_argument(
+        "--embeddings-cache",
+        metavar="DIR",
+        help="reuse the engine's vector cache from DIR (saved there after the run when DIR does "
+        "not exist yet): the catalog phase then measures indexing, not encoding",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -1415,6 +1421,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     started = time.perf_counter()
     code = 0
+    cache = Path(args.embeddings_cache) if args.embeddings_cache else None
+    if cache is not None and cache.exists():
+        shutil.copytree(cache, workdir / "data" / "embeddings-cache")
+        print(f"vector cache reused from {cache}: items are indexed, not encoded", flush=True)
     try:
         asyncio.run(amain(args, eng, out))
     except KeyboardInterrupt:
@@ -1427,6 +1437,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if eng.proc is not None:
             print("stopping personify (SIGTERM) ...", flush=True)
             out["exit_code"] = eng.stop()
+        if cache is not None and not cache.exists() and out.get("catalog"):
+            shutil.copytree(workdir / "data" / "embeddings-cache", cache)
+            print(f"vector cache saved to {cache} for later runs", flush=True)
         out["elapsed_s"] = time.perf_counter() - started
         if out.get("load") or out.get("catalog"):
             print_summary(out)
