@@ -500,8 +500,10 @@ class ListCache:
         self._floor = 0
         #: Owners whose lists are to be recomputed, oldest first ...
         self.pending: dict[str, None] = {}
-        #: ... after these, which someone is waiting for (a socket is open).
+        #: ... after these, which someone is waiting for (a socket is open) ...
         self.urgent: dict[str, None] = {}
+        #: ... and, only when nothing else waits, lists that merely aged.
+        self.stale: dict[str, None] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -535,6 +537,7 @@ class ListCache:
             self._reset()
             self.pending.clear()
             self.urgent.clear()
+            self.stale.clear()
 
     def take(self, n: int) -> list[str]:
         """Up to ``n`` queued owners: the urgent ones first, each kind oldest first."""
@@ -546,20 +549,30 @@ class ListCache:
             more = list(itertools.islice(self.pending, n - len(out)))
             for key in more:
                 del self.pending[key]
+                self.stale.pop(key, None)
             return out + more
+
+    def take_stale(self, n: int) -> list[str]:
+        """Up to ``n`` lists that only aged, oldest first."""
+        with self._lock:
+            out = list(itertools.islice(self.stale, n))
+            for key in out:
+                del self.stale[key]
+            return out
 
     def backlog(self) -> int:
         """How many lists are queued."""
-        return len(self.pending) + len(self.urgent)
+        return len(self.pending) + len(self.urgent) + len(self.stale)
 
     def _current(self, entry: Entry) -> bool:
         gen, floor = self._gen, self._floor
         return all(gen.get(o, floor) == g for o, g in zip(entry.owners, entry.gens, strict=True))
 
     def queue(self, key: str) -> None:
-        """Queue ``key``'s list for recomputing."""
+        """Queue ``key``'s list for a refresh when nothing else waits (it only aged)."""
         with self._lock:
-            self.pending[key] = None
+            if key not in self.pending and key not in self.urgent:
+                self.stale[key] = None
 
     def get(self, key: str) -> Entry | None:
         """The list of ``key`` while its owners are unchanged, else None."""

@@ -242,9 +242,9 @@ class RecommendConfig:
     #: answered from memory.
     list_size: int = 10
     #: A stored list older than this is served once more and recomputed behind the answer ...
-    list_refresh_s: float = 60.0
+    list_refresh_s: float = 600.0
     #: ... and one older than this is recomputed before answering.
-    list_max_age_s: float = 900.0
+    list_max_age_s: float = 3600.0
     #: Stored lists kept per worker (visitors; as many again for similar items).
     list_cache_size: int = 200_000
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BLEND))

@@ -68,6 +68,21 @@ def test_forgetting_generations_never_revives_a_stale_list() -> None:
     assert cache.put("u", entry(cache, "u"))
 
 
+def test_aged_lists_wait_behind_changed_ones() -> None:
+    """A refresh of a list that only aged never jumps the queue of lists whose owner changed."""
+    cache = ListCache(10)
+    cache.queue("aged")
+    cache.changed(["changed"], queue=True)
+    cache.changed(["watched"], queue=True, urgent=True)
+    assert cache.backlog() == 3
+    assert cache.take(10) == ["watched", "changed"]
+    assert cache.take_stale(10) == ["aged"]
+    cache.changed(["both"], queue=True)
+    cache.queue("both")  # already queued as changed: not again as aged
+    assert cache.take_stale(10) == []
+    assert cache.take(10) == ["both"]
+
+
 def test_clear_forgets_lists_and_queue() -> None:
     cache = ListCache(10)
     cache.put("u", entry(cache, "u"))
