@@ -305,7 +305,8 @@ def profiles_changed(user_ids: Iterable[str], *, done: bool = True) -> None:
     if watched:
         cache.changed(watched, queue=True, urgent=True)
     if len(watched) < len(users):
-        others = [u for u in users if u not in set(watched)] if watched else users
+        seen = set(watched)
+        others = [u for u in users if u not in seen] if watched else users
         cache.changed(others, queue=current_config().recommend.precompute)
     if watched or current_config().recommend.precompute:
         LISTS_PENDING.set(cache.backlog() + similar_cache().backlog())
