@@ -323,6 +323,7 @@ async def profile_agent(stream: Any) -> None:
                 )
                 continue
             by_partition.setdefault(message.partition, []).extend(events)
+        vetoed = await _consent_gates(by_partition)
         received = [e for evs in by_partition.values() for e in evs]
         attach_categories(received)
         await attach_chat_vectors(received)
@@ -348,6 +349,9 @@ async def profile_agent(stream: Any) -> None:
             source = {"topic": _routed.get_topic_name(), "partition": p}
             dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
             EVENTS_APPLIED.inc(f.applied)
+            if vetoed:
+                EVENTS_VETOED.inc(vetoed)
+                vetoed = 0
             if f.vetoed:
                 EVENTS_VETOED.inc(f.vetoed)
             if f.skipped:
@@ -365,6 +369,30 @@ async def profile_agent(stream: Any) -> None:
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:
             AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
+
+
+async def _consent_gates(by_partition: dict[int, list[Event]]) -> int:
+    """Drop the events a consent-gate plugin vetoes; return how many.
+
+    Anything but True from a gate (False, an error, a time-out) vetoes the event: fail closed.
+    """
+    gates = plugins()
+    if not gates.has("personify_consent"):
+        return 0
+    dropped = 0
+    for partition, evs in by_partition.items():
+        kept: list[Event] = []
+        for e in evs:
+            if e["type"].startswith("$") or e["type"] == "consent":
+                kept.append(e)  # internal events and consent choices always pass
+                continue
+            answers = await gates.call("personify_consent", event=_wire(e), profile=None)
+            if all(answer is True for _name, answer in answers):
+                kept.append(e)
+            else:
+                dropped += 1
+        by_partition[partition] = kept
+    return dropped
 
 
 async def _audit(user_id: str, request_id: str) -> None:

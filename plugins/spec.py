@@ -35,7 +35,9 @@ class Specs:
     def personify_consent(self, event: dict[str, Any], profile: dict[str, Any] | None) -> bool:
         """Whether ``event`` may update the visitor's profile (personalisation).
 
-        Any False, exception or time-out vetoes the event's personal effects (fail closed).
+        Called before the event is applied (``profile`` is None for now). Anything but True
+        (False, an exception, a time-out) vetoes the event: it changes nothing (fail closed).
+        ``consent`` events and internal ones are never gated.
         """
         raise NotImplementedError
 

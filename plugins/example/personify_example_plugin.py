@@ -6,6 +6,8 @@ The offer reaches the visitor's open WebSockets as::
     {"type": "offer", "seq": 12, "trigger": "gift_wrap", "plugin": "gift_wrap",
      "payload": {"message": "...", "searches": 3}}
 
+``no_tracking`` is a consent gate: an event marked ``"no_tracking": true`` changes nothing.
+
 ``always_fails`` and ``hangs`` misbehave on purpose: Personify logs, counts and skips them
 (``personify_plugin_errors_total``) and every other plugin and push goes on. Leave them out
 with ``[plugins] allow = ["gift_wrap"]`` (or ``deny``).
@@ -62,6 +64,16 @@ class Hangs:
             time.sleep(3)
 
 
+class NoTracking:
+    """A consent gate: events marked ``"properties": {"no_tracking": true}`` change nothing."""
+
+    @hookimpl
+    def personify_consent(self, event: dict[str, Any], profile: dict[str, Any] | None) -> bool:
+        """False for an event that asks not to be tracked."""
+        return not event["properties"].get("no_tracking", False)
+
+
 gift_wrap = GiftWrap()
+no_tracking = NoTracking()
 always_fails = AlwaysFails()
 hangs = Hangs()

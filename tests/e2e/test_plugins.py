@@ -88,7 +88,7 @@ def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
             assert offer["seq"] > first["seq"]
 
     asyncio.run(run())
-    assert "Plugins loaded: always_fails, gift_wrap, hangs" in with_plugins.tail(20000)
+    assert "Plugins loaded: always_fails, gift_wrap, hangs, no_tracking" in with_plugins.tail(20000)
 
 
 def test_failing_and_hanging_plugins_are_skipped(with_plugins: Any, uid: str) -> None:
@@ -132,3 +132,20 @@ def test_no_trigger_without_marketing_consent(with_plugins: Any, uid: str) -> No
                 await next_of(ws, "offer", limit_s=3.0)
 
     asyncio.run(run())
+
+
+def test_a_consent_gate_vetoes_events(with_plugins: Any, uid: str) -> None:
+    """The example's no_tracking gate: a marked event changes nothing; the others count."""
+    marked = {
+        "type": "search",
+        "user_id": uid,
+        "properties": {"query": "secret", "no_tracking": True},
+    }
+    assert with_plugins.post_events([search(uid, "boots"), marked, search(uid, "hats")])[0] == 202
+    profile = with_plugins.wait_profile(uid, lambda p: p["counts"].get("search") == 2)
+    assert sorted(s["query"] for s in profile["recent_searches"]) == ["boots", "hats"]
+    text = str(with_plugins.request("GET", "/metrics")[1])
+    assert any(
+        x.startswith("personify_events_vetoed_total ") and float(x.split()[1]) >= 1
+        for x in text.splitlines()
+    )
