@@ -15,7 +15,7 @@ from aiohttp import web
 
 from personify.agents.lists import Served, recommender, serve_recommendations, serve_similar
 from personify.agents.recommend import Request
-from personify.api.routes import FORWARDED, forward, not_ready, owner_url, read_json
+from personify.api.routes import not_ready, read_json, to_owner
 from personify.api.schemas import Rejection, json_error, json_response
 from personify.engine.app import current_config, items_publisher
 from personify.engine.errors import ValidationError
@@ -217,10 +217,9 @@ async def get_recommendations(request: web.Request) -> web.Response:
         req = _request(request)
     except ValidationError as exc:
         return json_error(400, exc.reason, exc.field, "see GET /v1/openapi.json")
-    if FORWARDED not in request.headers:
-        owner = owner_url(user_id)
-        if owner is not None:
-            return await forward(request, owner)
+    remote = await to_owner(request, user_id)
+    if remote is not None:
+        return remote
     return _answer("user_id", user_id, await serve_recommendations(user_id, req))
 
 

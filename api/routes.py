@@ -23,7 +23,16 @@ from personify.engine.models import Event, format_ts, validate_event
 from personify.engine.publisher import Publisher
 from personify.tables import profiles
 
-__all__ = ["FORWARDED", "HTTP_CLIENT", "forward", "not_ready", "owner_url", "read_json", "routes"]
+__all__ = [
+    "FORWARDED",
+    "HTTP_CLIENT",
+    "forward",
+    "not_ready",
+    "owner_url",
+    "read_json",
+    "routes",
+    "to_owner",
+]
 
 routes = web.RouteTableDef()
 #: The client session used to forward requests to other workers.
@@ -195,14 +204,21 @@ async def forward(request: web.Request, owner: str) -> web.Response:
         )
 
 
+async def to_owner(request: web.Request, key: str) -> web.Response | None:
+    """The owning worker's answer when another worker owns ``key``; None to answer here."""
+    if FORWARDED in request.headers:
+        return None
+    owner = owner_url(key)
+    return None if owner is None else await forward(request, owner)
+
+
 @routes.get("/v1/users/{user_id}")
 async def get_user(request: web.Request) -> web.Response:
     """The visitor's live profile (forwarded to the worker that owns it, with several)."""
     user_id = request.match_info["user_id"]
-    if FORWARDED not in request.headers:
-        owner = owner_url(user_id)
-        if owner is not None:
-            return await forward(request, owner)
+    remote = await to_owner(request, user_id)
+    if remote is not None:
+        return remote
     raw = profiles.table().get(user_id.encode())
     if raw is None:
         return json_error(
@@ -225,10 +241,9 @@ async def get_user(request: web.Request) -> web.Response:
 async def export_user(request: web.Request) -> web.Response:
     """Everything held about the visitor (right of access and portability)."""
     user_id = request.match_info["user_id"]
-    if FORWARDED not in request.headers:
-        owner = owner_url(user_id)
-        if owner is not None:
-            return await forward(request, owner)
+    remote = await to_owner(request, user_id)
+    if remote is not None:
+        return remote
     raw = profiles.table().get(user_id.encode())
     if raw is None:
         return json_error(404, f"nothing held about {user_id!r}", "user_id", "")
