@@ -128,6 +128,14 @@ class Engine:
         body = {"events": events} if isinstance(events, list) else events
         return self.request("POST", "/v1/events", body)
 
+    def metric(self, sample: str) -> float:
+        """The value of ``sample`` (name and labels, as exposed) on GET /metrics, or 0."""
+        text = str(self.request("GET", "/metrics")[1])
+        prefix = sample + " "
+        return next(
+            (float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix)), 0.0
+        )
+
     def profile(self, user_id: str) -> tuple[int, Any]:
         return self.request("GET", f"/v1/users/{user_id}")
 

@@ -93,9 +93,7 @@ def test_recommendations_are_pushed_after_each_event(live: Any, uid: str) -> Non
 
 def pushed(eng: Any) -> float:
     """Recommendation messages pushed so far, from GET /metrics."""
-    line = 'personify_ws_messages_total{type="recommendations"} '
-    text = str(eng.request("GET", "/metrics")[1])
-    return next((float(x[len(line) :]) for x in text.splitlines() if x.startswith(line)), 0.0)
+    return float(eng.metric('personify_ws_messages_total{type="recommendations"}'))
 
 
 def test_reconnect_resumes_without_losing_messages(live: Any, uid: str) -> None:

@@ -310,9 +310,7 @@ def test_put_replaces_an_item(shop: Any) -> None:
 
 def served(eng: Any, how: str) -> float:
     """How many answers were served ``how`` (memory or computed), from GET /metrics."""
-    text = str(eng.request("GET", "/metrics")[1])
-    line = f'personify_lists_served_total{{how="{how}"}} '
-    return next((float(x[len(line) :]) for x in text.splitlines() if x.startswith(line)), 0.0)
+    return float(eng.metric(f'personify_lists_served_total{{how="{how}"}}'))
 
 
 def test_stored_list_follows_profile_and_catalog(shop: Any, uid: str) -> None:
@@ -366,10 +364,10 @@ def test_without_personalization_consent_nothing_personal(shop: Any, uid: str) -
     status, body = shop.request("PUT", f"/v1/users/{uid}/consent", {"personalization": False})
     assert status == 202, body
     shop.wait_profile(uid, lambda p: p["consent"]["personalization"] is False)
-    vetoed = served_metric(shop, "personify_events_vetoed_total ")
+    vetoed = shop.metric("personify_events_vetoed_total")
     shop.post_events(views(uid, ["k-knife"], now - 10_000))
     shop.wait_for(
-        lambda: served_metric(shop, "personify_events_vetoed_total ") > vetoed,
+        lambda: shop.metric("personify_events_vetoed_total") > vetoed,
         what="the event to be vetoed",
     )
     profile = shop.profile(uid)[1]
@@ -380,9 +378,3 @@ def test_without_personalization_consent_nothing_personal(shop: Any, uid: str) -
     assert all(r["reasons"][0]["kind"] in ("trending", "popular") for r in body["items"])
     status, body = shop.request("PUT", f"/v1/users/{uid}/consent", {"cookies": True})
     assert status == 422 and body["field"] == "properties.cookies"
-
-
-def served_metric(eng: Any, prefix: str) -> float:
-    """The value of the first /metrics line starting with ``prefix``."""
-    text = str(eng.request("GET", "/metrics")[1])
-    return next((float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix)), 0.0)
