@@ -301,7 +301,7 @@ def profiles_changed(user_ids: Iterable[str], *, done: bool = True) -> None:
         return
     users = list(user_ids)
     live = hub()
-    watched = [u for u in users if live.watching(u)]  # pushed first, with or without precompute
+    watched = [u for u in users if live.followed(u)]  # pushed first, with or without precompute
     if watched:
         cache.changed(watched, queue=True, urgent=True)
     if len(watched) < len(users):
@@ -342,10 +342,15 @@ def _build(
     return out
 
 
-def push_list(user_id: str, rec_id: str, items: bytes) -> int:
-    """Push a ``recommendations`` message to the visitor's sockets; its seq (0: none)."""
+def push_list(user_id: str, rec_id: str, items: bytes, *, here_only: bool = False) -> int:
+    """Push a ``recommendations`` message to the visitor's sockets; its seq here (0: none).
+
+    The message also goes to the visitor's sockets on other workers unless ``here_only``.
+    """
     body = recommendations_message(user_id, rec_id, items)
-    return hub().publish(user_id, "recommendations", body)
+    if here_only:
+        return hub().publish(user_id, "recommendations", body)
+    return hub().send(user_id, "recommendations", body)
 
 
 @app.service
@@ -386,7 +391,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 _log.exception("list builder failed; the lists are computed on request")
                 built = []
             for user_id, entry in built:
-                if live.watching(user_id):
+                if live.followed(user_id):
                     push_list(user_id, entry.rec_id, entry.items)
             LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
 

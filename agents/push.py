@@ -17,7 +17,7 @@ import functools
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -27,7 +27,15 @@ from personify.engine.logging import get_logger
 from personify.engine.metrics import WS_DROPPED, WS_MESSAGES
 from personify.plugins.manager import plugins
 
-__all__ = ["Channel", "Hub", "Subscriber", "deliver", "hub", "recommendations_message"]
+__all__ = [
+    "Channel",
+    "Hub",
+    "Remote",
+    "Subscriber",
+    "deliver",
+    "hub",
+    "recommendations_message",
+]
 
 
 _log = get_logger(__name__)
@@ -78,6 +86,22 @@ class Channel:
     idle_since: float | None = None
 
 
+class Remote(Protocol):
+    """The other workers' sockets, when several workers share the partitions."""
+
+    def watching(self, user_id: str) -> bool:
+        """Whether a socket on another worker follows ``user_id``."""
+        ...
+
+    def forward(self, user_id: str, kind: str, body: bytes) -> None:
+        """Send a message to the other workers' sockets of ``user_id``."""
+        ...
+
+    def forget(self, user_id: str) -> None:
+        """Have every other worker drop what it buffers for ``user_id``."""
+        ...
+
+
 class Hub:
     """Every visitor's channel on this worker.
 
@@ -88,6 +112,8 @@ class Hub:
     def __init__(self, cfg: PushConfig) -> None:
         self.cfg = cfg
         self._channels: OrderedDict[str, Channel] = OrderedDict()
+        #: The other workers' sockets (set by the relay when workers share the partitions).
+        self.remote: Remote | None = None
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -100,6 +126,15 @@ class Hub:
         if channel.subscribers:
             return True
         return not self._expired(channel, time.monotonic())
+
+    def followed(self, user_id: str) -> bool:
+        """Whether anyone follows ``user_id``, on this worker or on another."""
+        return self.watching(user_id) or (self.remote is not None and self.remote.watching(user_id))
+
+    def watched(self) -> list[str]:
+        """The visitors followed on this worker (sockets open now or recently)."""
+        now = time.monotonic()
+        return [u for u, c in self._channels.items() if not self._expired(c, now)]
 
     def sockets(self) -> int:
         """Open sockets."""
@@ -180,11 +215,22 @@ class Hub:
         WS_MESSAGES.labels(kind).inc()
         return channel.seq
 
-    def forget(self, user_id: str) -> None:
-        """Drop what is buffered for ``user_id`` (an erasure); their sockets stay open."""
+    def send(self, user_id: str, kind: str, body: bytes) -> int:
+        """`publish` here and on the other workers' sockets of ``user_id``; this seq."""
+        if self.remote is not None:
+            self.remote.forward(user_id, kind, body)
+        return self.publish(user_id, kind, body)
+
+    def forget(self, user_id: str, *, everywhere: bool = True) -> None:
+        """Drop what is buffered for ``user_id`` (an erasure); their sockets stay open.
+
+        With ``everywhere``, the other workers drop theirs too.
+        """
         channel = self._channels.get(user_id)
         if channel is not None:
             channel.buffer.clear()
+        if everywhere and self.remote is not None:
+            self.remote.forget(user_id)
 
     def close_all(self) -> None:
         """Wake every socket's sender to finish (the server is stopping)."""
@@ -224,7 +270,7 @@ async def deliver(user_id: str, plugin: str, action: Any) -> bool:
     except TypeError as exc:
         _log.warning("plugin action is not JSON; dropped", plugin=plugin, error=str(exc))
         return False
-    hub().publish(user_id, kind, body)
+    hub().send(user_id, kind, body)
     await plugins().call("personify_action", user_id=user_id, action=action)
     return True
 

@@ -7,6 +7,9 @@ client that reconnects with ``resume_from=SEQ`` first receives what it missed wh
 ``[push] replay_size`` messages; past that, or after a restart of the worker, a fresh list).
 The server pings every ``[push] heartbeat_s`` and closes a socket that stops answering; it
 closes with 1001 (going away) when it stops. Messages from the client are ignored.
+
+With several workers the socket may be open on a worker that does not own the visitor: the
+owner then sends their messages here through the push topic (see `personify.agents.relay`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from personify.agents.lists import push_list, serve_recommendations
 from personify.agents.push import Subscriber, hub
 from personify.agents.recommend import Request
+from personify.agents.relay import open_socket
 from personify.api.schemas import json_error
 from personify.engine.app import current_config
 from personify.engine.logging import get_logger
@@ -85,10 +89,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     WS_SOCKETS.set(len(_SOCKETS))
     sender = asyncio.create_task(_send(ws, sub))
     try:
-        if fresh:
+        # With several workers, the worker owning the visitor sends their current list.
+        remote = open_socket(user_id)
+        if fresh and not remote:
             size = current_config().recommend.list_size
             served = await serve_recommendations(user_id, Request(k=size))
-            push_list(user_id, served.rec_id, served.items)
+            push_list(user_id, served.rec_id, served.items, here_only=True)
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break

@@ -17,7 +17,7 @@ from personify.engine.config import Config
 from personify.engine.errors import ConfigError
 from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
-from personify.engine.publisher import Publisher
+from personify.engine.publisher import Publisher, partition_for
 from personify.engine.transport import Transport
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "configure",
     "current_config",
     "items_publisher",
+    "owns",
     "publisher",
     "tables_exist",
     "topic",
@@ -143,6 +144,23 @@ def current_config() -> Config:
 
 
 @functools.cache
+def owns(key: str) -> bool | None:
+    """Whether this worker owns ``key``'s partition (None: it owns none now, e.g. rebalancing).
+
+    A visitor's events, profile and lists live with the worker that holds their partition of
+    the routed events topic.
+    """
+    cfg = current_config()
+    try:
+        actives = app.assignor.assigned_actives()
+    except Exception:  # no assignor state yet: the worker is starting
+        return None
+    mine = {tp.partition for tp in actives if tp.topic == cfg.topics.routed}
+    if not mine:
+        return None
+    return partition_for(key, cfg.broker.partitions) in mine
+
+
 def topic(name: str) -> Any:
     """The Faust topic ``name`` with the configured partition count (declared on start)."""
     cfg = current_config()

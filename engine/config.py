@@ -144,6 +144,9 @@ class TopicsConfig:
     items: str = "items"
     #: Erasures (and other privacy actions) are recorded here, without personal data.
     audit: str = "audit"
+    #: Live messages between workers (with an external broker only): who has sockets for
+    #: which visitors, and the messages for them.
+    push: str = "push"
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +269,9 @@ class PushConfig:
     replay_ttl_s: float = 300.0
     #: Visitors with a replay buffer kept per worker (the least recently used go first).
     max_channels: int = 100_000
+    #: With several workers, each tells the others which visitors it has sockets for this
+    #: often (and at once when one connects); a worker silent for three periods is forgotten.
+    announce_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

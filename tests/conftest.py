@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -138,6 +139,22 @@ class Engine:
 
     def profile(self, user_id: str) -> tuple[int, Any]:
         return self.request("GET", f"/v1/users/{user_id}")
+
+    def ws_url(self, query: str) -> str:
+        """The URL of ``GET /v1/ws?<query>``."""
+        return self.url.replace("http://", "ws://", 1) + "/v1/ws?" + query
+
+    @staticmethod
+    async def next_message(
+        ws: aiohttp.ClientWebSocketResponse, kind: str | None = None, limit_s: float = 30.0
+    ) -> dict[str, Any]:
+        """The socket's next message (of type ``kind``: others are skipped), as JSON."""
+        while True:
+            msg = await ws.receive(timeout=limit_s)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            body = dict(json.loads(msg.data))
+            if kind is None or body["type"] == kind:
+                return body
 
     def wait_for(self, check: Callable[[], Any], timeout: float = 60.0, what: str = "it") -> Any:
         """Poll ``check`` until it returns something truthy; fail with the last value."""

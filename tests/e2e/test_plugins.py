@@ -53,18 +53,6 @@ def search(user: str, query: str) -> dict[str, Any]:
     return {"type": "search", "user_id": user, "properties": {"query": query}}
 
 
-async def next_of(
-    ws: aiohttp.ClientWebSocketResponse, kind: str, limit_s: float = 30.0
-) -> dict[str, Any]:
-    """The next message of type ``kind`` (others are skipped)."""
-    while True:
-        msg = await ws.receive(timeout=limit_s)
-        assert msg.type == aiohttp.WSMsgType.TEXT, msg
-        body = dict(msg.json())
-        if body["type"] == kind:
-            return body
-
-
 def errors_of(eng: Any, plugin: str) -> float:
     return float(
         eng.metric(f'personify_plugin_errors_total{{hook="personify_on_event",plugin="{plugin}"}}')
@@ -73,16 +61,16 @@ def errors_of(eng: Any, plugin: str) -> float:
 
 def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
     """The example's gift_wrap trigger, found through its entry point, offers on a gift search."""
-    url = with_plugins.url.replace("http://", "ws://", 1) + f"/v1/ws?user_id={uid}"
+    url = with_plugins.ws_url(f"user_id={uid}")
 
     async def run() -> None:
         async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-            first = await next_of(ws, "recommendations")
+            first = await with_plugins.next_message(ws, "recommendations")
             status, _ = await asyncio.to_thread(
                 with_plugins.post_events, [search(uid, "Birthday GIFT ideas")]
             )
             assert status == 202
-            offer = await next_of(ws, "offer")
+            offer = await with_plugins.next_message(ws, "offer")
             assert offer["trigger"] == "gift_wrap" and offer["plugin"] == "gift_wrap"
             assert offer["payload"]["searches"] == 1
             assert offer["seq"] > first["seq"]
@@ -93,19 +81,19 @@ def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
 
 def test_failing_and_hanging_plugins_are_skipped(with_plugins: Any, uid: str) -> None:
     """A plugin that raises or hangs is counted and skipped; pushes and offers go on."""
-    url = with_plugins.url.replace("http://", "ws://", 1) + f"/v1/ws?user_id={uid}"
+    url = with_plugins.ws_url(f"user_id={uid}")
 
     async def run() -> None:
         async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-            await next_of(ws, "recommendations")
+            await with_plugins.next_message(ws, "recommendations")
             failed = await asyncio.to_thread(errors_of, with_plugins, "always_fails")
             hung = await asyncio.to_thread(errors_of, with_plugins, "hangs")
             for query in ("hang", "gift for dad"):
                 status, _ = await asyncio.to_thread(with_plugins.post_events, [search(uid, query)])
                 assert status == 202
             # The list still follows the events, and the good plugin still offers.
-            await next_of(ws, "recommendations")
-            offer = await next_of(ws, "offer")
+            await with_plugins.next_message(ws, "recommendations")
+            offer = await with_plugins.next_message(ws, "offer")
             assert offer["trigger"] == "gift_wrap"
             assert await asyncio.to_thread(errors_of, with_plugins, "always_fails") >= failed + 2
             assert await asyncio.to_thread(errors_of, with_plugins, "hangs") == hung + 1
@@ -118,18 +106,18 @@ def test_no_trigger_without_marketing_consent(with_plugins: Any, uid: str) -> No
     status, _ = with_plugins.request("PUT", f"/v1/users/{uid}/consent", {"marketing": False})
     assert status == 202
     with_plugins.wait_profile(uid, lambda p: p["consent"]["marketing"] is False)
-    url = with_plugins.url.replace("http://", "ws://", 1) + f"/v1/ws?user_id={uid}"
+    url = with_plugins.ws_url(f"user_id={uid}")
 
     async def run() -> None:
         async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
-            await next_of(ws, "recommendations")
+            await with_plugins.next_message(ws, "recommendations")
             status, _ = await asyncio.to_thread(
                 with_plugins.post_events, [search(uid, "a gift for mum")]
             )
             assert status == 202
-            await next_of(ws, "recommendations")  # the event was applied ...
+            await with_plugins.next_message(ws, "recommendations")  # the event was applied ...
             with pytest.raises(asyncio.TimeoutError):  # ... and no offer follows
-                await next_of(ws, "offer", limit_s=3.0)
+                await with_plugins.next_message(ws, "offer", limit_s=3.0)
 
     asyncio.run(run())
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,17 +40,6 @@ def live(module_engine: Callable[..., Any]) -> Iterator[Any]:
     assert eng.stop() == 0, eng.tail()
 
 
-def ws_url(eng: Any, query: str) -> str:
-    return eng.url.replace("http://", "ws://", 1) + "/v1/ws?" + query
-
-
-async def receive(ws: aiohttp.ClientWebSocketResponse, limit_s: float = 30.0) -> dict[str, Any]:
-    """The next server message, as JSON."""
-    msg = await ws.receive(timeout=limit_s)
-    assert msg.type == aiohttp.WSMsgType.TEXT, msg
-    return dict(json.loads(msg.data))
-
-
 def view(user: str, item: str) -> dict[str, Any]:
     return {"type": "product_view", "user_id": user, "item_id": item}
 
@@ -67,15 +55,15 @@ def test_recommendations_are_pushed_after_each_event(live: Any, uid: str) -> Non
     async def run() -> None:
         async with (
             aiohttp.ClientSession() as session,
-            session.ws_connect(ws_url(live, f"user_id={uid}")) as ws,
+            session.ws_connect(live.ws_url(f"user_id={uid}")) as ws,
         ):
-            first = await receive(ws)
+            first = await live.next_message(ws)
             assert first["type"] == "recommendations" and first["seq"] == 1
             assert first["user_id"] == uid and first["recommendation_id"]
             assert len(first["items"]) > 0
             for n, item in enumerate(["h-jacket", "k-knife"], start=2):
                 await post(live, [view(uid, item)])
-                got = await receive(ws)
+                got = await live.next_message(ws)
                 assert got["type"] == "recommendations"
                 assert got["seq"] == n  # one push per event, in order
                 assert item not in [r["item_id"] for r in got["items"]]  # seen: not shown again
@@ -101,8 +89,8 @@ def test_reconnect_resumes_without_losing_messages(live: Any, uid: str) -> None:
 
     async def run() -> None:
         async with aiohttp.ClientSession() as session:
-            async with session.ws_connect(ws_url(live, f"user_id={uid}")) as ws:
-                first = await receive(ws)
+            async with session.ws_connect(live.ws_url(f"user_id={uid}")) as ws:
+                first = await live.next_message(ws)
             before = await asyncio.to_thread(pushed, live)
             await post(live, [view(uid, "h-boots")])
             await asyncio.to_thread(
@@ -110,17 +98,17 @@ def test_reconnect_resumes_without_losing_messages(live: Any, uid: str) -> None:
                 lambda: pushed(live) > before,
                 what="the list pushed while the client is away",
             )
-            url = ws_url(live, f"user_id={uid}&resume_from={first['seq']}")
+            url = live.ws_url(f"user_id={uid}&resume_from={first['seq']}")
             async with session.ws_connect(url) as ws:
-                missed = await receive(ws)
+                missed = await live.next_message(ws)
                 assert missed["seq"] == first["seq"] + 1
                 assert "h-boots" not in [r["item_id"] for r in missed["items"]]
                 await post(live, [view(uid, "h-poles")])
-                after = await receive(ws)
+                after = await live.next_message(ws)
                 assert after["seq"] == missed["seq"] + 1
             # Resuming from a sequence never sent (e.g. after a restart) gets a fresh list.
-            async with session.ws_connect(ws_url(live, f"user_id={uid}&resume_from=999")) as ws:
-                fresh = await receive(ws)
+            async with session.ws_connect(live.ws_url(f"user_id={uid}&resume_from=999")) as ws:
+                fresh = await live.next_message(ws)
                 assert fresh["seq"] == after["seq"] + 1
                 assert "h-poles" not in [r["item_id"] for r in fresh["items"]]
 
@@ -134,13 +122,13 @@ def test_each_socket_gets_only_its_visitor(live: Any, uid: str) -> None:
         other = uid + "-other"
         async with (
             aiohttp.ClientSession() as session,
-            session.ws_connect(ws_url(live, f"user_id={uid}")) as mine,
-            session.ws_connect(ws_url(live, f"user_id={other}")) as theirs,
+            session.ws_connect(live.ws_url(f"user_id={uid}")) as mine,
+            session.ws_connect(live.ws_url(f"user_id={other}")) as theirs,
         ):
-            await receive(mine)
-            await receive(theirs)
+            await live.next_message(mine)
+            await live.next_message(theirs)
             await post(live, [view(other, "e-buds")])
-            got = await receive(theirs)
+            got = await live.next_message(theirs)
             assert got["user_id"] == other and got["seq"] == 2
             with pytest.raises(asyncio.TimeoutError):
                 await mine.receive(timeout=1.0)
@@ -165,9 +153,9 @@ def test_server_stop_closes_sockets_with_going_away(module_engine: Callable[...,
     async def run() -> int | None:
         async with (
             aiohttp.ClientSession() as session,
-            session.ws_connect(ws_url(eng, "user_id=someone")) as ws,
+            session.ws_connect(eng.ws_url("user_id=someone")) as ws,
         ):
-            await receive(ws)
+            await eng.next_message(ws)
             stopping = asyncio.create_task(asyncio.to_thread(eng.stop))
             msg = await ws.receive(timeout=60)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), msg
