@@ -22,7 +22,8 @@ import orjson
 from personify.agents.catalog import embeddings
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
-from personify.agents.push import deliver, hub
+from personify.agents.push import hub
+from personify.agents.triggers import note_timers, queue_events
 from personify.engine.app import app, current_config, publisher, topic
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
@@ -30,12 +31,11 @@ from personify.engine.metrics import (
     EVENTS_APPLIED,
     EVENTS_DUPLICATE,
     EVENTS_VETOED,
-    PLUGIN_ERRORS,
 )
-from personify.engine.models import Event, event_key, format_ts
+from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER
 from personify.engine.retry import until_done
-from personify.plugins.manager import FAILED, plugins
+from personify.plugins.manager import plugins
 from personify.tables import profiles, signals
 from personify.tables.catalog import catalog
 
@@ -49,8 +49,6 @@ _audit_topic = topic(_cfg.topics.audit)
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
 _flush_lock = asyncio.Lock()
-#: (visitor, event, their profile's view) waiting for the triggers, in order.
-_triggers: asyncio.Queue[tuple[str, Event, dict[str, Any]]] = asyncio.Queue(maxsize=10_000)
 
 
 def _seq_of(headers: Any) -> int | None:
@@ -58,27 +56,6 @@ def _seq_of(headers: Any) -> int | None:
         if name == SEQ_HEADER:
             return int(value)
     return None
-
-
-def _control(
-    etype: str,
-    event_id: str,
-    user_id: str | None,
-    anonymous_id: str,
-    ts_ms: int,
-    properties: dict[str, Any],
-) -> Event:
-    return {
-        "v": 1,
-        "event_id": event_id,
-        "type": etype,
-        "user_id": user_id,
-        "anonymous_id": anonymous_id,
-        "item_id": None,
-        "ts": format_ts(ts_ms),
-        "ts_ms": ts_ms,
-        "properties": properties,
-    }
 
 
 @dataclass(slots=True)
@@ -92,19 +69,14 @@ class Folded:
     erased: list[tuple[str, str]] = field(default_factory=list)
     onward: list[Event] = field(default_factory=list)
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    #: The events applied (new), in order.
+    events: list[Event] = field(default_factory=list)
     failed: list[tuple[Event, str]] = field(default_factory=list)
     signals: signals.SignalBatch = field(
         default_factory=lambda: signals.SignalBatch(
             _cfg.recommend, _cfg.profiles, catalog().category_of
         )
     )
-
-
-def _wire(e: Event) -> Event:
-    """The event without what folding attached to it (its chat vector)."""
-    if profiles.VECTOR_KEY in e:
-        return {k: v for k, v in e.items() if k != profiles.VECTOR_KEY}
-    return e
 
 
 def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bool:
@@ -119,7 +91,14 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
             # Everything held goes; linked anonymous ids are erased too (on their partitions).
             for anon in state.get("anonymous_ids", []):
                 onward.append(
-                    _control(profiles.ERASE, f"$erase:{anon}", None, anon, e["ts_ms"], {})
+                    internal_event(
+                        profiles.ERASE,
+                        f"$erase:{anon}",
+                        user_id=None,
+                        anonymous_id=anon,
+                        ts_ms=e["ts_ms"],
+                        properties={},
+                    )
                 )
             out.erased.append((key, e["properties"].get("request_id", "")))
             state = profiles.new_profile(key)
@@ -133,24 +112,33 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
                 changed = True
             merge = {"profile": profiles.snapshot(state)}
             onward.append(
-                _control(profiles.MERGE, f"$merge:{key}", state["alias_of"], key, e["ts_ms"], merge)
+                internal_event(
+                    profiles.MERGE,
+                    f"$merge:{key}",
+                    user_id=state["alias_of"],
+                    anonymous_id=key,
+                    ts_ms=e["ts_ms"],
+                    properties=merge,
+                )
             )
             continue
         alias = state.get("alias_of")
         if alias and not e.get("user_id"):
-            onward.append({**_wire(e), "user_id": alias})  # a linked anonymous visitor's event
+            onward.append(
+                {**profiles.wire(e), "user_id": alias}
+            )  # a linked anonymous visitor's event
             continue
         todo.append(e)
         if etype in ("identify", "alias") and e["anonymous_id"] != key:
             link = {"target": key}
             onward.append(
-                _control(
+                internal_event(
                     profiles.LINK,
                     f"$link:{e['event_id']}",
-                    None,
-                    e["anonymous_id"],
-                    e["ts_ms"],
-                    link,
+                    user_id=None,
+                    anonymous_id=e["anonymous_id"],
+                    ts_ms=e["ts_ms"],
+                    properties=link,
                 )
             )
     vetoed: list[Event] = []
@@ -161,6 +149,7 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
         observe=out.signals.observe,
         chat_half_life_s=_cfg.recommend.chat_half_life_s,
         vetoed=vetoed,
+        applied=out.events,
     )
     if out.erased and out.erased[-1][0] == key and not n:
         out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
@@ -204,7 +193,7 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
                         event_id=e["event_id"],
                         error=repr(exc),
                     )
-                    out.failed.append((_wire(e), f"cannot apply event: {exc!r}"))
+                    out.failed.append((profiles.wire(e), f"cannot apply event: {exc!r}"))
                 else:
                     good.append(e)
             _fold_user(key, raw, good, out)
@@ -341,7 +330,10 @@ async def profile_agent(stream: Any) -> None:
             for user, request_id in f.erased:
                 hub().forget(user)
                 await until_done("audit record", functools.partial(_audit, user, request_id))
-        _queue_triggers(folds, received)
+        applied = [e for f in folds.values() for e in f.events]
+        note_timers(applied)
+        latest = {key.decode(): value for f in folds.values() for key, value in f.writes if value}
+        queue_events(latest, applied)
         onward = [e for f in folds.values() for e in f.onward]
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))
@@ -386,7 +378,7 @@ async def _consent_gates(by_partition: dict[int, list[Event]]) -> int:
             if e["type"].startswith("$") or e["type"] == "consent":
                 kept.append(e)  # internal events and consent choices always pass
                 continue
-            answers = await gates.call("personify_consent", event=_wire(e), profile=None)
+            answers = await gates.call("personify_consent", event=profiles.wire(e), profile=None)
             if all(answer is True for _name, answer in answers):
                 kept.append(e)
             else:
@@ -404,57 +396,6 @@ async def _audit(user_id: str, request_id: str) -> None:
         "at": format_ts(int(time.time() * 1000)),
     }
     await (await _audit_topic.send(value=orjson.dumps(record), force=True))
-
-
-def _queue_triggers(folds: dict[int, Folded], received: list[Event]) -> None:
-    """Hand the applied events, with their visitor's new profile, to the trigger plugins."""
-    if not plugins().has("personify_on_event"):
-        return
-    latest = {key.decode(): value for f in folds.values() for key, value in f.writes if value}
-    now_ms = int(time.time() * 1000)
-    views: dict[str, dict[str, Any]] = {}
-    for e in received:
-        user = event_key(e)
-        raw = latest.get(user)
-        if raw is None or e["type"].startswith("$"):
-            continue
-        if user not in views:
-            state = profiles.decode(raw)
-            if not profiles.consents(state, "marketing", _cfg.profiles):
-                continue  # no trigger fires for a visitor without marketing consent
-            views[user] = profiles.view(state, _cfg.profiles, now_ms)
-        try:
-            _triggers.put_nowait((user, _wire(e), views[user]))
-        except asyncio.QueueFull:
-            PLUGIN_ERRORS.labels("*", "personify_on_event").inc()
-            _log.error("trigger queue full; event skipped by the triggers", user_id=user)
-
-
-@app.service
-class _Triggers(mode.Service):  # type: ignore[misc] # mode is untyped
-    """Runs the trigger plugins on applied events, in order, beside the profile agent."""
-
-    async def on_start(self) -> None:
-        """Load the plugins now, and say which."""
-        names = plugins().names()
-        if names:
-            print(f"Plugins loaded: {', '.join(names)}", flush=True)
-
-    async def on_stop(self) -> None:
-        """Abandon hook calls still running."""
-        plugins().close()
-
-    @mode.Service.task  # type: ignore[untyped-decorator]
-    async def _run(self) -> None:
-        while not self.should_stop:
-            user, event, view = await _triggers.get()
-            for name, actions in await plugins().call(
-                "personify_on_event", event=event, profile=view
-            ):
-                if actions is FAILED or not actions:
-                    continue
-                for action in actions if isinstance(actions, list) else [actions]:
-                    await deliver(user, name, action)
 
 
 @app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]

@@ -126,6 +126,27 @@ _PROFILE = {
             "description": "Decayed with [profiles] affinity_half_life_s.",
         },
         "engagement_score": {"type": "number"},
+        "consent": {
+            "type": "object",
+            "additionalProperties": {"type": "boolean"},
+            "description": "Consent per purpose (analytics, personalization, marketing).",
+        },
+        "offers_sent": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "trigger": {"type": "string"},
+                    "at": {"type": "string", "format": "date-time"},
+                },
+            },
+            "description": "The latest offers sent to the visitor (frequency capping reads them).",
+        },
+        "timers": {
+            "type": "object",
+            "additionalProperties": {"type": "string", "format": "date-time"},
+            "description": "Trigger timers pending for the visitor, by name, and when they fire.",
+        },
     },
 }
 

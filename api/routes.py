@@ -19,7 +19,7 @@ from personify.engine.app import current_config, items_publisher, publisher
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY, rejection_reason
-from personify.engine.models import Event, format_ts, validate_event
+from personify.engine.models import Event, format_ts, internal_event, validate_event
 from personify.engine.publisher import Publisher
 from personify.tables import profiles
 
@@ -268,17 +268,13 @@ async def erase_user(request: web.Request) -> web.Response:
         return starting
     now_ms = int(time.time() * 1000)
     request_id = uuid.uuid4().hex
-    event: Event = {
-        "v": 1,
-        "event_id": f"$erase:{request_id}",
-        "type": profiles.ERASE,
-        "user_id": user_id,
-        "anonymous_id": None,
-        "item_id": None,
-        "ts": format_ts(now_ms),
-        "ts_ms": now_ms,
-        "properties": {"request_id": request_id},
-    }
+    event = internal_event(
+        profiles.ERASE,
+        f"$erase:{request_id}",
+        user_id=user_id,
+        ts_ms=now_ms,
+        properties={"request_id": request_id},
+    )
     try:
         await publisher().publish([event])
     except Exception as exc:

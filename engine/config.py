@@ -39,6 +39,7 @@ __all__ = [
     "ServerConfig",
     "StorageConfig",
     "TopicsConfig",
+    "TriggersConfig",
     "WorkerConfig",
     "load_config",
 ]
@@ -288,6 +289,31 @@ class PluginsConfig:
     threads: int = 4
 
 
+@dataclass(frozen=True, slots=True)
+class TriggersConfig:
+    """The built-in trigger plugins, frequency capping and the webhook."""
+
+    #: cart_abandonment: an offer when an item added to the cart is not bought within this.
+    cart_abandonment_s: float = 1800.0
+    #: high_value: a visitor whose lifetime spend reaches this enters the high_value segment.
+    high_value_spend: float = 1000.0
+    #: browse_without_buy: a nudge after this many products viewed in a session, none added.
+    browse_views: int = 8
+    #: frequency_cap: at most max_offers offers per visitor per offer_window_s ...
+    max_offers: int = 3
+    offer_window_s: float = 86400.0
+    #: ... and none within min_offer_gap_s of the previous one.
+    min_offer_gap_s: float = 300.0
+    #: How often due timers (cart abandonment) are checked.
+    tick_s: float = 1.0
+    #: webhook: each action of these types is POSTed as JSON to this URL (empty: none) ...
+    webhook_url: str = ""
+    webhook_types: tuple[str, ...] = ("offer", "segments")
+    #: ... signed with HMAC-SHA256 of this secret in X-Personify-Signature (empty: unsigned).
+    webhook_secret: str = ""
+    webhook_timeout_s: float = 5.0
+
+
 Scope = Literal["ingest", "read", "admin"]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -340,6 +366,7 @@ class Config:
     push: PushConfig = field(default_factory=PushConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    triggers: TriggersConfig = field(default_factory=TriggersConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -477,6 +504,13 @@ _POSITIVE = {
     "push.heartbeat_s",
     "push.replay_ttl_s",
     "push.max_channels",
+    "push.announce_s",
+    "triggers.cart_abandonment_s",
+    "triggers.high_value_spend",
+    "triggers.browse_views",
+    "triggers.offer_window_s",
+    "triggers.tick_s",
+    "triggers.webhook_timeout_s",
     "auth.token_ttl_s",
     "plugins.timeout_ms",
     "plugins.threads",
@@ -504,6 +538,17 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
         )
+    if section == "triggers":
+        for name in ("max_offers", "min_offer_gap_s"):
+            if getattr(obj, name) < 0:
+                raise ConfigError(
+                    f"{source}: [triggers] {name}: expected >= 0, got {getattr(obj, name)}"
+                )
+        if obj.webhook_url and not obj.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{source}: [triggers] webhook_url: expected an http:// or https:// URL, "
+                f"got {obj.webhook_url!r}"
+            )
     if section == "recommend":
         if not 0.0 <= obj.covisit_alpha <= 1.0:
             raise ConfigError(

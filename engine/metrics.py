@@ -21,6 +21,8 @@ __all__ = [
     "PLUGIN_ERRORS",
     "REGISTRY",
     "REQUEST_LATENCY",
+    "TRIGGER_ACTIONS",
+    "WEBHOOK_CALLS",
     "WS_DROPPED",
     "WS_MESSAGES",
     "WS_SOCKETS",
@@ -118,6 +120,18 @@ PLUGIN_ERRORS = Counter(
     "personify_plugin_errors",
     "Plugin hook calls that raised or timed out (skipped), and plugins that failed to load.",
     ["plugin", "hook"],
+    registry=REGISTRY,
+)
+TRIGGER_ACTIONS = Counter(
+    "personify_trigger_actions",
+    "Actions of trigger plugins by plugin, type and outcome (sent, capped, invalid).",
+    ["plugin", "type", "outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_CALLS = Counter(
+    "personify_webhook_calls",
+    "Webhook deliveries by outcome (ok, failed, dropped: the queue was full).",
+    ["outcome"],
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

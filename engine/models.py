@@ -32,6 +32,7 @@ __all__ = [
     "Item",
     "event_key",
     "format_ts",
+    "internal_event",
     "validate_event",
     "validate_item",
 ]
@@ -433,4 +434,27 @@ def validate_item(obj: Any, cfg: EventsConfig) -> Item:
         "tags": list(dict.fromkeys(tags)),
         "in_stock": in_stock,
         "attributes": attributes,
+    }
+
+
+def internal_event(
+    etype: str,
+    event_id: str,
+    *,
+    user_id: str | None,
+    anonymous_id: str | None = None,
+    ts_ms: int,
+    properties: dict[str, Any],
+) -> Event:
+    """An event the engine sends itself (``etype`` starts with ``$``; never validated)."""
+    return {
+        "v": SCHEMA_VERSION,
+        "event_id": event_id,
+        "type": etype,
+        "user_id": user_id,
+        "anonymous_id": anonymous_id,
+        "item_id": None,
+        "ts": format_ts(ts_ms),
+        "ts_ms": ts_ms,
+        "properties": properties,
     }

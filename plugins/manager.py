@@ -4,8 +4,10 @@ Built-in plugins are registered first, then ``[plugins] deny`` blocks names, the
 declared under the ``personify`` entry-point group are loaded (only those in ``[plugins]
 allow`` when it is not empty). A plugin that fails to load is logged and skipped.
 
-`Plugins.call` runs each implementation of a hook on a small thread pool with a time limit:
-a plugin that raises or hangs is logged, counted and skipped, and the others still run.
+`Plugins.call` runs each implementation of an installed plugin on a small thread pool with a
+time limit: a plugin that raises or hangs is logged, counted and skipped, and the others still
+run. The built-in plugins (quick, and never blocking) are called in place; one that raises is
+logged, counted and skipped the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from personify.engine.app import current_config
 from personify.engine.config import PluginsConfig
 from personify.engine.logging import get_logger
 from personify.engine.metrics import PLUGIN_CALLS, PLUGIN_ERRORS
+from personify.plugins.builtin import builtin_plugins
 from personify.plugins.spec import Specs
 
 __all__ = ["FAILED", "Plugins", "plugins"]
@@ -44,9 +47,12 @@ class Plugins:
         self.cfg = cfg
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(Specs)
+        #: Built-in plugins, called in place rather than on the thread pool.
+        self._inline: set[str] = set()
         for name, plugin in builtins:
             if name not in cfg.deny:
                 self.pm.register(plugin, name=name)
+                self._inline.add(name)
         for name in cfg.deny:
             self.pm.set_blocked(name)
         self._load_entry_points()
@@ -69,7 +75,8 @@ class Plugins:
 
     def names(self) -> list[str]:
         """The registered plugins."""
-        return sorted(name for name, _p in self.pm.list_name_plugin() if name)
+        # A blocked name stays listed, with no plugin.
+        return sorted(name for name, p in self.pm.list_name_plugin() if name and p is not None)
 
     def has(self, hook: str) -> bool:
         """Whether any plugin implements ``hook``."""
@@ -91,7 +98,10 @@ class Plugins:
             fn: Callable[..., Any] = functools.partial(impl.function, **kwargs)
             start = time.perf_counter()
             try:
-                result = await asyncio.wait_for(loop.run_in_executor(self._pool, fn), limit)
+                if impl.plugin_name in self._inline:
+                    result = fn()
+                else:
+                    result = await asyncio.wait_for(loop.run_in_executor(self._pool, fn), limit)
             except TimeoutError:
                 PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
                 _log.error(
@@ -118,8 +128,9 @@ class Plugins:
 
 @functools.cache
 def plugins() -> Plugins:
-    """This process's plugins (loaded on first use)."""
-    return Plugins(current_config().plugins)
+    """This process's plugins (loaded on first use): the built-in ones and the installed ones."""
+    cfg = current_config()
+    return Plugins(cfg.plugins, builtin_plugins(cfg.triggers))
 
 
 class _Failed:

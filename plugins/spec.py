@@ -11,7 +11,16 @@ An *action*, as returned by triggers, is a dict::
     {"type": "offer", "trigger": "cart_abandonment", "payload": {...}}
 
 It is pushed to the visitor's WebSockets as ``{"type": "offer", "seq": N, "trigger": ...,
-"payload": ...}`` and handed to every ``personify_action`` hook (webhooks and the like).
+"payload": ...}`` and handed to every ``personify_action`` hook (webhooks and the like), unless
+a ``personify_allow_action`` hook (frequency capping) holds it back.
+
+A trigger can also ask to be called back later, for the same visitor::
+
+    {"type": "schedule", "timer": "cart_abandonment", "after_s": 1800}
+
+After ``after_s`` seconds ``personify_on_timer`` is called with ``timer`` and the visitor's
+profile as it is then. Timers are kept in the visitor's profile (a later schedule of the same
+timer replaces the earlier one), survive restarts and move with the visitor's partition.
 """
 
 from __future__ import annotations
@@ -51,4 +60,20 @@ class Specs:
     @hookspec
     def personify_action(self, user_id: str, action: Action) -> None:
         """An outbound action for ``user_id`` (a webhook, a message queue, a log)."""
+        raise NotImplementedError
+
+    @hookspec
+    def personify_on_timer(
+        self, timer: str, user_id: str, profile: dict[str, Any], now_ms: int
+    ) -> list[Action] | None:
+        """A timer scheduled for the visitor is due: actions for them (check ``timer``)."""
+        raise NotImplementedError
+
+    @hookspec
+    def personify_allow_action(self, user_id: str, action: Action, profile: dict[str, Any]) -> bool:
+        """Whether ``action`` may go to the visitor now (frequency capping and the like).
+
+        Called for every action but ``schedule``; anything but True (False, an exception, a
+        time-out) holds the action back.
+        """
         raise NotImplementedError

@@ -31,8 +31,11 @@ from personify.engine.models import PURPOSES, Event, format_ts
 
 __all__ = [
     "ERASE",
+    "FIRED",
     "LINK",
     "MERGE",
+    "SCHEDULE",
+    "SENT",
     "VECTOR_KEY",
     "Profile",
     "ProfileStore",
@@ -47,6 +50,7 @@ __all__ = [
     "snapshot",
     "table",
     "view",
+    "wire",
 ]
 
 Profile = dict[str, Any]
@@ -57,6 +61,16 @@ MERGE = "$merge"
 LINK = "$link"
 #: Erase the visitor: the profile is deleted (a tombstone in the changelog).
 ERASE = "$erase"
+#: A trigger's timer for the visitor (``timer``, ``due_ms``): a later one replaces it.
+SCHEDULE = "$schedule"
+#: The timer (``timer``, ``due_ms``) fired: it is cleared unless rescheduled since.
+FIRED = "$fired"
+#: An offer (``trigger``) was sent to the visitor (frequency capping reads these).
+SENT = "$sent"
+#: Trigger bookkeeping: applied whatever the visitor's consent (it records what the engine did).
+_BOOKKEEPING = frozenset({SCHEDULE, FIRED, SENT})
+#: Offers remembered per visitor.
+_OFFERS_KEPT = 50
 
 #: An event may carry its text's embedding under this key while it is folded (never stored).
 VECTOR_KEY = "_vector"
@@ -65,6 +79,13 @@ _HOUR_MS = 3_600_000
 #: Session intervals kept exactly (late events are placed among them); older ones are counted.
 _MAX_SESSIONS = 200
 _ITEM_TYPES = frozenset({"product_view", "add_to_cart", "remove_from_cart", "click"})
+
+
+def wire(e: Event) -> Event:
+    """The event without what folding attached to it (its chat vector)."""
+    if VECTOR_KEY in e:
+        return {k: v for k, v in e.items() if k != VECTOR_KEY}
+    return e
 
 
 def new_profile(user_id: str) -> Profile:
@@ -296,6 +317,20 @@ def _set_consent(p: Profile, e: Event) -> None:
             choices[purpose] = [bool(granted), e["ts_ms"]]
 
 
+def _apply_bookkeeping(p: Profile, e: Event) -> None:
+    props = e["properties"]
+    if e["type"] == SCHEDULE:
+        p.setdefault("timers", {})[props["timer"]] = int(props["due_ms"])
+    elif e["type"] == FIRED:
+        timers = p.get("timers", {})
+        if timers.get(props["timer"]) == props["due_ms"]:
+            del timers[props["timer"]]
+    else:  # SENT
+        offers = p.setdefault("offers", [])
+        offers.append([e["ts_ms"], props["trigger"]])
+        del offers[:-_OFFERS_KEPT]
+
+
 def apply_events(
     p: Profile,
     events: Iterable[Event],
@@ -304,6 +339,7 @@ def apply_events(
     observe: Callable[[Profile, Event], None] | None = None,
     chat_half_life_s: float = 3600.0,
     vetoed: list[Event] | None = None,
+    applied: list[Event] | None = None,
 ) -> int:
     """Fold ``events`` into profile ``p`` in place; return how many were new (not duplicates).
 
@@ -319,16 +355,19 @@ def apply_events(
         chat_half_life_s: how fast the chat vector fades (chat events carry their vector under
             `VECTOR_KEY`).
         vetoed: receives the events left out for want of personalization consent.
+        applied: receives the events applied (the new ones), in order.
     """
     seen_list: list[int] = p["seen"]
     seen = set(seen_list)
-    applied = 0
+    count = 0
     for e in events:
         eid = id_digest(e["event_id"])
         if eid in seen:
             continue
         if e["type"] == "consent":
             _set_consent(p, e)
+        elif e["type"] in _BOOKKEEPING:
+            _apply_bookkeeping(p, e)
         elif e["type"] != MERGE and not consents(p, "personalization", cfg):
             if vetoed is not None:
                 vetoed.append(e)
@@ -341,10 +380,12 @@ def apply_events(
             _apply_one(p, e, cfg, chat_half_life_s)
         seen.add(eid)
         seen_list.append(eid)
-        applied += 1
+        count += 1
+        if applied is not None:
+            applied.append(e)
     if len(seen_list) > cfg.dedup_window:
         del seen_list[: len(seen_list) - cfg.dedup_window]
-    return applied
+    return count
 
 
 def _iso(ms: int | None) -> str | None:
@@ -410,6 +451,8 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
         "category_affinity": dict(sorted(affinity.items(), key=lambda kv: -kv[1])),
         "engagement_score": round(p["engagement"], 4),
         "consent": {purpose: consents(p, purpose, cfg) for purpose in PURPOSES},
+        "offers_sent": [{"trigger": t, "at": _iso(ts)} for ts, t in p.get("offers", [])],
+        "timers": {name: _iso(due) for name, due in sorted(p.get("timers", {}).items())},
     }
 
 

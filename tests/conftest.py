@@ -7,6 +7,7 @@ with RocksDB tables and the aiohttp API, started exactly as a user starts them.
 from __future__ import annotations
 
 import http.client
+import http.server
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -254,6 +256,55 @@ def engine_factory(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
             eng.proc.wait()
         if not eng.log_fh.closed:
             eng.log_fh.close()
+
+
+class HookServer:
+    """A local HTTP endpoint recording each POST: (body, X-Personify-Signature header)."""
+
+    def __init__(self) -> None:
+        received: list[tuple[bytes, str]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.append((body, self.headers.get("X-Personify-Signature", "")))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass  # quiet
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def wait(self, n: int, timeout: float = 30.0) -> list[tuple[bytes, str]]:
+        """What was received once there are at least ``n`` requests (or at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.received)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def hook_server() -> Iterator[HookServer]:
+    """A webhook receiver on a free loopback port."""
+    server = HookServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def module_hook_server() -> Iterator[HookServer]:
+    """A webhook receiver shared by the tests of one module."""
+    server = HookServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -76,7 +76,8 @@ def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
             assert offer["seq"] > first["seq"]
 
     asyncio.run(run())
-    assert "Plugins loaded: always_fails, gift_wrap, hangs, no_tracking" in with_plugins.tail(20000)
+    loaded = "Plugins loaded: always_fails, browse_without_buy, cart_abandonment, frequency_cap, "
+    assert loaded + "gift_wrap, hangs, high_value, no_tracking" in with_plugins.tail(20000)
 
 
 def test_failing_and_hanging_plugins_are_skipped(with_plugins: Any, uid: str) -> None:
