@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
+import socket
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -163,3 +167,80 @@ def test_server_stop_closes_sockets_with_going_away(module_engine: Callable[...,
             return ws.close_code
 
     assert asyncio.run(run()) == 1001
+
+
+def _open_and_never_read(url: str) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads again."""
+    parsed = urllib.parse.urlsplit(url)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: fills fast
+    sock.connect((parsed.hostname, parsed.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {parsed.path}?{parsed.query} HTTP/1.1\r\nHost: {parsed.netloc}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)  # byte by byte: nothing past the handshake is read
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+def test_a_slow_client_does_not_delay_a_fast_one(
+    module_engine: Callable[..., Any], uid: str
+) -> None:
+    """A socket that stops reading loses its oldest messages; the others get every one, in order.
+
+    Two sockets follow the same visitor: one never reads past the handshake, the other reads.
+    Large lists (100 items with long ids) fill the stalled socket's buffers within a few dozen
+    pushes; after that its queue (``queue_size`` 4) drops the oldest messages, while the
+    reading socket receives each push, with consecutive numbers, right after its event.
+    """
+    eng = module_engine(
+        "[push]\ndebounce_ms = 0\nqueue_size = 4\n[recommend]\nlist_size = 100\nmax_k = 100\n"
+    )
+    eng.start()
+    items = [
+        {
+            "item_id": f"{i:03d}-" + "x" * 180,
+            "title": f"Product number {i}",
+            "category": f"c/{i % 5}",
+        }
+        for i in range(120)
+    ]
+    assert eng.request("POST", "/v1/items", {"items": items})[0] == 202
+    eng.wait_for(
+        lambda: eng.metric("personify_catalog_items") == len(items), what="the catalog indexed"
+    )
+    dropped = "personify_ws_dropped_total"
+    before = eng.metric(dropped)
+    stalled = _open_and_never_read(eng.ws_url(f"user_id={uid}"))
+
+    async def run() -> int:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(eng.ws_url(f"user_id={uid}"), max_msg_size=0) as ws,
+        ):
+            seq = (await eng.next_message(ws, "recommendations"))["seq"]
+            for n in range(400):
+                await post(eng, [view(uid, items[n % len(items)]["item_id"])])
+                while True:  # the event's list (an offer may come first): none lost, in order
+                    got = await eng.next_message(ws)
+                    assert got["seq"] == seq + 1, (got, seq)
+                    seq = got["seq"]
+                    if got["type"] == "recommendations":
+                        assert len(got["items"]) > 50
+                        break
+                if n >= 10 and await asyncio.to_thread(eng.metric, dropped) > before:
+                    return n + 1
+            raise AssertionError("the stalled socket never dropped a message")
+
+    pushes = asyncio.run(run())
+    assert pushes > 10
+    assert eng.metric(dropped) > before
+    stalled.close()
+    assert eng.stop() == 0, eng.tail()
