@@ -347,7 +347,7 @@ def push_list(user_id: str, rec_id: str, items: bytes, *, here_only: bool = Fals
 
     The message also goes to the visitor's sockets on other workers unless ``here_only``.
     """
-    body = recommendations_message(user_id, rec_id, items)
+    body = recommendations_message(rec_id, items)
     if here_only:
         return hub().publish(user_id, "recommendations", body)
     return hub().send(user_id, "recommendations", body)

@@ -80,6 +80,8 @@ class Channel:
     """A visitor's sequence, replay buffer and sockets."""
 
     replay_size: int
+    #: The visitor's id as their sockets know it, JSON-encoded (not a pseudonym).
+    display: bytes = b'""'
     seq: int = 0
     buffer: deque[tuple[int, bytes]] = field(default_factory=deque)
     subscribers: set[Subscriber] = field(default_factory=set)
@@ -147,8 +149,13 @@ class Hub:
             and now - channel.idle_since > self.cfg.replay_ttl_s
         )
 
-    def subscribe(self, user_id: str, resume_from: int | None) -> tuple[Subscriber, bool]:
+    def subscribe(
+        self, user_id: str, resume_from: int | None, display: str | None = None
+    ) -> tuple[Subscriber, bool]:
         """A new socket of ``user_id``: its queue, and whether it needs a fresh list.
+
+        ``display`` is the id the socket asked for, shown in every message (``user_id`` is
+        its pseudonym when ids are pseudonymised).
 
         With ``resume_from``, the messages after that sequence number still in the replay
         buffer are queued first; a fresh list is needed when none was given, or when messages
@@ -156,7 +163,7 @@ class Hub:
         """
         channel = self._channels.get(user_id)
         if channel is None or self._expired(channel, time.monotonic()):
-            channel = Channel(self.cfg.replay_size)
+            channel = Channel(self.cfg.replay_size, orjson.dumps(display or user_id))
             self._channels[user_id] = channel
         self._channels.move_to_end(user_id)
         sub = Subscriber(self.cfg.queue_size)
@@ -193,9 +200,9 @@ class Hub:
             del self._channels[oldest]
 
     def publish(self, user_id: str, kind: str, body: bytes) -> int:
-        """Send ``{"type": kind, "seq": N, <body>}`` to ``user_id``'s sockets; return N.
+        """Send ``{"type": kind, "seq": N, "user_id": U, <body>}`` to ``user_id``'s sockets.
 
-        ``body`` is the rest of the object, encoded: ``b'"user_id":"u","items":[...]'``.
+        ``body`` is the rest of the object, encoded: ``b'"items":[...]'``. Returns N.
         Nothing is sent (0) when no channel follows the visitor.
         """
         channel = self._channels.get(user_id)
@@ -205,7 +212,14 @@ class Hub:
             del self._channels[user_id]
             return 0
         channel.seq += 1
-        head = b'{"type":' + orjson.dumps(kind) + b',"seq":' + str(channel.seq).encode()
+        head = (
+            b'{"type":'
+            + orjson.dumps(kind)
+            + b',"seq":'
+            + str(channel.seq).encode()
+            + b',"user_id":'
+            + channel.display
+        )
         data = head + (b"," + body if body else b"") + b"}"
         channel.buffer.append((channel.seq, data))
         while len(channel.buffer) > channel.replay_size:
@@ -239,16 +253,9 @@ class Hub:
                 sub.close()
 
 
-def recommendations_message(user_id: str, rec_id: str, items: bytes) -> bytes:
+def recommendations_message(rec_id: str, items: bytes) -> bytes:
     """The body of a ``recommendations`` message (see `Hub.publish`)."""
-    return (
-        b'"user_id":'
-        + orjson.dumps(user_id)
-        + b',"recommendation_id":'
-        + orjson.dumps(rec_id)
-        + b',"items":'
-        + items
-    )
+    return b'"recommendation_id":' + orjson.dumps(rec_id) + b',"items":' + items
 
 
 async def deliver(user_id: str, plugin: str, action: Any) -> bool:
@@ -263,7 +270,7 @@ async def deliver(user_id: str, plugin: str, action: Any) -> bool:
         )
         return False
     kind = action["type"]
-    rest = {k: v for k, v in action.items() if k != "type"}
+    rest = {k: v for k, v in action.items() if k not in ("type", "seq", "user_id")}
     rest.setdefault("plugin", plugin)
     try:
         body = orjson.dumps(rest)[1:-1]

@@ -149,7 +149,7 @@ class Relay:
         except Exception:
             _log.exception("list for a socket on another worker failed", user_id=user_id)
             return
-        body = recommendations_message(user_id, served.rec_id, served.items)
+        body = recommendations_message(served.rec_id, served.items)
         head = {"op": "msg", "to": [worker], "user": user_id, "kind": "recommendations"}
         self._send(user_id, head, body)
 

@@ -21,7 +21,7 @@ from personify.engine.app import current_config, items_publisher
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import ITEMS_REJECTED
-from personify.engine.models import Item, validate_item
+from personify.engine.models import Item, stored_id, validate_item
 from personify.engine.publisher import MAX_EVENTS_PER_MESSAGE, partition_for
 from personify.tables import catalog as catalog_table
 
@@ -217,10 +217,11 @@ async def get_recommendations(request: web.Request) -> web.Response:
         req = _request(request)
     except ValidationError as exc:
         return json_error(400, exc.reason, exc.field, "see GET /v1/openapi.json")
-    remote = await to_owner(request, user_id)
+    key = stored_id(user_id, current_config().events)
+    remote = await to_owner(request, key)
     if remote is not None:
         return remote
-    return _answer("user_id", user_id, await serve_recommendations(user_id, req))
+    return _answer("user_id", user_id, await serve_recommendations(key, req))
 
 
 def _answer(key: str, value: str, served: Served) -> web.Response:

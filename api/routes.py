@@ -19,7 +19,13 @@ from personify.engine.app import current_config, items_publisher, publisher
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, REGISTRY, rejection_reason
-from personify.engine.models import Event, format_ts, internal_event, validate_event
+from personify.engine.models import (
+    Event,
+    format_ts,
+    internal_event,
+    stored_id,
+    validate_event,
+)
 from personify.engine.publisher import Publisher
 from personify.tables import profiles
 
@@ -216,10 +222,11 @@ async def to_owner(request: web.Request, key: str) -> web.Response | None:
 async def get_user(request: web.Request) -> web.Response:
     """The visitor's live profile (forwarded to the worker that owns it, with several)."""
     user_id = request.match_info["user_id"]
-    remote = await to_owner(request, user_id)
+    key = stored_id(user_id, current_config().events)
+    remote = await to_owner(request, key)
     if remote is not None:
         return remote
-    raw = profiles.table().get(user_id.encode())
+    raw = profiles.table().get(key.encode())
     if raw is None:
         return json_error(
             404,
@@ -234,17 +241,21 @@ async def get_user(request: web.Request) -> web.Response:
         if linked is not None:
             state = profiles.decode(linked)
     now_ms = int(time.time() * 1000)
-    return json_response(profiles.view(state, current_config().profiles, now_ms))
+    shown = profiles.view(state, current_config().profiles, now_ms)
+    if alias is None:
+        shown["user_id"] = user_id  # the id asked for, also when it is stored as a pseudonym
+    return json_response(shown)
 
 
 @routes.get("/v1/users/{user_id}/export")
 async def export_user(request: web.Request) -> web.Response:
     """Everything held about the visitor (right of access and portability)."""
     user_id = request.match_info["user_id"]
-    remote = await to_owner(request, user_id)
+    key = stored_id(user_id, current_config().events)
+    remote = await to_owner(request, key)
     if remote is not None:
         return remote
-    raw = profiles.table().get(user_id.encode())
+    raw = profiles.table().get(key.encode())
     if raw is None:
         return json_error(404, f"nothing held about {user_id!r}", "user_id", "")
     state = profiles.decode(raw)
@@ -271,7 +282,7 @@ async def erase_user(request: web.Request) -> web.Response:
     event = internal_event(
         profiles.ERASE,
         f"$erase:{request_id}",
-        user_id=user_id,
+        user_id=stored_id(user_id, current_config().events),
         ts_ms=now_ms,
         properties={"request_id": request_id},
     )

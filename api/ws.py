@@ -28,6 +28,7 @@ from personify.api.schemas import json_error
 from personify.engine.app import current_config
 from personify.engine.logging import get_logger
 from personify.engine.metrics import WS_SOCKETS
+from personify.engine.models import stored_id
 
 __all__ = ["close_sockets", "ws_routes"]
 
@@ -77,6 +78,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     if isinstance(params, web.Response):
         return params
     user_id, resume_from = params
+    key = stored_id(user_id, current_config().events)
     ws = web.WebSocketResponse(heartbeat=current_config().push.heartbeat_s)
     if not ws.can_prepare(request).ok:
         return json_error(
@@ -84,24 +86,24 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         )
     await ws.prepare(request)
     live = hub()
-    sub, fresh = live.subscribe(user_id, resume_from)
+    sub, fresh = live.subscribe(key, resume_from, display=user_id)
     _SOCKETS.add(ws)
     WS_SOCKETS.set(len(_SOCKETS))
     sender = asyncio.create_task(_send(ws, sub))
     try:
         # With several workers, the worker owning the visitor sends their current list.
-        remote = open_socket(user_id)
+        remote = open_socket(key)
         if fresh and not remote:
             size = current_config().recommend.list_size
-            served = await serve_recommendations(user_id, Request(k=size))
-            push_list(user_id, served.rec_id, served.items, here_only=True)
+            served = await serve_recommendations(key, Request(k=size))
+            push_list(key, served.rec_id, served.items, here_only=True)
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break
     except Exception:
-        _log.exception("websocket failed", user_id=user_id)
+        _log.exception("websocket failed", user_id=key)
     finally:
-        live.unsubscribe(user_id, sub)
+        live.unsubscribe(key, sub)
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await sender

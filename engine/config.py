@@ -162,6 +162,9 @@ class EventsConfig:
     max_string_length: int = 4096
     max_list_length: int = 500
     default_currency: str = "USD"
+    #: Replace user and anonymous ids by HMAC-SHA256(id_secret, id) as events arrive.
+    pseudonymize_ids: bool = False
+    id_secret: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,6 +540,12 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
     if section == "broker" and not (obj.url == "embedded" or obj.url.startswith("kafka://")):
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
+        )
+    if section == "events" and obj.pseudonymize_ids and len(obj.id_secret) < 16:
+        raise ConfigError(
+            f"{source}: [events] id_secret: pseudonymize_ids needs a secret of at least 16 "
+            f"characters (got {len(obj.id_secret)}); set one, the same on every worker and "
+            "for good: another secret makes other pseudonyms, and the profiles are lost"
         )
     if section == "triggers":
         for name in ("max_offers", "min_offer_gap_s"):

@@ -14,6 +14,8 @@ schema version. Errors raise `ValidationError` naming the field and the reason.
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import math
 import uuid
 from collections.abc import Mapping
@@ -33,6 +35,8 @@ __all__ = [
     "event_key",
     "format_ts",
     "internal_event",
+    "pseudonym",
+    "stored_id",
     "validate_event",
     "validate_item",
 ]
@@ -347,6 +351,9 @@ def validate_event(obj: Any, cfg: EventsConfig, now_ms: int) -> Event:
             "properties.category", f"expected a string like a/b, got {category!r}"
         )
 
+    if cfg.pseudonymize_ids:
+        user_id = None if user_id is None else pseudonym(user_id, cfg.id_secret)
+        anonymous_id = None if anonymous_id is None else pseudonym(anonymous_id, cfg.id_secret)
     return {
         "v": SCHEMA_VERSION,
         "event_id": event_id,
@@ -358,6 +365,18 @@ def validate_event(obj: Any, cfg: EventsConfig, now_ms: int) -> Event:
         "ts_ms": ts_ms,
         "properties": props,
     }
+
+
+@functools.lru_cache(maxsize=65536)
+def pseudonym(visitor_id: str, secret: str) -> str:
+    """The pseudonym of ``visitor_id``: ``p-`` and 32 hex digits of HMAC-SHA256 by ``secret``."""
+    digest = hmac.new(secret.encode(), visitor_id.encode(), hashlib.sha256).hexdigest()
+    return "p-" + digest[:32]
+
+
+def stored_id(visitor_id: str, cfg: EventsConfig) -> str:
+    """The id under which ``visitor_id`` is stored (its pseudonym when ids are pseudonymised)."""
+    return pseudonym(visitor_id, cfg.id_secret) if cfg.pseudonymize_ids else visitor_id
 
 
 def event_key(event: Mapping[str, Any]) -> str:

@@ -112,7 +112,6 @@ class HighValue:
         return [
             {
                 "type": "segments",
-                "user_id": profile["user_id"],
                 "segments": [self.SEGMENT],
                 "added": [self.SEGMENT],
                 "lifetime_spend": spend,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import json
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -61,3 +64,46 @@ def test_export_then_erase_leaves_no_trace(engine_factory: Callable[..., Any], u
     assert again.profile(anon)[0] == 404
     assert again.request("GET", f"/v1/users/{uid}/export")[0] == 404
     assert again.stop() == 0
+
+
+def test_pseudonymised_ids_are_never_stored_and_the_api_takes_the_real_ones(
+    engine_factory: Callable[..., Any], uid: str
+) -> None:
+    """With [events] pseudonymize_ids, the routed topic and tables hold only HMAC pseudonyms."""
+    secret = "a-long-and-stable-secret"
+    eng = engine_factory(
+        config=f'[events]\npseudonymize_ids = true\nid_secret = "{secret}"\n'
+        "[push]\ndebounce_ms = 0\n"
+    ).start()
+    email, anon = f"{uid}@example.com", f"cookie-{uid}"
+    pseudo = "p-" + hmac.new(secret.encode(), email.encode(), hashlib.sha256).hexdigest()[:32]
+    events = [
+        {"type": "product_view", "anonymous_id": anon, "item_id": "sku-1"},
+        {"type": "identify", "anonymous_id": anon, "user_id": email},
+        {"type": "search", "user_id": email, "properties": {"query": "boots"}},
+    ]
+    assert eng.post_events(events)[0] == 202
+    profile = eng.wait_profile(email, lambda p: p["counts"].get("product_view") == 1)
+    assert profile["user_id"] == email  # the API answers for the id it was asked about ...
+    assert email not in str(profile["anonymous_ids"]) and anon not in str(profile)
+    status, exported = eng.request("GET", f"/v1/users/{email}/export")
+    assert status == 200 and exported["stored"]["user_id"] == pseudo  # ... which is not stored
+
+    async def routed_and_pushed() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        records = await eng.dead_letters(1, topic="events-routed")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(eng.ws_url(f"user_id={email}")) as ws,
+        ):
+            first = await eng.next_message(ws, "recommendations")
+        return records, first
+
+    records, first = asyncio.run(routed_and_pushed())
+    routed = json.dumps(records)
+    assert pseudo in routed and email not in routed and anon not in routed
+    assert first["user_id"] == email  # the socket sees the id it asked for
+
+    assert eng.request("DELETE", f"/v1/users/{email}")[0] == 202
+    eng.wait_for(lambda: eng.profile(email)[0] == 404, what="the pseudonymous profile erased")
+    assert eng.stop() == 0, eng.tail()
+    assert email not in eng.tail(1_000_000) and anon not in eng.tail(1_000_000)

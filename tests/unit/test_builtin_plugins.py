@@ -80,7 +80,6 @@ def test_high_value_fires_once_on_the_purchase_that_crosses_the_threshold() -> N
     assert crossed == [
         {
             "type": "segments",
-            "user_id": "u",
             "segments": ["high_value"],
             "added": ["high_value"],
             "lifetime_spend": 120.0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -435,4 +436,20 @@ def test_recommend_and_embeddings_settings_are_checked(
 ) -> None:
     """Ranking and index settings out of range fail with the section, key and expectation."""
     with pytest.raises(ConfigError, match=message):
+        load_config(config_file(text), environ={})
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('[events]\npseudonymize_ids = true\nid_secret = "short"\n', "[events] id_secret"),
+        ("[triggers]\nmax_offers = -1\n", "[triggers] max_offers"),
+        ('[triggers]\nwebhook_url = "ftp://x"\n', "[triggers] webhook_url"),
+        ("[push]\nannounce_s = 0\n", "[push] announce_s"),
+    ],
+)
+def test_privacy_trigger_and_push_settings_are_checked(
+    config_file: ConfigFile, text: str, field: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(config_file(text), environ={})

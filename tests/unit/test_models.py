@@ -19,6 +19,8 @@ from personify.engine.models import (
     SCHEMA_VERSION,
     event_key,
     format_ts,
+    pseudonym,
+    stored_id,
     validate_event,
 )
 
@@ -633,3 +635,14 @@ def test_normalisation_is_idempotent(obj: dict[str, Any]) -> None:
     assert validate_event(once, ANY_CFG, NOW_MS) == once
     # and later, too: a normalised event does not depend on the clock
     assert validate_event(once, ANY_CFG, NOW_MS + 86_400_000) == once
+
+
+def test_pseudonymised_ids_replace_both_ids_and_are_stable() -> None:
+    cfg = EventsConfig(pseudonymize_ids=True, id_secret="0123456789abcdef")
+    wire = {"type": "identify", "user_id": "alice", "anonymous_id": "cookie-1"}
+    event = validate_event(wire, cfg, now_ms=1_795_341_600_000)
+    assert event["user_id"] == stored_id("alice", cfg) == pseudonym("alice", cfg.id_secret)
+    assert event["anonymous_id"] == pseudonym("cookie-1", cfg.id_secret)
+    assert event["user_id"].startswith("p-") and len(event["user_id"]) == 34
+    assert pseudonym("alice", "another-secret-xx") != event["user_id"]
+    assert stored_id("alice", EventsConfig()) == "alice"  # off by default

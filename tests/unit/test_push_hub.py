@@ -22,9 +22,23 @@ def test_messages_carry_type_and_increasing_seq() -> None:
     assert hub.publish("u", "offer", b'"trigger":"t"') == 2
     got = asyncio.run(sub.take())
     assert [decode(d) for d in got] == [
-        {"type": "recommendations", "seq": 1, "x": 1},
-        {"type": "offer", "seq": 2, "trigger": "t"},
+        {"type": "recommendations", "seq": 1, "user_id": "u", "x": 1},
+        {"type": "offer", "seq": 2, "user_id": "u", "trigger": "t"},
     ]
+
+
+def test_messages_show_the_id_the_socket_asked_for() -> None:
+    """With pseudonymised ids the channel is keyed by the pseudonym, messages show the id."""
+    hub = Hub(PushConfig())
+    sub, _fresh = hub.subscribe("p-0123", None, display="alice@example.com")
+    hub.publish("p-0123", "offer", b'"trigger":"t"')
+    (got,) = asyncio.run(sub.take())
+    assert decode(got) == {
+        "type": "offer",
+        "seq": 1,
+        "user_id": "alice@example.com",
+        "trigger": "t",
+    }
 
 
 def test_resume_replays_what_was_missed() -> None:
