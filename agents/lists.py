@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import time
 import uuid
@@ -42,6 +43,7 @@ from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
 from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_SERVED
+from personify.plugins.manager import FAILED, plugins
 from personify.tables import catalog as catalog_table
 from personify.tables import profiles
 
@@ -112,8 +114,51 @@ def _personal(cfg: ProfilesConfig, profile: profiles.Profile) -> bool:
     return profiles.consents(profile, "personalization", cfg)
 
 
-def _encode(items: list[Recommendation]) -> bytes:
-    return orjson.dumps([r.as_json() for r in items])
+def _wider(req: Request) -> Request:
+    """``req`` with room for the re-ranking plugins to drop items (when there are any)."""
+    if not plugins().has("personify_rerank"):
+        return req
+    return dataclasses.replace(req, k=min(2 * req.k, current_config().recommend.max_k))
+
+
+def _finish(
+    items: list[Recommendation], k: int, user_id: str | None, context: dict[str, Any]
+) -> tuple[bytes, int]:
+    """The JSON array of the list's first ``k`` items, after the re-ranking plugins; its size."""
+    rows = [r.as_json() for r in items]
+    gates = plugins()
+    if gates.has("personify_rerank"):
+        for name, order in gates.call_sync(
+            "personify_rerank", user_id=user_id, items=rows, context=context
+        ):
+            if order is FAILED or order is None:
+                continue
+            if not isinstance(order, list):
+                _log.warning("re-ranker returned no list; ignored", plugin=name)
+                continue
+            by_id = {r["item_id"]: r for r in rows}
+            rows = [by_id[i] for i in dict.fromkeys(order) if isinstance(i, str) and i in by_id]
+    rows = rows[:k]
+    return orjson.dumps(rows), len(rows)
+
+
+def _rank_user(
+    rec: Recommender,
+    user_id: str | None,
+    req: Request,
+    now_ms: int,
+    profile: profiles.Profile | None = None,
+) -> tuple[str, bytes, int]:
+    """Rank ``user_id``'s list for ``req`` (None: a visitor never seen): (id, JSON, size)."""
+    rec_id, items = rec.recommend(user_id, _wider(req), now_ms, profile=profile)
+    kind = "user" if user_id is not None else "new_visitor"
+    data, size = _finish(items, req.k, user_id, {"kind": kind})
+    return rec_id, data, size
+
+
+def _rank_similar(rec: Recommender, item_id: str, req: Request, now_ms: int) -> tuple[bytes, int]:
+    items = rec.similar(item_id, _wider(req), now_ms)
+    return _finish(items, req.k, None, {"kind": "similar", "item_id": item_id})
 
 
 def _keep(rec: Recommender, cache: ListCache, key: str, entry: Entry) -> None:
@@ -138,10 +183,8 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
         profile = data.profile_of(alias) or profile
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
-    rec_id, items = rec.recommend(user_id, Request(k=size), now_ms, profile=profile)
-    entry = Entry(
-        now_ms, tuple(owners), tuple(gens), removals, version, rec_id, _encode(items), len(items)
-    )
+    rec_id, body, n = _rank_user(rec, user_id, Request(k=size), now_ms, profile)
+    entry = Entry(now_ms, tuple(owners), tuple(gens), removals, version, rec_id, body, n)
     _keep(rec, cache, user_id, entry)
     LISTS_COMPUTED.labels("user").inc()
     return entry
@@ -152,8 +195,8 @@ def _compute_new_visitor(rec: Recommender, cache: ListCache, size: int) -> Entry
     gen = cache.generation("")
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
-    rec_id, items = rec.recommend(None, Request(k=size), now_ms)
-    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, _encode(items), len(items))
+    rec_id, data, n = _rank_user(rec, None, Request(k=size), now_ms)
+    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, data, n)
     _keep(rec, cache, "", entry)
     LISTS_COMPUTED.labels("new_visitor").inc()
     return entry
@@ -163,9 +206,9 @@ def _compute_similar(rec: Recommender, cache: ListCache, item_id: str, size: int
     gen = cache.generation(item_id)
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
-    items = rec.similar(item_id, Request(k=size), now_ms)
+    data, n = _rank_similar(rec, item_id, Request(k=size), now_ms)
     rec_id = uuid.uuid4().hex
-    entry = Entry(now_ms, (item_id,), (gen,), removals, version, rec_id, _encode(items), len(items))
+    entry = Entry(now_ms, (item_id,), (gen,), removals, version, rec_id, data, n)
     _keep(rec, cache, item_id, entry)
     LISTS_COMPUTED.labels("similar").inc()
     return entry
@@ -219,9 +262,9 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     rec = recommender()
     if not _is_default(req) or req.k > cfg.list_size:
         now_ms = int(time.time() * 1000)
-        rec_id, items = await run_ranking(rec.recommend, user_id, req, now_ms)
+        rec_id, data, _n = await run_ranking(_rank_user, rec, user_id, req, now_ms)
         LISTS_SERVED.labels("computed").inc()
-        return Served(rec_id, _encode(items))
+        return Served(rec_id, data)
     cache = list_cache()
     now_ms = int(time.time() * 1000)
     entry = cache.get(user_id)
@@ -246,8 +289,8 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     LISTS_SERVED.labels("computed").inc()
     served = _from_entry(entry, req.k, rec)
     if served is None:  # removed items everywhere: rank with the catalog as it is now
-        rec_id, items = await run_ranking(rec.recommend, user_id, req, now_ms)
-        return Served(rec_id, _encode(items))
+        rec_id, data, _n = await run_ranking(_rank_user, rec, user_id, req, now_ms)
+        return Served(rec_id, data)
     return served
 
 
@@ -272,9 +315,9 @@ async def serve_similar(item_id: str, req: Request) -> Served:
         if served is not None:
             LISTS_SERVED.labels("computed").inc()
             return served
-    items = await run_ranking(rec.similar, item_id, req, now_ms)
+    data, _n = await run_ranking(_rank_similar, rec, item_id, req, now_ms)
     LISTS_SERVED.labels("computed").inc()
-    return Served(uuid.uuid4().hex, _encode(items))
+    return Served(uuid.uuid4().hex, data)
 
 
 def _queue_refresh(cache: ListCache, key: str) -> None:

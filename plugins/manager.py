@@ -121,6 +121,36 @@ class Plugins:
             out.append((impl.plugin_name, result))
         return out
 
+    def call_sync(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """`call` from a worker thread (the ranking thread): blocks until each answers.
+
+        Installed plugins still run on the plugin threads with the time limit.
+        """
+        out: list[tuple[str, Any]] = []
+        limit = self.cfg.timeout_ms / 1000.0
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            fn: Callable[..., Any] = functools.partial(impl.function, **kwargs)
+            start = time.perf_counter()
+            try:
+                if impl.plugin_name in self._inline:
+                    result = fn()
+                else:
+                    result = self._pool.submit(fn).result(timeout=limit)
+            except Exception as exc:
+                PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
+                _log.error(
+                    "plugin failed or timed out; skipped",
+                    plugin=impl.plugin_name,
+                    hook=hook,
+                    error=repr(exc),
+                )
+                out.append((impl.plugin_name, FAILED))
+                continue
+            finally:
+                PLUGIN_CALLS.labels(impl.plugin_name, hook).observe(time.perf_counter() - start)
+            out.append((impl.plugin_name, result))
+        return out
+
     def close(self) -> None:
         """Stop the plugin threads (a hung call is abandoned)."""
         self._pool.shutdown(wait=False, cancel_futures=True)

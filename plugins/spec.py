@@ -77,3 +77,18 @@ class Specs:
         time-out) holds the action back.
         """
         raise NotImplementedError
+
+    @hookspec
+    def personify_rerank(
+        self, user_id: str | None, items: list[dict[str, Any]], context: dict[str, Any]
+    ) -> list[str] | None:
+        """A candidate filter or re-ranker: the ids of ``items`` to show, in this order.
+
+        ``items`` are the ranked recommendations as the API shows them (``item_id``,
+        ``score``, ``reasons``), a few more than will be shown; ``context`` holds ``kind``
+        (``user``, ``new_visitor`` or ``similar``) and, for similar items, ``item_id``.
+        None leaves the list as it is; ids not in ``items`` are ignored. Runs on the ranking
+        thread for every list computed: keep it quick. A failure or a time-out leaves the list
+        as it is (and is counted).
+        """
+        raise NotImplementedError

@@ -8,6 +8,9 @@ The offer reaches the visitor's open WebSockets as::
 
 ``no_tracking`` is a consent gate: an event marked ``"no_tracking": true`` changes nothing.
 
+``sale_first`` is a re-ranker: items whose id starts with ``sale-`` move to the front of every
+list and items whose id starts with ``hidden-`` are never shown.
+
 ``always_fails`` and ``hangs`` misbehave on purpose: Personify logs, counts and skips them
 (``personify_plugin_errors_total``) and every other plugin and push goes on. Leave them out
 with ``[plugins] allow = ["gift_wrap"]`` (or ``deny``).
@@ -45,13 +48,32 @@ class GiftWrap:
         ]
 
 
+class SaleFirst:
+    """A re-ranker: sale items first, hidden items never."""
+
+    @hookimpl
+    def personify_rerank(
+        self, user_id: str | None, items: list[dict[str, Any]], context: dict[str, Any]
+    ) -> list[str]:
+        """The ids in the new order."""
+        ids = [i["item_id"] for i in items if not i["item_id"].startswith("hidden-")]
+        return sorted(ids, key=lambda i: not i.startswith("sale-"))  # stable: sale- first
+
+
 class AlwaysFails:
-    """A trigger that raises on every event."""
+    """A trigger and a re-ranker that raise every time."""
 
     @hookimpl
     def personify_on_event(self, event: dict[str, Any], profile: dict[str, Any]) -> None:
         """Raise."""
         raise RuntimeError("this plugin always fails")
+
+    @hookimpl
+    def personify_rerank(
+        self, user_id: str | None, items: list[dict[str, Any]], context: dict[str, Any]
+    ) -> list[str]:
+        """Raise."""
+        raise RuntimeError("this re-ranker always fails")
 
 
 class Hangs:
@@ -74,6 +96,7 @@ class NoTracking:
 
 
 gift_wrap = GiftWrap()
+sale_first = SaleFirst()
 no_tracking = NoTracking()
 always_fails = AlwaysFails()
 hangs = Hangs()

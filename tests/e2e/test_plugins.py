@@ -53,10 +53,8 @@ def search(user: str, query: str) -> dict[str, Any]:
     return {"type": "search", "user_id": user, "properties": {"query": query}}
 
 
-def errors_of(eng: Any, plugin: str) -> float:
-    return float(
-        eng.metric(f'personify_plugin_errors_total{{hook="personify_on_event",plugin="{plugin}"}}')
-    )
+def errors_of(eng: Any, plugin: str, hook: str = "personify_on_event") -> float:
+    return float(eng.metric(f'personify_plugin_errors_total{{hook="{hook}",plugin="{plugin}"}}'))
 
 
 def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
@@ -77,7 +75,8 @@ def test_a_trigger_plugin_pushes_an_offer(with_plugins: Any, uid: str) -> None:
 
     asyncio.run(run())
     loaded = "Plugins loaded: always_fails, browse_without_buy, cart_abandonment, frequency_cap, "
-    assert loaded + "gift_wrap, hangs, high_value, no_tracking" in with_plugins.tail(20000)
+    loaded += "gift_wrap, hangs, high_value, no_tracking, sale_first"
+    assert loaded in with_plugins.tail(20000)
 
 
 def test_failing_and_hanging_plugins_are_skipped(with_plugins: Any, uid: str) -> None:
@@ -134,3 +133,33 @@ def test_a_consent_gate_vetoes_events(with_plugins: Any, uid: str) -> None:
     profile = with_plugins.wait_profile(uid, lambda p: p["counts"].get("search") == 2)
     assert sorted(s["query"] for s in profile["recent_searches"]) == ["boots", "hats"]
     assert with_plugins.metric("personify_events_vetoed_total") >= 1
+
+
+def test_a_reranker_reorders_and_filters_every_list(with_plugins: Any, uid: str) -> None:
+    """The example's sale_first: sale items first, hidden ones never; a failing one is skipped."""
+    ids = ["plain-tent", "hidden-tent", "sale-tent", "plain-stove", "sale-stove"]
+    items = [{"item_id": i, "title": i.replace("-", " "), "category": "camping"} for i in ids]
+    assert with_plugins.request("POST", "/v1/items", {"items": items})[0] == 202
+    with_plugins.wait_for(
+        lambda: with_plugins.metric("personify_catalog_items") >= len(ids), what="the catalog"
+    )
+    # Other shoppers make every item trending; this visitor has seen one.
+    views = [
+        {"type": "product_view", "user_id": f"{uid}-{n}", "item_id": i}
+        for n, i in enumerate(ids * 2)
+    ]
+    assert with_plugins.post_events(views)[0] == 202
+    failed = errors_of(with_plugins, "always_fails", "personify_rerank")
+    assert with_plugins.post_events([{**views[0], "user_id": uid}])[0] == 202
+    with_plugins.wait_profile(uid, lambda p: p["counts"].get("product_view") == 1)
+
+    def shown() -> list[str]:
+        status, body = with_plugins.request("GET", f"/v1/users/{uid}/recommendations?k=4")
+        assert status == 200, body
+        return [r["item_id"] for r in body["items"]]
+
+    got = with_plugins.wait_for(lambda: shown() if len(shown()) >= 3 else None, what="a list")
+    assert "hidden-tent" not in got
+    sales = [i for i in got if i.startswith("sale-")]
+    assert sales and got[: len(sales)] == sales  # sale items lead
+    assert errors_of(with_plugins, "always_fails", "personify_rerank") > failed
