@@ -190,9 +190,7 @@ def _open_and_never_read(url: str) -> socket.socket:
     return sock
 
 
-def test_a_slow_client_does_not_delay_a_fast_one(
-    module_engine: Callable[..., Any], uid: str
-) -> None:
+def test_a_slow_client_does_not_delay_a_fast_one(engine_factory: Any, uid: str) -> None:
     """A socket that stops reading loses its oldest messages; the others get every one, in order.
 
     Two sockets follow the same visitor: one never reads past the handshake, the other reads.
@@ -200,10 +198,9 @@ def test_a_slow_client_does_not_delay_a_fast_one(
     pushes; after that its queue (``queue_size`` 4) drops the oldest messages, while the
     reading socket receives each push, with consecutive numbers, right after its event.
     """
-    eng = module_engine(
-        "[push]\ndebounce_ms = 0\nqueue_size = 4\n[recommend]\nlist_size = 100\nmax_k = 100\n"
-    )
-    eng.start()
+    eng = engine_factory(
+        config="[push]\ndebounce_ms = 0\nqueue_size = 4\n[recommend]\nlist_size = 100\n"
+    ).start()
     items = [
         {
             "item_id": f"{i:03d}-" + "x" * 180,
