@@ -61,14 +61,18 @@ def note_timers(applied: Iterable[Event]) -> None:
 
 def queue_events(latest: dict[str, bytes], applied: Iterable[Event]) -> None:
     """Hand the ``applied`` events, with their visitor's new profile (``latest``), to triggers."""
-    if not plugins().has("personify_on_event"):
+    gates = plugins()
+    if not gates.has("personify_on_event"):
         return
+    wanted = gates.event_types()
     now_ms = int(time.time() * 1000)
     views: dict[str, dict[str, Any] | None] = {}
     for e in applied:
         user = event_key(e)
         raw = latest.get(user)
         if raw is None or e["type"].startswith("$") or e["type"] == "consent":
+            continue
+        if wanted is not None and e["type"] not in wanted:
             continue
         if user not in views:
             views[user] = _view(profiles.decode(raw), now_ms)

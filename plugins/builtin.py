@@ -58,6 +58,7 @@ class CartAbandonment:
     """An offer when items added to the cart are not bought within ``delay_s``."""
 
     TIMER = "cart_abandonment"
+    event_types = frozenset({"add_to_cart"})
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
@@ -96,6 +97,7 @@ class HighValue:
     """The ``high_value`` segment for visitors whose lifetime spend reaches ``threshold``."""
 
     SEGMENT = "high_value"
+    event_types = frozenset({"purchase"})
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
@@ -123,6 +125,7 @@ class BrowseWithoutBuy:
     """An offer of help after ``views`` products viewed in a session without adding any."""
 
     TRIGGER = "browse_without_buy"
+    event_types = frozenset({"product_view"})
 
     def __init__(self, views: int) -> None:
         self.views = views

@@ -82,6 +82,20 @@ class Plugins:
         """Whether any plugin implements ``hook``."""
         return bool(getattr(self.pm.hook, hook).get_hookimpls())
 
+    def event_types(self) -> frozenset[str] | None:
+        """The event types some trigger wants (None: every type).
+
+        A plugin object may say which event types its ``personify_on_event`` looks at with an
+        ``event_types`` attribute (a collection of type names); one without it gets every event.
+        """
+        wanted: set[str] = set()
+        for impl in self.pm.hook.personify_on_event.get_hookimpls():
+            types = getattr(impl.plugin, "event_types", None)
+            if types is None:
+                return None
+            wanted.update(types)
+        return frozenset(wanted)
+
     async def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Each implementation's (plugin name, result); failures are logged and left out.
 
