@@ -162,7 +162,8 @@ def compute_user(rec: Recommender, data: TableData, user: str, size: int, now_ms
         profile = data.profile_of(alias) or profile
     _rec_id, items = rec.recommend(user, Request(k=size), now_ms, profile=profile)
     body = orjson.dumps([r.as_json() for r in items])
-    return {"user": user, "items": orjson.loads(body)}
+    # The scores unrounded too: two versions of the code must agree to the last bit.
+    return {"user": user, "items": orjson.loads(body), "scores": [r.score for r in items]}
 
 
 def build(args: argparse.Namespace, cfg: Config, workdir: Path) -> tuple[State, FaissIndex]:
