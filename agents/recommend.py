@@ -15,6 +15,12 @@ Sources, each scaled to 0-1 by its best candidate before blending with ``[recomm
 
 `Recommender` holds the logic and reads its data through `DataSource`, so the API (RocksDB
 tables, the live index) and the offline evaluation (in-memory state) run the same code.
+
+Candidates travel as numpy arrays of item numbers (`ItemIds`) and scores (`Pool`), so scaling,
+summing and choosing the top of several hundred candidates per list costs a few array
+operations instead of a Python step per candidate. Each step adds in the same order as a
+Python loop would, so the scores are the same to the last bit; reasons are worked out only
+for the items that make the list.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import math
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,7 +47,9 @@ from personify.tables.catalog import Catalog
 __all__ = [
     "DataSource",
     "Entry",
+    "ItemIds",
     "ListCache",
+    "Pool",
     "Recommendation",
     "Recommender",
     "Request",
@@ -54,8 +62,123 @@ Reason = dict[str, Any]
 #: Per source: item id -> (raw score, reason or a function that builds it when needed).
 Candidates = dict[str, tuple[float, Reason | Callable[[], Reason]]]
 Vector = npt.NDArray[np.float32]
+Numbers = npt.NDArray[np.int64]
+Scores = npt.NDArray[np.float64]
 #: A source's reason is given when it makes at least this share of an item's score.
 _REASON_SHARE = 0.2
+#: `TableData` starts a new `ItemIds` once the one in use numbers this many items.
+_MAX_ITEM_NUMBERS = 1_000_000
+
+
+class ItemIds:
+    """Item ids numbered 0, 1, 2, ... so that candidates can be numpy arrays; and back.
+
+    Numbers are only ever added (a reader never sees one change); thread-safe.
+    """
+
+    __slots__ = ("_lock", "names", "number")
+
+    def __init__(self) -> None:
+        self.number: dict[str, int] = {}
+        #: The id of each number.
+        self.names: list[str] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def of(self, items: Sequence[str]) -> Numbers:
+        """The numbers of ``items`` (numbering those new to it)."""
+        get = self.number.get
+        out = np.fromiter((get(i, -1) for i in items), dtype=np.int64, count=len(items))
+        if len(out) and out.min() < 0:
+            with self._lock:
+                for j in np.flatnonzero(out < 0).tolist():
+                    n = self.number.get(items[j])
+                    if n is None:
+                        n = len(self.names)
+                        self.names.append(items[j])  # before `number`: readers index names
+                        self.number[items[j]] = n
+                    out[j] = n
+        return out
+
+
+_EMPTY_NUMBERS: Numbers = np.empty(0, dtype=np.int64)
+_EMPTY_SCORES: Scores = np.empty(0, dtype=np.float64)
+
+
+@dataclass(slots=True)
+class _Top:
+    """A row's best entries (see `ranked`), as a list and as arrays numbered by ``ids``."""
+
+    pairs: list[tuple[str, float]]
+    ids: ItemIds
+    numbers: Numbers
+    scores: Scores
+    lookup: dict[str, float] | None = None
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, float]], ids: ItemIds) -> _Top:
+        if not pairs:
+            return cls(pairs, ids, _EMPTY_NUMBERS, _EMPTY_SCORES)
+        numbers = ids.of([item for item, _score in pairs])
+        scores = np.fromiter((score for _item, score in pairs), np.float64, count=len(pairs))
+        return cls(pairs, ids, numbers, scores)
+
+    def score_of(self, item: str) -> float | None:
+        """The item's score in this row, or None."""
+        if self.lookup is None:
+            self.lookup = dict(self.pairs)
+        return self.lookup.get(item)
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """One source's candidates.
+
+    Attributes:
+        ids: the numbering of ``numbers``.
+        numbers: the candidates' item numbers, each once.
+        scores: their raw scores (the source's own scale).
+        reason: why the source proposes an item (called only for items that make a list).
+    """
+
+    ids: ItemIds
+    numbers: Numbers
+    scores: Scores
+    reason: Callable[[str], Reason]
+
+    @classmethod
+    def empty(cls, ids: ItemIds) -> Pool:
+        """A source with no candidate."""
+        return cls(ids, _EMPTY_NUMBERS, _EMPTY_SCORES, _no_reason)
+
+    @classmethod
+    def of(cls, cands: Candidates, ids: ItemIds) -> Pool:
+        """The pool of per-item candidates (``{item: (score, reason)}``)."""
+        numbers = ids.of(list(cands))
+        scores = np.fromiter((v[0] for v in cands.values()), np.float64, count=len(cands))
+        return cls(ids, numbers, scores, lambda item: _resolve(cands[item][1]))
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+
+def _no_reason(item: str) -> Reason:
+    raise KeyError(item)
+
+
+def _sum_by_item(numbers: list[Numbers], parts: list[Scores]) -> tuple[Numbers, Numbers, Scores]:
+    """Each distinct number, where each given one went, and the sum of its parts.
+
+    The parts are added in the order given, as ``total[i] += part`` in a loop would.
+    """
+    if len(numbers) == 1:  # a source's own candidates are distinct
+        return numbers[0], np.arange(len(numbers[0])), parts[0]
+    unique, where = np.unique(np.concatenate(numbers), return_inverse=True)
+    # bincount adds each weight in input order: the same sums as `total[i] += part`.
+    sums = np.bincount(where, weights=np.concatenate(parts), minlength=len(unique))
+    return unique, where, sums.astype(np.float64, copy=False)
 
 
 class DataSource(Protocol):
@@ -79,13 +202,18 @@ def ranked(row: signals.Row, alpha: float | None, n: int) -> list[tuple[str, flo
 
 
 def _ranked_rows(
-    data: DataSource, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int
-) -> list[list[tuple[str, float]]]:
-    fast = getattr(data, "ranked", None)
+    data: DataSource,
+    keys: Sequence[bytes],
+    now_ms: int,
+    alpha: float | None,
+    n: int,
+    ids: ItemIds,
+) -> list[_Top]:
+    fast = getattr(data, "tops", None)
     if fast is not None:
-        out: list[list[tuple[str, float]]] = fast(keys, now_ms, alpha, n)
+        out: list[_Top] = fast(keys, now_ms, alpha, n, ids)
         return out
-    return [ranked(row, alpha, n) for row in data.rows(keys, now_ms)]
+    return [_Top.of(ranked(row, alpha, n), ids) for row in data.rows(keys, now_ms)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +253,7 @@ def _resolve(reason: Reason | Callable[[], Reason]) -> Reason:
 
 
 def blend(
-    sources: Mapping[str, Candidates],
+    sources: Mapping[str, Candidates | Pool],
     weights: Mapping[str, float],
     k: int,
     allowed: Callable[[str], bool],
@@ -139,24 +267,29 @@ def blend(
     multiplied by its weight and summed
     per item; an item's reasons are its sources' reasons, strongest first (a source that adds
     little to an item's score does not explain it). At most ``max_per_category`` items of one
-    category are kept (0: no limit).
+    category are kept (0: no limit). Equal scores go in item id order.
     """
-    total: dict[str, float] = {}
-    scales: dict[str, float] = {}
-    for name, cands in sources.items():
+    pools = _pools(sources)
+    used: list[tuple[str, Pool, float]] = []
+    for name, pool in pools.items():
         weight = weights.get(name, 0.0)
-        if weight <= 0 or not cands:
+        if weight <= 0 or not len(pool):
             continue
-        top = max(score for score, _reason in cands.values())
+        top = float(pool.scores.max())
         if top <= 0:
             continue
-        scale = scales[name] = weight * (strength or {}).get(name, 1.0) / top
-        get = total.get
-        for item, (score, _reason) in cands.items():
-            total[item] = get(item, 0.0) + score * scale
-    out: list[Recommendation] = []
+        used.append((name, pool, weight * (strength or {}).get(name, 1.0) / top))
+    if not used:
+        return []
+    names = used[0][1].ids.names
+    every = [pool.numbers for _n, pool, _s in used]
+    numbers, where, totals = _sum_by_item(every, [pool.scores * scale for _n, pool, scale in used])
+    number_of = numbers.tolist()
+    total_of = totals.tolist()
+    chosen: list[int] = []  # positions in `numbers`
     per_category: dict[str | None, int] = {}
-    for item, score in sorted(total.items(), key=lambda kv: (-kv[1], kv[0])):
+    for j in _best_first(totals, total_of, lambda j: names[number_of[j]]):
+        item = names[number_of[j]]
         if not allowed(item):
             continue
         if max_per_category > 0:
@@ -165,25 +298,58 @@ def blend(
                 if per_category.get(cat, 0) >= max_per_category:
                     continue
                 per_category[cat] = per_category.get(cat, 0) + 1
-        parts = sorted(
-            (
-                (sources[name][item][0] * scale, name)
-                for name, scale in scales.items()
-                if item in sources[name]
-            ),
-            reverse=True,
-        )
+        chosen.append(j)
+        if len(chosen) >= k:
+            break
+    # Each chosen item's part from each source: the candidates of the chosen, in source order.
+    slot = np.full(len(number_of), -1, dtype=np.int64)
+    slot[chosen] = np.arange(len(chosen))
+    source_of = np.repeat(np.arange(len(used)), [len(n) for n in every])
+    raw = np.concatenate([pool.scores for _n, pool, _s in used])
+    hits = np.flatnonzero(slot[where] >= 0)
+    parts: list[list[tuple[float, str]]] = [[] for _ in chosen]
+    for c, src, score in zip(
+        slot[where[hits]].tolist(), source_of[hits].tolist(), raw[hits].tolist(), strict=True
+    ):
+        name, _pool, scale = used[src]
+        parts[c].append((score * scale, name))
+    out: list[Recommendation] = []
+    for j, item_parts in zip(chosen, parts, strict=True):
+        item, score = names[number_of[j]], total_of[j]
         reasons: list[Reason] = []
-        for part, name in parts:
+        for part, name in sorted(item_parts, reverse=True):
             if reasons and part < _REASON_SHARE * score:
                 break
-            reason = _resolve(sources[name][item][1])
+            reason = pools[name].reason(item)
             if reason not in reasons:
                 reasons.append(reason)
         out.append(Recommendation(item, score, reasons))
-        if len(out) >= k:
-            break
     return out
+
+
+def _best_first(
+    totals: Scores, total_of: list[float], name_of: Callable[[int], str]
+) -> Iterator[int]:
+    """Positions of ``totals``, highest first and equal ones by name (sorted as they are read)."""
+    order = np.argsort(-totals, kind="stable").tolist()
+    i, n = 0, len(order)
+    while i < n:
+        j = i + 1
+        while j < n and total_of[order[j]] == total_of[order[i]]:
+            j += 1
+        if j - i == 1:
+            yield order[i]
+        else:
+            yield from sorted(order[i:j], key=name_of)
+        i = j
+
+
+def _pools(sources: Mapping[str, Candidates | Pool]) -> dict[str, Pool]:
+    """Every source as a `Pool` (per-item candidates numbered like the pools given)."""
+    ids = next((c.ids for c in sources.values() if isinstance(c, Pool)), None)
+    if ids is None:
+        ids = ItemIds()
+    return {name: c if isinstance(c, Pool) else Pool.of(c, ids) for name, c in sources.items()}
 
 
 def _seeds(profile: profiles.Profile | None, request: Request, limit: int) -> list[str]:
@@ -226,46 +392,89 @@ class Recommender:
         self.index = index
         self.affinity_half_life_s = affinity_half_life_s
         self.personal = personal
+        self._ids = ItemIds()
 
     # -- sources ---------------------------------------------------------------------------
+    def item_ids(self) -> ItemIds:
+        """The item numbering for one ranking (the data source's, whose rows it caches)."""
+        shared = getattr(self.data, "item_ids", None)
+        if shared is not None:
+            ids: ItemIds = shared()
+            return ids
+        return self._ids
+
     def _from_rows(
-        self, kind: signals.SignalKind, seeds: list[str], now_ms: int, reason_kind: str
-    ) -> Candidates:
+        self,
+        kind: signals.SignalKind,
+        seeds: list[str],
+        now_ms: int,
+        reason_kind: str,
+        ids: ItemIds,
+    ) -> Pool:
         """Neighbours of the seeds, each pair normalised, summed with recency-weighted seeds."""
         if not seeds:
-            return {}
+            return Pool.empty(ids)
         keys = [signals.row_key(kind, s) for s in seeds]
-        lists = _ranked_rows(self.data, keys, now_ms, self.cfg.covisit_alpha, self.cfg.candidates)
-        out: dict[str, float] = {}
-        best: dict[str, tuple[float, str]] = {}
-        for rank, (seed, top) in enumerate(zip(seeds, lists, strict=True)):
-            seed_weight = math.pow(0.5, rank / self.cfg.seed_half_life)
-            for item, score in top:
-                part = seed_weight * score
-                out[item] = out.get(item, 0.0) + part
-                if part > best.get(item, (0.0, ""))[0]:
-                    best[item] = (part, seed)
-        return {
-            item: (score, {"kind": reason_kind, "item_id": best[item][1]})
-            for item, score in out.items()
-        }
+        tops = _ranked_rows(
+            self.data, keys, now_ms, self.cfg.covisit_alpha, self.cfg.candidates, ids
+        )
+        weights = [math.pow(0.5, rank / self.cfg.seed_half_life) for rank in range(len(seeds))]
+        present = [(w, top) for w, top in zip(weights, tops, strict=True) if top.pairs]
+        if not present:
+            return Pool.empty(ids)
+        numbers, _where, scores = _sum_by_item(
+            [top.numbers for _w, top in present], [w * top.scores for w, top in present]
+        )
 
-    def _trending(self, categories: list[tuple[str, float]], now_ms: int) -> Candidates:
+        def reason(item: str) -> Reason:
+            # The seed that contributed most (the first of equals), as the sum was made.
+            best, seed = 0.0, seeds[0]
+            for s, w, top in zip(seeds, weights, tops, strict=True):
+                if top.pairs:
+                    score = top.score_of(item)
+                    if score is not None and w * score > best:
+                        best, seed = w * score, s
+            return {"kind": reason_kind, "item_id": seed}
+
+        return Pool(ids, numbers, scores, reason)
+
+    def _trending(self, categories: list[tuple[str, float]], now_ms: int, ids: ItemIds) -> Pool:
         if not categories:
-            return {}
+            return Pool.empty(ids)
         keys = [signals.row_key("trending", c) for c, _w in categories]
-        lists = _ranked_rows(self.data, keys, now_ms, None, self.cfg.candidates)
-        out: Candidates = {}
-        for (cat, weight), top in zip(categories, lists, strict=True):
-            if not top or top[0][1] <= 0:
+        tops = _ranked_rows(self.data, keys, now_ms, None, self.cfg.candidates, ids)
+        rows: list[tuple[float, float, _Top, Reason]] = []
+        for (cat, weight), top in zip(categories, tops, strict=True):
+            if not top.pairs or top.pairs[0][1] <= 0:
                 continue
-            best = top[0][1]
-            reason: Reason = {"kind": "trending", "category": cat or None}
-            for item, score in top:
-                part = weight * score / best
-                if part > out.get(item, (0.0, reason))[0]:
-                    out[item] = (part, reason)
-        return out
+            rows.append(
+                (weight, top.pairs[0][1], top, {"kind": "trending", "category": cat or None})
+            )
+        if not rows:
+            return Pool.empty(ids)
+        # Each item scores its best part (weight * score / best of its row), if positive.
+        parts = [weight * top.scores / best for weight, best, top, _r in rows]
+        if len(rows) == 1:
+            numbers, scores = rows[0][2].numbers, parts[0]
+        else:
+            numbers, where = np.unique(
+                np.concatenate([top.numbers for _w, _b, top, _r in rows]), return_inverse=True
+            )
+            scores = np.zeros(len(numbers), dtype=np.float64)
+            np.maximum.at(scores, where, np.concatenate(parts))
+        keep = scores > 0
+        if not keep.all():
+            numbers, scores = numbers[keep], scores[keep]
+
+        def reason(item: str) -> Reason:
+            best_part, out = 0.0, rows[0][3]
+            for weight, best, top, why in rows:
+                score = top.score_of(item)
+                if score is not None and weight * score / best > best_part:
+                    best_part, out = weight * score / best, why
+            return out
+
+        return Pool(ids, numbers, scores, reason)
 
     def _vector_of(self, seeds: list[str]) -> tuple[Vector | None, list[str], Vector]:
         index = self.index
@@ -281,39 +490,44 @@ class Recommender:
         mean = (vecs * weights[:, None]).sum(axis=0)
         return mean.astype(np.float32), found, vecs
 
-    def _content(self, seeds: list[str], exclude: Collection[str]) -> Candidates:
+    def _content(self, seeds: list[str], exclude: Collection[str], ids: ItemIds) -> Pool:
         query, found, vecs = self._vector_of(seeds)
         index = self.index
         if query is None or index is None:
-            return {}
+            return Pool.empty(ids)
         hits = index.search(query, self.cfg.candidates, exclude=exclude)
+        if not hits:
+            return Pool.empty(ids)
         seed_matrix = vecs
 
-        def closest(item_id: str) -> Callable[[], Reason]:
-            def reason() -> Reason:
-                vec = index.vector(item_id)
-                j = 0 if vec is None else int((seed_matrix @ vec).argmax())
-                return {"kind": "similar_to", "item_id": found[j]}
+        def closest(item_id: str) -> Reason:
+            vec = index.vector(item_id)
+            j = 0 if vec is None else int((seed_matrix @ vec).argmax())
+            return {"kind": "similar_to", "item_id": found[j]}
 
-            return reason
-
-        return {h.id: (max(h.score, 0.0), closest(h.id)) for h in hits}
+        numbers = ids.of([h.id for h in hits])
+        scores = np.fromiter((max(h.score, 0.0) for h in hits), np.float64, count=len(hits))
+        return Pool(ids, numbers, scores, closest)
 
     def _chat(
-        self, profile: profiles.Profile | None, now_ms: int, exclude: Collection[str]
-    ) -> tuple[Candidates, float]:
+        self, profile: profiles.Profile | None, now_ms: int, exclude: Collection[str], ids: ItemIds
+    ) -> tuple[Pool, float]:
         """Items close to the chat vector, and the source's strength (how recent the chat is)."""
         if profile is None or self.index is None:
-            return {}, 0.0
+            return Pool.empty(ids), 0.0
         vec = profiles.chat_vector(profile, now_ms, self.cfg.chat_half_life_s)
         if vec is None:
-            return {}, 0.0
+            return Pool.empty(ids), 0.0
         strength = float(np.linalg.norm(vec))
         if strength < 1e-3:
-            return {}, 0.0
-        hits = self.index.search(vec, self.cfg.candidates, exclude=exclude)
-        cands: Candidates = {h.id: (h.score, {"kind": "matches_chat"}) for h in hits if h.score > 0}
-        return cands, min(strength, 1.0)
+            return Pool.empty(ids), 0.0
+        hits = [
+            h for h in self.index.search(vec, self.cfg.candidates, exclude=exclude) if h.score > 0
+        ]
+        reason: Reason = {"kind": "matches_chat"}
+        numbers = ids.of([h.id for h in hits])
+        scores = np.fromiter((h.score for h in hits), np.float64, count=len(hits))
+        return Pool(ids, numbers, scores, lambda _item: reason), min(strength, 1.0)
 
     # -- the answer ------------------------------------------------------------------------
     def sources(
@@ -322,8 +536,10 @@ class Recommender:
         request: Request,
         now_ms: int,
         exclude: Collection[str],
-    ) -> tuple[dict[str, Candidates], dict[str, float]]:
+        ids: ItemIds | None = None,
+    ) -> tuple[dict[str, Pool], dict[str, float]]:
         """Candidates of every source for this visitor, and each source's strength (0-1)."""
+        ids = self.item_ids() if ids is None else ids
         seeds = _seeds(profile, request, self.cfg.seeds)
         bought = [
             r["item_id"]
@@ -332,14 +548,14 @@ class Recommender:
         ][: self.cfg.seeds]
         bought += [i for i in (profile or {}).get("cart", {}) if i not in bought]
         affinity = self._categories(profile, request, now_ms)
-        chat, chat_strength = self._chat(profile, now_ms, exclude)
+        chat, chat_strength = self._chat(profile, now_ms, exclude, ids)
         out = {
-            "covisit": self._from_rows("covisit", seeds, now_ms, "similar_to"),
-            "copurchase": self._from_rows("copurchase", bought, now_ms, "bought_together"),
-            "content": self._content(seeds, exclude),
+            "covisit": self._from_rows("covisit", seeds, now_ms, "similar_to", ids),
+            "copurchase": self._from_rows("copurchase", bought, now_ms, "bought_together", ids),
+            "content": self._content(seeds, exclude, ids),
             "chat": chat,
-            "category": self._trending(affinity, now_ms),
-            "trending": self._trending([(request.category or "", 1.0)], now_ms),
+            "category": self._trending(affinity, now_ms, ids),
+            "trending": self._trending([(request.category or "", 1.0)], now_ms, ids),
         }
         # A chat that has faded counts less however well its best item matches.
         return out, {"chat": chat_strength}
@@ -401,10 +617,11 @@ class Recommender:
             max_per_category=request.max_per_category,
         )
         exclude = set(request.exclude) | {item_id}
+        ids = self.item_ids()
         sources = {
-            "covisit": self._from_rows("covisit", [item_id], now_ms, "similar_to"),
-            "copurchase": self._from_rows("copurchase", [item_id], now_ms, "bought_together"),
-            "content": self._content([item_id], exclude),
+            "covisit": self._from_rows("covisit", [item_id], now_ms, "similar_to", ids),
+            "copurchase": self._from_rows("copurchase", [item_id], now_ms, "bought_together", ids),
+            "content": self._content([item_id], exclude, ids),
         }
         return blend(
             sources,
@@ -612,9 +829,9 @@ class TableData:
         self.cfg = cfg
         self.cache_size = cache_size
         self._cache: dict[
-            tuple[bytes, float | None, int],
-            tuple[tuple[bytes | None, ...], list[tuple[str, float]]],
+            tuple[bytes, float | None, int], tuple[tuple[bytes | None, ...], _Top]
         ] = {}
+        self._ids = ItemIds()
         self._lock = threading.Lock()
 
     def _dbs(self) -> list[Any]:
@@ -663,18 +880,37 @@ class TableData:
             self._merge(key, raws, now_ms) for key, raws in zip(keys, self._raw(keys), strict=True)
         ]
 
+    def item_ids(self) -> ItemIds:
+        """The item numbering of the cached rows (a fresh one once it has grown very large)."""
+        if len(self._ids) > _MAX_ITEM_NUMBERS:
+            with self._lock:
+                if len(self._ids) > _MAX_ITEM_NUMBERS:
+                    self._ids = ItemIds()
+        return self._ids
+
     def ranked(
         self, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int
     ) -> list[list[tuple[str, float]]]:
         """Each row's top ``n`` (see `ranked`), from the cache while the row is unchanged."""
+        return [top.pairs for top in self.tops(keys, now_ms, alpha, n, self.item_ids())]
+
+    def tops(
+        self, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int, ids: ItemIds
+    ) -> list[_Top]:
+        """`ranked`, with the entries also as arrays numbered by ``ids``."""
         out = []
         for key, raws in zip(keys, self._raw(keys), strict=True):
             slot = (key, alpha, n)
             hit = self._cache.get(slot)
             if hit is not None and hit[0] == raws:
-                out.append(hit[1])
+                top = hit[1]
+                if top.ids is not ids:  # numbered by an earlier `ItemIds`
+                    top = _Top.of(top.pairs, ids)
+                    self._cache[slot] = (raws, top)
+                out.append(top)
                 continue
-            top = ranked(self._merge(key, raws, now_ms), alpha, n) if any(raws) else []
+            pairs = ranked(self._merge(key, raws, now_ms), alpha, n) if any(raws) else []
+            top = _Top.of(pairs, ids)
             with self._lock:
                 if len(self._cache) >= self.cache_size:
                     self._cache.clear()  # simple and rare: hot rows come back at once
