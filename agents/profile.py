@@ -71,6 +71,8 @@ class Folded:
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: The events applied (new), in order.
     events: list[Event] = field(default_factory=list)
+    #: The new profile of each visitor written (not of those erased).
+    states: dict[str, profiles.Profile] = field(default_factory=dict)
     failed: list[tuple[Event, str]] = field(default_factory=list)
     signals: signals.SignalBatch = field(
         default_factory=lambda: signals.SignalBatch(
@@ -155,6 +157,7 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
         out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
     elif n or changed:
         out.writes.append((key.encode(), profiles.encode(state)))
+        out.states[key] = state
     out.applied += n
     out.vetoed += len(vetoed)
     out.skipped += len(todo) - n - len(vetoed)
@@ -332,8 +335,7 @@ async def profile_agent(stream: Any) -> None:
                 await until_done("audit record", functools.partial(_audit, user, request_id))
         applied = [e for f in folds.values() for e in f.events]
         note_timers(applied)
-        latest = {key.decode(): value for f in folds.values() for key, value in f.writes if value}
-        queue_events(latest, applied)
+        queue_events({k: v for f in folds.values() for k, v in f.states.items()}, applied)
         onward = [e for f in folds.values() for e in f.onward]
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))

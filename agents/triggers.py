@@ -59,7 +59,7 @@ def note_timers(applied: Iterable[Event]) -> None:
             _TIMERS.cancel(event_key(e), props["timer"], int(props["due_ms"]))
 
 
-def queue_events(latest: dict[str, bytes], applied: Iterable[Event]) -> None:
+def queue_events(latest: dict[str, profiles.Profile], applied: Iterable[Event]) -> None:
     """Hand the ``applied`` events, with their visitor's new profile (``latest``), to triggers."""
     gates = plugins()
     if not gates.has("personify_on_event"):
@@ -69,13 +69,13 @@ def queue_events(latest: dict[str, bytes], applied: Iterable[Event]) -> None:
     views: dict[str, dict[str, Any] | None] = {}
     for e in applied:
         user = event_key(e)
-        raw = latest.get(user)
-        if raw is None or e["type"].startswith("$") or e["type"] == "consent":
+        state = latest.get(user)
+        if state is None or e["type"].startswith("$") or e["type"] == "consent":
             continue
         if wanted is not None and e["type"] not in wanted:
             continue
         if user not in views:
-            views[user] = _view(profiles.decode(raw), now_ms)
+            views[user] = _view(state, now_ms)
         view = views[user]
         if view is None:
             continue  # no trigger fires for a visitor without marketing consent
@@ -93,8 +93,15 @@ def _view(state: profiles.Profile, now_ms: int) -> dict[str, Any] | None:
     return profiles.view(state, _cfg.profiles, now_ms)
 
 
-async def _record(etype: str, user_id: str, properties: dict[str, Any]) -> None:
-    """Publish an internal bookkeeping event for ``user_id`` (applied by the profile agent)."""
+_records: set[asyncio.Future[None]] = set()
+
+
+def _record(etype: str, user_id: str, properties: dict[str, Any]) -> None:
+    """Publish an internal bookkeeping event for ``user_id`` (applied by the profile agent).
+
+    In the background: the triggers go on with the next event meanwhile (concurrent
+    publishes travel together), and a failed publish is retried until it succeeds.
+    """
     event = internal_event(
         etype,
         f"{etype}:{uuid.uuid4().hex}",
@@ -102,7 +109,11 @@ async def _record(etype: str, user_id: str, properties: dict[str, Any]) -> None:
         ts_ms=int(time.time() * 1000),
         properties=properties,
     )
-    await until_done(f"{etype} publish", lambda: publisher().publish([event]))
+    task = asyncio.ensure_future(
+        until_done(f"{etype} publish", lambda: publisher().publish([event]))
+    )
+    _records.add(task)
+    task.add_done_callback(_records.discard)
 
 
 async def act(user_id: str, plugin: str, action: Any, view: dict[str, Any]) -> None:
@@ -119,9 +130,7 @@ async def act(user_id: str, plugin: str, action: Any, view: dict[str, Any]) -> N
             )
             return
         due_ms = int(time.time() * 1000 + after_s * 1000)
-        await _record(
-            profiles.SCHEDULE, user_id, {"timer": timer, "due_ms": due_ms, "plugin": plugin}
-        )
+        _record(profiles.SCHEDULE, user_id, {"timer": timer, "due_ms": due_ms, "plugin": plugin})
         TRIGGER_ACTIONS.labels(plugin, "schedule", "sent").inc()
         return
     label = kind if isinstance(kind, str) else "?"
@@ -138,7 +147,7 @@ async def act(user_id: str, plugin: str, action: Any, view: dict[str, Any]) -> N
     TRIGGER_ACTIONS.labels(plugin, label, "sent").inc()
     if kind == "offer":
         trigger = action.get("trigger")
-        await _record(
+        _record(
             profiles.SENT, user_id, {"trigger": trigger if isinstance(trigger, str) else plugin}
         )
 
@@ -170,7 +179,7 @@ async def fire_due(now_ms: int) -> int:
                 "personify_on_timer", timer=timer, user_id=user_id, profile=view, now_ms=now_ms
             )
             await _act_all(user_id, results, view)
-        await _record(profiles.FIRED, user_id, {"timer": timer, "due_ms": due_ms})
+        _record(profiles.FIRED, user_id, {"timer": timer, "due_ms": due_ms})
         fired += 1
     return fired
 
@@ -206,7 +215,7 @@ class Triggers(mode.Service):  # type: ignore[misc] # mode is untyped
         while not self.should_stop:
             user, event, view = await _queue.get()
             try:
-                results = await plugins().call("personify_on_event", event=event, profile=view)
+                results = await plugins().call_on_event(event, view)
                 await _act_all(user, results, view)
             except Exception:
                 _log.exception("trigger actions failed", user_id=user)

@@ -96,7 +96,20 @@ class Plugins:
             wanted.update(types)
         return frozenset(wanted)
 
-    async def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+    async def call_on_event(
+        self, event: dict[str, Any], profile: dict[str, Any]
+    ) -> list[tuple[str, Any]]:
+        """`call` ``personify_on_event``, leaving out the plugins not after this event type."""
+        return await self.call(
+            "personify_on_event",
+            _only=lambda plugin: event["type"] in getattr(plugin, "event_types", (event["type"],)),
+            event=event,
+            profile=profile,
+        )
+
+    async def call(
+        self, hook: str, _only: Callable[[object], bool] | None = None, **kwargs: Any
+    ) -> list[tuple[str, Any]]:
         """Each implementation's (plugin name, result); failures are logged and left out.
 
         Raises nothing: an implementation that raises or runs past ``[plugins] timeout_ms``
@@ -109,6 +122,8 @@ class Plugins:
         limit = self.cfg.timeout_ms / 1000.0
         out: list[tuple[str, Any]] = []
         for impl in reversed(impls):  # registration order
+            if _only is not None and not _only(impl.plugin):
+                continue
             fn: Callable[..., Any] = functools.partial(impl.function, **kwargs)
             start = time.perf_counter()
             try:
