@@ -113,37 +113,21 @@ class Plugins:
         """Each implementation's (plugin name, result); failures are logged and left out.
 
         Raises nothing: an implementation that raises or runs past ``[plugins] timeout_ms``
-        is counted in ``personify_plugin_errors_total`` and skipped.
+        is counted in ``personify_plugin_errors_total`` and skipped (its result is `FAILED`).
         """
-        impls = getattr(self.pm.hook, hook).get_hookimpls()
-        if not impls:
-            return []
         loop = asyncio.get_running_loop()
-        limit = self.cfg.timeout_ms / 1000.0
         out: list[tuple[str, Any]] = []
-        for impl in reversed(impls):  # registration order
-            if _only is not None and not _only(impl.plugin):
-                continue
-            fn: Callable[..., Any] = functools.partial(impl.function, **kwargs)
+        for impl, fn in self._calls(hook, _only, kwargs):
             start = time.perf_counter()
             try:
                 if impl.plugin_name in self._inline:
                     result = fn()
                 else:
-                    result = await asyncio.wait_for(loop.run_in_executor(self._pool, fn), limit)
-            except TimeoutError:
-                PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
-                _log.error(
-                    "plugin timed out; skipped", plugin=impl.plugin_name, hook=hook, limit_s=limit
-                )
-                out.append((impl.plugin_name, FAILED))
-                continue
+                    result = await asyncio.wait_for(
+                        loop.run_in_executor(self._pool, fn), self._limit_s
+                    )
             except Exception as exc:
-                PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
-                _log.error(
-                    "plugin failed; skipped", plugin=impl.plugin_name, hook=hook, error=repr(exc)
-                )
-                out.append((impl.plugin_name, FAILED))
+                out.append(self._failed(impl.plugin_name, hook, exc))
                 continue
             finally:
                 PLUGIN_CALLS.labels(impl.plugin_name, hook).observe(time.perf_counter() - start)
@@ -156,29 +140,43 @@ class Plugins:
         Installed plugins still run on the plugin threads with the time limit.
         """
         out: list[tuple[str, Any]] = []
-        limit = self.cfg.timeout_ms / 1000.0
-        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
-            fn: Callable[..., Any] = functools.partial(impl.function, **kwargs)
+        for impl, fn in self._calls(hook, None, kwargs):
             start = time.perf_counter()
             try:
                 if impl.plugin_name in self._inline:
                     result = fn()
                 else:
-                    result = self._pool.submit(fn).result(timeout=limit)
+                    result = self._pool.submit(fn).result(timeout=self._limit_s)
             except Exception as exc:
-                PLUGIN_ERRORS.labels(impl.plugin_name, hook).inc()
-                _log.error(
-                    "plugin failed or timed out; skipped",
-                    plugin=impl.plugin_name,
-                    hook=hook,
-                    error=repr(exc),
-                )
-                out.append((impl.plugin_name, FAILED))
+                out.append(self._failed(impl.plugin_name, hook, exc))
                 continue
             finally:
                 PLUGIN_CALLS.labels(impl.plugin_name, hook).observe(time.perf_counter() - start)
             out.append((impl.plugin_name, result))
         return out
+
+    @property
+    def _limit_s(self) -> float:
+        return self.cfg.timeout_ms / 1000.0
+
+    def _calls(
+        self, hook: str, only: Callable[[object], bool] | None, kwargs: dict[str, Any]
+    ) -> list[tuple[Any, Callable[[], Any]]]:
+        """(implementation, its call) in registration order, those ``only`` keeps."""
+        return [
+            (impl, functools.partial(impl.function, **kwargs))
+            for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls())
+            if only is None or only(impl.plugin)
+        ]
+
+    def _failed(self, plugin: str, hook: str, exc: Exception) -> tuple[str, Any]:
+        """Count and log a call that raised or timed out; its place in the results."""
+        PLUGIN_ERRORS.labels(plugin, hook).inc()
+        if isinstance(exc, TimeoutError):
+            _log.error("plugin timed out; skipped", plugin=plugin, hook=hook, limit_s=self._limit_s)
+        else:
+            _log.error("plugin failed; skipped", plugin=plugin, hook=hook, error=repr(exc))
+        return plugin, FAILED
 
     def close(self) -> None:
         """Stop the plugin threads (a hung call is abandoned)."""

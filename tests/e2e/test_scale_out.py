@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,17 @@ def owned(eng: Any) -> set[int]:
     return set(health["partitions"].get("events-routed", []))
 
 
+@contextlib.contextmanager
+def two_workers(engine_factory: Any, tmp_path: Path, app_id: str) -> Iterator[tuple[Any, Any]]:
+    """Two `personify worker` processes on one broker, once they have split the partitions."""
+    with EmbeddedBroker(tmp_path / "kafka.log") as kafka:
+        env = {"PERSONIFY_BROKER__URL": kafka.url, "PERSONIFY_WORKER__APP_ID": app_id}
+        a = engine_factory(env=env, command="worker").start()
+        b = engine_factory(env=env, command="worker").start()
+        settled(a, b)
+        yield a, b
+
+
 def settled(a: Any, b: Any) -> tuple[set[int], set[int]]:
     """Wait until ``a`` and ``b`` split the 4 partitions between them; their shares."""
     for _ in range(300):  # until the second join's rebalance has settled
@@ -42,12 +55,7 @@ def test_two_workers_share_partitions_and_serve_every_profile(
     engine_factory: Any, tmp_path: Path
 ) -> None:
     """Two workers split the partitions; either one answers for any visitor."""
-    with EmbeddedBroker(tmp_path / "kafka.log") as kafka:
-        env = {"PERSONIFY_BROKER__URL": kafka.url, "PERSONIFY_WORKER__APP_ID": "scale"}
-        a = engine_factory(env=env, command="worker").start()
-        b = engine_factory(env=env, command="worker").start()
-        settled(a, b)
-
+    with two_workers(engine_factory, tmp_path, "scale") as (a, b):
         users = [f"so-{i}" for i in range(24)]
         events = [{"type": "page_view", "user_id": u} for u in users for _ in range(2)]
         status, body = a.post_events(events)
@@ -62,11 +70,8 @@ def test_a_socket_on_one_worker_follows_a_visitor_another_owns(
     engine_factory: Any, tmp_path: Path
 ) -> None:
     """Pushes reach a socket on worker A for a visitor worker B owns, and go on once B dies."""
-    with EmbeddedBroker(tmp_path / "kafka.log") as kafka:
-        env = {"PERSONIFY_BROKER__URL": kafka.url, "PERSONIFY_WORKER__APP_ID": "relay"}
-        a = engine_factory(env=env, command="worker").start()
-        b = engine_factory(env=env, command="worker").start()
-        _, pb = settled(a, b)
+    with two_workers(engine_factory, tmp_path, "relay") as (a, b):
+        pb = owned(b)
         user = next(u for u in (f"relay-{i}" for i in range(1000)) if partition_for(u, 4) in pb)
         status, _ = a.post_events([view(user, "seed")])
         assert status == 202
