@@ -354,17 +354,15 @@ def validate_event(obj: Any, cfg: EventsConfig, now_ms: int) -> Event:
     if cfg.pseudonymize_ids:
         user_id = None if user_id is None else pseudonym(user_id, cfg.id_secret)
         anonymous_id = None if anonymous_id is None else pseudonym(anonymous_id, cfg.id_secret)
-    return {
-        "v": SCHEMA_VERSION,
-        "event_id": event_id,
-        "type": etype,
-        "user_id": user_id,
-        "anonymous_id": anonymous_id,
-        "item_id": item_id,
-        "ts": format_ts(ts_ms),
-        "ts_ms": ts_ms,
-        "properties": props,
-    }
+    return internal_event(
+        etype,
+        event_id,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        item_id=item_id,
+        ts_ms=ts_ms,
+        properties=props,
+    )
 
 
 @functools.lru_cache(maxsize=65536)
@@ -462,17 +460,21 @@ def internal_event(
     *,
     user_id: str | None,
     anonymous_id: str | None = None,
+    item_id: str | None = None,
     ts_ms: int,
     properties: dict[str, Any],
 ) -> Event:
-    """An event the engine sends itself (``etype`` starts with ``$``; never validated)."""
+    """An event in its normalised form, as `validate_event` returns it.
+
+    The engine makes its own events with it (``etype`` starting with ``$``; never validated).
+    """
     return {
         "v": SCHEMA_VERSION,
         "event_id": event_id,
         "type": etype,
         "user_id": user_id,
         "anonymous_id": anonymous_id,
-        "item_id": None,
+        "item_id": item_id,
         "ts": format_ts(ts_ms),
         "ts_ms": ts_ms,
         "properties": properties,
