@@ -469,7 +469,12 @@ OPENAPI: dict[str, Any] = {
                 '`{"type": "recommendations", "seq": 7, "user_id": "U", '
                 '"recommendation_id": "...", "items": [...]}` (items as in GET '
                 "/v1/users/{id}/recommendations), sent at once and after each of the visitor's "
-                "events. Reconnect with `resume_from` set to the last `seq` received to get "
+                "events; trigger messages such as "
+                '`{"type": "offer", "seq": 8, "user_id": "U", "trigger": "cart_abandonment", '
+                '"plugin": "cart_abandonment", "payload": {...}}` and `{"type": "segments", '
+                '"seq": 9, "user_id": "U", "segments": ["high_value"], "added": '
+                '["high_value"]}`. With several workers, any worker accepts the socket. '
+                "Reconnect with `resume_from` set to the last `seq` received to get "
                 "what was sent meanwhile (up to [push] replay_size messages; past that, a "
                 "fresh list). The server pings every [push] heartbeat_s and closes with 1001 "
                 "when it stops; a client too slow to read loses its oldest queued messages.",
