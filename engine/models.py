@@ -83,6 +83,7 @@ def _second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # profiles show the same timestamps view after view
 def format_ts(ts_ms: int) -> str:
     """Format epoch milliseconds as UTC ISO 8601 with milliseconds and a ``Z``."""
     seconds, millis = divmod(ts_ms, 1000)

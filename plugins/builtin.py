@@ -136,10 +136,9 @@ class BrowseWithoutBuy:
         if event["type"] != "product_view":
             return []
         # The profile may already hold later events of the same batch: count up to this one.
-        started = _ms(profile["sessions"]["current"]["started"])
-        this_session = [
-            r for r in profile["recent_items"] if started <= _ms(r["ts"]) <= event["ts_ms"]
-        ]
+        # Timestamps are all UTC ISO 8601 of one width, so they compare as text.
+        started = profile["sessions"]["current"]["started"] or ""
+        this_session = [r for r in profile["recent_items"] if started <= r["ts"] <= event["ts"]]
         if any(r["type"] in ("add_to_cart", "purchase") for r in this_session):
             return []
         viewed = [r["item_id"] for r in this_session if r["type"] == "product_view"]
