@@ -342,7 +342,8 @@ async def profile_agent(stream: Any) -> None:
         for p, f in folds.items():
             source = {"topic": _routed.get_topic_name(), "partition": p}
             dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
-            EVENTS_APPLIED.inc(f.applied)
+            # The engine's own events (merges, timers, offers sent) are not visitors' events.
+            EVENTS_APPLIED.inc(sum(1 for e in f.events if not e["type"].startswith("$")))
             if vetoed:
                 EVENTS_VETOED.inc(vetoed)
                 vetoed = 0

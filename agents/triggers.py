@@ -82,8 +82,25 @@ def queue_events(latest: dict[str, profiles.Profile], applied: Iterable[Event]) 
         try:
             _queue.put_nowait((user, profiles.wire(e), view))
         except asyncio.QueueFull:
-            PLUGIN_ERRORS.labels("*", "personify_on_event").inc()
-            _log.error("trigger queue full; event skipped by the triggers", user_id=user)
+            _skipped(user)
+
+
+_SKIP_LOG_EVERY_S = 10.0
+_last_skip_log = 0.0
+
+
+def _skipped(user_id: str) -> None:
+    """Count an event the triggers could not take; say so at most every 10 s."""
+    global _last_skip_log
+    PLUGIN_ERRORS.labels("*", "personify_on_event").inc()
+    now = time.monotonic()
+    if now - _last_skip_log >= _SKIP_LOG_EVERY_S:
+        _last_skip_log = now
+        _log.error(
+            "trigger queue full: events skipped by the triggers "
+            '(counted in personify_plugin_errors_total{plugin="*"})',
+            user_id=user_id,
+        )
 
 
 def _view(state: profiles.Profile, now_ms: int) -> dict[str, Any] | None:

@@ -300,8 +300,9 @@ class TriggersConfig:
     cart_abandonment_s: float = 1800.0
     #: high_value: a visitor whose lifetime spend reaches this enters the high_value segment.
     high_value_spend: float = 1000.0
-    #: browse_without_buy: a nudge after this many products viewed in a session, none added.
-    browse_views: int = 8
+    #: browse_without_buy: a nudge after this many products viewed in a session, none added
+    #: (0: off).
+    browse_views: int = 0
     #: frequency_cap: at most max_offers offers per visitor per offer_window_s ...
     max_offers: int = 3
     offer_window_s: float = 86400.0
@@ -510,7 +511,6 @@ _POSITIVE = {
     "push.announce_s",
     "triggers.cart_abandonment_s",
     "triggers.high_value_spend",
-    "triggers.browse_views",
     "triggers.offer_window_s",
     "triggers.tick_s",
     "triggers.webhook_timeout_s",
@@ -548,7 +548,7 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
             "for good: another secret makes other pseudonyms, and the profiles are lost"
         )
     if section == "triggers":
-        for name in ("max_offers", "min_offer_gap_s"):
+        for name in ("max_offers", "min_offer_gap_s", "browse_views"):
             if getattr(obj, name) < 0:
                 raise ConfigError(
                     f"{source}: [triggers] {name}: expected >= 0, got {getattr(obj, name)}"

@@ -3,13 +3,15 @@
 Each is an ordinary pluggy plugin, registered under its name before the installed ones, and
 set up by ``[triggers]``; leave one out with ``[plugins] deny = ["name"]``.
 
-- ``cart_abandonment``: an item added to the cart schedules a timer; if the cart still holds
-  items when it fires (``cart_abandonment_s`` after the last addition; a purchase empties the
-  cart of what was bought), the visitor gets an offer naming them.
+- ``cart_abandonment``: an item added to the cart starts a timer (one per visitor); when it
+  fires, an item added since moves it to ``cart_abandonment_s`` after that addition, and if
+  the cart still holds items (a purchase empties the cart of what was bought) the visitor gets
+  an offer naming them.
 - ``high_value``: a purchase that brings lifetime spend to ``high_value_spend`` or past it puts
   the visitor in the ``high_value`` segment (a ``segments`` message).
-- ``browse_without_buy``: the ``browse_views``-th product viewed in one session with nothing
-  added to the cart in it brings an offer of help (once per session).
+- ``browse_without_buy`` (with ``browse_views`` > 0; off by default, since it looks at every
+  product view): the ``browse_views``-th product viewed in one session with nothing added to
+  the cart in it brings an offer of help (once per session).
 - ``frequency_cap``: holds back an offer when the visitor already had ``max_offers`` in the last
   ``offer_window_s`` or one less than ``min_offer_gap_s`` ago.
 - ``webhook``: POSTs each action of ``webhook_types`` to ``webhook_url`` from a thread of its
@@ -65,8 +67,8 @@ class CartAbandonment:
 
     @hookimpl
     def personify_on_event(self, event: dict[str, Any], profile: dict[str, Any]) -> list[Action]:
-        """Each addition to the cart (re)starts the timer."""
-        if event["type"] != "add_to_cart":
+        """An addition to the cart starts the timer (unless one runs already)."""
+        if event["type"] != "add_to_cart" or self.TIMER in profile.get("timers", {}):
             return []
         return [{"type": "schedule", "timer": self.TIMER, "after_s": self.delay_s}]
 
@@ -74,12 +76,19 @@ class CartAbandonment:
     def personify_on_timer(
         self, timer: str, user_id: str, profile: dict[str, Any], now_ms: int
     ) -> list[Action]:
-        """The offer, when the cart still holds what was added."""
+        """The offer, when the cart still holds what was added and nothing was added lately.
+
+        An item added after the timer started moves the offer to ``delay_s`` after it.
+        """
         if timer != self.TIMER:
             return []
         lines = profile["cart"]["items"]
         if not lines:
             return []  # bought or removed meanwhile
+        latest = max(_ms(line["added_at"]) for line in lines)
+        wait_s = (latest + self.delay_s * 1000 - now_ms) / 1000
+        if wait_s > 0:
+            return [{"type": "schedule", "timer": self.TIMER, "after_s": wait_s}]
         return [
             {
                 "type": "offer",
@@ -267,12 +276,12 @@ def builtin_plugins(cfg: TriggersConfig) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = [
         ("cart_abandonment", CartAbandonment(cfg.cart_abandonment_s)),
         ("high_value", HighValue(cfg.high_value_spend)),
-        ("browse_without_buy", BrowseWithoutBuy(cfg.browse_views)),
-        (
-            "frequency_cap",
-            FrequencyCap(cfg.max_offers, cfg.offer_window_s, cfg.min_offer_gap_s),
-        ),
     ]
+    if cfg.browse_views > 0:
+        out.append(("browse_without_buy", BrowseWithoutBuy(cfg.browse_views)))
+    out.append(
+        ("frequency_cap", FrequencyCap(cfg.max_offers, cfg.offer_window_s, cfg.min_offer_gap_s))
+    )
     if cfg.webhook_url:
         out.append(
             (

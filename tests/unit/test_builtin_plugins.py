@@ -57,7 +57,13 @@ def test_cart_abandonment_schedules_on_add_and_offers_only_for_a_cart_still_full
     assert plugin.personify_on_event(view_, profile_after([view_])) == []
 
     waiting = profile_after([added, add("socks", T0 + 1000)])
-    offers = plugin.personify_on_timer("cart_abandonment", "u", waiting, T0 + 900_000)
+    # A timer runs already: another addition starts none.
+    assert plugin.personify_on_event(added, {**waiting, "timers": {"cart_abandonment": "x"}}) == []
+    # Due 900 s after the first addition, but socks came 1 s later: wait 1 s more.
+    assert plugin.personify_on_timer("cart_abandonment", "u", waiting, T0 + 900_000) == [
+        {"type": "schedule", "timer": "cart_abandonment", "after_s": 1.0}
+    ]
+    offers = plugin.personify_on_timer("cart_abandonment", "u", waiting, T0 + 901_000)
     assert len(offers) == 1 and offers[0]["type"] == "offer"
     assert offers[0]["trigger"] == "cart_abandonment"
     assert sorted(offers[0]["payload"]["items"]) == ["boots", "socks"]
@@ -202,7 +208,9 @@ def test_webhook_posts_signed_actions_of_the_chosen_types(hook_server: Any) -> N
 
 def test_builtins_follow_the_config() -> None:
     names = [name for name, _plugin in builtin_plugins(TriggersConfig())]
-    assert names == ["cart_abandonment", "high_value", "browse_without_buy", "frequency_cap"]
+    assert names == ["cart_abandonment", "high_value", "frequency_cap"]  # browse: opt-in
+    browse = builtin_plugins(TriggersConfig(browse_views=5))
+    assert "browse_without_buy" in [name for name, _plugin in browse]
     with_hook = builtin_plugins(TriggersConfig(webhook_url="http://127.0.0.1:9/x"))
     assert [name for name, _plugin in with_hook][-1] == "webhook"
 
