@@ -296,10 +296,12 @@ class PluginsConfig:
 class TriggersConfig:
     """The built-in trigger plugins, frequency capping and the webhook."""
 
-    #: cart_abandonment: an offer when an item added to the cart is not bought within this.
-    cart_abandonment_s: float = 1800.0
-    #: high_value: a visitor whose lifetime spend reaches this enters the high_value segment.
-    high_value_spend: float = 1000.0
+    #: cart_abandonment: an offer when an item added to the cart is not bought within this
+    #: (0: off).
+    cart_abandonment_s: float = 0.0
+    #: high_value: a visitor whose lifetime spend reaches this enters the high_value segment
+    #: (0: off).
+    high_value_spend: float = 0.0
     #: browse_without_buy: a nudge after this many products viewed in a session, none added
     #: (0: off).
     browse_views: int = 0
@@ -509,8 +511,6 @@ _POSITIVE = {
     "push.replay_ttl_s",
     "push.max_channels",
     "push.announce_s",
-    "triggers.cart_abandonment_s",
-    "triggers.high_value_spend",
     "triggers.offer_window_s",
     "triggers.tick_s",
     "triggers.webhook_timeout_s",
@@ -548,7 +548,13 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
             "for good: another secret makes other pseudonyms, and the profiles are lost"
         )
     if section == "triggers":
-        for name in ("max_offers", "min_offer_gap_s", "browse_views"):
+        for name in (
+            "cart_abandonment_s",
+            "high_value_spend",
+            "browse_views",
+            "max_offers",
+            "min_offer_gap_s",
+        ):
             if getattr(obj, name) < 0:
                 raise ConfigError(
                     f"{source}: [triggers] {name}: expected >= 0, got {getattr(obj, name)}"

@@ -1,7 +1,9 @@
 """The built-in plugins: triggers for shops, frequency capping of offers, and the webhook.
 
 Each is an ordinary pluggy plugin, registered under its name before the installed ones, and
-set up by ``[triggers]``; leave one out with ``[plugins] deny = ["name"]``.
+set up by ``[triggers]``. The three triggers are off until their setting is given (a shop
+turns on the offers its pages show); frequency capping is always on, and the webhook is on
+when it has a URL. ``[plugins] deny = ["name"]`` leaves any of them out.
 
 - ``cart_abandonment``: an item added to the cart starts a timer (one per visitor); when it
   fires, an item added since moves it to ``cart_abandonment_s`` after that addition, and if
@@ -9,9 +11,9 @@ set up by ``[triggers]``; leave one out with ``[plugins] deny = ["name"]``.
   an offer naming them.
 - ``high_value``: a purchase that brings lifetime spend to ``high_value_spend`` or past it puts
   the visitor in the ``high_value`` segment (a ``segments`` message).
-- ``browse_without_buy`` (with ``browse_views`` > 0; off by default, since it looks at every
-  product view): the ``browse_views``-th product viewed in one session with nothing added to
-  the cart in it brings an offer of help (once per session).
+- ``browse_without_buy`` (it looks at every product view, which costs ingestion time): the
+  ``browse_views``-th product viewed in one session with nothing added to the cart in it
+  brings an offer of help (once per session).
 - ``frequency_cap``: holds back an offer when the visitor already had ``max_offers`` in the last
   ``offer_window_s`` or one less than ``min_offer_gap_s`` ago.
 - ``webhook``: POSTs each action of ``webhook_types`` to ``webhook_url`` from a thread of its
@@ -273,10 +275,11 @@ class Webhook:
 
 def builtin_plugins(cfg: TriggersConfig) -> list[tuple[str, object]]:
     """The built-in plugins set up by ``cfg``, as (name, plugin)."""
-    out: list[tuple[str, object]] = [
-        ("cart_abandonment", CartAbandonment(cfg.cart_abandonment_s)),
-        ("high_value", HighValue(cfg.high_value_spend)),
-    ]
+    out: list[tuple[str, object]] = []
+    if cfg.cart_abandonment_s > 0:
+        out.append(("cart_abandonment", CartAbandonment(cfg.cart_abandonment_s)))
+    if cfg.high_value_spend > 0:
+        out.append(("high_value", HighValue(cfg.high_value_spend)))
     if cfg.browse_views > 0:
         out.append(("browse_without_buy", BrowseWithoutBuy(cfg.browse_views)))
     out.append(
