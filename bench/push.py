@@ -1,8 +1,11 @@
 """Push benchmark: event posted -> fresh recommendations received on the visitor's WebSocket.
 
 ``.venv/bin/python bench/push.py [--items 2000] [--sockets 1000] [--rate 100,1000]
-[--duration 30] [--json FILE]`` runs, against one ``personify run`` subprocess on a fresh data
-directory (default configuration):
+[--duration 30] [--workers 1] [--json FILE]`` runs, against one ``personify run`` subprocess
+on a fresh data directory (default configuration) or, with ``--workers N``, N ``personify
+worker`` processes sharing one embedded broker, with the sockets and POSTs spread over them
+(pushes for visitors whose socket is on a worker that does not own them go through the push
+topic; their latency is reported apart):
 
 1. a synthetic catalog (the serving benchmark's) through ``POST /v1/items`` until indexed,
    and one warm-up event per visitor so every visitor has a profile;
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -42,10 +46,15 @@ from typing import Any
 import aiohttp
 import orjson
 from _proc import cpu_model
-from serve import Engine, load_catalog, make_catalog, percentile
+from serve import Engine, item_bodies, load_catalog, make_catalog, percentile, post_all
+
+from personify.engine.broker import EmbeddedBroker
+from personify.engine.publisher import partition_for
 
 Json = dict[str, Any]
 NO_PUSH_S = 10.0
+#: Partitions of the routed events (the default configuration).
+PARTITIONS = 4
 
 
 def client_cpu() -> float:
@@ -57,17 +66,21 @@ def client_cpu() -> float:
 class Sockets:
     """One WebSocket per visitor; records when each visitor's next message arrives."""
 
-    def __init__(self, url: str, users: list[str]) -> None:
-        self.url = url.replace("http://", "ws://", 1)
+    def __init__(self, urls: dict[str, str], users: list[str]) -> None:
+        self.urls = {u: url.replace("http://", "ws://", 1) for u, url in urls.items()}
         self.users = users
         self.waiting: dict[str, float] = {}  # visitor -> when their event was posted
         self.latencies_ms: list[float] = []
+        #: Visitors whose socket is on a worker that does not own them (several workers).
+        self.relayed: set[str] = set()
+        self.relayed_ms: list[float] = []
         self.received = 0
         self.tasks: list[asyncio.Task[None]] = []
         self.ready = 0
 
     async def _hold(self, session: aiohttp.ClientSession, user: str) -> None:
-        async with session.ws_connect(f"{self.url}/v1/ws?user_id={user}", heartbeat=None) as ws:
+        url = f"{self.urls[user]}/v1/ws?user_id={user}"
+        async with session.ws_connect(url, heartbeat=None) as ws:
             first = await ws.receive()
             assert first.type == aiohttp.WSMsgType.TEXT, first
             self.ready += 1
@@ -79,6 +92,8 @@ class Sockets:
                 sent = self.waiting.pop(user, None)
                 if sent is not None:
                     self.latencies_ms.append((now - sent) * 1000)
+                    if user in self.relayed:
+                        self.relayed_ms.append((now - sent) * 1000)
 
     async def open(self, session: aiohttp.ClientSession) -> float:
         """Open every socket; wait until each has its first list; return the seconds."""
@@ -101,8 +116,46 @@ class Sockets:
             t.cancel()
 
 
+class Cluster:
+    """The engines under test: one ``personify run``, or several ``personify worker``."""
+
+    def __init__(self, engines: list[Engine]) -> None:
+        self.engines = engines
+
+    @property
+    def url(self) -> str:
+        """The first engine's API."""
+        return self.engines[0].url
+
+    def cpu(self) -> float:
+        """CPU seconds used so far by every engine (and the embedded broker of a single one)."""
+        return sum(e.cpu() for e in self.engines)
+
+    async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
+        """GET /metrics of every engine, summed."""
+        out: dict[str, float] = {}
+        for e in self.engines:
+            for k, v in (await e.metrics(session)).items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    async def owners(self, session: aiohttp.ClientSession) -> dict[int, int]:
+        """Partition of the routed events -> index of the engine that owns it (once settled)."""
+        for _ in range(600):
+            owner: dict[int, int] = {}
+            for i, e in enumerate(self.engines):
+                async with session.get(e.url + "/healthz") as r:
+                    health = await r.json()
+                for p in health.get("partitions", {}).get("events-routed", []):
+                    owner[p] = i
+            if len(owner) == PARTITIONS and len(set(owner.values())) == len(self.engines):
+                return owner
+            await asyncio.sleep(0.2)
+        raise RuntimeError(f"the workers did not split the partitions: {owner}")
+
+
 async def run_rate(
-    eng: Engine,
+    eng: Cluster,
     session: aiohttp.ClientSession,
     socks: Sockets,
     items: list[str],
@@ -112,6 +165,7 @@ async def run_rate(
     """Post one view per event at ``rate`` for ``duration`` s; measure event -> push."""
     rng = random.Random(int(rate))
     socks.latencies_ms.clear()
+    socks.relayed_ms.clear()
     socks.waiting.clear()
     lost = 0
     received0 = socks.received
@@ -121,10 +175,10 @@ async def run_rate(
     posts: set[asyncio.Task[None]] = set()
     errors = 0
 
-    async def post(user: str, body: bytes) -> None:
+    async def post(user: str, body: bytes, url: str) -> None:
         nonlocal errors
         async with session.post(
-            eng.url + "/v1/events", data=body, headers={"Content-Type": "application/json"}
+            url + "/v1/events", data=body, headers={"Content-Type": "application/json"}
         ) as r:
             if r.status != 202:
                 errors += 1
@@ -149,7 +203,7 @@ async def run_rate(
         idle.discard(user)
         body = orjson.dumps({"type": "product_view", "user_id": user, "item_id": rng.choice(items)})
         socks.waiting[user] = time.perf_counter()
-        task = asyncio.create_task(post(user, body))
+        task = asyncio.create_task(post(user, body, eng.engines[n % len(eng.engines)].url))
         posts.add(task)
         task.add_done_callback(posts.discard)
         n += 1
@@ -162,6 +216,7 @@ async def run_rate(
     took = time.perf_counter() - t0
     metrics1 = await eng.metrics(session)
     lat = sorted(socks.latencies_ms)
+    relayed = sorted(socks.relayed_ms)
     dropped = metrics1.get("personify_ws_dropped_total", 0) - metrics0.get(
         "personify_ws_dropped_total", 0
     )
@@ -176,6 +231,9 @@ async def run_rate(
         "p90_ms": percentile(lat, 0.90),
         "p99_ms": percentile(lat, 0.99),
         "max_ms": lat[-1] if lat else 0.0,
+        "relayed": len(relayed),
+        "relayed_p50_ms": percentile(relayed, 0.50),
+        "relayed_p99_ms": percentile(relayed, 0.99),
         "no_push": lost,
         "dropped": dropped,
         "engine_cores": (eng.cpu() - cpu0) / took,
@@ -183,35 +241,74 @@ async def run_rate(
     }
 
 
-async def amain(args: argparse.Namespace, eng: Engine, out: Json) -> None:
+async def wait_catalog(cluster: Cluster, session: aiohttp.ClientSession, cat: Any) -> Json:
+    """Several workers: POST the catalog to one, wait until the workers have embedded it all."""
+    bodies = list(item_bodies(cat.items))
+    t0 = time.perf_counter()
+    _send_s, accepted, _rejected = await post_all(session, cluster.url + "/v1/items", bodies, 2)
+    last = t0
+    while True:
+        held = (await cluster.metrics(session)).get("personify_items_encoded_total", 0.0)
+        now = time.perf_counter()
+        if held >= accepted:
+            break
+        if now - last >= 10:
+            print(f"  ... {held:,.0f}/{accepted:,} embedded after {now - t0:.0f} s", flush=True)
+            last = now
+        if now - t0 > 900:
+            raise RuntimeError(f"catalog not loaded in 900 s: {held:,.0f}/{accepted:,}")
+        await asyncio.sleep(1.0)
+    took = time.perf_counter() - t0
+    print(f"  {accepted:,} items embedded by the workers {took:.1f} s after the first POST")
+    return {"items": accepted, "seconds": took}
+
+
+async def amain(args: argparse.Namespace, cluster: Cluster, out: Json) -> None:
     cat = make_catalog(args.items)
     items = [it["item_id"] for it in cat.items]
     users = [f"visitor-{n:05d}" for n in range(args.sockets)]
+    workers = len(cluster.engines)
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=120),
         connector=aiohttp.TCPConnector(limit=0),
     ) as session:
-        await eng.start(session)
-        out["startup_s"] = eng.startup_s
-        print(f"personify up at {eng.url} in {eng.startup_s:.1f} s (pid {eng.pid})", flush=True)
-        out["catalog"] = await load_catalog(eng, session, cat, 2)
+        for eng in cluster.engines:
+            await eng.start(session)
+            print(f"personify up at {eng.url} in {eng.startup_s:.1f} s (pid {eng.pid})", flush=True)
+        out["startup_s"] = max(eng.startup_s for eng in cluster.engines)
+        relayed: set[str] = set()
+        if workers == 1:
+            out["catalog"] = await load_catalog(cluster.engines[0], session, cat, 2)
+        else:
+            owner = await cluster.owners(session)
+            print(f"partitions by worker: {owner}", flush=True)
+            out["catalog"] = await wait_catalog(cluster, session, cat)
+            relayed = {
+                u for i, u in enumerate(users) if owner[partition_for(u, PARTITIONS)] != i % workers
+            }
         rng = random.Random(5)
         warm = [{"type": "product_view", "user_id": u, "item_id": rng.choice(items)} for u in users]
         for i in range(0, len(warm), 500):
             async with session.post(
-                eng.url + "/v1/events", json={"events": warm[i : i + 500]}
+                cluster.url + "/v1/events", json={"events": warm[i : i + 500]}
             ) as r:
                 assert r.status == 202, await r.text()
         await asyncio.sleep(2)
-        socks = Sockets(eng.url, users)
+        urls = {u: cluster.engines[i % workers].url for i, u in enumerate(users)}
+        socks = Sockets(urls, users)
+        socks.relayed = relayed
         opened = await socks.open(session)
-        print(f"\n[sockets] {len(users):,} WebSockets open in {opened:.1f} s", flush=True)
+        print(
+            f"\n[sockets] {len(users):,} WebSockets open in {opened:.1f} s on {workers} "
+            f"worker(s); {len(relayed):,} follow a visitor another worker owns",
+            flush=True,
+        )
         out["sockets_open_s"] = opened
         out["runs"] = []
         for rate in args.rate:
             await asyncio.sleep(2)
             print(f"\n[push] {rate:g} events/s for {args.duration:g} s", flush=True)
-            res = await run_rate(eng, session, socks, items, rate, args.duration)
+            res = await run_rate(cluster, session, socks, items, rate, args.duration)
             out["runs"].append(res)
             print(
                 f"  {res['events']:,} events ({res['sent_per_s']:,.0f}/s, {res['post_errors']} "
@@ -221,13 +318,22 @@ async def amain(args: argparse.Namespace, eng: Engine, out: Json) -> None:
                 f"{100 * res['engine_cores']:.0f}%, client CPU {100 * res['client_cores']:.0f}%",
                 flush=True,
             )
+            if relayed:
+                print(
+                    f"  through another worker: {res['relayed']:,} pushes, p50 "
+                    f"{res['relayed_p50_ms']:.1f} p99 {res['relayed_p99_ms']:.1f} ms",
+                    flush=True,
+                )
         socks.close()
 
 
 def print_summary(out: Json) -> None:
     print("\n" + "=" * 100)
     print(f"SUMMARY  {out['date']}  {out['cpus']} CPUs  {out['cpu_model']}  Python {out['python']}")
-    print(f"{out['args']['sockets']:,} sockets; catalog {out['args']['items']:,} items")
+    print(
+        f"{out['args']['sockets']:,} sockets; catalog {out['args']['items']:,} items; "
+        f"{out['args']['workers']} worker(s)"
+    )
     print(
         f"{'events/s':>9} {'events':>8} {'pushes':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
         f"{'max ms':>8} {'no push':>8} {'dropped':>8} {'eng CPU':>8} {'cli CPU':>8}"
@@ -239,6 +345,12 @@ def print_summary(out: Json) -> None:
             f"{r['dropped']:>8.0f} {100 * r['engine_cores']:>7.0f}% "
             f"{100 * r['client_cores']:>7.0f}%"
         )
+    for r in out.get("runs", []):
+        if r.get("relayed"):
+            print(
+                f"{r['rate']:>9g} through another worker: {r['relayed']:,} pushes, "
+                f"p50 {r['relayed_p50_ms']:.1f} ms, p99 {r['relayed_p99_ms']:.1f} ms"
+            )
     print("latency: from sending POST /v1/events to receiving the visitor's next push")
     print("=" * 100)
 
@@ -254,6 +366,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="events/s, comma-separated (default 100,1000)",
     )
     p.add_argument("--duration", type=float, default=30.0, help="seconds per rate (default 30)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="1: one `personify run`; more: that many `personify worker` on one broker, the "
+        "sockets and POSTs spread over them (default 1)",
+    )
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -264,7 +383,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark, print the figures, and stop the engine whatever happens."""
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="personify-push-"))
-    eng = Engine(workdir, args.log_level)
+    stack = contextlib.ExitStack()
+    if args.workers > 1:
+        kafka = stack.enter_context(EmbeddedBroker(workdir / "kafka.log"))
+        env = {"PERSONIFY_BROKER__URL": kafka.url, "PERSONIFY_WORKER__APP_ID": "pushbench"}
+        engines = []
+        for i in range(args.workers):
+            (workdir / f"worker{i}").mkdir()
+            engines.append(Engine(workdir / f"worker{i}", args.log_level, "worker", env))
+    else:
+        engines = [Engine(workdir, args.log_level)]
+    cluster = Cluster(engines)
     out: Json = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
@@ -280,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"Personify push benchmark; {os.cpu_count()} CPUs; work dir {workdir}", flush=True)
     code = 0
     try:
-        asyncio.run(amain(args, eng, out))
+        asyncio.run(amain(args, cluster, out))
     except KeyboardInterrupt:
         print("\ninterrupted", flush=True)
         code = 130
@@ -288,15 +417,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nFAILED: {exc!r}", flush=True)
         code = 1
     finally:
-        if eng.proc is not None:
-            print("stopping personify (SIGTERM) ...", flush=True)
-            out["exit_code"] = eng.stop()
+        for eng in engines:
+            if eng.proc is not None:
+                print("stopping personify (SIGTERM) ...", flush=True)
+                out["exit_code"] = eng.stop()
+        stack.close()
         if out.get("runs"):
             print_summary(out)
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2, default=str))
         if args.keep or code:
-            print(f"work directory kept: {workdir} (engine log: {eng.log_path})")
+            print(f"work directory kept: {workdir} (engine logs: {[e.log_path for e in engines]})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(code)

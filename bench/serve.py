@@ -665,9 +665,17 @@ def kind_of(path: str) -> str:
 class Engine:
     """A ``personify run`` subprocess on a fresh data directory, on a port it picks."""
 
-    def __init__(self, workdir: Path, log_level: str = "warning") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        log_level: str = "warning",
+        command: str = "run",
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.log_level = log_level
+        self.command = command
+        self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.startup_s = 0.0
@@ -706,7 +714,8 @@ class Engine:
     async def start(self, session: aiohttp.ClientSession, limit_s: float = 120.0) -> None:
         """Start the engine, read its URL from its output and wait for /healthz 200."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("PERSONIFY_")}
-        cmd = [PERSONIFY, "run", "--config", str(REPO / "config.toml")]
+        env.update(self.extra_env)
+        cmd = [PERSONIFY, self.command, "--config", str(REPO / "config.toml")]
         cmd += [
             "--data-dir",
             str(self.workdir / "data"),
