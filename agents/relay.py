@@ -38,7 +38,7 @@ from personify.agents.recommend import Request
 from personify.engine.app import app, current_config, owns, topic
 from personify.engine.logging import get_logger
 
-__all__ = ["Relay", "RelayService", "open_socket", "relay"]
+__all__ = ["Relay", "RelayService", "open_socket"]
 
 _log = get_logger(__name__)
 #: Visitors per ``watch`` record.
@@ -58,7 +58,6 @@ class Relay:
         self._watchers: dict[str, dict[str, float]] = {}
         self._topic = topic(self.cfg.topics.push)
         self._pending: set[asyncio.Future[Any]] = set()
-        self.running = False
 
     # -- the other workers' sockets (push.Remote) ------------------------------------------
 
@@ -164,12 +163,8 @@ class Relay:
                 del self._watchers[user]
 
 
+#: This worker's relay, or None when it is the only worker (the embedded broker).
 _RELAY: Relay | None = None
-
-
-def relay() -> Relay | None:
-    """This worker's relay, or None when it is the only worker (the embedded broker)."""
-    return _RELAY
 
 
 @app.service
@@ -202,7 +197,6 @@ class RelayService(mode.Service):  # type: ignore[misc] # mode is untyped
             await consumer.seek_to_end(*tps)
             _RELAY = rl
             hub().remote = rl
-            rl.running = True
             rl.hello()
             rl.announce()
             next_announce = time.monotonic() + cfg.push.announce_s
@@ -220,7 +214,6 @@ class RelayService(mode.Service):  # type: ignore[misc] # mode is untyped
                     next_announce = time.monotonic() + cfg.push.announce_s
         finally:
             hub().remote = None
-            rl.running = False
             _RELAY = None
             await consumer.stop()
 

@@ -32,7 +32,7 @@ from personify.plugins.manager import FAILED, plugins
 from personify.plugins.timers import Timers
 from personify.tables import profiles
 
-__all__ = ["act", "fire_due", "note_timers", "queue_events", "timers"]
+__all__ = ["act", "fire_due", "note_timers", "queue_events"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
@@ -40,12 +40,8 @@ _cfg = current_config()
 _queue: asyncio.Queue[tuple[str, Event, dict[str, Any]]] = asyncio.Queue(maxsize=10_000)
 
 
+#: The timers due on the visitors of the partitions this worker holds.
 _TIMERS = Timers()
-
-
-def timers() -> Timers:
-    """This worker's timers."""
-    return _TIMERS
 
 
 def note_timers(applied: Iterable[Event]) -> None:
