@@ -256,6 +256,19 @@ def _fresh(entry: Entry, now_ms: int) -> tuple[bool, bool]:
     return age_ms < cfg.list_max_age_s * 1000, age_ms >= cfg.list_refresh_s * 1000
 
 
+def _from_memory(
+    cache: ListCache, key: str, entry: Entry, k: int, rec: Recommender, now_ms: int
+) -> Served | None:
+    """``key``'s stored ``entry`` cut to ``k`` if still servable (refreshed behind when due)."""
+    servable, due = _fresh(entry, now_ms)
+    served = _from_entry(entry, k, rec) if servable else None
+    if served is not None:
+        if due:
+            _queue_refresh(cache, key)
+        LISTS_SERVED.labels("memory").inc()
+    return served
+
+
 async def serve_recommendations(user_id: str, req: Request) -> Served:
     """The visitor's list for ``req``: from memory when it can be, else ranked now."""
     cfg = current_config().recommend
@@ -272,14 +285,9 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     if entry is None and not _table_data().known(user_id):
         key = ""  # a visitor never seen: the list they all share
         entry = cache.get(key)
-    if entry is not None:
-        servable, due = _fresh(entry, now_ms)
-        served = _from_entry(entry, req.k, rec) if servable else None
-        if served is not None:
-            if due:
-                _queue_refresh(cache, key)
-            LISTS_SERVED.labels("memory").inc()
-            return served
+    served = None if entry is None else _from_memory(cache, key, entry, req.k, rec, now_ms)
+    if served is not None:
+        return served
     if key == "":
         entry = await run_ranking(_compute_new_visitor, rec, cache, cfg.list_size)
     else:
@@ -303,12 +311,8 @@ async def serve_similar(item_id: str, req: Request) -> Served:
         cache = similar_cache()
         entry = cache.get(item_id)
         if entry is not None and entry.version == rec.catalog.version:
-            servable, due = _fresh(entry, now_ms)
-            served = _from_entry(entry, req.k, rec) if servable else None
+            served = _from_memory(cache, item_id, entry, req.k, rec, now_ms)
             if served is not None:
-                if due:
-                    _queue_refresh(cache, item_id)
-                LISTS_SERVED.labels("memory").inc()
                 return served
         entry = await run_ranking(_compute_similar, rec, cache, item_id, cfg.list_size)
         served = _from_entry(entry, req.k, rec)

@@ -218,15 +218,23 @@ async def to_owner(request: web.Request, key: str) -> web.Response | None:
     return None if owner is None else await forward(request, owner)
 
 
-@routes.get("/v1/users/{user_id}")
-async def get_user(request: web.Request) -> web.Response:
-    """The visitor's live profile (forwarded to the worker that owns it, with several)."""
+async def _stored_profile(request: web.Request) -> tuple[str, bytes | None] | web.Response:
+    """The id asked for and its stored profile here, or the owning worker's whole answer."""
     user_id = request.match_info["user_id"]
     key = stored_id(user_id, current_config().events)
     remote = await to_owner(request, key)
     if remote is not None:
         return remote
-    raw = profiles.table().get(key.encode())
+    return user_id, profiles.table().get(key.encode())
+
+
+@routes.get("/v1/users/{user_id}")
+async def get_user(request: web.Request) -> web.Response:
+    """The visitor's live profile (forwarded to the worker that owns it, with several)."""
+    found = await _stored_profile(request)
+    if isinstance(found, web.Response):
+        return found
+    user_id, raw = found
     if raw is None:
         return json_error(
             404,
@@ -250,12 +258,10 @@ async def get_user(request: web.Request) -> web.Response:
 @routes.get("/v1/users/{user_id}/export")
 async def export_user(request: web.Request) -> web.Response:
     """Everything held about the visitor (right of access and portability)."""
-    user_id = request.match_info["user_id"]
-    key = stored_id(user_id, current_config().events)
-    remote = await to_owner(request, key)
-    if remote is not None:
-        return remote
-    raw = profiles.table().get(key.encode())
+    found = await _stored_profile(request)
+    if isinstance(found, web.Response):
+        return found
+    user_id, raw = found
     if raw is None:
         return json_error(404, f"nothing held about {user_id!r}", "user_id", "")
     state = profiles.decode(raw)
