@@ -139,6 +139,18 @@ class Engine:
             (float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix)), 0.0
         )
 
+    def add_items(self, items: list[dict[str, Any]]) -> None:
+        """POST ``items`` to a fresh catalog and wait until it holds all of them.
+
+        Items are indexed partition by partition: the count covers every partition.
+        """
+        status, body = self.request("POST", "/v1/items", {"items": items})
+        assert status == 202, body
+        self.wait_for(
+            lambda: self.metric("personify_catalog_items") == len(items),
+            what="the catalog to be indexed",
+        )
+
     def profile(self, user_id: str) -> tuple[int, Any]:
         return self.request("GET", f"/v1/users/{user_id}")
 

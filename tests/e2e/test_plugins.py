@@ -139,10 +139,7 @@ def test_a_reranker_reorders_and_filters_every_list(with_plugins: Any, uid: str)
     """The example's sale_first: sale items first, hidden ones never; a failing one is skipped."""
     ids = ["plain-tent", "hidden-tent", "sale-tent", "plain-stove", "sale-stove"]
     items = [{"item_id": i, "title": i.replace("-", " "), "category": "camping"} for i in ids]
-    assert with_plugins.request("POST", "/v1/items", {"items": items})[0] == 202
-    with_plugins.wait_for(
-        lambda: with_plugins.metric("personify_catalog_items") >= len(ids), what="the catalog"
-    )
+    with_plugins.add_items(items)
     # Other shoppers make every item trending; this visitor has seen one.
     views = [
         {"type": "product_view", "user_id": f"{uid}-{n}", "item_id": i}

@@ -30,16 +30,7 @@ def live(module_engine: Callable[..., Any]) -> Iterator[Any]:
     """An engine with a small catalog, pushing without delay."""
     eng = module_engine("[push]\ndebounce_ms = 0\n[recommend]\nsignal_flush_interval_s = 0.2\n")
     eng.start()
-    items = [{"item_id": i, "title": t, "category": c} for i, t, c in CATALOG]
-    status, body = eng.request("POST", "/v1/items", {"items": items})
-    assert status == 202, body
-    eng.wait_for(
-        lambda: (
-            f"personify_catalog_items {float(len(CATALOG))}"
-            in str(eng.request("GET", "/metrics")[1])
-        ),
-        what="the catalog to be indexed",
-    )
+    eng.add_items([{"item_id": i, "title": t, "category": c} for i, t, c in CATALOG])
     yield eng
     assert eng.stop() == 0, eng.tail()
 
@@ -209,10 +200,7 @@ def test_a_slow_client_does_not_delay_a_fast_one(engine_factory: Any, uid: str) 
         }
         for i in range(120)
     ]
-    assert eng.request("POST", "/v1/items", {"items": items})[0] == 202
-    eng.wait_for(
-        lambda: eng.metric("personify_catalog_items") == len(items), what="the catalog indexed"
-    )
+    eng.add_items(items)
     dropped = "personify_ws_dropped_total"
     before = eng.metric(dropped)
     stalled = _open_and_never_read(eng.ws_url(f"user_id={uid}"))

@@ -65,16 +65,7 @@ def shop(module_engine: Callable[..., Any]) -> Iterator[Any]:
         {"item_id": i, "title": t, "category": c, "tags": tags, "price": 50.0}
         for i, t, c, tags in CATALOG
     ]
-    status, body = eng.request("POST", "/v1/items", {"items": items})
-    assert status == 202, body
-    # Items are indexed partition by partition: wait for all of them.
-    eng.wait_for(
-        lambda: (
-            f"personify_catalog_items {float(len(CATALOG))}"
-            in str(eng.request("GET", "/metrics")[1])
-        ),
-        what="the catalog to be indexed",
-    )
+    eng.add_items(items)
     now = int(time.time() * 1000) - 3_600_000
     history: list[dict[str, Any]] = []
     for n in range(6):  # hikers: the jacket goes with the boots, then the poles
