@@ -45,7 +45,7 @@ from personify.engine.logging import get_logger
 from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_SERVED
 from personify.plugins.manager import FAILED, plugins
 from personify.tables import catalog as catalog_table
-from personify.tables import profiles
+from personify.tables import profiles, signals
 
 __all__ = [
     "Served",
@@ -93,7 +93,10 @@ def similar_cache() -> ListCache:
 
 @functools.cache
 def _table_data() -> TableData:
-    return TableData(profiles.table(), current_config().recommend)
+    cfg = current_config()
+    # Standby partitions are written by the changelog reader, unseen: compare bytes then.
+    track = cfg.worker.standby_replicas == 0
+    return TableData(profiles.table(), cfg.recommend, track_writes=track)
 
 
 def recommender() -> Recommender:
@@ -360,12 +363,17 @@ def profiles_changed(user_ids: Iterable[str], *, done: bool = True) -> None:
         _builder_wake().set()
 
 
-def signals_changed(items: Iterable[str], trending: bool) -> None:
-    """Signal rows were written: the lists that read them are stale.
+def signals_changed(keys: Iterable[bytes]) -> None:
+    """These signal rows were written: the lists that read them are stale.
 
-    Those are the similar-items lists of ``items`` and, with ``trending``, the list of
+    Those are the similar-items lists of their items and, for a trending row, the list of
     visitors never seen.
     """
+    keys = list(keys)
+    _table_data().written(keys)
+    rows = [signals.split_key(key) for key in keys]
+    items = {name for kind, name in rows if kind != "trending"}
+    trending = any(kind == "trending" for kind, _name in rows)
     similar_cache().changed(items, queue=False)
     if trending:
         list_cache().changed([""], queue=False)
@@ -453,6 +461,13 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
     """Partitions moved: lists computed from profiles this worker no longer holds go."""
     list_cache().clear()
+    _table_data().reset()
+
+
+async def _on_restored(sender: Any, **kwargs: Any) -> None:
+    """The tables were restored from their changelogs: rows read meanwhile may be old."""
+    _table_data().reset()
 
 
 app.on_partitions_assigned.connect(_on_assigned)
+app.on_rebalance_complete.connect(_on_restored)

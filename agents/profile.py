@@ -226,11 +226,7 @@ async def flush_signals(partitions: Collection[int] | None = None, *, drop: bool
                 await until_done(
                     "signal flush", functools.partial(_store.put_many, partition, writes)
                 )
-                rows = [signals.split_key(key) for key, _value in writes]
-                signals_changed(
-                    {name for kind, name in rows if kind != "trending"},
-                    trending=any(kind == "trending" for kind, _name in rows),
-                )
+                signals_changed(key for key, _value in writes)
             if drop:
                 _live.pop(partition, None)
 

@@ -495,8 +495,8 @@ class Recommender:
         index = self.index
         if query is None or index is None:
             return Pool.empty(ids)
-        hits = index.search(query, self.cfg.candidates, exclude=exclude)
-        if not hits:
+        found_ids, found_scores = index.search_ids(query, self.cfg.candidates, exclude=exclude)
+        if not found_ids:
             return Pool.empty(ids)
         seed_matrix = vecs
 
@@ -505,9 +505,7 @@ class Recommender:
             j = 0 if vec is None else int((seed_matrix @ vec).argmax())
             return {"kind": "similar_to", "item_id": found[j]}
 
-        numbers = ids.of([h.id for h in hits])
-        scores = np.fromiter((max(h.score, 0.0) for h in hits), np.float64, count=len(hits))
-        return Pool(ids, numbers, scores, closest)
+        return Pool(ids, ids.of(found_ids), np.maximum(found_scores, 0.0), closest)
 
     def _chat(
         self, profile: profiles.Profile | None, now_ms: int, exclude: Collection[str], ids: ItemIds
@@ -521,13 +519,13 @@ class Recommender:
         strength = float(np.linalg.norm(vec))
         if strength < 1e-3:
             return Pool.empty(ids), 0.0
-        hits = [
-            h for h in self.index.search(vec, self.cfg.candidates, exclude=exclude) if h.score > 0
-        ]
+        found_ids, scores = self.index.search_ids(vec, self.cfg.candidates, exclude=exclude)
+        positive = np.flatnonzero(scores > 0)
+        if len(positive) < len(scores):
+            found_ids = [found_ids[j] for j in positive.tolist()]
+            scores = scores[positive]
         reason: Reason = {"kind": "matches_chat"}
-        numbers = ids.of([h.id for h in hits])
-        scores = np.fromiter((h.score for h in hits), np.float64, count=len(hits))
-        return Pool(ids, numbers, scores, lambda _item: reason), min(strength, 1.0)
+        return Pool(ids, ids.of(found_ids), scores, lambda _item: reason), min(strength, 1.0)
 
     # -- the answer ------------------------------------------------------------------------
     def sources(
@@ -815,24 +813,55 @@ class ListCache:
 class TableData:
     """`DataSource` over the profiles table of this worker (every partition it holds).
 
-    Ranked rows are cached per key together with the stored bytes they came from: a row that
-    has not changed since is served without decoding, merging or ranking it again.
+    Ranked rows are cached per key. With ``track_writes``, every write of a signal row on this
+    worker is reported through `written` (and a move of partitions through `reset`), so a row
+    that has not changed since is served without reading, decoding, merging or ranking it
+    again; without it, the stored bytes are read and compared.
 
     Args:
         tbl: the profiles table.
         cfg: the [recommend] settings (decay of the signal rows).
         cache_size: ranked rows kept.
+        track_writes: whether `written` hears of every write of a signal row.
     """
 
-    def __init__(self, tbl: Any, cfg: RecommendConfig, cache_size: int = 50_000) -> None:
+    def __init__(
+        self, tbl: Any, cfg: RecommendConfig, cache_size: int = 50_000, track_writes: bool = False
+    ) -> None:
         self.table = tbl
         self.cfg = cfg
         self.cache_size = cache_size
-        self._cache: dict[
-            tuple[bytes, float | None, int], tuple[tuple[bytes | None, ...], _Top]
-        ] = {}
+        self.track_writes = track_writes
+        self._cache: dict[tuple[bytes, float | None, int], _Cached] = {}
+        #: Writes of each signal row since the last `reset`, and how many resets there were.
+        self._writes: dict[bytes, int] = {}
+        self._epoch = 0
         self._ids = ItemIds()
         self._lock = threading.Lock()
+
+    def written(self, keys: Iterable[bytes]) -> None:
+        """These signal rows were just written: their ranked forms are stale."""
+        with self._lock:
+            writes = self._writes
+            for key in keys:
+                writes[key] = writes.get(key, 0) + 1
+            if len(writes) > 4 * self.cache_size:
+                self._reset()
+
+    def reset(self) -> None:
+        """Rows may have changed unseen (partitions moved, tables restored): forget them all."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._writes.clear()
+        self._epoch += 1
+        self._cache.clear()
+
+    def _stamp(self, key: bytes) -> tuple[int, int] | None:
+        if not self.track_writes:
+            return None
+        return self._epoch, self._writes.get(key, 0)
 
     def _dbs(self) -> list[Any]:
         return list(self.table.data._dbs.values())
@@ -898,22 +927,45 @@ class TableData:
         self, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int, ids: ItemIds
     ) -> list[_Top]:
         """`ranked`, with the entries also as arrays numbered by ``ids``."""
-        out = []
-        for key, raws in zip(keys, self._raw(keys), strict=True):
-            slot = (key, alpha, n)
-            hit = self._cache.get(slot)
-            if hit is not None and hit[0] == raws:
-                top = hit[1]
-                if top.ids is not ids:  # numbered by an earlier `ItemIds`
-                    top = _Top.of(top.pairs, ids)
-                    self._cache[slot] = (raws, top)
-                out.append(top)
-                continue
-            pairs = ranked(self._merge(key, raws, now_ms), alpha, n) if any(raws) else []
-            top = _Top.of(pairs, ids)
-            with self._lock:
-                if len(self._cache) >= self.cache_size:
-                    self._cache.clear()  # simple and rare: hot rows come back at once
-                self._cache[slot] = (raws, top)
-            out.append(top)
-        return out
+        out: list[_Top | None] = [None] * len(keys)
+        todo: list[int] = []
+        cache = self._cache
+        for i, key in enumerate(keys):
+            hit = cache.get((key, alpha, n))
+            if hit is not None and hit.stamp is not None and hit.stamp == self._stamp(key):
+                out[i] = self._numbered(hit, ids)
+            else:
+                todo.append(i)
+        if todo:
+            wanted = [keys[i] for i in todo]
+            stamps = [self._stamp(key) for key in wanted]  # read before the rows
+            for i, key, stamp, raws in zip(todo, wanted, stamps, self._raw(wanted), strict=True):
+                slot = (key, alpha, n)
+                hit = cache.get(slot)
+                if hit is not None and hit.raws == raws:
+                    hit.stamp = stamp
+                    out[i] = self._numbered(hit, ids)
+                    continue
+                pairs = ranked(self._merge(key, raws, now_ms), alpha, n) if any(raws) else []
+                top = _Top.of(pairs, ids)
+                with self._lock:
+                    if len(cache) >= self.cache_size:
+                        cache.clear()  # simple and rare: hot rows come back at once
+                    cache[slot] = _Cached(stamp, raws, top)
+                out[i] = top
+        return [top for top in out if top is not None]
+
+    @staticmethod
+    def _numbered(hit: _Cached, ids: ItemIds) -> _Top:
+        if hit.top.ids is not ids:  # numbered by an earlier `ItemIds`
+            hit.top = _Top.of(hit.top.pairs, ids)
+        return hit.top
+
+
+@dataclass(slots=True)
+class _Cached:
+    """A ranked row, the stored bytes it came from, and the write stamp they were read at."""
+
+    stamp: tuple[int, int] | None
+    raws: tuple[bytes | None, ...]
+    top: _Top

@@ -141,12 +141,15 @@ class State:
         live.apply(batch)
         db[user.encode()] = profiles.encode(profile)
 
-    def flush(self) -> None:
-        """Write the changed signal rows (the profile agent does every 5 s)."""
+    def flush(self) -> list[bytes]:
+        """Write the changed signal rows (the profile agent does every 5 s); their keys."""
+        keys = []
         for p, live in self.live.items():
             db = self.dbs[p]
             for key, value in live.take_dirty():
                 db[key] = value
+                keys.append(key)
+        return keys
 
     def table(self) -> Any:
         """What `TableData` reads: a Faust table's store with one database per partition."""
@@ -204,7 +207,7 @@ def measure(
     rng = random.Random(args.seed + 1)
     users = sorted(state.profiles)
     ids = state.catalog.ids()
-    data = TableData(state.table(), cfg.recommend)
+    data = TableData(state.table(), cfg.recommend, track_writes=True)
     rec = Recommender(
         cfg.recommend,
         data,
@@ -221,7 +224,7 @@ def measure(
         user = rng.choice(users)
         state.view(user, rng.choice(ids), now)
         if state.seq % args.flush_every == 0:
-            state.flush()
+            data.written(state.flush())
         t, c = time.perf_counter(), time.thread_time()
         out = compute_user(rec, data, user, cfg.recommend.list_size, now)
         if n >= args.warm_lists:

@@ -182,6 +182,12 @@ class VectorIndex(Protocol):
         """`search` for each row of a matrix."""
         ...
 
+    def search_ids(
+        self, query: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
+    ) -> tuple[list[str], npt.NDArray[np.float64]]:
+        """`search` as (ids, scores): no `Hit` per result (for the ranking's hot path)."""
+        ...
+
     async def search_async(
         self, query: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
     ) -> list[Hit]:
@@ -543,6 +549,28 @@ class FaissIndex:
             )
         return self._search(rows, k, exclude)[0]
 
+    def search_ids(
+        self, query: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
+    ) -> tuple[list[str], npt.NDArray[np.float64]]:
+        """`search`, as the hits' ids and their scores (float64), highest first.
+
+        Raises:
+            EmbeddingError: as `search`.
+        """
+        rows = _unit_rows(query, self._dim, "query", None)
+        if rows.shape[0] != 1:
+            raise EmbeddingError(
+                f"query: expected one vector, got {rows.shape[0]} rows; use search_many"
+            )
+        with self._lock:
+            found = self._search_arrays(rows, k, exclude)
+            if found is None:
+                return [], np.empty(0, dtype=np.float64)
+            scores, labels, names = found
+            keep = [j for j, number in enumerate(labels[0].tolist()) if number in names]
+            ids = [names[number] for number in labels[0, keep].tolist()]
+        return ids, scores[0, keep].astype(np.float64)
+
     def search_many(
         self, queries: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
     ) -> list[list[Hit]]:
@@ -812,6 +840,28 @@ class FaissIndex:
         self._rebuilds += 1
 
     def _search(self, rows: Vector, k: int, exclude: Collection[str]) -> list[list[Hit]]:
+        with self._lock:
+            found = self._search_arrays(rows, k, exclude)
+            if found is None:
+                return [[] for _ in range(rows.shape[0])]
+            scores, labels, names = found
+            return [
+                [
+                    Hit(names[number], float(score))
+                    for score, number in zip(score_row.tolist(), label_row.tolist(), strict=True)
+                    if number in names  # -1 (not enough results) and tombstones never match
+                ]
+                for score_row, label_row in zip(scores, labels, strict=True)
+            ]
+
+    def _search_arrays(
+        self, rows: Vector, k: int, exclude: Collection[str]
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64], dict[int, str]] | None:
+        """(scores, labels, the ids of labels) of each row; None when nothing can match.
+
+        A label not in the ids (-1 for too few results, or a tombstone) is no hit. The caller
+        holds the lock while it reads the ids.
+        """
         if not isinstance(k, int) or k < 1:
             raise EmbeddingError(f"k: expected an integer >= 1, got {k!r}")
         excluded_keys = _check_ids(exclude, "exclude") if exclude else []
@@ -819,7 +869,7 @@ class FaissIndex:
             excluded = {self._key_to_int[e] for e in excluded_keys if e in self._key_to_int}
             k_eff = min(k, len(self._key_to_int) - len(excluded))
             if k_eff < 1:
-                return [[] for _ in range(rows.shape[0])]
+                return None
             keepalive: list[
                 faiss.IDSelector
             ] = []  # faiss selectors hold raw pointers to each other
@@ -836,15 +886,7 @@ class FaissIndex:
             threads = 1 if rows.shape[0] == 1 else _threads(self._settings.batch_threads)
             faiss.omp_set_num_threads(threads)
             scores, labels = self._index.search(rows, k_eff, params=params)
-            names = self._int_to_key
-            return [
-                [
-                    Hit(names[number], float(score))
-                    for score, number in zip(score_row.tolist(), label_row.tolist(), strict=True)
-                    if number in names  # -1 (not enough results) and tombstones never match
-                ]
-                for score_row, label_row in zip(scores, labels, strict=True)
-            ]
+            return scores, labels, self._int_to_key
 
     def _selector(
         self, excluded: set[int], keepalive: list[faiss.IDSelector]

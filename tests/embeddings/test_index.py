@@ -188,6 +188,24 @@ def test_tombstoned_ids_are_never_returned(topic_vectors_factory: TopicFactory) 
     assert ids[55] not in _ids(index.search(rows[55], k=1))
 
 
+def test_search_ids_answers_as_search(topic_vectors_factory: TopicFactory) -> None:
+    """`search_ids` gives the same ids and scores as `search`, exclusions and tombstones too."""
+    ids, rows = topic_vectors_factory(300)
+    for threshold in (10_000, 100):  # flat, then HNSW with tombstones
+        index = FaissIndex(384, _settings(hnsw_threshold=threshold, compact_fraction=0.9))
+        index.upsert(ids, rows)
+        index.remove(ids[:20])
+        exclude = set(ids[20:30])
+        for row in rows[:40:7]:
+            hits = index.search(row, k=25, exclude=exclude)
+            found, scores = index.search_ids(row, k=25, exclude=exclude)
+            assert found == _ids(hits)
+            assert scores.tolist() == [hit.score for hit in hits]
+            assert not set(found) & (set(ids[:20]) | exclude)
+    found, scores = index.search_ids(rows[0], k=5, exclude=index.ids())
+    assert (found, scores.tolist()) == ([], [])
+
+
 def test_compaction_when_tombstones_pass_their_fraction(
     topic_vectors_factory: TopicFactory,
 ) -> None:

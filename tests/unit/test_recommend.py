@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rocksdict import Rdict
 
-from personify.agents.recommend import Recommender, Request, blend
+from personify.agents.recommend import Recommender, Request, TableData, blend
 from personify.embeddings import FaissIndex
 from personify.engine.config import Config
 from personify.tables import profiles, signals
@@ -169,3 +172,41 @@ def test_similar_items_come_from_content_when_nobody_viewed_them() -> None:
     items = recommender(mem, cat, index).similar("k0", Request(k=5), NOW)
     assert items and all(r.item_id.startswith("k") for r in items)
     assert "k0" not in [r.item_id for r in items]
+
+
+def _stored_row(pairs: dict[str, float]) -> bytes:
+    row = signals.decode_row(None)
+    signals.apply_updates(
+        row,
+        [(signals.SELF, 1.0, NOW)] + [(item, w, NOW) for item, w in pairs.items()],
+        CFG.recommend.signal_half_life_s,
+        100,
+    )
+    return signals.encode_row(row)
+
+
+def test_table_rows_are_reread_when_written_or_reset(tmp_path: Path) -> None:
+    """Ranked rows come from memory until a write of the row is reported (or a reset)."""
+    db = Rdict(str(tmp_path / "p0"))
+    try:
+        table = SimpleNamespace(data=SimpleNamespace(_dbs={0: db}))
+        tracked = TableData(table, CFG.recommend, track_writes=True)
+        compared = TableData(table, CFG.recommend)
+        key = signals.row_key("covisit", "a")
+
+        def best(data: TableData) -> str:
+            top = data.ranked([key], NOW, None, 5)[0]
+            return top[0][0]
+
+        db[key] = _stored_row({"b": 2.0, "c": 1.0})
+        assert best(tracked) == best(compared) == "b"
+        db[key] = _stored_row({"b": 1.0, "c": 3.0})
+        assert best(compared) == "c"  # the stored bytes are compared on every read
+        assert best(tracked) == "b"  # the write was not reported: served from memory
+        tracked.written([key])
+        assert best(tracked) == "c"
+        db[key] = _stored_row({"d": 5.0})
+        tracked.reset()  # e.g. the tables were restored from their changelogs
+        assert best(tracked) == "d"
+    finally:
+        db.close()
