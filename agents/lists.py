@@ -1,7 +1,7 @@
 """Each visitor's recommendations, computed ahead and served from memory.
 
 When a visitor's profile changes, the profile agent marks their list stale and queues them; a
-background builder recomputes queued lists, a few at a time, on the recommendation thread.
+background builder recomputes queued lists, a few at a time, in short slices of the event loop.
 A request for the default list (``k`` up to ``[recommend] list_size`` and no other parameter)
 is then answered from memory without touching the tables or the index:
 
@@ -62,14 +62,14 @@ __all__ = [
 
 _log = get_logger(__name__)
 
-#: Rankings run on one thread beside the event loop: the loop never waits on table reads or
-#: index searches, and rankings don't contend with each other for the GIL.
+#: Rankings a request waits for run on one thread beside the event loop, one at a time.
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recommend")
-#: Lists the builder computes per turn on the ranking thread (a request that misses the cache
-#: waits for at most one turn).
-_BUILD_BATCH = 8
+#: The background builder ranks this many lists per batch, and batches for at most this long
+#: before the event loop serves its other work.
+_BUILD_BATCH = 4
+_BUILD_SLICE_S = 0.004
 #: Aged lists refreshed per turn, and the pause after each such turn: refreshes take at most a
-#: small share of the ranking thread (about 2 lists per 20 ms).
+#: small share of the event loop (about 2 lists per 20 ms).
 _REFRESH_BATCH = 2
 _REFRESH_PAUSE_S = 0.02
 
@@ -408,11 +408,42 @@ def push_list(user_id: str, rec_id: str, items: bytes, *, here_only: bool = Fals
     return hub().send(user_id, "recommendations", body)
 
 
+def _build_slice(
+    rec: Recommender, size: int, slice_s: float, push: Callable[[list[tuple[str, Entry]]], None]
+) -> int:
+    """Compute queued lists, a few at a time, for up to ``slice_s``; return how many.
+
+    Each batch's visitors' lists go to ``push`` as soon as they are ready. Stops early when
+    nothing is queued.
+    """
+    users_cache, items_cache = list_cache(), similar_cache()
+    ends = time.monotonic() + slice_s
+    done = 0
+    while True:
+        users = users_cache.take(_BUILD_BATCH)
+        items = items_cache.take(_BUILD_BATCH - len(users)) if len(users) < _BUILD_BATCH else []
+        if not users and not items:
+            return done
+        try:
+            built = _build(rec, size, users, items)
+        except Exception:
+            _log.exception("list builder failed; the lists are computed on request")
+            built = []
+        if built:
+            push(built)
+        done += len(users) + len(items)
+        if time.monotonic() >= ends:
+            return done
+
+
 @app.service
 class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
-    """Recomputes queued lists in the background, a few per turn of the ranking thread.
+    """Recomputes queued lists in the background, and pushes each visitor's new list.
 
-    Each visitor's new list is pushed to their sockets; visitors with one open go first.
+    It ranks on the event loop itself, in slices of `_BUILD_SLICE_S` between which the loop
+    serves everything else. (On a thread beside the loop, each system call of the loop, a
+    socket read or write, waited up to Python's GIL switch interval for the ranking thread:
+    five times fewer lists per second.) Visitors with a socket open go first.
     """
 
     @mode.Service.task  # type: ignore[untyped-decorator]
@@ -421,41 +452,34 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
         users_cache, items_cache = list_cache(), similar_cache()
         size = current_config().recommend.list_size
         debounce_s = current_config().push.debounce_ms / 1000.0
-        live = hub()
         while not self.should_stop:
-            users = users_cache.take(_BUILD_BATCH)
-            items = items_cache.take(_BUILD_BATCH - len(users)) if len(users) < _BUILD_BATCH else []
-            if not users and not items:
-                # Nothing changed waits: refresh a few aged lists, leaving the ranking thread
-                # free most of the time for requests that must be ranked on the spot.
-                users = users_cache.take_stale(_REFRESH_BATCH)
-                items = items_cache.take_stale(_REFRESH_BATCH - len(users))
-                if users or items:
-                    await self._refresh(users, items, size)
-                    continue
-            if not users and not items:
-                LISTS_PENDING.set(0)
-                wake.clear()
-                await wake.wait()
-                if debounce_s > 0:  # gather a burst of events into one list and one push
-                    await asyncio.sleep(debounce_s)
+            if users_cache.queued() or items_cache.queued():
+                _build_slice(recommender(), size, _BUILD_SLICE_S, self._push)
+                LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
+                await asyncio.sleep(0)  # the loop's other work runs between slices
                 continue
-            try:
-                built = await run_ranking(_build, recommender(), size, users, items)
-            except Exception:
-                _log.exception("list builder failed; the lists are computed on request")
-                built = []
-            for user_id, entry in built:
-                if live.followed(user_id):
-                    push_list(user_id, entry.rec_id, entry.items)
-            LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
+            # Nothing changed waits: refresh a few aged lists, a small share of the loop.
+            users = users_cache.take_stale(_REFRESH_BATCH)
+            items = items_cache.take_stale(_REFRESH_BATCH - len(users))
+            if users or items:
+                try:
+                    _build(recommender(), size, users, items)
+                except Exception:
+                    _log.exception("list refresh failed; the lists are computed on request")
+                await asyncio.sleep(_REFRESH_PAUSE_S)
+                continue
+            LISTS_PENDING.set(0)
+            wake.clear()
+            await wake.wait()
+            if debounce_s > 0:  # gather a burst of events into one list and one push
+                await asyncio.sleep(debounce_s)
 
-    async def _refresh(self, users: list[str], items: list[str], size: int) -> None:
-        try:
-            await run_ranking(_build, recommender(), size, users, items)
-        except Exception:
-            _log.exception("list refresh failed; the lists are computed on request")
-        await asyncio.sleep(_REFRESH_PAUSE_S)
+    @staticmethod
+    def _push(built: list[tuple[str, Entry]]) -> None:
+        live = hub()
+        for user_id, entry in built:
+            if live.followed(user_id):
+                push_list(user_id, entry.rec_id, entry.items)
 
 
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:

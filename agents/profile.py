@@ -49,6 +49,8 @@ _audit_topic = topic(_cfg.topics.audit)
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
 _flush_lock = asyncio.Lock()
+#: Signal rows encoded and written per turn of the event loop in a flush.
+_FLUSH_SLICE = 200
 
 
 def _seq_of(headers: Any) -> int | None:
@@ -221,14 +223,39 @@ async def flush_signals(partitions: Collection[int] | None = None, *, drop: bool
             live = _live.get(partition)
             if live is None:
                 continue
-            writes: list[tuple[bytes, bytes | None]] = list(live.take_dirty())
-            if writes:
+            dirty = live.take_dirty_keys()
+            # In slices, the event loop running between them: thousands of rows change
+            # between two flushes, and encoding them all at once would hold every push up.
+            for start in range(0, len(dirty), _FLUSH_SLICE):
+                writes: list[tuple[bytes, bytes | None]] = list(
+                    live.encode(dirty[start : start + _FLUSH_SLICE])
+                )
                 await until_done(
                     "signal flush", functools.partial(_store.put_many, partition, writes)
                 )
                 signals_changed(key for key, _value in writes)
+                await asyncio.sleep(0)
+            live.trim()
             if drop:
                 _live.pop(partition, None)
+
+
+_flushing: set[asyncio.Task[None]] = set()
+
+
+def _flush_behind() -> None:
+    """Start a flush of the signal rows unless one runs: the agent goes on folding meanwhile."""
+    if _flushing:
+        return
+    task = asyncio.ensure_future(flush_signals())
+    _flushing.add(task)
+    task.add_done_callback(_flushed)
+
+
+def _flushed(task: asyncio.Task[None]) -> None:
+    _flushing.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        _log.error("signal flush failed; retried at the next", exc_info=task.exception())
 
 
 def attach_categories(events: list[Event]) -> None:
@@ -354,7 +381,7 @@ async def profile_agent(stream: Any) -> None:
             if pub.journal is not None and seq is not None:
                 pub.journal.mark_applied(seq)
         if time.monotonic() - flushed >= _cfg.recommend.signal_flush_interval_s:
-            await flush_signals()
+            _flush_behind()
             flushed = time.monotonic()
         last = batch[-1].message
         hw = app.consumer.highwater(last.tp) if app.consumer else None

@@ -775,6 +775,10 @@ class ListCache:
                 del self.stale[key]
             return out
 
+    def queued(self) -> bool:
+        """Whether changed lists wait (not counting those that merely aged)."""
+        return bool(self.urgent or self.pending)
+
     def backlog(self) -> int:
         """How many lists are queued."""
         return len(self.pending) + len(self.urgent) + len(self.stale)

@@ -174,15 +174,18 @@ async def run_rate(
     idle = set(socks.users)
     posts: set[asyncio.Task[None]] = set()
     errors = 0
+    accepted_ms: list[float] = []
 
     async def post(user: str, body: bytes, url: str) -> None:
         nonlocal errors
+        t = time.perf_counter()
         async with session.post(
             url + "/v1/events", data=body, headers={"Content-Type": "application/json"}
         ) as r:
             if r.status != 202:
                 errors += 1
             await r.read()
+        accepted_ms.append((time.perf_counter() - t) * 1000)
 
     t0 = time.perf_counter()
     n = 0
@@ -217,6 +220,7 @@ async def run_rate(
     metrics1 = await eng.metrics(session)
     lat = sorted(socks.latencies_ms)
     relayed = sorted(socks.relayed_ms)
+    accepted_ms.sort()
     dropped = metrics1.get("personify_ws_dropped_total", 0) - metrics0.get(
         "personify_ws_dropped_total", 0
     )
@@ -231,6 +235,8 @@ async def run_rate(
         "p90_ms": percentile(lat, 0.90),
         "p99_ms": percentile(lat, 0.99),
         "max_ms": lat[-1] if lat else 0.0,
+        "accept_p50_ms": percentile(accepted_ms, 0.50),
+        "accept_p99_ms": percentile(accepted_ms, 0.99),
         "relayed": len(relayed),
         "relayed_p50_ms": percentile(relayed, 0.50),
         "relayed_p99_ms": percentile(relayed, 0.99),
@@ -315,7 +321,8 @@ async def amain(args: argparse.Namespace, cluster: Cluster, out: Json) -> None:
                 f"errors), {res['pushes']:,} pushes | event -> push p50 {res['p50_ms']:.1f} "
                 f"p90 {res['p90_ms']:.1f} p99 {res['p99_ms']:.1f} max {res['max_ms']:.1f} ms | "
                 f"no push {res['no_push']}, dropped {res['dropped']:.0f} | engine CPU "
-                f"{100 * res['engine_cores']:.0f}%, client CPU {100 * res['client_cores']:.0f}%",
+                f"{100 * res['engine_cores']:.0f}%, client CPU {100 * res['client_cores']:.0f}% | "
+                f"202 answered p50 {res['accept_p50_ms']:.1f} p99 {res['accept_p99_ms']:.1f} ms",
                 flush=True,
             )
             if relayed:
@@ -344,6 +351,11 @@ def print_summary(out: Json) -> None:
             f"{r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} {r['no_push']:>8} "
             f"{r['dropped']:>8.0f} {100 * r['engine_cores']:>7.0f}% "
             f"{100 * r['client_cores']:>7.0f}%"
+        )
+    for r in out.get("runs", []):
+        print(
+            f"{r['rate']:>9g} POST /v1/events answered 202 in p50 {r['accept_p50_ms']:.1f} ms, "
+            f"p99 {r['accept_p99_ms']:.1f} ms"
         )
     for r in out.get("runs", []):
         if r.get("relayed"):

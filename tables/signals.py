@@ -26,6 +26,7 @@ the neighbour's row):
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -355,12 +356,36 @@ class LiveRows:
 
     def take_dirty(self) -> list[tuple[bytes, bytes]]:
         """The changed rows, encoded, to write now; they count as clean from here on."""
-        for key, items in self.dirty.items():
-            refresh_counts(self.rows, key, items, self.cfg)
-        out = [(key, encode_row(self.rows[key])) for key in self.dirty]
-        self.dirty.clear()
-        excess = len(self.rows) - self.capacity
-        if excess > 0:
-            for key in list(self.rows)[:excess]:
-                del self.rows[key]
+        out = self.encode(self.take_dirty_keys())
+        self.trim()
         return out
+
+    def take_dirty_keys(self) -> list[tuple[bytes, set[str]]]:
+        """The changed rows (with the neighbours to refresh), to `encode` and write now.
+
+        They count as clean from here on: a row changed again before it is encoded is
+        encoded with its change, and written again at the next flush.
+        """
+        out = list(self.dirty.items())
+        self.dirty = {}
+        return out
+
+    def encode(self, dirty: Iterable[tuple[bytes, set[str]]]) -> list[tuple[bytes, bytes]]:
+        """Rows from `take_dirty_keys`, with their neighbours' counts refreshed, encoded."""
+        out = []
+        for key, items in dirty:
+            refresh_counts(self.rows, key, items, self.cfg)
+            out.append((key, encode_row(self.rows[key])))
+        return out
+
+    def trim(self) -> None:
+        """Forget the least recently used clean rows beyond the capacity."""
+        excess = len(self.rows) - self.capacity
+        if excess <= 0:
+            return
+        for key in list(itertools.islice(self.rows, excess + len(self.dirty))):
+            if excess <= 0:
+                break
+            if key not in self.dirty:
+                del self.rows[key]
+                excess -= 1
