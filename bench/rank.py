@@ -55,6 +55,7 @@ from serve import make_catalog, percentile
 
 from personify.agents.recommend import Recommender, Request, TableData
 from personify.embeddings import FaissIndex
+from personify.engine.app import one_blas_thread
 from personify.engine.config import Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog, item_text
@@ -262,6 +263,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    one_blas_thread()  # as the engine ranks
     cfg = Config()
     root = Path(tempfile.mkdtemp(prefix="personify-rank-"))
     try:

@@ -402,6 +402,8 @@ class FaissIndex:
         self._rebuilds = 0
         self._kind: IndexKind = "flat"
         self._index, self._inner = self._new_index("flat")
+        #: A flat index's vectors and their int64 ids, both ordered by id, until the next write.
+        self._flat: tuple[Vector, npt.NDArray[np.int64]] | None = None
 
     # -- read-only state -------------------------------------------------------------------
     @property
@@ -450,6 +452,11 @@ class FaissIndex:
         """The stored vectors of those of ``item_ids`` present (in order), under one lock."""
         with self._lock:
             found = [i for i in item_ids if i in self._key_to_int]
+            flat = self._flat_rows()
+            if flat is not None:
+                matrix, labels = flat
+                numbers = [self._key_to_int[i] for i in found]
+                return found, matrix[np.searchsorted(labels, numbers)]
             rows = np.empty((len(found), self._dim), dtype=np.float32)
             for n, item_id in enumerate(found):
                 rows[n] = self._index.reconstruct(self._key_to_int[item_id])
@@ -461,6 +468,11 @@ class FaissIndex:
             internal = self._key_to_int.get(item_id)
             if internal is None:
                 return None
+            flat = self._flat_rows()
+            if flat is not None:
+                matrix, labels = flat
+                found: Vector = matrix[int(np.searchsorted(labels, internal))]
+                return found
             row: Vector = np.asarray(self._index.reconstruct(internal), dtype=np.float32)
             return row
 
@@ -499,6 +511,7 @@ class FaissIndex:
             self._next_int += len(keys)
             faiss.omp_set_num_threads(_threads(self._settings.build_threads))
             self._index.add_with_ids(rows, internal)
+            self._flat = None
             for key, number, row in zip(keys, internal.tolist(), rows, strict=True):
                 digest = _digest(key, row)
                 self._key_to_int[key] = number
@@ -563,6 +576,8 @@ class FaissIndex:
                 f"query: expected one vector, got {rows.shape[0]} rows; use search_many"
             )
         with self._lock:
+            if self._kind == "flat":
+                return self._flat_search(rows[0], k, exclude)
             found = self._search_arrays(rows, k, exclude)
             if found is None:
                 return [], np.empty(0, dtype=np.float64)
@@ -804,6 +819,7 @@ class FaissIndex:
             return 0
         if self._kind == "flat":
             self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(gone, dtype=np.int64)))
+            self._flat = None
         else:
             self._tombstones.update(gone)
             self._tomb_selector = None
@@ -835,6 +851,7 @@ class FaissIndex:
             faiss.omp_set_num_threads(_threads(self._settings.build_threads))
             index.add_with_ids(np.ascontiguousarray(rows[keep]), internal[keep])
         self._index, self._inner, self._kind = index, inner, kind
+        self._flat = None
         self._tombstones.clear()
         self._tomb_selector = None
         self._rebuilds += 1
@@ -853,6 +870,50 @@ class FaissIndex:
                 ]
                 for score_row, label_row in zip(scores, labels, strict=True)
             ]
+
+    def _flat_rows(self) -> tuple[Vector, npt.NDArray[np.int64]] | None:
+        """A flat index's vectors and their ids, ordered by id (None for HNSW); lock held."""
+        if self._kind != "flat":
+            return None
+        if self._flat is None:
+            total = self._inner.ntotal
+            matrix = faiss.rev_swig_ptr(self._inner.get_xb(), total * self._dim)
+            matrix = np.array(matrix, dtype=np.float32).reshape(total, self._dim)  # a copy
+            labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+            order = np.argsort(labels, kind="stable")
+            self._flat = (np.ascontiguousarray(matrix[order]), labels[order])
+        return self._flat
+
+    def _flat_search(
+        self, query: Vector, k: int, exclude: Collection[str]
+    ) -> tuple[list[str], npt.NDArray[np.float64]]:
+        """`search_ids` on a flat index as one matrix-vector product (exact); lock held.
+
+        Faiss's single-query search with an exclusion filter checks the filter per vector
+        and builds the filter objects per call; this is a few times cheaper.
+        """
+        if not isinstance(k, int) or k < 1:
+            raise EmbeddingError(f"k: expected an integer >= 1, got {k!r}")
+        excluded_keys = _check_ids(exclude, "exclude") if exclude else []
+        flat = self._flat_rows()
+        assert flat is not None
+        matrix, labels = flat
+        scores = matrix @ query
+        available = len(labels)
+        excluded = [self._key_to_int[e] for e in excluded_keys if e in self._key_to_int]
+        if excluded:
+            where = np.searchsorted(labels, np.unique(np.asarray(excluded, dtype=np.int64)))
+            scores[where] = -np.inf
+            available -= len(where)
+        k_eff = min(k, available)
+        if k_eff < 1:
+            return [], np.empty(0, dtype=np.float64)
+        top = np.argpartition(-scores, k_eff - 1)[:k_eff] if k_eff < len(scores) else None
+        if top is None:
+            top = np.arange(len(scores))
+        best = top[np.argsort(-scores[top], kind="stable")][:k_eff]
+        names = self._int_to_key
+        return [names[n] for n in labels[best].tolist()], scores[best].astype(np.float64)
 
     def _search_arrays(
         self, rows: Vector, k: int, exclude: Collection[str]

@@ -189,7 +189,10 @@ def test_tombstoned_ids_are_never_returned(topic_vectors_factory: TopicFactory) 
 
 
 def test_search_ids_answers_as_search(topic_vectors_factory: TopicFactory) -> None:
-    """`search_ids` gives the same ids and scores as `search`, exclusions and tombstones too."""
+    """`search_ids` gives the same ids and scores as `search`, exclusions and tombstones too.
+
+    On a flat index it is a matrix product of its own, kept current across writes.
+    """
     ids, rows = topic_vectors_factory(300)
     for threshold in (10_000, 100):  # flat, then HNSW with tombstones
         index = FaissIndex(384, _settings(hnsw_threshold=threshold, compact_fraction=0.9))
@@ -200,10 +203,24 @@ def test_search_ids_answers_as_search(topic_vectors_factory: TopicFactory) -> No
             hits = index.search(row, k=25, exclude=exclude)
             found, scores = index.search_ids(row, k=25, exclude=exclude)
             assert found == _ids(hits)
-            assert scores.tolist() == [hit.score for hit in hits]
+            assert scores.tolist() == pytest.approx([hit.score for hit in hits], abs=1e-6)
             assert not set(found) & (set(ids[:20]) | exclude)
     found, scores = index.search_ids(rows[0], k=5, exclude=index.ids())
     assert (found, scores.tolist()) == ([], [])
+    flat = FaissIndex(384, _settings())
+    flat.upsert(ids[:50], rows[:50])
+    assert flat.search_ids(rows[60], k=3)[0] == _ids(flat.search(rows[60], k=3))
+    flat.upsert(ids[50:100], rows[50:100])  # writes after a search are seen by the next
+    flat.remove(ids[:10])
+    flat.upsert(ids[10:12], rows[98:100])
+    for row in rows[95:100]:
+        found, _scores = flat.search_ids(row, k=4, exclude={ids[99]})
+        assert found == _ids(flat.search(row, k=4, exclude={ids[99]}))
+        assert ids[99] not in found and not set(found) & set(ids[:10])
+    found_ids, vecs = flat.vectors([ids[10], ids[5], ids[60]])
+    assert found_ids == [ids[10], ids[60]]
+    assert np.allclose(vecs[0], rows[98] / np.linalg.norm(rows[98]), atol=1e-6)
+    assert np.allclose(flat.vector(ids[60]), rows[60] / np.linalg.norm(rows[60]), atol=1e-6)
 
 
 def test_compaction_when_tombstones_pass_their_fraction(
