@@ -877,7 +877,8 @@ class FaissIndex:
             return None
         if self._flat is None:
             total = self._inner.ntotal
-            matrix = faiss.rev_swig_ptr(self._inner.get_xb(), total * self._dim)
+            xb = self._inner.get_xb()  # type: ignore[attr-defined] # IndexFlat's, not in stubs
+            matrix = faiss.rev_swig_ptr(xb, total * self._dim)
             matrix = np.array(matrix, dtype=np.float32).reshape(total, self._dim)  # a copy
             labels = faiss.vector_to_array(self._index.id_map).astype(np.int64)
             order = np.argsort(labels, kind="stable")

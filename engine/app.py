@@ -116,6 +116,8 @@ def one_blas_thread() -> None:
     threads of a multi-threaded BLAS spin between calls: measured, a whole second core busy at
     100 events/s. The encoder's own threads (torch) are not touched.
     """
+    import numpy  # noqa: F401 - loads its BLAS, which is then found below
+
     numpy_blas = {
         lib["prefix"]: 1
         for lib in threadpoolctl.threadpool_info()
