@@ -8,6 +8,7 @@ writes each profile once, so a batch of N events for M visitors costs M table wr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import time
@@ -49,8 +50,12 @@ _audit_topic = topic(_cfg.topics.audit)
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
 _flush_lock = asyncio.Lock()
-#: Signal rows encoded and written per turn of the event loop in a flush.
-_FLUSH_SLICE = 200
+#: Set while a flush that must not wait (partitions moving, stopping) waits for the lock.
+_hurry = asyncio.Event()
+#: Signal rows encoded and written per turn of the event loop in a flush, and the longest pause
+#: between two slices of a flush spread over time.
+_FLUSH_SLICE = 100
+_MAX_FLUSH_PAUSE_S = 0.25
 
 
 def _seq_of(headers: Any) -> int | None:
@@ -211,30 +216,49 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
     return out
 
 
-async def flush_signals(partitions: Collection[int] | None = None, *, drop: bool = False) -> None:
+async def flush_signals(
+    partitions: Collection[int] | None = None, *, drop: bool = False, spread_s: float = 0.0
+) -> None:
     """Write the changed signal rows (of ``partitions``, default all) to the table.
 
     Args:
         partitions: which partitions; None for every one held.
         drop: forget the rows afterwards (the partitions moved to another worker).
+        spread_s: spread the writes over about this long, in slices of `_FLUSH_SLICE` rows:
+            thousands of rows change between two flushes, and writing them at once would hold
+            up every event behind them for a moment. A flush without it (partitions moving,
+            the worker stopping) makes a spread one run on without pauses.
     """
+    if spread_s <= 0:
+        _hurry.set()
+    try:
+        await _flush(partitions, drop, spread_s)
+    finally:
+        if spread_s <= 0:
+            _hurry.clear()
+
+
+async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float) -> None:
     async with _flush_lock:  # one flush at a time: an older row never overwrites a newer one
-        for partition in list(_live if partitions is None else partitions):
-            live = _live.get(partition)
-            if live is None:
-                continue
-            dirty = live.take_dirty_keys()
-            # In slices, the event loop running between them: thousands of rows change
-            # between two flushes, and encoding them all at once would hold every push up.
-            for start in range(0, len(dirty), _FLUSH_SLICE):
+        held = list(_live if partitions is None else partitions)
+        dirty = {p: _live[p].take_dirty_keys() for p in held if p in _live}
+        slices = sum(-(-len(rows) // _FLUSH_SLICE) for rows in dirty.values())
+        pause_s = min(spread_s / slices, _MAX_FLUSH_PAUSE_S) if slices and spread_s > 0 else 0.0
+        for partition, rows in dirty.items():
+            live = _live[partition]
+            for start in range(0, len(rows), _FLUSH_SLICE):
                 writes: list[tuple[bytes, bytes | None]] = list(
-                    live.encode(dirty[start : start + _FLUSH_SLICE])
+                    live.encode(rows[start : start + _FLUSH_SLICE])
                 )
                 await until_done(
                     "signal flush", functools.partial(_store.put_many, partition, writes)
                 )
                 signals_changed(key for key, _value in writes)
-                await asyncio.sleep(0)
+                if pause_s > 0 and not _hurry.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_hurry.wait(), pause_s)
+                else:
+                    await asyncio.sleep(0)
             live.trim()
             if drop:
                 _live.pop(partition, None)
@@ -247,7 +271,8 @@ def _flush_behind() -> None:
     """Start a flush of the signal rows unless one runs: the agent goes on folding meanwhile."""
     if _flushing:
         return
-    task = asyncio.ensure_future(flush_signals())
+    spread_s = _cfg.recommend.signal_flush_interval_s / 2
+    task = asyncio.ensure_future(flush_signals(spread_s=spread_s))
     _flushing.add(task)
     task.add_done_callback(_flushed)
 
@@ -427,7 +452,7 @@ async def _audit(user_id: str, request_id: str) -> None:
 @app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]
 async def _flush_when_idle() -> None:
     """Write changed signal rows also when no events arrive."""
-    await flush_signals()
+    await flush_signals(spread_s=_cfg.recommend.signal_flush_interval_s / 2)
 
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:

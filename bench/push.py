@@ -224,6 +224,8 @@ async def run_rate(
     dropped = metrics1.get("personify_ws_dropped_total", 0) - metrics0.get(
         "personify_ws_dropped_total", 0
     )
+    lists_key = 'personify_lists_computed_total{kind="user"}'
+    lists = metrics1.get(lists_key, 0) - metrics0.get(lists_key, 0)
     return {
         "rate": rate,
         "events": n,
@@ -241,6 +243,7 @@ async def run_rate(
         "relayed_p50_ms": percentile(relayed, 0.50),
         "relayed_p99_ms": percentile(relayed, 0.99),
         "no_push": lost,
+        "lists_computed": lists,
         "dropped": dropped,
         "engine_cores": (eng.cpu() - cpu0) / took,
         "client_cores": (client_cpu() - ccpu0) / took,
@@ -355,7 +358,7 @@ def print_summary(out: Json) -> None:
     for r in out.get("runs", []):
         print(
             f"{r['rate']:>9g} POST /v1/events answered 202 in p50 {r['accept_p50_ms']:.1f} ms, "
-            f"p99 {r['accept_p99_ms']:.1f} ms"
+            f"p99 {r['accept_p99_ms']:.1f} ms; {r['lists_computed']:,.0f} lists computed"
         )
     for r in out.get("runs", []):
         if r.get("relayed"):
