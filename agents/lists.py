@@ -64,10 +64,10 @@ _log = get_logger(__name__)
 
 #: Rankings a request waits for run on one thread beside the event loop, one at a time.
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recommend")
-#: The background builder ranks this many lists per batch, and batches for at most this long
-#: before the event loop serves its other work.
-_BUILD_BATCH = 4
-_BUILD_SLICE_S = 0.004
+#: The background builder ranks one list at a time, for at most this long before the event
+#: loop serves its other work: each slice delays every other step of the loop (an event's way
+#: from POST to push takes several), so slices are short.
+_BUILD_SLICE_S = 0.001
 #: Aged lists refreshed per turn, and the pause after each such turn: refreshes take at most a
 #: small share of the event loop (about 2 lists per 20 ms).
 _REFRESH_BATCH = 2
@@ -411,17 +411,17 @@ def push_list(user_id: str, rec_id: str, items: bytes, *, here_only: bool = Fals
 def _build_slice(
     rec: Recommender, size: int, slice_s: float, push: Callable[[list[tuple[str, Entry]]], None]
 ) -> int:
-    """Compute queued lists, a few at a time, for up to ``slice_s``; return how many.
+    """Compute queued lists, one at a time, for up to ``slice_s``; return how many.
 
-    Each batch's visitors' lists go to ``push`` as soon as they are ready. Stops early when
-    nothing is queued.
+    Each visitor's list goes to ``push`` as soon as it is ready. Stops early when nothing is
+    queued.
     """
     users_cache, items_cache = list_cache(), similar_cache()
     ends = time.monotonic() + slice_s
     done = 0
     while True:
-        users = users_cache.take(_BUILD_BATCH)
-        items = items_cache.take(_BUILD_BATCH - len(users)) if len(users) < _BUILD_BATCH else []
+        users = users_cache.take(1)
+        items = [] if users else items_cache.take(1)
         if not users and not items:
             return done
         try:
@@ -440,8 +440,8 @@ def _build_slice(
 class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
     """Recomputes queued lists in the background, and pushes each visitor's new list.
 
-    It ranks on the event loop itself, in slices of `_BUILD_SLICE_S` between which the loop
-    serves everything else. (On a thread beside the loop, each system call of the loop, a
+    It ranks on the event loop itself, in short slices between which the loop serves
+    everything else. (On a thread beside the loop, each system call of the loop, a
     socket read or write, waited up to Python's GIL switch interval for the ranking thread:
     five times fewer lists per second.) Visitors with a socket open go first.
     """
