@@ -21,7 +21,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +42,7 @@ from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
 from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_SERVED
+from personify.engine.models import new_id
 from personify.plugins.manager import FAILED, plugins
 from personify.tables import catalog as catalog_table
 from personify.tables import profiles, signals
@@ -210,7 +210,7 @@ def _compute_similar(rec: Recommender, cache: ListCache, item_id: str, size: int
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
     data, n = _rank_similar(rec, item_id, Request(k=size), now_ms)
-    rec_id = uuid.uuid4().hex
+    rec_id = new_id()
     entry = Entry(now_ms, (item_id,), (gen,), removals, version, rec_id, data, n)
     _keep(rec, cache, item_id, entry)
     LISTS_COMPUTED.labels("similar").inc()
@@ -324,7 +324,7 @@ async def serve_similar(item_id: str, req: Request) -> Served:
             return served
     data, _n = await run_ranking(_rank_similar, rec, item_id, req, now_ms)
     LISTS_SERVED.labels("computed").inc()
-    return Served(uuid.uuid4().hex, data)
+    return Served(new_id(), data)
 
 
 def _queue_refresh(cache: ListCache, key: str) -> None:

@@ -30,7 +30,6 @@ import heapq
 import itertools
 import math
 import threading
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import numpy.typing as npt
 
 from personify.embeddings import VectorIndex
 from personify.engine.config import RecommendConfig
+from personify.engine.models import new_id
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
 
@@ -603,7 +603,7 @@ class Recommender:
         )
         if len(items) < request.k:
             items += self._fill(request, exclude, items)
-        return uuid.uuid4().hex, items
+        return new_id(), items
 
     def similar(self, item_id: str, request: Request, now_ms: int) -> list[Recommendation]:
         """Items like ``item_id``: seen together with it, and close to it in content."""

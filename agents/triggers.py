@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,7 +25,7 @@ from personify.agents.push import deliver
 from personify.engine.app import app, current_config, owns, publisher
 from personify.engine.logging import get_logger
 from personify.engine.metrics import PLUGIN_ERRORS, TRIGGER_ACTIONS
-from personify.engine.models import Event, event_key, internal_event
+from personify.engine.models import Event, event_key, internal_event, new_id
 from personify.engine.retry import until_done
 from personify.plugins.manager import FAILED, plugins
 from personify.plugins.timers import Timers
@@ -117,7 +116,7 @@ def _record(etype: str, user_id: str, properties: dict[str, Any]) -> None:
     """
     event = internal_event(
         etype,
-        f"{etype}:{uuid.uuid4().hex}",
+        f"{etype}:{new_id()}",
         user_id=user_id,
         ts_ms=int(time.time() * 1000),
         properties=properties,

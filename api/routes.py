@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import aiohttp
@@ -23,6 +22,7 @@ from personify.engine.models import (
     Event,
     format_ts,
     internal_event,
+    new_id,
     stored_id,
     validate_event,
 )
@@ -284,7 +284,7 @@ async def erase_user(request: web.Request) -> web.Response:
     if starting is not None:
         return starting
     now_ms = int(time.time() * 1000)
-    request_id = uuid.uuid4().hex
+    request_id = new_id()
     event = internal_event(
         profiles.ERASE,
         f"$erase:{request_id}",

@@ -19,6 +19,7 @@ from personify.engine.models import (
     SCHEMA_VERSION,
     event_key,
     format_ts,
+    new_id,
     pseudonym,
     stored_id,
     validate_event,
@@ -463,6 +464,9 @@ def test_event_id_generated_when_absent() -> None:
     assert a != b
     assert check(ev("page_view", event_id=None))["event_id"] != a
     assert check(ev("page_view", event_id="mine"))["event_id"] == "mine"
+    many = {new_id() for _ in range(20_000)}
+    assert len(many) == 20_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in list(many)[:100])
 
 
 # -- size limits inside properties ------------------------------------------------------
