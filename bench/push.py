@@ -18,7 +18,9 @@ topic; their latency is reported apart):
    trip, the profile agent, ranking and the push.
 
 Reported per rate: events/s sent, pushes received, p50/p90/p99/max latency, events that got
-no push within 10 s, messages dropped by the server (slow sockets), the engine's CPU. Sockets,
+no push within 10 s, messages dropped by the server (slow sockets), the engine's CPU (with the
+embedded broker's), how long ``POST /v1/events`` took to answer 202 (p50/p99) and how many
+visitors' lists the engine computed. Sockets,
 posts and timing run in this one process (asyncio + aiohttp), on the same machine as the
 engine; the client's CPU is shown too. The engine is stopped with SIGTERM at the end.
 """
