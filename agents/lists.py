@@ -68,8 +68,10 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recomme
 #: loop serves its other work: each slice delays every other step of the loop (an event's way
 #: from POST to push takes several), so slices are short.
 _BUILD_SLICE_S = 0.001
-#: Aged lists refreshed per turn, and the pause after each such turn: refreshes take at most a
-#: small share of the event loop (about 2 lists per 20 ms).
+#: How long a slice on the ranking thread goes on (while a catalog write holds the index).
+_THREAD_SLICE_S = 0.02
+#: Aged lists refreshed per turn (on the ranking thread), and the pause after each such turn:
+#: refreshes take at most a small share of the process (about 2 lists per 20 ms).
 _REFRESH_BATCH = 2
 _REFRESH_PAUSE_S = 0.02
 
@@ -452,9 +454,20 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
         users_cache, items_cache = list_cache(), similar_cache()
         size = current_config().recommend.list_size
         debounce_s = current_config().push.debounce_ms / 1000.0
+        loop = asyncio.get_running_loop()
+
+        def push_from_thread(built: list[tuple[str, Entry]]) -> None:
+            loop.call_soon_threadsafe(self._push, built)
+
         while not self.should_stop:
             if users_cache.queued() or items_cache.queued():
-                _build_slice(recommender(), size, _BUILD_SLICE_S, self._push)
+                rec = recommender()
+                if rec.index is not None and rec.index.busy():
+                    # A catalog write holds the index (a batch of new items, a rebuild):
+                    # rank on the ranking thread meanwhile, never blocking the loop on it.
+                    await run_ranking(_build_slice, rec, size, _THREAD_SLICE_S, push_from_thread)
+                else:
+                    _build_slice(rec, size, _BUILD_SLICE_S, self._push)
                 LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
                 await asyncio.sleep(0)  # the loop's other work runs between slices
                 continue
@@ -463,7 +476,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
             items = items_cache.take_stale(_REFRESH_BATCH - len(users))
             if users or items:
                 try:
-                    _build(recommender(), size, users, items)
+                    await run_ranking(_build, recommender(), size, users, items)
                 except Exception:
                     _log.exception("list refresh failed; the lists are computed on request")
                 await asyncio.sleep(_REFRESH_PAUSE_S)

@@ -156,6 +156,10 @@ class VectorIndex(Protocol):
 
     def __contains__(self, item_id: object) -> bool: ...
 
+    def busy(self) -> bool:
+        """Whether a write holds the index right now (a search would wait for it)."""
+        ...
+
     def upsert(self, ids: Sequence[str], vectors: npt.ArrayLike) -> None:
         """Add vectors, replacing those of ids already present (vectors are normalised)."""
         ...
@@ -442,6 +446,13 @@ class FaissIndex:
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._key_to_int
+
+    def busy(self) -> bool:
+        """Whether another thread holds the index right now (a write: a search would wait)."""
+        if self._lock.acquire(blocking=False):
+            self._lock.release()
+            return False
+        return True
 
     def ids(self) -> list[str]:
         """The ids held, in no particular order."""

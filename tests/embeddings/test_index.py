@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -221,6 +222,30 @@ def test_search_ids_answers_as_search(topic_vectors_factory: TopicFactory) -> No
     assert found_ids == [ids[10], ids[60]]
     assert np.allclose(vecs[0], rows[98] / np.linalg.norm(rows[98]), atol=1e-6)
     assert np.allclose(flat.vector(ids[60]), rows[60] / np.linalg.norm(rows[60]), atol=1e-6)
+
+
+def test_busy_while_another_thread_writes() -> None:
+    """`busy` tells a caller that a search would wait for a write in progress elsewhere."""
+    index = _small()
+    assert not index.busy()
+    holding, release = threading.Event(), threading.Event()
+
+    def write() -> None:  # a write that lasts until released: it holds the index's lock
+        with index._lock:
+            holding.set()
+            release.wait(10)
+            index.upsert(["south"], [[0, -1, 0, 0]])
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert holding.wait(10)
+        assert index.busy()
+    finally:
+        release.set()
+        writer.join(10)
+    assert not index.busy()
+    assert "south" in index
 
 
 def test_compaction_when_tombstones_pass_their_fraction(
