@@ -263,9 +263,13 @@ class SignalBatch:
         cfg = self.cfg
         interest = self.profiles_cfg.engagement_weights.get(etype, 0.0)
         gap_ms = cfg.covisit_gap_half_life_s * 1000.0
-        recent = [r for r in profile["recent_items"] if r["item_id"] not in lines][
-            : cfg.covisit_window
-        ]
+        # The visitor's previous items, newest first, read only as far as the window.
+        recent = list(
+            itertools.islice(
+                (r for r in profile["recent_items"] if r["item_id"] not in lines),
+                cfg.covisit_window,
+            )
+        )
         for item in lines:
             self._put("covisit", item, SELF, 1.0, ts)
             for distance, r in enumerate(recent, start=1):
@@ -279,11 +283,16 @@ class SignalBatch:
                 for name in ["", *categories_of(category)]:
                     self._put("trending", name, item, interest, ts)
         if etype == "purchase":
-            earlier = [
-                r["item_id"]
-                for r in profile["recent_items"]
-                if r["type"] == "purchase" and r["item_id"] not in lines
-            ][: cfg.covisit_window]
+            earlier = list(
+                itertools.islice(
+                    (
+                        r["item_id"]
+                        for r in profile["recent_items"]
+                        if r["type"] == "purchase" and r["item_id"] not in lines
+                    ),
+                    cfg.covisit_window,
+                )
+            )
             for item in lines:
                 self._put("copurchase", item, SELF, 1.0, ts)
                 for other in [*lines, *earlier]:
