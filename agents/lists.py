@@ -1,7 +1,7 @@
 """Each visitor's recommendations, computed ahead and served from memory.
 
 When a visitor's profile changes, the profile agent marks their list stale and queues them; a
-background builder recomputes queued lists, a few at a time, in short slices of the event loop.
+background builder recomputes queued lists, one at a time, in short slices of the event loop.
 A request for the default list (``k`` up to ``[recommend] list_size`` and no other parameter)
 is then answered from memory without touching the tables or the index:
 

@@ -56,6 +56,8 @@ _hurry = asyncio.Event()
 #: between two slices of a flush spread over time.
 _FLUSH_SLICE = 100
 _MAX_FLUSH_PAUSE_S = 0.25
+#: A periodic flush is spread over half the flush interval.
+_FLUSH_SPREAD_S = _cfg.recommend.signal_flush_interval_s / 2
 
 
 def _seq_of(headers: Any) -> int | None:
@@ -271,8 +273,7 @@ def _flush_behind() -> None:
     """Start a flush of the signal rows unless one runs: the agent goes on folding meanwhile."""
     if _flushing:
         return
-    spread_s = _cfg.recommend.signal_flush_interval_s / 2
-    task = asyncio.ensure_future(flush_signals(spread_s=spread_s))
+    task = asyncio.ensure_future(flush_signals(spread_s=_FLUSH_SPREAD_S))
     _flushing.add(task)
     task.add_done_callback(_flushed)
 
@@ -452,7 +453,7 @@ async def _audit(user_id: str, request_id: str) -> None:
 @app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]
 async def _flush_when_idle() -> None:
     """Write changed signal rows also when no events arrive."""
-    await flush_signals(spread_s=_cfg.recommend.signal_flush_interval_s / 2)
+    await flush_signals(spread_s=_FLUSH_SPREAD_S)
 
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:

@@ -251,6 +251,13 @@ def _check_ids(ids: Sequence[str] | Iterable[str], what: str = "ids") -> list[st
     return out
 
 
+def _check_search(k: int, exclude: Collection[str]) -> list[str]:
+    """The ids of ``exclude``, once ``k`` and they are checked."""
+    if not isinstance(k, int) or k < 1:
+        raise EmbeddingError(f"k: expected an integer >= 1, got {k!r}")
+    return _check_ids(exclude, "exclude") if exclude else []
+
+
 def _digest(item_id: str, row: Vector) -> int:
     """One item's share of the fingerprint (rows have a fixed length, so this is unambiguous)."""
     data = item_id.encode("utf-8") + b"\0" + row.astype("<f4", copy=False).tobytes()
@@ -566,12 +573,7 @@ class FaissIndex:
         Raises:
             EmbeddingError: ``k`` is below 1, or the query has the wrong shape or is zero.
         """
-        rows = _unit_rows(query, self._dim, "query", None)
-        if rows.shape[0] != 1:
-            raise EmbeddingError(
-                f"query: expected one vector, got {rows.shape[0]} rows; use search_many"
-            )
-        return self._search(rows, k, exclude)[0]
+        return self._search(self._one_query(query), k, exclude)[0]
 
     def search_ids(
         self, query: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
@@ -581,11 +583,7 @@ class FaissIndex:
         Raises:
             EmbeddingError: as `search`.
         """
-        rows = _unit_rows(query, self._dim, "query", None)
-        if rows.shape[0] != 1:
-            raise EmbeddingError(
-                f"query: expected one vector, got {rows.shape[0]} rows; use search_many"
-            )
+        rows = self._one_query(query)
         with self._lock:
             if self._kind == "flat":
                 return self._flat_search(rows[0], k, exclude)
@@ -596,6 +594,15 @@ class FaissIndex:
             keep = [j for j, number in enumerate(labels[0].tolist()) if number in names]
             ids = [names[number] for number in labels[0, keep].tolist()]
         return ids, scores[0, keep].astype(np.float64)
+
+    def _one_query(self, query: npt.ArrayLike) -> Vector:
+        """``query`` as a normalised (1, dim) matrix (a vector or a one-row matrix)."""
+        rows = _unit_rows(query, self._dim, "query", None)
+        if rows.shape[0] != 1:
+            raise EmbeddingError(
+                f"query: expected one vector, got {rows.shape[0]} rows; use search_many"
+            )
+        return rows
 
     def search_many(
         self, queries: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
@@ -904,9 +911,7 @@ class FaissIndex:
         Faiss's single-query search with an exclusion filter checks the filter per vector
         and builds the filter objects per call; this is a few times cheaper.
         """
-        if not isinstance(k, int) or k < 1:
-            raise EmbeddingError(f"k: expected an integer >= 1, got {k!r}")
-        excluded_keys = _check_ids(exclude, "exclude") if exclude else []
+        excluded_keys = _check_search(k, exclude)
         flat = self._flat_rows()
         assert flat is not None
         matrix, labels = flat
@@ -920,8 +925,9 @@ class FaissIndex:
         k_eff = min(k, available)
         if k_eff < 1:
             return [], np.empty(0, dtype=np.float64)
-        top = np.argpartition(-scores, k_eff - 1)[:k_eff] if k_eff < len(scores) else None
-        if top is None:
+        if k_eff < len(scores):
+            top = np.argpartition(-scores, k_eff - 1)[:k_eff]
+        else:
             top = np.arange(len(scores))
         best = top[np.argsort(-scores[top], kind="stable")][:k_eff]
         names = self._int_to_key
@@ -935,9 +941,7 @@ class FaissIndex:
         A label not in the ids (-1 for too few results, or a tombstone) is no hit. The caller
         holds the lock while it reads the ids.
         """
-        if not isinstance(k, int) or k < 1:
-            raise EmbeddingError(f"k: expected an integer >= 1, got {k!r}")
-        excluded_keys = _check_ids(exclude, "exclude") if exclude else []
+        excluded_keys = _check_search(k, exclude)
         with self._lock:
             excluded = {self._key_to_int[e] for e in excluded_keys if e in self._key_to_int}
             k_eff = min(k, len(self._key_to_int) - len(excluded))
