@@ -438,6 +438,17 @@ def _build_slice(
             return done
 
 
+def _must_wait(rec: Recommender) -> bool:
+    """Whether ranking now may wait on something else: it then runs on the ranking thread.
+
+    That is while a catalog write holds the index (a batch of new items, a rebuild), and
+    whenever re-ranking plugins are installed (each call may take up to the plugin time
+    limit): the event loop never blocks on either.
+    """
+    index_busy = rec.index is not None and rec.index.busy()
+    return index_busy or plugins().has("personify_rerank")
+
+
 @app.service
 class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
     """Recomputes queued lists in the background, and pushes each visitor's new list.
@@ -462,9 +473,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
         while not self.should_stop:
             if users_cache.queued() or items_cache.queued():
                 rec = recommender()
-                if rec.index is not None and rec.index.busy():
-                    # A catalog write holds the index (a batch of new items, a rebuild):
-                    # rank on the ranking thread meanwhile, never blocking the loop on it.
+                if _must_wait(rec):
                     await run_ranking(_build_slice, rec, size, _THREAD_SLICE_S, push_from_thread)
                 else:
                     _build_slice(rec, size, _BUILD_SLICE_S, self._push)
