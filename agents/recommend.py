@@ -61,7 +61,6 @@ __all__ = [
 Reason = dict[str, Any]
 #: Per source: item id -> (raw score, reason or a function that builds it when needed).
 Candidates = dict[str, tuple[float, Reason | Callable[[], Reason]]]
-Vector = npt.NDArray[np.float32]
 Numbers = npt.NDArray[np.int64]
 Scores = npt.NDArray[np.float64]
 #: A source's reason is given when it makes at least this share of an item's score.
@@ -476,36 +475,24 @@ class Recommender:
 
         return Pool(ids, numbers, scores, reason)
 
-    def _vector_of(self, seeds: list[str]) -> tuple[Vector | None, list[str], Vector]:
+    def _content(self, seeds: list[str], exclude: Collection[str], ids: ItemIds) -> Pool:
+        """Items close to the seeds' vectors weighted by recency (as in `_from_rows`).
+
+        An item's reason is the seed closest to it.
+        """
         index = self.index
         if index is None or not seeds:
-            return None, [], np.empty((0, 0), dtype=np.float32)
-        found, vecs = index.vectors(seeds)
-        if not found:
-            return None, [], vecs
-        rank = {s: i for i, s in enumerate(seeds)}
-        weights = np.array(
-            [math.pow(0.5, rank[s] / self.cfg.seed_half_life) for s in found], dtype=np.float32
-        )
-        mean = (vecs * weights[:, None]).sum(axis=0)
-        return mean.astype(np.float32), found, vecs
-
-    def _content(self, seeds: list[str], exclude: Collection[str], ids: ItemIds) -> Pool:
-        query, found, vecs = self._vector_of(seeds)
-        index = self.index
-        if query is None or index is None:
             return Pool.empty(ids)
-        found_ids, found_scores = index.search_ids(query, self.cfg.candidates, exclude=exclude)
-        if not found_ids:
+        weights = [math.pow(0.5, rank / self.cfg.seed_half_life) for rank in range(len(seeds))]
+        match = index.search_items(seeds, weights, self.cfg.candidates, exclude=exclude)
+        if match is None or not match.ids:
             return Pool.empty(ids)
-        seed_matrix = vecs
+        first, closest = match.seeds[0], match.closest
 
-        def closest(item_id: str) -> Reason:
-            vec = index.vector(item_id)
-            j = 0 if vec is None else int((seed_matrix @ vec).argmax())
-            return {"kind": "similar_to", "item_id": found[j]}
+        def reason(item_id: str) -> Reason:
+            return {"kind": "similar_to", "item_id": closest(item_id) or first}
 
-        return Pool(ids, ids.of(found_ids), np.maximum(found_scores, 0.0), closest)
+        return Pool(ids, ids.of(match.ids), np.maximum(match.scores, 0.0), reason)
 
     def _chat(
         self, profile: profiles.Profile | None, now_ms: int, exclude: Collection[str], ids: ItemIds

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple, Protocol
@@ -42,6 +43,7 @@ __all__ = [
     "Hit",
     "IndexKind",
     "IndexSettings",
+    "ItemsMatch",
     "SnapshotInfo",
     "VectorIndex",
     "content_fingerprint",
@@ -55,6 +57,27 @@ _MANIFEST = "manifest.json"
 _FORMAT = "personify-faiss-index"
 _FORMAT_VERSION = 1
 _MOD = 1 << 256
+#: Similarity rows a flat index keeps for `FaissIndex.search_items`, in bytes ...
+SEED_ROWS_BYTES = 64 << 20
+#: ... but at least this many rows.
+_MIN_SEED_ROWS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ItemsMatch:
+    """What `VectorIndex.search_items` found.
+
+    Attributes:
+        seeds: the items searched by that the index holds, in the order given.
+        ids: the hits, best first.
+        scores: their scores (float64).
+        closest: the seed most similar to a hit (None for an id that is not a hit or gone).
+    """
+
+    seeds: list[str]
+    ids: list[str]
+    scores: npt.NDArray[np.float64]
+    closest: Callable[[str], str | None]
 
 
 class Hit(NamedTuple):
@@ -190,6 +213,17 @@ class VectorIndex(Protocol):
         self, query: npt.ArrayLike, k: int, *, exclude: Collection[str] = ()
     ) -> tuple[list[str], npt.NDArray[np.float64]]:
         """`search` as (ids, scores): no `Hit` per result (for the ranking's hot path)."""
+        ...
+
+    def search_items(
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        k: int,
+        *,
+        exclude: Collection[str] = (),
+    ) -> ItemsMatch | None:
+        """Search by the weighted sum of the stored vectors of ``item_ids``; None if none held."""
         ...
 
     async def search_async(
@@ -415,6 +449,9 @@ class FaissIndex:
         self._index, self._inner = self._new_index("flat")
         #: A flat index's vectors and their int64 ids, both ordered by id, until the next write.
         self._flat: tuple[Vector, npt.NDArray[np.int64]] | None = None
+        #: A flat index's similarity rows of items searched by (`search_items`): the inner
+        #: product of the item's vector with each stored vector, in `_flat`'s order.
+        self._seed_rows: dict[int, Vector] = {}
 
     # -- read-only state -------------------------------------------------------------------
     @property
@@ -529,7 +566,7 @@ class FaissIndex:
             self._next_int += len(keys)
             faiss.omp_set_num_threads(_threads(self._settings.build_threads))
             self._index.add_with_ids(rows, internal)
-            self._flat = None
+            self._forget_flat()
             for key, number, row in zip(keys, internal.tolist(), rows, strict=True):
                 digest = _digest(key, row)
                 self._key_to_int[key] = number
@@ -837,7 +874,7 @@ class FaissIndex:
             return 0
         if self._kind == "flat":
             self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(gone, dtype=np.int64)))
-            self._flat = None
+            self._forget_flat()
         else:
             self._tombstones.update(gone)
             self._tomb_selector = None
@@ -869,7 +906,7 @@ class FaissIndex:
             faiss.omp_set_num_threads(_threads(self._settings.build_threads))
             index.add_with_ids(np.ascontiguousarray(rows[keep]), internal[keep])
         self._index, self._inner, self._kind = index, inner, kind
-        self._flat = None
+        self._forget_flat()
         self._tombstones.clear()
         self._tomb_selector = None
         self._rebuilds += 1
@@ -903,6 +940,11 @@ class FaissIndex:
             self._flat = (np.ascontiguousarray(matrix[order]), labels[order])
         return self._flat
 
+    def _forget_flat(self) -> None:
+        """The stored vectors changed: drop what was derived from them (lock held)."""
+        self._flat = None
+        self._seed_rows = {}
+
     def _flat_search(
         self, query: Vector, k: int, exclude: Collection[str]
     ) -> tuple[list[str], npt.NDArray[np.float64]]:
@@ -915,7 +957,21 @@ class FaissIndex:
         flat = self._flat_rows()
         assert flat is not None
         matrix, labels = flat
-        scores = matrix @ query
+        ids, scores, _best = self._flat_top(matrix @ query, labels, k, excluded_keys)
+        return ids, scores
+
+    def _flat_top(
+        self,
+        scores: npt.NDArray[np.float32],
+        labels: npt.NDArray[np.int64],
+        k: int,
+        excluded_keys: list[str],
+    ) -> tuple[list[str], npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+        """The ``k`` best of ``scores`` less the excluded, highest first; lock held.
+
+        ``scores`` has one entry per row of `_flat` (excluded ones are set to -inf in place).
+        Returns the ids, their scores and their rows.
+        """
         available = len(labels)
         excluded = [self._key_to_int[e] for e in excluded_keys if e in self._key_to_int]
         if excluded:
@@ -924,14 +980,95 @@ class FaissIndex:
             available -= len(where)
         k_eff = min(k, available)
         if k_eff < 1:
-            return [], np.empty(0, dtype=np.float64)
+            return [], np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64)
         if k_eff < len(scores):
             top = np.argpartition(-scores, k_eff - 1)[:k_eff]
         else:
             top = np.arange(len(scores))
         best = top[np.argsort(-scores[top], kind="stable")][:k_eff]
         names = self._int_to_key
-        return [names[n] for n in labels[best].tolist()], scores[best].astype(np.float64)
+        return [names[n] for n in labels[best].tolist()], scores[best].astype(np.float64), best
+
+    def search_items(
+        self,
+        item_ids: Sequence[str],
+        weights: Sequence[float],
+        k: int,
+        *,
+        exclude: Collection[str] = (),
+    ) -> ItemsMatch | None:
+        """`search_ids` for the weighted sum of the stored vectors of ``item_ids`` (normalised).
+
+        Items not held are left out; None when none is held (or the sum is zero). On a flat
+        index the similarity rows of the items are kept until the next write (up to
+        `SEED_ROWS_BYTES`), so that a visitor's next search, with one more recent item, costs
+        a weighted sum of rows instead of a pass over every stored vector.
+
+        Raises:
+            EmbeddingError: on a bad ``k`` or ``exclude``, or as many weights as items.
+        """
+        if len(weights) != len(item_ids):
+            raise EmbeddingError(
+                f"weights: expected {len(item_ids)} (one per item), got {len(weights)}"
+            )
+        excluded_keys = _check_search(k, exclude)
+        with self._lock:
+            held = [
+                (item, w, self._key_to_int[item])
+                for item, w in zip(item_ids, weights, strict=True)
+                if item in self._key_to_int
+            ]
+            if not held:
+                return None
+            seeds = [item for item, _w, _n in held]
+            w = np.fromiter((w for _i, w, _n in held), dtype=np.float32, count=len(held))
+            flat = self._flat_rows()
+            if flat is None:
+                return self._search_items_hnsw(seeds, w, k, exclude)
+            matrix, labels = flat
+            numbers = [n for _i, _w, n in held]
+            rows = self._rows_of(numbers, matrix, labels)
+            norm = float(np.linalg.norm(w @ matrix[np.searchsorted(labels, numbers)]))
+            if not np.isfinite(norm) or norm == 0.0:
+                return None
+            combined = w @ rows
+            combined /= np.float32(norm)
+            ids, scores, best = self._flat_top(combined, labels, k, excluded_keys)
+            nearest = rows[:, best].argmax(axis=0).tolist() if len(best) else []
+            closest = dict(zip(ids, (seeds[j] for j in nearest), strict=True))
+            return ItemsMatch(seeds, ids, scores, closest.get)
+
+    def _rows_of(
+        self, numbers: list[int], matrix: Vector, labels: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        """The similarity rows of the stored vectors ``numbers`` (s, n); lock held."""
+        cache = self._seed_rows
+        missing = list(dict.fromkeys(n for n in numbers if n not in cache))
+        if missing:
+            fresh = matrix[np.searchsorted(labels, missing)] @ matrix.T
+            room = max(_MIN_SEED_ROWS, SEED_ROWS_BYTES // max(4 * len(labels), 1))
+            for old in list(itertools.islice(cache, max(len(cache) + len(missing) - room, 0))):
+                del cache[old]
+            for n, row in zip(missing, fresh, strict=True):
+                cache[n] = row
+        return np.stack([cache[n] for n in numbers])
+
+    def _search_items_hnsw(
+        self, seeds: list[str], weights: npt.NDArray[np.float32], k: int, exclude: Collection[str]
+    ) -> ItemsMatch | None:
+        """`search_items` on an HNSW index: one search for the weighted sum; lock held."""
+        vecs = np.stack([self._index.reconstruct(self._key_to_int[s]) for s in seeds])
+        query = weights @ vecs
+        if not np.isfinite(query).all() or not query.any():
+            return None
+        ids, scores = self.search_ids(query, k, exclude=exclude)
+        seed_matrix = vecs.astype(np.float32)
+
+        def closest(item_id: str) -> str | None:
+            vec = self.vector(item_id)
+            return None if vec is None else seeds[int((seed_matrix @ vec).argmax())]
+
+        return ItemsMatch(seeds, ids, scores, closest)
 
     def _search_arrays(
         self, rows: Vector, k: int, exclude: Collection[str]

@@ -224,6 +224,59 @@ def test_search_ids_answers_as_search(topic_vectors_factory: TopicFactory) -> No
     assert np.allclose(flat.vector(ids[60]), rows[60] / np.linalg.norm(rows[60]), atol=1e-6)
 
 
+def _weighted_query(index: FaissIndex, items: list[str], weights: list[float]) -> np.ndarray:
+    held, vecs = index.vectors(items)
+    w = [weights[items.index(i)] for i in held]
+    return np.asarray(w, dtype=np.float32) @ vecs
+
+
+def test_search_items_answers_as_the_weighted_sum_of_the_items_vectors(
+    topic_vectors_factory: TopicFactory,
+) -> None:
+    """`search_items` finds what `search_ids` finds for the weighted sum of the items' vectors.
+
+    Items not held are left out; each hit's closest item is the one most similar to it; on a
+    flat index the kept similarity rows follow every write.
+    """
+    ids, rows = topic_vectors_factory(300)
+    for threshold in (10_000, 100):  # flat, then HNSW with tombstones
+        index = FaissIndex(384, _settings(hnsw_threshold=threshold, compact_fraction=0.9))
+        index.upsert(ids, rows)
+        index.remove(ids[:20])
+        exclude = set(ids[20:30])
+        for start in (30, 100, 200):
+            items = [ids[start], ids[5], ids[start + 40], ids[start + 7]]  # ids[5] is gone
+            weights = [1.0, 0.9, 0.8, 0.6]
+            match = index.search_items(items, weights, k=25, exclude=exclude)
+            assert match is not None
+            assert match.seeds == [items[0], items[2], items[3]]
+            query = _weighted_query(index, items, weights)
+            found, scores = index.search_ids(query, k=25, exclude=exclude)
+            assert match.ids == found
+            assert match.scores.tolist() == pytest.approx(scores.tolist(), abs=1e-5)
+            _held, seed_vecs = index.vectors(match.seeds)
+            for hit in match.ids[:10]:
+                vec = index.vector(hit)
+                assert vec is not None
+                assert match.closest(hit) == match.seeds[int((seed_vecs @ vec).argmax())]
+        assert index.search_items([ids[0], "nope"], [1.0, 1.0], k=5) is None
+        with pytest.raises(EmbeddingError, match="weights"):
+            index.search_items([ids[40]], [1.0, 2.0], k=5)
+        with pytest.raises(EmbeddingError, match="k"):
+            index.search_items([ids[40]], [1.0], k=0)
+    flat = FaissIndex(384, _settings())
+    flat.upsert(ids[:50], rows[:50])
+    before = flat.search_items([ids[3], ids[4]], [1.0, 0.5], k=5)
+    assert before is not None
+    flat.upsert([ids[3]], [rows[120]])  # the item's own vector changes: so do its rows
+    flat.upsert(ids[100:110], rows[100:110])
+    flat.remove([before.ids[0]])
+    after = flat.search_items([ids[3], ids[4]], [1.0, 0.5], k=5)
+    query = _weighted_query(flat, [ids[3], ids[4]], [1.0, 0.5])
+    assert after is not None and after.ids == flat.search_ids(query, k=5)[0]
+    assert before.ids[0] not in after.ids
+
+
 def test_busy_while_another_thread_writes() -> None:
     """`busy` tells a caller that a search would wait for a write in progress elsewhere."""
     index = _small()
