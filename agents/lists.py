@@ -21,7 +21,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
     assert isinstance(data, TableData)
     # Generations are read before the profiles: a change meanwhile leaves the list stale.
     owners, gens = [user_id], [cache.generation(user_id)]
-    profile = data.profile_of(user_id)
+    profile = _just_written.pop(user_id, None) or data.profile_of(user_id)
     if profile is None:
         return None
     alias = profile.get("alias_of")
@@ -340,17 +340,38 @@ def _builder_wake() -> asyncio.Event:
     return asyncio.Event()
 
 
-def profiles_changed(user_ids: Iterable[str], *, done: bool = True) -> None:
+#: Profiles just written by this worker's profile agent and not ranked since: the builder
+#: takes them as they are instead of reading and decoding them again.
+_just_written: dict[str, profiles.Profile] = {}
+#: Fresh profiles kept at most (visitors who are not ranked soon are read when they are).
+_JUST_WRITTEN_MAX = 50_000
+
+
+def profiles_changed(
+    user_ids: Iterable[str],
+    *,
+    done: bool = True,
+    states: Mapping[str, profiles.Profile] | None = None,
+) -> None:
     """The profiles of ``user_ids`` change: their lists are stale.
 
     Called before the new profiles are written (no list computed from the old ones is served
     once they can be read) and again once written (``done``: nothing computed during the write
-    counts, and the lists are queued to be computed ahead).
+    counts, and the lists are queued to be computed ahead). ``states`` are the profiles just
+    written (never changed afterwards), which the list builder then ranks without reading
+    them back.
     """
     cache = list_cache()
     if not done:
-        cache.changed(user_ids, queue=False)
+        users = list(user_ids)
+        for user in users:
+            _just_written.pop(user, None)
+        cache.changed(users, queue=False)
         return
+    if states:
+        if len(_just_written) + len(states) > _JUST_WRITTEN_MAX:
+            _just_written.clear()
+        _just_written.update(states)
     users = list(user_ids)
     live = hub()
     watched = [u for u in users if live.followed(u)]  # pushed first, with or without precompute
@@ -507,6 +528,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
     """Partitions moved: lists computed from profiles this worker no longer holds go."""
     list_cache().clear()
+    _just_written.clear()
     _table_data().reset()
 
 

@@ -243,25 +243,36 @@ async def flush_signals(
 async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float) -> None:
     async with _flush_lock:  # one flush at a time: an older row never overwrites a newer one
         held = list(_live if partitions is None else partitions)
-        dirty = {p: _live[p].take_dirty_keys() for p in held if p in _live}
-        slices = sum(-(-len(rows) // _FLUSH_SLICE) for rows in dirty.values())
-        pause_s = min(spread_s / slices, _MAX_FLUSH_PAUSE_S) if slices and spread_s > 0 else 0.0
-        for partition, rows in dirty.items():
-            live = _live[partition]
-            for start in range(0, len(rows), _FLUSH_SLICE):
-                writes: list[tuple[bytes, bytes | None]] = list(
-                    live.encode(rows[start : start + _FLUSH_SLICE])
-                )
+        dirty = {p: dict(_live[p].take_dirty_keys()) for p in held if p in _live}
+        # Slices go by row key, each key with its rows of every partition: readers then hear
+        # of a row once per flush (and rank it again once), right after all of it is written.
+        slices: list[list[bytes]] = [[]]
+        rows_in_slice = 0
+        for key in dict.fromkeys(key for rows in dirty.values() for key in rows):
+            if rows_in_slice >= _FLUSH_SLICE:
+                slices.append([])
+                rows_in_slice = 0
+            slices[-1].append(key)
+            rows_in_slice += sum(1 for rows in dirty.values() if key in rows)
+        count = len(slices) if slices[0] else 0
+        pause_s = min(spread_s / count, _MAX_FLUSH_PAUSE_S) if count and spread_s > 0 else 0.0
+        for keys in slices[:count]:
+            for partition, rows in dirty.items():
+                mine = [(key, rows[key]) for key in keys if key in rows]
+                if not mine:
+                    continue
+                writes: list[tuple[bytes, bytes | None]] = list(_live[partition].encode(mine))
                 await until_done(
                     "signal flush", functools.partial(_store.put_many, partition, writes)
                 )
-                signals_changed(key for key, _value in writes)
-                if pause_s > 0 and not _hurry.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(_hurry.wait(), pause_s)
-                else:
-                    await asyncio.sleep(0)
-            live.trim()
+            signals_changed(keys)
+            if pause_s > 0 and not _hurry.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(_hurry.wait(), pause_s)
+            else:
+                await asyncio.sleep(0)
+        for partition in dirty:
+            _live[partition].trim()
             if drop:
                 _live.pop(partition, None)
 
@@ -377,14 +388,15 @@ async def profile_agent(stream: Any) -> None:
                 for p, f in folds.items()
             )
         )
-        profiles_changed(changed)
+        latest = {k: v for f in folds.values() for k, v in f.states.items()}
+        profiles_changed(changed, states=latest)
         for f in folds.values():
             for user, request_id in f.erased:
                 hub().forget(user)
                 await until_done("audit record", functools.partial(_audit, user, request_id))
         applied = [e for f in folds.values() for e in f.events]
         note_timers(applied)
-        queue_events({k: v for f in folds.values() for k, v in f.states.items()}, applied)
+        queue_events(latest, applied)
         onward = [e for f in folds.values() for e in f.onward]
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))
