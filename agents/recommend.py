@@ -180,24 +180,6 @@ def _sum_by_item(numbers: list[Numbers], parts: list[Scores]) -> tuple[Numbers, 
     return unique, where, sums.astype(np.float64, copy=False)
 
 
-def _largest_part(
-    numbers: list[Numbers], parts: list[Scores], sources: list[int]
-) -> dict[int, int]:
-    """Each number's source (from ``sources``, one per array) with its largest positive part.
-
-    Of equal parts the first source's counts; a number with no positive part is left out.
-    """
-    nums = np.concatenate(numbers)
-    vals = np.concatenate(parts)
-    src = np.repeat(np.asarray(sources, dtype=np.int64), [len(n) for n in numbers])
-    order = np.lexsort((src, -vals, nums))  # by number, then largest part, then first source
-    ordered = nums[order]
-    first = np.ones(len(order), dtype=bool)
-    first[1:] = ordered[1:] != ordered[:-1]
-    win = order[first & (vals[order] > 0)]
-    return dict(zip(nums[win].tolist(), src[win].tolist(), strict=True))
-
-
 class DataSource(Protocol):
     """Where a `Recommender` reads profiles and signal rows."""
 
@@ -439,19 +421,19 @@ class Recommender:
         present = [(w, top) for w, top in zip(weights, tops, strict=True) if top.pairs]
         if not present:
             return Pool.empty(ids)
-        every = [top.numbers for _w, top in present]
-        parts = [w * top.scores for w, top in present]
-        numbers, _where, scores = _sum_by_item(every, parts)
-        best: dict[int, int] = {}
+        numbers, _where, scores = _sum_by_item(
+            [top.numbers for _w, top in present], [w * top.scores for w, top in present]
+        )
 
         def reason(item: str) -> Reason:
-            # The seed that contributed most (the first of equals); found for every candidate
-            # at the first call (a list asks for a few).
-            if not best:
-                positions = [i for i, top in enumerate(tops) if top.pairs]
-                best.update(_largest_part(every, parts, positions))
-            j = best.get(ids.number.get(item, -1))
-            return {"kind": reason_kind, "item_id": seeds[0] if j is None else seeds[j]}
+            # The seed that contributed most (the first of equals), as the sum was made.
+            best, seed = 0.0, seeds[0]
+            for s, w, top in zip(seeds, weights, tops, strict=True):
+                if top.pairs:
+                    score = top.score_of(item)
+                    if score is not None and w * score > best:
+                        best, seed = w * score, s
+            return {"kind": reason_kind, "item_id": seed}
 
         return Pool(ids, numbers, scores, reason)
 
