@@ -71,6 +71,8 @@ SENT = "$sent"
 _BOOKKEEPING = frozenset({SCHEDULE, FIRED, SENT})
 #: Offers remembered per visitor.
 _OFFERS_KEPT = 50
+#: Writes of up to this many rows are made on the event loop; larger ones on a thread.
+_SYNC_WRITE_ROWS = 16
 
 #: An event may carry its text's embedding under this key while it is folded (never stored).
 VECTOR_KEY = "_vector"
@@ -527,8 +529,12 @@ class ProfileStore:
             else:
                 batch.put(key, value)
         store = self.table.data
-        # RocksDB releases the GIL: the write overlaps with the event loop's other work.
-        await asyncio.to_thread(self._db(partition).write, batch)
+        db = self._db(partition)
+        if len(items) <= _SYNC_WRITE_ROWS:
+            db.write(batch)  # tens of microseconds: less than a hop to a thread and back
+        else:
+            # RocksDB releases the GIL: a large write overlaps with the event loop's work.
+            await asyncio.to_thread(db.write, batch)
         for key, value in items:
             if value is None:
                 store._key_index.pop(key, None)
