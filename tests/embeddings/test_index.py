@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -189,16 +189,22 @@ def test_tombstoned_ids_are_never_returned(topic_vectors_factory: TopicFactory) 
     assert ids[55] not in _ids(index.search(rows[55], k=1))
 
 
+def _flat_then_hnsw(ids: list[str], rows: npt.NDArray[np.float32]) -> Iterator[FaissIndex]:
+    """A flat index, then an HNSW one with tombstones, each holding ``ids`` less the first 20."""
+    for threshold in (10_000, 100):
+        index = FaissIndex(384, _settings(hnsw_threshold=threshold, compact_fraction=0.9))
+        index.upsert(ids, rows)
+        index.remove(ids[:20])
+        yield index
+
+
 def test_search_ids_answers_as_search(topic_vectors_factory: TopicFactory) -> None:
     """`search_ids` gives the same ids and scores as `search`, exclusions and tombstones too.
 
     On a flat index it is a matrix product of its own, kept current across writes.
     """
     ids, rows = topic_vectors_factory(300)
-    for threshold in (10_000, 100):  # flat, then HNSW with tombstones
-        index = FaissIndex(384, _settings(hnsw_threshold=threshold, compact_fraction=0.9))
-        index.upsert(ids, rows)
-        index.remove(ids[:20])
+    for index in _flat_then_hnsw(ids, rows):
         exclude = set(ids[20:30])
         for row in rows[:40:7]:
             hits = index.search(row, k=25, exclude=exclude)
@@ -239,10 +245,7 @@ def test_search_items_answers_as_the_weighted_sum_of_the_items_vectors(
     flat index the kept similarity rows follow every write.
     """
     ids, rows = topic_vectors_factory(300)
-    for threshold in (10_000, 100):  # flat, then HNSW with tombstones
-        index = FaissIndex(384, _settings(hnsw_threshold=threshold, compact_fraction=0.9))
-        index.upsert(ids, rows)
-        index.remove(ids[:20])
+    for index in _flat_then_hnsw(ids, rows):
         exclude = set(ids[20:30])
         for start in (30, 100, 200):
             items = [ids[start], ids[5], ids[start + 40], ids[start + 7]]  # ids[5] is gone
