@@ -32,6 +32,7 @@ from personify.engine.metrics import (
     EVENTS_APPLIED,
     EVENTS_DUPLICATE,
     EVENTS_VETOED,
+    ROUTED_END_OFFSET,
 )
 from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER
@@ -425,6 +426,39 @@ async def profile_agent(stream: Any) -> None:
         hw = app.consumer.highwater(last.tp) if app.consumer else None
         if hw is not None:
             AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
+            _note_end_offset(last.partition, hw)
+
+
+#: Partition -> the end offset that warns next (embedded broker).
+_warn_at: dict[int, int] = {}
+
+
+def _note_end_offset(partition: int, end: int) -> None:
+    """Publish a routed partition's end offset; with the embedded broker, warn as it grows.
+
+    The embedded broker keeps every message it was sent, and its work per fetch grows with
+    what a partition holds (measured by ``bench/broker.py``): under sustained load latency
+    rises until a restart releases them.
+    """
+    ROUTED_END_OFFSET.labels(str(partition)).set(end)
+    threshold = _cfg.broker.embedded_warn_messages
+    if not (_cfg.broker.embedded and threshold):
+        return
+    warn_at = _warn_at.get(partition, threshold)
+    if end < warn_at:
+        return
+    while warn_at <= end:
+        warn_at *= 2
+    _warn_at[partition] = warn_at
+    _log.warning(
+        "the embedded broker holds many messages",
+        topic=_cfg.topics.routed,
+        partition=partition,
+        messages=end,
+        effect="its work per fetch grows with them: latency rises under sustained load",
+        remedy="restart Personify to release them (the journal keeps every event), or use "
+        'Kafka ([broker] url = "kafka://host:port") for sustained traffic',
+    )
 
 
 async def _consent_gates(by_partition: dict[int, list[Event]]) -> int:

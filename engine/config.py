@@ -81,11 +81,15 @@ class BrokerConfig:
             ``"kafka://host:port[;host:port]"`` uses an external cluster.
         partitions: partitions of every topic Personify declares.
         replication_factor: replication factor of those topics.
+        embedded_warn_messages: with the embedded broker, warn when a partition of the routed
+            topic holds this many messages (and again at each doubling); 0 never warns. That
+            broker keeps every message, and its work per fetch grows with them.
     """
 
     url: str = "embedded"
     partitions: int = 4
     replication_factor: int = 1
+    embedded_warn_messages: int = 20000
 
     @property
     def embedded(self) -> bool:
@@ -540,6 +544,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
     if section == "broker" and not (obj.url == "embedded" or obj.url.startswith("kafka://")):
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
+        )
+    if section == "broker" and obj.embedded_warn_messages < 0:
+        raise ConfigError(
+            f"{source}: [broker] embedded_warn_messages: expected >= 0 (0: never), "
+            f"got {obj.embedded_warn_messages}"
         )
     if section == "events" and obj.pseudonymize_ids and len(obj.id_secret) < 16:
         raise ConfigError(

@@ -21,6 +21,7 @@ __all__ = [
     "PLUGIN_ERRORS",
     "REGISTRY",
     "REQUEST_LATENCY",
+    "ROUTED_END_OFFSET",
     "TRIGGER_ACTIONS",
     "WEBHOOK_CALLS",
     "WS_DROPPED",
@@ -60,6 +61,13 @@ AGENT_LAG = Gauge(
     "personify_agent_lag",
     "Messages between an agent's position and the partition's high-water mark.",
     ["agent", "partition"],
+    registry=REGISTRY,
+)
+ROUTED_END_OFFSET = Gauge(
+    "personify_routed_end_offset",
+    "End offset of each partition of the routed topic this worker reads: the messages written "
+    "to it (the embedded broker holds them all until it stops).",
+    ["partition"],
     registry=REGISTRY,
 )
 CATALOG_ITEMS = Gauge(

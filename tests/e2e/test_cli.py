@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,3 +62,17 @@ def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
     )
     assert 'personify_events_accepted_total{source="http"}' in text
     assert "personify_events_applied_total" in text
+    ends = re.findall(r'^personify_routed_end_offset\{partition="\d+"\} (\S+)$', text, re.M)
+    assert ends and max(float(e) for e in ends) >= 1
+
+
+def test_embedded_broker_warns_as_a_partition_fills(engine_factory: Any, uid: str) -> None:
+    """Past [broker] embedded_warn_messages a routed partition's size is logged, with the remedy."""
+    eng = engine_factory(config="[broker]\nembedded_warn_messages = 3\n").start()
+    for n in range(4):  # one POST, one message on the visitor's partition
+        assert eng.post_events({"type": "page_view", "user_id": uid})[0] == 202
+        eng.wait_profile(uid, lambda p, n=n: p["counts"] == {"page_view": n + 1})
+    log = eng.log_path.read_text()
+    warnings = [line for line in log.splitlines() if "embedded broker holds many" in line]
+    assert len(warnings) == 1, log[-3000:]  # the next one waits for 6 messages
+    assert "restart Personify" in warnings[0] and "events-routed" in warnings[0]

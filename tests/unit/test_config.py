@@ -214,6 +214,14 @@ def test_fetch_max_wait_may_be_zero_not_negative(config_file: ConfigFile) -> Non
         load_config(config_file("[worker]\nfetch_max_wait_ms = -1\n"), environ={})
 
 
+def test_embedded_warn_messages_may_be_zero_not_negative(config_file: ConfigFile) -> None:
+    """embedded_warn_messages accepts 0 (never warn) and rejects negatives."""
+    cfg = load_config(config_file("[broker]\nembedded_warn_messages = 0\n"), environ={})
+    assert cfg.broker.embedded_warn_messages == 0
+    with pytest.raises(ConfigError, match="embedded_warn_messages: expected >= 0"):
+        load_config(config_file("[broker]\nembedded_warn_messages = -1\n"), environ={})
+
+
 def test_broker_url_scheme(config_file: ConfigFile) -> None:
     """The broker url must be "embedded" or kafka://..."""
     cfg = load_config(config_file('[broker]\nurl = "kafka://k1:9092;k2:9092"\n'), environ={})
