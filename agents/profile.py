@@ -26,6 +26,7 @@ from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.push import hub
 from personify.agents.triggers import note_timers, queue_events
 from personify.engine.app import app, current_config, publisher, topic
+from personify.engine.compaction import compaction
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
     AGENT_LAG,
@@ -353,6 +354,7 @@ async def profile_agent(stream: Any) -> None:
     partition and visitor, and writes every touched profile once per round.
     """
     pub = publisher()
+    routed = compaction()
     flushed = time.monotonic()
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
         by_partition: dict[int, list[Event]] = {}
@@ -419,6 +421,7 @@ async def profile_agent(stream: Any) -> None:
             seq = _seq_of(event.message.headers)
             if pub.journal is not None and seq is not None:
                 pub.journal.mark_applied(seq)
+            routed.note_applied(event.message.partition, event.message.offset)
         if time.monotonic() - flushed >= _cfg.recommend.signal_flush_interval_s:
             _flush_behind()
             flushed = time.monotonic()

@@ -81,14 +81,17 @@ class BrokerConfig:
             ``"kafka://host:port[;host:port]"`` uses an external cluster.
         partitions: partitions of every topic Personify declares.
         replication_factor: replication factor of those topics.
+        embedded_compact_messages: with the embedded broker, empty the routed topic once one
+            of its partitions holds this many messages and all of them are applied; 0 never.
+            That broker keeps every message, and its work per fetch grows with them.
         embedded_warn_messages: with the embedded broker, warn when a partition of the routed
-            topic holds this many messages (and again at each doubling); 0 never warns. That
-            broker keeps every message, and its work per fetch grows with them.
+            topic holds this many messages (and again at each doubling); 0 never warns.
     """
 
     url: str = "embedded"
     partitions: int = 4
     replication_factor: int = 1
+    embedded_compact_messages: int = 2000
     embedded_warn_messages: int = 20000
 
     @property
@@ -545,11 +548,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
         )
-    if section == "broker" and obj.embedded_warn_messages < 0:
-        raise ConfigError(
-            f"{source}: [broker] embedded_warn_messages: expected >= 0 (0: never), "
-            f"got {obj.embedded_warn_messages}"
-        )
+    for name in ("embedded_compact_messages", "embedded_warn_messages"):
+        if section == "broker" and getattr(obj, name) < 0:
+            raise ConfigError(
+                f"{source}: [broker] {name}: expected >= 0 (0: never), got {getattr(obj, name)}"
+            )
     if section == "events" and obj.pseudonymize_ids and len(obj.id_secret) < 16:
         raise ConfigError(
             f"{source}: [events] id_secret: pseudonymize_ids needs a secret of at least 16 "

@@ -21,6 +21,7 @@ __all__ = [
     "PLUGIN_ERRORS",
     "REGISTRY",
     "REQUEST_LATENCY",
+    "ROUTED_COMPACTIONS",
     "ROUTED_END_OFFSET",
     "TRIGGER_ACTIONS",
     "WEBHOOK_CALLS",
@@ -61,6 +62,11 @@ AGENT_LAG = Gauge(
     "personify_agent_lag",
     "Messages between an agent's position and the partition's high-water mark.",
     ["agent", "partition"],
+    registry=REGISTRY,
+)
+ROUTED_COMPACTIONS = Counter(
+    "personify_routed_compactions",
+    "Times the embedded broker's routed topic was emptied after being applied.",
     registry=REGISTRY,
 )
 ROUTED_END_OFFSET = Gauge(

@@ -10,7 +10,8 @@ message. With the journal enabled, the messages are journaled first and replayed
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
@@ -52,6 +53,13 @@ class Publisher:
         self.replayed_until = 0
         self._queue: list[tuple[list[Event], asyncio.Future[None]]] = []
         self._flusher: asyncio.Future[None] | None = None
+        #: Partition -> the offset after the last message published to it (by this process).
+        self.ends: dict[int, int] = {}
+        self._open = asyncio.Event()
+        self._open.set()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def group(self, events: Iterable[Event]) -> dict[int, list[Event]]:
         """Group events by partition, keeping their order."""
@@ -106,7 +114,19 @@ class Publisher:
         await self.publish_records(records)
 
     async def publish_records(self, records: list[tuple[int, bytes]]) -> None:
-        """Publish ready-made ``(partition, payload)`` messages."""
+        """Publish ready-made ``(partition, payload)`` messages (waits while `held`)."""
+        while not self._open.is_set():
+            await self._open.wait()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            await self._publish_records(records)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _publish_records(self, records: list[tuple[int, bytes]]) -> None:
         seqs: list[int] = []
         if self.journal is not None:
             seqs = await self.journal.append(records)
@@ -119,11 +139,26 @@ class Publisher:
                         value=payload, partition=partition, headers=headers, force=True
                     )
                 )
-            await asyncio.gather(*futures)
+            sent = await asyncio.gather(*futures)
         except BaseException:
             if self.journal is not None:
                 await self.journal.abort(seqs)
             raise
+        self._note_sent(sent)
+
+    def _note_sent(self, sent: Iterable[Any]) -> None:
+        for meta in sent:  # Faust's RecordMetadata
+            self.ends[meta.partition] = max(self.ends.get(meta.partition, 0), meta.offset + 1)
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """Hold new publishes for the block; it starts once those in flight are acknowledged."""
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._open.set()
 
     @property
     def caught_up(self) -> bool:
@@ -151,10 +186,10 @@ class Publisher:
                 )
             )
             if len(batch) >= 1000:
-                await asyncio.gather(*batch)
+                self._note_sent(await asyncio.gather(*batch))
                 done += len(batch)
                 batch.clear()
                 _log.info("journal replay progress", published=done, total=len(records))
-        await asyncio.gather(*batch)
+        self._note_sent(await asyncio.gather(*batch))
         self.replayed_until = self.journal.next_seq
         return len(records)

@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as _driver
 
-__all__ = ["Transport", "confirmed_highwaters"]
+__all__ = ["Transport", "confirmed_highwaters", "rewind"]
 
 
 async def confirmed_highwaters(
@@ -57,6 +57,34 @@ async def confirmed_highwaters(
         return result
     finally:
         await consumer.stop()
+
+
+async def rewind(consumer: Any, tps: Iterable[Any]) -> None:
+    """Point Faust's worker consumer at offset 0 of ``tps``, whose topic was just created again.
+
+    Faust keeps, per partition, the offsets read, acknowledged and committed, and drops any
+    message below the offset it read last: that bookkeeping is dropped, as when a partition is
+    revoked, and the aiokafka consumer (which runs on Faust's consumer thread) seeks there.
+    """
+    tps = list(tps)
+    thread = consumer._thread
+    aio = thread._ensure_consumer()
+
+    async def seek() -> None:
+        for tp in tps:
+            aio.seek(tp, 0)
+
+    await thread.call_thread(seek)
+    books = (
+        consumer._gap,
+        consumer._acked,
+        consumer._acked_index,
+        consumer._read_offset,
+        consumer._committed_offset,
+    )
+    for tp in tps:
+        for book in books:
+            book.pop(tp, None)
 
 
 class _ConsumerThread(_driver.AIOKafkaConsumerThread):  # type: ignore[misc] # untyped base
