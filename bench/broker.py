@@ -130,6 +130,9 @@ class _Floor:
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.pids)
 
+    def broker_cpu(self) -> float:
+        return cpu_seconds(self.pids[1])
+
     async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
         async with session.get(self.url + "/metrics") as r:
             return parse_metrics(await r.text())

@@ -133,6 +133,10 @@ class Cluster:
         """CPU seconds used so far by every engine (and the embedded broker of a single one)."""
         return sum(e.cpu() for e in self.engines)
 
+    def broker_cpu(self) -> float:
+        """CPU seconds used so far by the embedded broker of a single engine."""
+        return sum(e.broker_cpu() for e in self.engines)
+
     async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
         """GET /metrics of every engine, summed."""
         out: dict[str, float] = {}
@@ -172,7 +176,7 @@ async def run_rate(
     lost = 0
     received0 = socks.received
     metrics0 = await eng.metrics(session)
-    cpu0, ccpu0 = eng.cpu(), client_cpu()
+    cpu0, bcpu0, ccpu0 = eng.cpu(), eng.broker_cpu(), client_cpu()
     idle = set(socks.users)
     posts: set[asyncio.Task[None]] = set()
     errors = 0
@@ -248,6 +252,7 @@ async def run_rate(
         "lists_computed": lists,
         "dropped": dropped,
         "engine_cores": (eng.cpu() - cpu0) / took,
+        "broker_cores": (eng.broker_cpu() - bcpu0) / took,
         "client_cores": (client_cpu() - ccpu0) / took,
     }
 
@@ -326,7 +331,8 @@ async def amain(args: argparse.Namespace, cluster: Cluster, out: Json) -> None:
                 f"errors), {res['pushes']:,} pushes | event -> push p50 {res['p50_ms']:.1f} "
                 f"p90 {res['p90_ms']:.1f} p99 {res['p99_ms']:.1f} max {res['max_ms']:.1f} ms | "
                 f"no push {res['no_push']}, dropped {res['dropped']:.0f} | engine CPU "
-                f"{100 * res['engine_cores']:.0f}%, client CPU {100 * res['client_cores']:.0f}% | "
+                f"{100 * res['engine_cores']:.0f}% (broker {100 * res['broker_cores']:.0f}%), "
+                f"client CPU {100 * res['client_cores']:.0f}% | "
                 f"202 answered p50 {res['accept_p50_ms']:.1f} p99 {res['accept_p99_ms']:.1f} ms",
                 flush=True,
             )
@@ -348,14 +354,14 @@ def print_summary(out: Json) -> None:
     )
     print(
         f"{'events/s':>9} {'events':>8} {'pushes':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-        f"{'max ms':>8} {'no push':>8} {'dropped':>8} {'eng CPU':>8} {'cli CPU':>8}"
+        f"{'max ms':>8} {'no push':>8} {'dropped':>8} {'eng CPU':>8} {'brk CPU':>8} {'cli CPU':>8}"
     )
     for r in out.get("runs", []):
         print(
             f"{r['rate']:>9g} {r['events']:>8,} {r['pushes']:>8,} {r['p50_ms']:>8.1f} "
             f"{r['p90_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} {r['no_push']:>8} "
             f"{r['dropped']:>8.0f} {100 * r['engine_cores']:>7.0f}% "
-            f"{100 * r['client_cores']:>7.0f}%"
+            f"{100 * r.get('broker_cores', 0):>7.0f}% {100 * r['client_cores']:>7.0f}%"
         )
     for r in out.get("runs", []):
         print(
@@ -368,7 +374,8 @@ def print_summary(out: Json) -> None:
                 f"{r['rate']:>9g} through another worker: {r['relayed']:,} pushes, "
                 f"p50 {r['relayed_p50_ms']:.1f} ms, p99 {r['relayed_p99_ms']:.1f} ms"
             )
-    print("latency: from sending POST /v1/events to receiving the visitor's next push")
+    print("latency: from sending POST /v1/events to receiving the visitor's next push; eng CPU")
+    print("includes the embedded broker's (brk CPU)")
     print("=" * 100)
 
 
@@ -390,6 +397,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="1: one `personify run`; more: that many `personify worker` on one broker, the "
         "sockets and POSTs spread over them (default 1)",
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION__KEY=VALUE",
+        help="a Personify setting for the engines (PERSONIFY_SECTION__KEY), repeatable; "
+        "e.g. --set broker__embedded_compact_messages=0",
+    )
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -401,15 +416,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="personify-push-"))
     stack = contextlib.ExitStack()
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        settings["PERSONIFY_" + key.upper()] = value
     if args.workers > 1:
         kafka = stack.enter_context(EmbeddedBroker(workdir / "kafka.log"))
         env = {"PERSONIFY_BROKER__URL": kafka.url, "PERSONIFY_WORKER__APP_ID": "pushbench"}
         engines = []
         for i in range(args.workers):
             (workdir / f"worker{i}").mkdir()
-            engines.append(Engine(workdir / f"worker{i}", args.log_level, "worker", env))
+            engines.append(
+                Engine(workdir / f"worker{i}", args.log_level, "worker", {**settings, **env})
+            )
     else:
-        engines = [Engine(workdir, args.log_level)]
+        engines = [Engine(workdir, args.log_level, extra_env=settings)]
     cluster = Cluster(engines)
     out: Json = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -705,6 +705,10 @@ class Engine:
         """CPU seconds used so far by the engine and its children."""
         return sum(cpu_seconds(p) for p in self.pids())
 
+    def broker_cpu(self) -> float:
+        """CPU seconds used so far by the engine's children (the embedded broker)."""
+        return sum(cpu_seconds(p) for p in self.pids()[1:])
+
     def rss_mib(self) -> tuple[float, float]:
         """Resident memory now of (the engine, its broker), MiB."""
         kids = children(self.pid) if self.proc is not None else []
