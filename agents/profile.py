@@ -25,7 +25,7 @@ from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.push import hub
 from personify.agents.triggers import note_timers, queue_events
-from personify.engine.app import app, current_config, publisher, topic
+from personify.engine.app import app, current_config, publisher, routed_names, topic
 from personify.engine.compaction import compaction
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
@@ -47,7 +47,7 @@ __all__ = ["Folded", "fold_batch", "profile_agent"]
 _log = get_logger(__name__)
 _cfg = current_config()
 _store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
-_routed = topic(_cfg.topics.routed)
+_routed = topic(*routed_names(_cfg))
 _audit_topic = topic(_cfg.topics.audit)
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
@@ -404,7 +404,7 @@ async def profile_agent(stream: Any) -> None:
         if onward:
             await until_done("onward publish", functools.partial(pub.publish, onward))
         for p, f in folds.items():
-            source = {"topic": _routed.get_topic_name(), "partition": p}
+            source = {"topic": _cfg.topics.routed, "partition": p}
             dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
             # The engine's own events (merges, timers, offers sent) are not visitors' events.
             EVENTS_APPLIED.inc(sum(1 for e in f.events if not e["type"].startswith("$")))
@@ -421,7 +421,7 @@ async def profile_agent(stream: Any) -> None:
             seq = _seq_of(event.message.headers)
             if pub.journal is not None and seq is not None:
                 pub.journal.mark_applied(seq)
-            routed.note_applied(event.message.partition, event.message.offset)
+            routed.note_applied(event.message.tp, event.message.offset)
         if time.monotonic() - flushed >= _cfg.recommend.signal_flush_interval_s:
             _flush_behind()
             flushed = time.monotonic()
@@ -507,7 +507,7 @@ async def _flush_when_idle() -> None:
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
     """Write and forget the signal rows of partitions this worker gives up."""
-    parts = {tp.partition for tp in revoked if tp.topic == _routed.get_topic_name()}
+    parts = {tp.partition for tp in revoked if tp.topic in _routed.topics}
     if parts:
         await flush_signals(parts, drop=True)
 

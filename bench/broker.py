@@ -213,6 +213,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=15.0, help="seconds per rate (default 15)")
     p.add_argument("--sockets", type=int, default=1000, help="open WebSockets (default 1,000)")
     p.add_argument("--skip-held", action="store_true", help="run the floor only")
+    p.add_argument("--skip-floor", action="store_true", help="run the held series only")
     p.add_argument("--json", help="write every figure to this file")
     return p.parse_args(argv)
 
@@ -233,8 +234,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             print("\n[held] produce cost as one partition fills (500 acknowledged produces each)")
             out["held"] = asyncio.run(held_series(workdir, args.held, consumer=True))
             out["held"] += asyncio.run(held_series(workdir, args.held, consumer=False))
-        print(f"\n[floor] POST -> broker -> WebSocket with no processing, {args.sockets:,} sockets")
-        out["floor"] = run_floor(workdir, args)
+        if not args.skip_floor:
+            print(f"\n[floor] POST -> broker -> WebSocket, no processing, {args.sockets:,} sockets")
+            out["floor"] = run_floor(workdir, args)
     print("\n" + "=" * 100)
     print(f"SUMMARY  {out['date']}  {out['cpus']} CPUs  {out['cpu_model']}  Python {out['python']}")
     for row in out.get("held", []):
@@ -242,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"held {row['held']:>7,} batches, {'with' if row['consumer'] else 'no':>4} consumer: "
             f"produce {row['produce_ms']:.2f} ms, broker CPU {row['broker_cpu_ms']:.2f} ms"
         )
-    for r in out["floor"]:
+    for r in out.get("floor", []):
         print(
             f"floor {r['rate']:>6g} events/s: p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms | "
             f"server {100 * r['server_cores']:.0f}%, broker {100 * r['broker_cores']:.0f}%, "

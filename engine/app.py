@@ -31,6 +31,7 @@ __all__ = [
     "one_blas_thread",
     "owns",
     "publisher",
+    "routed_names",
     "tables_exist",
     "topic",
 ]
@@ -182,11 +183,12 @@ def owns(key: str) -> bool | None:
     return partition_for(key, cfg.broker.partitions) in mine
 
 
-def topic(name: str) -> Any:
-    """The Faust topic ``name`` with the configured partition count (declared on start)."""
+def topic(name: str, *more: str) -> Any:
+    """The Faust topic of ``name`` (and ``more``), configured partitions, declared on start."""
     cfg = current_config()
     return app.topic(
         name,
+        *more,
         partitions=cfg.broker.partitions,
         replicas=cfg.broker.replication_factor,
         internal=True,
@@ -195,6 +197,16 @@ def topic(name: str) -> Any:
         key_serializer="raw",
         value_serializer="raw",
     )
+
+
+def routed_names(cfg: Config) -> tuple[str, ...]:
+    """The routed topic's names: with the embedded broker two, published to in turn.
+
+    One is emptied while the other takes the new events (see `personify.engine.compaction`).
+    """
+    if cfg.broker.embedded and cfg.broker.embedded_compact_messages:
+        return (cfg.topics.routed, f"{cfg.topics.routed}-alt")
+    return (cfg.topics.routed,)
 
 
 def _journal(cfg: Config, directory: str) -> Journal | None:

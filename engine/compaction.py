@@ -4,34 +4,39 @@ The embedded broker keeps every message it is sent, and its work for each fetch 
 what a partition holds (``bench/broker.py``: ~0.4 ms of broker CPU per message sent to an
 empty partition read at its end, ~1.9 ms at 10,000 messages), so under sustained load the
 latency of every event rose with time. Nothing needs the routed messages once they are applied:
-the journal keeps every event, and the tables hold what was derived from them. So, with the
-embedded broker, once a partition of the routed topic holds ``[broker]
-embedded_compact_messages`` messages, `RoutedCompaction`:
+the journal keeps every event, and the tables hold what was derived from them.
 
-1. holds new publishes (``POST /v1/events`` waits) and lets those in flight be acknowledged;
-2. waits until the profile agent has applied every message published (it reports each batch);
-3. deletes the topic, creates it again empty, and points the consumer at its offset 0;
-4. lets the publishes go on.
+So, with the embedded broker, the routed events go to two topics in turn (`routed_names`), and
+once a partition of the current one holds ``[broker] embedded_compact_messages`` messages,
+`RoutedCompaction`:
+
+1. holds new publishes and lets those in flight be acknowledged;
+2. waits until the profile agent has applied every message of the current topic (it reports
+   each one), so a visitor's events are applied in order across the switch;
+3. sends the publishes to the other topic (empty) from then on: they waited a few ms;
+4. deletes the drained topic and creates it again, empty, and points the consumer at its
+   offset 0 (Faust's offset commits wait meanwhile), ready for the next switch.
 
 If the agent has not caught up within ``drain_s`` (it may itself be waiting to publish), the
-publishes go on and the next try comes ``backoff_s`` later. With an external Kafka cluster,
-retention is Kafka's business and nothing here runs.
+publishes go on to the same topic and the next try comes ``backoff_s`` later. With an external
+Kafka cluster, retention is Kafka's business and nothing here runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.transport.drivers.aiokafka import server_list
 from faust.types import TP
 
-from personify.engine.app import app, current_config, publisher
+from personify.engine.app import app, current_config, publisher, routed_names, topic
 from personify.engine.logging import get_logger
 from personify.engine.metrics import ROUTED_COMPACTIONS
 from personify.engine.publisher import Publisher
-from personify.engine.transport import rewind
+from personify.engine.transport import commits_held, rewind
 
 __all__ = ["RoutedCompaction", "compaction"]
 
@@ -39,35 +44,49 @@ _log = get_logger(__name__)
 
 
 class RoutedCompaction:
-    """Empties the routed topic of the embedded broker once it is applied (see the module).
+    """Switches the routed events between two topics and empties the one left (see the module).
 
     Args:
-        pub: the publisher of routed events.
-        threshold: messages in one partition that start a compaction; 0 never does.
+        pub: the publisher of routed events; its topic is the first of ``topics``.
+        topics: the two Faust topics to publish to in turn (none: never compacts).
+        threshold: messages in one partition of the current topic that start a switch.
         drain_s: how long publishes are held waiting for the agent to catch up.
         backoff_s: the wait before another try after one that gave up.
     """
 
     def __init__(
-        self, pub: Publisher, threshold: int, drain_s: float = 0.5, backoff_s: float = 10.0
+        self,
+        pub: Publisher,
+        topics: list[Any],
+        threshold: int,
+        drain_s: float = 0.5,
+        backoff_s: float = 10.0,
     ) -> None:
         self.pub = pub
-        self.threshold = threshold
+        self.topics = topics
+        self.threshold = threshold if len(topics) == 2 else 0
         self.drain_s = drain_s
         self.backoff_s = backoff_s
-        #: Partition -> the offset after the last message the profile agent applied.
-        self.applied: dict[int, int] = {}
+        #: (topic, partition) -> the offset after the last message the profile agent applied.
+        self.applied: dict[tuple[str, int], int] = {}
         self._next_try = 0.0
         self._running = False
 
-    def note_applied(self, partition: int, offset: int) -> None:
-        """The profile agent applied the message at ``offset`` of ``partition``."""
-        if offset >= self.applied.get(partition, 0):
-            self.applied[partition] = offset + 1
+    def note_applied(self, tp: Any, offset: int) -> None:
+        """The profile agent applied the message at ``offset`` of ``tp`` (topic, partition)."""
+        key = (tp.topic, tp.partition)
+        if offset >= self.applied.get(key, 0):
+            self.applied[key] = offset + 1
+
+    @property
+    def current(self) -> str:
+        """The name of the topic routed events are published to now."""
+        name: str = self.pub.topic.get_topic_name()
+        return name
 
     @property
     def due(self) -> bool:
-        """Whether a partition holds enough to compact (and no try is running or backing off)."""
+        """Whether a partition holds enough to switch (and no try is running or backing off)."""
         return (
             self.threshold > 0
             and self.pub.ready.is_set()  # the journal's tail is published (not held)
@@ -77,11 +96,12 @@ class RoutedCompaction:
         )
 
     def drained(self) -> bool:
-        """Whether every message published has been applied."""
-        return all(self.applied.get(p, 0) >= end for p, end in self.pub.ends.items())
+        """Whether every message published to the current topic has been applied."""
+        name = self.current
+        return all(self.applied.get((name, p), 0) >= end for p, end in self.pub.ends.items())
 
     async def run(self) -> bool:
-        """Compact now if the agent catches up in time; return whether it did."""
+        """Switch topics if the agent catches up in time, then empty the old one."""
         self._running = True
         try:
             t0 = time.perf_counter()
@@ -91,39 +111,44 @@ class RoutedCompaction:
                     if time.monotonic() >= deadline:
                         self._next_try = time.monotonic() + self.backoff_s
                         _log.info(
-                            "routed topic compaction postponed: the agent is behind",
+                            "routed topic switch postponed: the agent is behind",
                             published=dict(self.pub.ends),
-                            applied=dict(self.applied),
+                            applied={f"{t}:{p}": o for (t, p), o in self.applied.items()},
                         )
                         return False
                     await asyncio.sleep(0.001)
-                held = sum(self.pub.ends.values())
-                await self._recreate()
+                old, held = self.current, sum(self.pub.ends.values())
+                self.pub.topic = next(t for t in self.topics if t.get_topic_name() != old)
                 self.pub.ends.clear()
-                self.applied.clear()
+            paused_ms = (time.perf_counter() - t0) * 1000
+            await self._recreate(old)
+            for key in [k for k in self.applied if k[0] == old]:
+                del self.applied[key]
             ROUTED_COMPACTIONS.inc()
             _log.info(
-                "routed topic compacted",
+                "routed topic switched and emptied",
+                emptied=old,
                 messages=held,
+                publishes_held_ms=round(paused_ms, 1),
                 took_ms=round((time.perf_counter() - t0) * 1000, 1),
             )
             return True
         finally:
             self._running = False
 
-    async def _recreate(self) -> None:
+    async def _recreate(self, name: str) -> None:
         cfg = current_config()
-        name = cfg.topics.routed
-        admin = AIOKafkaAdminClient(bootstrap_servers=server_list(app.conf.broker, 9092))
-        await admin.start()
-        try:
-            await admin.delete_topics([name])
-            await admin.create_topics(
-                [NewTopic(name, cfg.broker.partitions, cfg.broker.replication_factor)]
-            )
-        finally:
-            await admin.close()
-        await rewind(app.consumer, [TP(name, p) for p in range(cfg.broker.partitions)])
+        async with commits_held(app.consumer):
+            admin = AIOKafkaAdminClient(bootstrap_servers=server_list(app.conf.broker, 9092))
+            await admin.start()
+            try:
+                await admin.delete_topics([name])
+                await admin.create_topics(
+                    [NewTopic(name, cfg.broker.partitions, cfg.broker.replication_factor)]
+                )
+            finally:
+                await admin.close()
+            await rewind(app.consumer, [TP(name, p) for p in range(cfg.broker.partitions)])
 
 
 _compaction: RoutedCompaction | None = None
@@ -134,8 +159,12 @@ def compaction() -> RoutedCompaction:
     global _compaction
     if _compaction is None:
         cfg = current_config()
-        threshold = cfg.broker.embedded_compact_messages if cfg.broker.embedded else 0
-        _compaction = RoutedCompaction(publisher(), threshold)
+        pub = publisher()
+        names = routed_names(cfg)
+        others = [topic(name) for name in names if name != pub.topic.get_topic_name()]
+        _compaction = RoutedCompaction(
+            pub, [pub.topic, *others], cfg.broker.embedded_compact_messages
+        )
     return _compaction
 
 

@@ -81,8 +81,9 @@ class BrokerConfig:
             ``"kafka://host:port[;host:port]"`` uses an external cluster.
         partitions: partitions of every topic Personify declares.
         replication_factor: replication factor of those topics.
-        embedded_compact_messages: with the embedded broker, empty the routed topic once one
-            of its partitions holds this many messages and all of them are applied; 0 never.
+        embedded_compact_messages: with the embedded broker, routed events go to two topics
+            in turn, switching once a partition of the current one holds this many messages
+            and all of them are applied; the one left is emptied. 0: one topic, never emptied.
             That broker keeps every message, and its work per fetch grows with them.
         embedded_warn_messages: with the embedded broker, warn when a partition of the routed
             topic holds this many messages (and again at each doubling); 0 never warns.

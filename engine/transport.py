@@ -13,14 +13,15 @@ Two changes to the stock driver, each measured against the embedded broker:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as _driver
 
-__all__ = ["Transport", "confirmed_highwaters", "rewind"]
+__all__ = ["Transport", "commits_held", "confirmed_highwaters", "rewind"]
 
 
 async def confirmed_highwaters(
@@ -57,6 +58,25 @@ async def confirmed_highwaters(
         return result
     finally:
         await consumer.stop()
+
+
+@contextlib.asynccontextmanager
+async def commits_held(consumer: Any) -> AsyncIterator[None]:
+    """Hold Faust's offset commits for the block (a commit under way finishes first).
+
+    Faust lets one commit run at a time: a caller finding one under way waits for it and then
+    skips its own. The block is such a commit to Faust, so commits are skipped, not failed,
+    while a topic is briefly missing (a failed commit can crash Faust's consumer thread).
+    """
+    while consumer._commit_fut is not None:
+        await asyncio.wait({consumer._commit_fut})
+    held: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    consumer._commit_fut = held
+    try:
+        yield
+    finally:
+        consumer._commit_fut = None
+        held.set_result(None)
 
 
 async def rewind(consumer: Any, tps: Iterable[Any]) -> None:
