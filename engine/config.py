@@ -92,7 +92,7 @@ class BrokerConfig:
     url: str = "embedded"
     partitions: int = 4
     replication_factor: int = 1
-    embedded_compact_messages: int = 2000
+    embedded_compact_messages: int = 1000
     embedded_warn_messages: int = 20000
 
     @property
