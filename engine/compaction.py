@@ -71,6 +71,8 @@ class RoutedCompaction:
         self.applied: dict[tuple[str, int], int] = {}
         self._next_try = 0.0
         self._running = False
+        #: A topic switched away from whose emptying failed: emptied before the next switch.
+        self._unready: str | None = None
 
     def note_applied(self, tp: Any, offset: int) -> None:
         """The profile agent applied the message at ``offset`` of ``tp`` (topic, partition)."""
@@ -101,40 +103,54 @@ class RoutedCompaction:
         return all(self.applied.get((name, p), 0) >= end for p, end in self.pub.ends.items())
 
     async def run(self) -> bool:
-        """Switch topics if the agent catches up in time, then empty the old one."""
+        """Switch topics if the agent catches up in time, then empty the old one.
+
+        A broker error is logged and the next try comes ``backoff_s`` later; a topic whose
+        emptying failed is emptied before any switch back to it.
+        """
         self._running = True
         try:
-            t0 = time.perf_counter()
-            async with self.pub.held():
-                deadline = time.monotonic() + self.drain_s
-                while not self.drained():
-                    if time.monotonic() >= deadline:
-                        self._next_try = time.monotonic() + self.backoff_s
-                        _log.info(
-                            "routed topic switch postponed: the agent is behind",
-                            published=dict(self.pub.ends),
-                            applied={f"{t}:{p}": o for (t, p), o in self.applied.items()},
-                        )
-                        return False
-                    await asyncio.sleep(0.001)
-                old, held = self.current, sum(self.pub.ends.values())
-                self.pub.topic = next(t for t in self.topics if t.get_topic_name() != old)
-                self.pub.ends.clear()
-            paused_ms = (time.perf_counter() - t0) * 1000
-            await self._recreate(old)
-            for key in [k for k in self.applied if k[0] == old]:
-                del self.applied[key]
-            ROUTED_COMPACTIONS.inc()
-            _log.info(
-                "routed topic switched and emptied",
-                emptied=old,
-                messages=held,
-                publishes_held_ms=round(paused_ms, 1),
-                took_ms=round((time.perf_counter() - t0) * 1000, 1),
-            )
-            return True
+            return await self._run()
+        except Exception as exc:
+            self._next_try = time.monotonic() + self.backoff_s
+            _log.warning("routed topic switch failed; tried again later", error=repr(exc))
+            return False
         finally:
             self._running = False
+
+    async def _run(self) -> bool:
+        if self._unready is not None:
+            await self._recreate(self._unready)
+            self._unready = None
+        t0 = time.perf_counter()
+        async with self.pub.held():
+            deadline = time.monotonic() + self.drain_s
+            while not self.drained():
+                if time.monotonic() >= deadline:
+                    self._next_try = time.monotonic() + self.backoff_s
+                    _log.info(
+                        "routed topic switch postponed: the agent is behind",
+                        published=dict(self.pub.ends),
+                        applied={f"{t}:{p}": o for (t, p), o in self.applied.items()},
+                    )
+                    return False
+                await asyncio.sleep(0.001)
+            old, held = self.current, sum(self.pub.ends.values())
+            self.pub.topic = next(t for t in self.topics if t.get_topic_name() != old)
+            self.pub.ends.clear()
+        paused_ms = (time.perf_counter() - t0) * 1000
+        self._unready = old
+        await self._recreate(old)
+        self._unready = None
+        ROUTED_COMPACTIONS.inc()
+        _log.info(
+            "routed topic switched and emptied",
+            emptied=old,
+            messages=held,
+            publishes_held_ms=round(paused_ms, 1),
+            took_ms=round((time.perf_counter() - t0) * 1000, 1),
+        )
+        return True
 
     async def _recreate(self, name: str) -> None:
         cfg = current_config()
@@ -142,13 +158,28 @@ class RoutedCompaction:
             admin = AIOKafkaAdminClient(bootstrap_servers=server_list(app.conf.broker, 9092))
             await admin.start()
             try:
-                await admin.delete_topics([name])
-                await admin.create_topics(
+                deleted = await admin.delete_topics([name])
+                _check("delete", deleted.topic_error_codes, ok=(0, _UNKNOWN_TOPIC))
+                created = await admin.create_topics(
                     [NewTopic(name, cfg.broker.partitions, cfg.broker.replication_factor)]
                 )
+                _check("create", created.topic_errors, ok=(0,))
             finally:
                 await admin.close()
             await rewind(app.consumer, [TP(name, p) for p in range(cfg.broker.partitions)])
+        for key in [k for k in self.applied if k[0] == name]:
+            del self.applied[key]
+
+
+#: Kafka's error code for a topic that does not exist (deleting it again is no error).
+_UNKNOWN_TOPIC = 3
+
+
+def _check(what: str, results: Any, ok: tuple[int, ...]) -> None:
+    """Raise if an admin answer's ``(topic, error code, ...)`` entries hold an error."""
+    for topic_name, code, *_rest in results:
+        if code not in ok:
+            raise RuntimeError(f"{what} topic {topic_name}: Kafka error code {code}")
 
 
 _compaction: RoutedCompaction | None = None
