@@ -1,4 +1,4 @@
-"""What the benchmarks read about processes (from /proc) and about the engine (from /metrics)."""
+"""What the benchmarks read about processes (from /proc), the engine (/metrics) and the run."""
 
 from __future__ import annotations
 
@@ -6,9 +6,20 @@ import contextlib
 import os
 import platform
 import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-__all__ = ["children", "cpu_model", "cpu_seconds", "parse_metrics", "status_kb"]
+__all__ = [
+    "children",
+    "cpu_model",
+    "cpu_seconds",
+    "parse_metrics",
+    "run_record",
+    "settings_env",
+    "status_kb",
+]
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Label values can hold braces (route="/v1/users/{user_id}"): the labels run to the last "}".
@@ -62,3 +73,23 @@ def parse_metrics(text: str) -> dict[str, float]:
             if labels:
                 out[name + labels] = value
     return out
+
+
+def run_record(args: Any) -> dict[str, Any]:
+    """When and where a benchmark runs, with its arguments: the head of its JSON output."""
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "args": vars(args),
+    }
+
+
+def settings_env(items: Iterable[str]) -> dict[str, str]:
+    """``--set SECTION__KEY=VALUE`` arguments as the engine's PERSONIFY_* environment."""
+    env = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        env["PERSONIFY_" + key.upper()] = value
+    return env

@@ -26,18 +26,16 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-from _proc import cpu_model, cpu_seconds, parse_metrics
+from _proc import cpu_seconds, parse_metrics, run_record
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from push import Sockets, run_rate
@@ -220,13 +218,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    out: Json = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "args": vars(args),
-    }
+    out: Json = run_record(args)
     print(f"Embedded broker benchmark; {os.cpu_count()} CPUs ({out['cpu_model']})", flush=True)
     with tempfile.TemporaryDirectory(prefix="personify-broker-") as tmp:
         workdir = Path(tmp)

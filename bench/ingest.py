@@ -54,13 +54,19 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from _proc import children, cpu_model, cpu_seconds, parse_metrics, status_kb
+from _proc import (
+    children,
+    cpu_seconds,
+    parse_metrics,
+    run_record,
+    settings_env,
+    status_kb,
+)
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
@@ -1295,11 +1301,7 @@ class PersonifyBench:
     @property
     def settings(self) -> dict[str, str]:
         """``--set`` as PERSONIFY_* environment variables."""
-        env = {}
-        for item in self.args.set:
-            key, _, value = item.partition("=")
-            env["PERSONIFY_" + key.upper()] = value
-        return env
+        return settings_env(self.args.set)
 
     async def start_engine(self, changelog: bool = False) -> Personify:
         """Start a ``personify run`` on a fresh data directory (``changelog``: forced on)."""
@@ -1517,12 +1519,7 @@ def print_summary(out: dict[str, Any], rows: list[Row], elapsed: float) -> None:
 async def amain(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="personify-bench-"))
     started = time.perf_counter()
-    out: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "args": vars(args),
-    }
+    out: dict[str, Any] = run_record(args)
     rows: list[Row] = []
     print(f"Personify ingest benchmark; {os.cpu_count()} CPUs; work dir {workdir}", flush=True)
     try:

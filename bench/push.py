@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -41,13 +40,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from _proc import cpu_model
+from _proc import run_record, settings_env
 from serve import Engine, item_bodies, load_catalog, make_catalog, percentile, post_all
 
 from personify.engine.broker import EmbeddedBroker
@@ -416,10 +414,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="personify-push-"))
     stack = contextlib.ExitStack()
-    settings = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        settings["PERSONIFY_" + key.upper()] = value
+    settings = settings_env(args.set)
     if args.workers > 1:
         kafka = stack.enter_context(EmbeddedBroker(workdir / "kafka.log"))
         env = {"PERSONIFY_BROKER__URL": kafka.url, "PERSONIFY_WORKER__APP_ID": "pushbench"}
@@ -432,13 +427,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         engines = [Engine(workdir, args.log_level, extra_env=settings)]
     cluster = Cluster(engines)
-    out: Json = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "args": vars(args),
-    }
+    out: Json = run_record(args)
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -42,7 +42,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import platform
 import random
 import re
 import shutil
@@ -53,14 +52,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
-from _proc import children, cpu_model, cpu_seconds, parse_metrics, status_kb
+from _proc import children, cpu_seconds, parse_metrics, run_record, status_kb
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONIFY = str(Path(sys.executable).with_name("personify"))
@@ -1415,13 +1413,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="personify-serve-"))
     eng = Engine(workdir, args.log_level)
-    out: Json = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "python": platform.python_version(),
-        "args": vars(args),
-    }
+    out: Json = run_record(args)
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # unwinds to the finally below
