@@ -549,11 +549,12 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
         )
-    for name in ("embedded_compact_messages", "embedded_warn_messages"):
-        if section == "broker" and getattr(obj, name) < 0:
-            raise ConfigError(
-                f"{source}: [broker] {name}: expected >= 0 (0: never), got {getattr(obj, name)}"
-            )
+    if section == "broker":
+        for name in ("embedded_compact_messages", "embedded_warn_messages"):
+            if getattr(obj, name) < 0:
+                raise ConfigError(
+                    f"{source}: [broker] {name}: expected >= 0 (0: never), got {getattr(obj, name)}"
+                )
     if section == "events" and obj.pseudonymize_ids and len(obj.id_secret) < 16:
         raise ConfigError(
             f"{source}: [events] id_secret: pseudonymize_ids needs a secret of at least 16 "
