@@ -29,6 +29,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
+from personify.agents.model import current_model, on_swap
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import (
     Entry,
@@ -112,6 +113,8 @@ def recommender() -> Recommender:
         service.index if service.index_ready.is_set() else None,
         cfg.profiles.affinity_half_life_s,
         functools.partial(_personal, cfg.profiles),
+        current_model(),
+        cfg.profiles.engagement_weights,
     )
 
 
@@ -523,6 +526,15 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
         for user_id, entry in built:
             if live.followed(user_id):
                 push_list(user_id, entry.rec_id, entry.items)
+
+
+def _model_swapped(model: Any) -> None:
+    """A new model is in use: lists computed ahead with the old one are computed again."""
+    list_cache().clear()
+    similar_cache().clear()
+
+
+on_swap(_model_swapped)
 
 
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:

@@ -23,6 +23,7 @@ import orjson
 from personify.agents.catalog import embeddings
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
+from personify.agents.model import note_interactions
 from personify.agents.push import hub
 from personify.agents.triggers import note_timers, queue_events
 from personify.engine.app import app, current_config, publisher, routed_names, topic
@@ -39,7 +40,7 @@ from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER
 from personify.engine.retry import until_done
 from personify.plugins.manager import plugins
-from personify.tables import profiles, signals
+from personify.tables import history, profiles, signals
 from personify.tables.catalog import catalog
 
 __all__ = ["Folded", "fold_batch", "profile_agent"]
@@ -49,6 +50,8 @@ _cfg = current_config()
 _store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(*routed_names(_cfg))
 _audit_topic = topic(_cfg.topics.audit)
+#: Whether item interactions are kept for the learned model ([model] enabled).
+_keep_history = _cfg.model.enabled
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
 _live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
 _flush_lock = asyncio.Lock()
@@ -85,6 +88,10 @@ class Folded:
     #: The new profile of each visitor written (not of those erased).
     states: dict[str, profiles.Profile] = field(default_factory=dict)
     failed: list[tuple[Event, str]] = field(default_factory=list)
+    #: History rows written (and deleted) with the profiles, for the learned model.
+    history: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    #: Item interactions applied (rows added to the history).
+    interactions: int = 0
     signals: signals.SignalBatch = field(
         default_factory=lambda: signals.SignalBatch(
             _cfg.recommend, _cfg.profiles, catalog().category_of
@@ -155,6 +162,7 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
                 )
             )
     vetoed: list[Event] = []
+    start = len(out.events)
     n = profiles.apply_events(
         state,
         todo,
@@ -169,6 +177,10 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
     elif n or changed:
         out.writes.append((key.encode(), profiles.encode(state)))
         out.states[key] = state
+    if n and _keep_history:
+        rows = history.rows_of(key, out.events[start:])
+        out.history.extend(rows)
+        out.interactions += len(rows)
     out.applied += n
     out.vetoed += len(vetoed)
     out.skipped += len(todo) - n - len(vetoed)
@@ -211,6 +223,10 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
                 else:
                     good.append(e)
             _fold_user(key, raw, good, out)
+    # An erased visitor's interaction history goes with the profile (events applied after
+    # the erasure in this round are not stored yet, and stay).
+    for user, _request in out.erased:
+        out.history[:0] = [(row, None) for row in store.history_keys(partition, user)]
     if out.signals.updates:
         live = _live[partition]
         missing = live.missing(out.signals.updates)
@@ -387,7 +403,9 @@ async def profile_agent(stream: Any) -> None:
         profiles_changed(changed, done=False)
         await asyncio.gather(
             *(
-                until_done("profile write", functools.partial(_store.put_many, p, f.writes))
+                until_done(
+                    "profile write", functools.partial(_store.put_many, p, f.writes + f.history)
+                )
                 for p, f in folds.items()
             )
         )
@@ -397,6 +415,7 @@ async def profile_agent(stream: Any) -> None:
             for user, request_id in f.erased:
                 hub().forget(user)
                 await until_done("audit record", functools.partial(_audit, user, request_id))
+        note_interactions(sum(f.interactions for f in folds.values()))
         applied = [e for f in folds.values() for e in f.events]
         note_timers(applied)
         queue_events(latest, applied)

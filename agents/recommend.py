@@ -12,6 +12,9 @@ Sources, each scaled to 0-1 by its best candidate before blending with ``[recomm
 - ``category``: trending items of the visitor's favourite categories; reason ``trending``
   with the category.
 - ``trending``: trending items overall (what a new visitor gets); reason ``trending``.
+- ``collab``: the learned model (`CollabModel`): the items of highest predicted preference for
+  the visitor's vector, folded in from their recent items; reason ``taste`` with the visitor's
+  item most like it in the model.
 
 `Recommender` holds the logic and reads its data through `DataSource`, so the API (RocksDB
 tables, the live index) and the offline evaluation (in-memory state) run the same code.
@@ -39,7 +42,8 @@ import numpy as np
 import numpy.typing as npt
 
 from personify.embeddings import VectorIndex
-from personify.engine.config import RecommendConfig
+from personify.embeddings.collab import CollabModel
+from personify.engine.config import DEFAULT_WEIGHTS, RecommendConfig
 from personify.engine.models import new_id
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
@@ -374,6 +378,9 @@ class Recommender:
         affinity_half_life_s: how fast category affinity fades ([profiles]).
         personal: whether a profile may personalise its visitor's list (their consent);
             when not, they get the list of a visitor never seen.
+        model: the learned collaborative model, or None while there is none.
+        interaction_weights: weight of each event type in the model's fold-in (the
+            ``[profiles.engagement_weights]`` it was trained with).
     """
 
     def __init__(
@@ -384,6 +391,8 @@ class Recommender:
         index: VectorIndex | None,
         affinity_half_life_s: float = 7 * 86400.0,
         personal: Callable[[profiles.Profile], bool] | None = None,
+        model: CollabModel | None = None,
+        interaction_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -391,6 +400,8 @@ class Recommender:
         self.index = index
         self.affinity_half_life_s = affinity_half_life_s
         self.personal = personal
+        self.model = model
+        self.interaction_weights = interaction_weights
         self._ids = ItemIds()
 
     # -- sources ---------------------------------------------------------------------------
@@ -514,6 +525,39 @@ class Recommender:
         reason: Reason = {"kind": "matches_chat"}
         return Pool(ids, ids.of(found_ids), scores, lambda _item: reason), min(strength, 1.0)
 
+    def _collab(
+        self, profile: profiles.Profile | None, exclude: Collection[str], ids: ItemIds
+    ) -> Pool:
+        """The model's best items for the visitor's vector, folded in from their recent items.
+
+        An item's reason is the visitor's item most like it in the model.
+        """
+        model = self.model
+        if model is None or profile is None:
+            return Pool.empty(ids)
+        weights = self.interaction_weights
+        history = [
+            (r["item_id"], weights.get(r["type"], 0.0)) for r in profile.get("recent_items", ())
+        ]
+        history += [(item, weights.get("add_to_cart", 0.0)) for item in profile.get("cart", {})]
+        history = [(item, w) for item, w in history if w > 0]
+        if not history:
+            return Pool.empty(ids)
+        seeds = [item for item, _w in history]
+        vector = model.fold_in(seeds, [w for _item, w in history])
+        if vector is None:
+            return Pool.empty(ids)
+        found, scores = model.top(vector, self.cfg.candidates, exclude)
+        positive = np.flatnonzero(scores > 0)
+        if not len(positive):
+            return Pool.empty(ids)
+        found = [found[j] for j in positive.tolist()]
+
+        def reason(item: str) -> Reason:
+            return {"kind": "taste", "item_id": model.closest(item, seeds) or seeds[0]}
+
+        return Pool(ids, ids.of(found), scores[positive].astype(np.float64), reason)
+
     # -- the answer ------------------------------------------------------------------------
     def sources(
         self,
@@ -541,6 +585,7 @@ class Recommender:
             "chat": chat,
             "category": self._trending(affinity, now_ms, ids),
             "trending": self._trending([(request.category or "", 1.0)], now_ms, ids),
+            "collab": self._collab(profile, exclude, ids),
         }
         # A chat that has faded counts less however well its best item matches.
         return out, {"chat": chat_strength}

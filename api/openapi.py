@@ -180,15 +180,58 @@ _REASON = {
     "description": "Why an item is recommended: similar_to (item_id: an item the visitor "
     "viewed, seen together with it or close in content), bought_together (item_id: an item "
     "the visitor bought or has in the cart), matches_chat (the visitor's chat messages), "
-    "trending (category: where it is trending; null for the whole shop), popular (a catalog "
-    "item offered when there is no signal yet).",
+    "trending (category: where it is trending; null for the whole shop), taste (item_id: "
+    "the visitor's item most like it in the learned model), popular (a catalog item offered "
+    "when there is no signal yet).",
     "properties": {
         "kind": {
             "type": "string",
-            "enum": ["similar_to", "bought_together", "matches_chat", "trending", "popular"],
+            "enum": [
+                "similar_to",
+                "bought_together",
+                "matches_chat",
+                "trending",
+                "taste",
+                "popular",
+            ],
         },
         "item_id": {"type": "string"},
         "category": {"type": ["string", "null"]},
+    },
+}
+
+_QUALITY = {
+    "type": "object",
+    "required": ["model", "tuning", "evaluation"],
+    "properties": {
+        "model": {
+            "type": "object",
+            "required": ["enabled", "trained_at", "interactions"],
+            "properties": {
+                "enabled": {"type": "boolean"},
+                "trained_at": {"type": ["string", "null"], "format": "date-time"},
+                "interactions": {
+                    "type": "integer",
+                    "description": "Interactions in the history at the last training run.",
+                },
+                "pending": {
+                    "type": "integer",
+                    "description": "Interactions added since the last training run.",
+                },
+                "training": {"type": "boolean", "description": "A run is in progress."},
+                "last_run": {"type": ["object", "null"]},
+                "description": {"type": "object"},
+            },
+        },
+        "tuning": {
+            "type": "object",
+            "properties": {
+                "tuned_at": {"type": ["string", "null"], "format": "date-time"},
+                "setting": {"type": "object"},
+                "validation": {"type": "object"},
+            },
+        },
+        "evaluation": {"type": "object"},
     },
 }
 
@@ -593,6 +636,23 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/quality": {
+            "get": {
+                "summary": "The learned model's state and the engine's measured quality (admin)",
+                "responses": {
+                    "200": {
+                        "description": "model: the learned collaborative model (trained_at "
+                        "null until the history holds [model] min_interactions); tuning and "
+                        "evaluation: the latest self-tuning and hold-out figures.",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Quality"}}
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
@@ -614,6 +674,7 @@ OPENAPI: dict[str, Any] = {
             "Item": _ITEM,
             "Reason": _REASON,
             "Recommendations": _RECOMMENDATIONS,
+            "Quality": _QUALITY,
             "ItemsAccepted": {
                 "type": "object",
                 "required": ["accepted", "rejected", "item_ids"],

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from personify.agents.model import model_status
 from personify.api.openapi import OPENAPI
 from personify.api.schemas import EventsAccepted, Rejection, json_error, json_response
 from personify.engine.app import app as faust_app
@@ -361,6 +362,17 @@ async def healthz(request: web.Request) -> web.Response:
         "partitions": {t: sorted(ps) for t, ps in sorted(assignment.items())},
     }
     return json_response(body, 200 if ok else 503)
+
+
+@routes.get("/v1/quality")
+async def quality(request: web.Request) -> web.Response:
+    """How the engine's recommendations are made and measured: the learned model's state."""
+    body = {
+        "model": model_status(),
+        "tuning": {"tuned_at": None, "setting": {}, "validation": {}},
+        "evaluation": {},
+    }
+    return json_response(body)
 
 
 @routes.get("/metrics")

@@ -25,6 +25,7 @@ from _movielens import Interaction, Item
 
 from personify.agents.recommend import Recommender, Request
 from personify.embeddings import Encoder, FaissIndex
+from personify.embeddings.collab import AlsSettings, CollabModel, train_als
 from personify.engine.config import DEFAULT_BLEND, Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
@@ -117,6 +118,8 @@ class EngineHybrid:
         self.index.upsert(ids, np.stack([self.vectors[i] for i in ids]))
         for event in train:
             self._fold(event)
+        if self.cfg.recommend.weights.get("collab", 0.0) > 0:
+            self.recommender.model = _train_model(train, self.cfg)
 
     def _fold(self, e: Interaction, *, learn: bool = True) -> None:
         """Fold one interaction into its visitor's profile (and, when ``learn``, the signals)."""
@@ -148,6 +151,17 @@ class EngineHybrid:
         request = Request(k=k, exclude=exclude)
         _rid, items = self.recommender.recommend(user_id, request, self.now_ms)
         return [r.item_id for r in items]
+
+
+def _train_model(train: Sequence[Interaction], cfg: Config) -> CollabModel:
+    """The learned model on the training interactions, with the engine's [model] settings."""
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    u = [users.setdefault(e.user_id, len(users)) for e in train]
+    i = [items.setdefault(e.item_id, len(items)) for e in train]
+    m = cfg.model
+    settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
+    return train_als(u, i, np.ones(len(u), dtype=np.float32), list(items), settings)
 
 
 #: Blend weights tried on the validation split.

@@ -32,6 +32,7 @@ __all__ = [
     "EmbeddingsConfig",
     "EventsConfig",
     "LoggingConfig",
+    "ModelConfig",
     "PluginsConfig",
     "ProfilesConfig",
     "PushConfig",
@@ -54,6 +55,7 @@ DEFAULT_BLEND: dict[str, float] = {
     "chat": 2.0,
     "trending": 0.2,
     "category": 0.3,
+    "collab": 1.0,
 }
 
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -266,6 +268,29 @@ class RecommendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The learned collaborative model (implicit ALS) and the interaction history it learns from."""
+
+    #: Train a model at all (off: lists blend the other sources only).
+    enabled: bool = True
+    #: Item interactions (visitor, item, kind, time) are kept this many days before the newest.
+    history_days: float = 730.0
+    #: No model is trained before the history holds this many interactions.
+    min_interactions: int = 1000
+    #: A new model is trained once this many interactions arrived since the last one ...
+    retrain_interactions: int = 20_000
+    #: ... or this many seconds after it, if any arrived at all.
+    retrain_interval_s: float = 3600.0
+    #: How often the trainer checks whether to train (seconds).
+    check_interval_s: float = 10.0
+    #: The vectors: length, L2 penalty, confidence of an interaction, ALS sweeps.
+    factors: int = 64
+    regularization: float = 0.05
+    alpha: float = 2.0
+    iterations: int = 15
+
+
+@dataclass(frozen=True, slots=True)
 class PushConfig:
     """Live updates over WebSocket (GET /v1/ws)."""
 
@@ -377,6 +402,7 @@ class Config:
     catalog: CatalogConfig = field(default_factory=CatalogConfig)
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     push: PushConfig = field(default_factory=PushConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
@@ -473,6 +499,14 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 
 
 _POSITIVE = {
+    "model.history_days",
+    "model.min_interactions",
+    "model.retrain_interactions",
+    "model.retrain_interval_s",
+    "model.check_interval_s",
+    "model.factors",
+    "model.alpha",
+    "model.iterations",
     "broker.partitions",
     "broker.replication_factor",
     "events.max_body_bytes",
@@ -615,6 +649,10 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
                     f"{source}: [auth.keys] {name}: the same key as {seen[api_key.key]}"
                 )
             seen[api_key.key] = name
+    if section == "model" and obj.regularization < 0:
+        raise ConfigError(
+            f"{source}: [model] regularization: expected >= 0, got {obj.regularization}"
+        )
     if section == "push" and obj.debounce_ms < 0:
         raise ConfigError(f"{source}: [push] debounce_ms: expected >= 0, got {obj.debounce_ms}")
     if section == "worker" and obj.fetch_max_wait_ms < 0:

@@ -17,6 +17,9 @@ __all__ = [
     "LISTS_COMPUTED",
     "LISTS_PENDING",
     "LISTS_SERVED",
+    "MODEL_INTERACTIONS",
+    "MODEL_TRAINED_AT",
+    "MODEL_TRAININGS",
     "PLUGIN_CALLS",
     "PLUGIN_ERRORS",
     "REGISTRY",
@@ -173,3 +176,21 @@ def rejection_reason(field: str) -> str:
     if root in _REASONS:
         return _REASONS[root]
     return "bad_properties" if root == "properties" else "unknown_field"
+
+
+MODEL_INTERACTIONS = Gauge(
+    "personify_model_interactions",
+    "Interactions in the history the learned model was last trained on (or found too few).",
+    registry=REGISTRY,
+)
+MODEL_TRAINED_AT = Gauge(
+    "personify_model_trained_timestamp_seconds",
+    "When the learned model in use was trained (0: none yet).",
+    registry=REGISTRY,
+)
+MODEL_TRAININGS = Counter(
+    "personify_model_trainings",
+    "Training runs of the learned model, by outcome (trained, too little history).",
+    ["outcome"],
+    registry=REGISTRY,
+)

@@ -28,6 +28,7 @@ from rocksdict import WriteBatch
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.models import PURPOSES, Event, format_ts
+from personify.tables import history
 
 __all__ = [
     "ERASE",
@@ -513,6 +514,14 @@ class ProfileStore:
         """Read the profiles of ``keys`` (all of ``partition``) in one call."""
         values: list[bytes | None] = self._db(partition).get(keys)
         return values
+
+    def history_keys(self, partition: int, user_id: str) -> list[bytes]:
+        """The keys of ``user_id``'s interaction history rows (see `history`)."""
+        return history.user_keys(self._db(partition), user_id)
+
+    def dbs(self) -> dict[int, Any]:
+        """The store of each partition this worker holds."""
+        return dict(self.table.data._dbs)
 
     async def put_many(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> None:
         """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB.

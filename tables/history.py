@@ -1,0 +1,199 @@
+"""The interaction history the learned model trains on: (visitor, item, kind, time) rows.
+
+Each item interaction a profile applies (a product view, a click, a cart add, each line of a
+purchase) is kept as one small row in the profiles table, written in the same RocksDB batch as
+the profile it changed, so the history and the profiles never disagree after a crash. A row's
+key is derived from the event id and the item, so applying an event again writes the same key:
+replay and redelivery cannot count an interaction twice.
+
+Keys sort by visitor, then time: a zero byte and ``h``, the visitor id's length (2 bytes), the
+visitor id, the event time (8 bytes) and a digest of (event id, item) (4 bytes). The value is
+the kind (one byte) and the item id. An erased visitor's rows are found by their prefix and
+deleted with the profile. The history is apart from the journal (compacting the journal never
+takes it away) and is kept for ``[model] history_days`` before its newest interaction.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from personify.engine.models import Event
+from personify.tables.signals import PREFIX
+
+__all__ = [
+    "KIND_OF_EVENT",
+    "ROW_PREFIX",
+    "Interactions",
+    "rows_of",
+    "scan",
+    "user_keys",
+    "user_prefix",
+]
+
+#: All history rows start with this.
+ROW_PREFIX = PREFIX + b"h"
+#: Event type -> the kind byte stored.
+KIND_OF_EVENT: dict[str, bytes] = {
+    "product_view": b"v",
+    "click": b"k",
+    "add_to_cart": b"c",
+    "purchase": b"p",
+}
+#: Kind byte -> event type.
+EVENT_OF_KIND: dict[bytes, str] = {v: k for k, v in KIND_OF_EVENT.items()}
+_TS_OFFSET = 1 << 63  # times sort as unsigned big-endian numbers, negative ones too
+_TAIL = struct.Struct(">Q4s")
+
+
+def user_prefix(user_id: str) -> bytes:
+    """The key prefix of every history row of ``user_id``."""
+    raw = user_id.encode()
+    return ROW_PREFIX + len(raw).to_bytes(2, "big") + raw
+
+
+def _key(user: bytes, ts_ms: int, event_id: str, item_id: str) -> bytes:
+    digest = blake2b(f"{event_id}\x00{item_id}".encode(), digest_size=4).digest()
+    return user + _TAIL.pack(ts_ms + _TS_OFFSET, digest)
+
+
+def rows_of(user_id: str, events: Iterable[Event]) -> list[tuple[bytes, bytes]]:
+    """The history rows of ``events`` (applied to ``user_id``'s profile), as (key, value)."""
+    prefix: bytes | None = None
+    out: list[tuple[bytes, bytes]] = []
+    for e in events:
+        kind = KIND_OF_EVENT.get(e["type"])
+        if kind is None:
+            continue
+        if e["type"] == "purchase":
+            items = [line["item_id"] for line in e["properties"].get("items", ())]
+        elif e.get("item_id"):
+            items = [e["item_id"]]
+        else:
+            continue
+        if prefix is None:
+            prefix = user_prefix(user_id)
+        for item in items:
+            out.append((_key(prefix, e["ts_ms"], e["event_id"], item), kind + item.encode()))
+    return out
+
+
+def _keys_from(db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of ``db`` from ``start`` on, while keys start with ``start``."""
+    it = db.iter()
+    it.seek(start)
+    while it.valid():
+        key: bytes = it.key()
+        if not key.startswith(start):
+            return
+        yield key, it.value()
+        it.next()
+
+
+def user_keys(db: Any, user_id: str) -> list[bytes]:
+    """The keys of ``user_id``'s history rows in ``db`` (one partition's store)."""
+    return [key for key, _value in _keys_from(db, user_prefix(user_id))]
+
+
+def _split(key: bytes) -> tuple[str, int]:
+    n = int.from_bytes(key[2:4], "big")
+    user = key[4 : 4 + n].decode()
+    ts = _TAIL.unpack_from(key, 4 + n)[0] - _TS_OFFSET
+    return user, int(ts)
+
+
+@dataclass(frozen=True, slots=True)
+class Interactions:
+    """A history as arrays: visitors and items numbered, one entry per row.
+
+    Attributes:
+        users: visitor ids, numbered by position.
+        items: item ids, numbered by position.
+        user: each row's visitor number.
+        item: each row's item number.
+        kind: each row's event type number (position in `KINDS`).
+        ts_ms: each row's event time.
+    """
+
+    users: list[str]
+    items: list[str]
+    user: npt.NDArray[np.int32]
+    item: npt.NDArray[np.int32]
+    kind: npt.NDArray[np.int8]
+    ts_ms: npt.NDArray[np.int64]
+
+    #: Event types in kind-number order.
+    KINDS = ("product_view", "click", "add_to_cart", "purchase")
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def kind_weights(self, weights: dict[str, float]) -> npt.NDArray[np.float32]:
+        """Each row's weight: the weight of its event type in ``weights`` (0 if absent)."""
+        table = np.array([weights.get(k, 0.0) for k in self.KINDS], dtype=np.float32)
+        out: npt.NDArray[np.float32] = table[self.kind]
+        return out
+
+
+def scan(
+    dbs: Mapping[int, Any], keep_ms: int | None = None
+) -> tuple[Interactions, dict[int, list[bytes]]]:
+    """Every history row in ``dbs`` (partition -> its store), and the expired keys.
+
+    Rows more than ``keep_ms`` older than the newest row are left out of the result (the
+    window follows the history, so a backfill of old events keeps its last ``keep_ms``);
+    their keys come back per partition, for the caller to delete. RocksDB iterators read a
+    consistent snapshot: writes meanwhile are not seen, nor harmed.
+    """
+    number = {event: n for n, event in enumerate(Interactions.KINDS)}
+    kind_of = {kb: number[event] for kb, event in EVENT_OF_KIND.items()}
+    users: dict[str, int] = {}
+    items: dict[str, int] = {}
+    u: list[int] = []
+    i: list[int] = []
+    k: list[int] = []
+    t: list[int] = []
+    keys: list[tuple[int, bytes]] = []
+    for partition, db in dbs.items():
+        for key, value in _keys_from(db, ROW_PREFIX):
+            user, ts = _split(key)
+            item = value[1:].decode()
+            u.append(users.setdefault(user, len(users)))
+            i.append(items.setdefault(item, len(items)))
+            k.append(kind_of.get(value[:1], 0))
+            t.append(ts)
+            if keep_ms is not None:
+                keys.append((partition, key))
+    ts_ms = np.asarray(t, dtype=np.int64)
+    user_no = np.asarray(u, dtype=np.int64)
+    item_no = np.asarray(i, dtype=np.int64)
+    kind = np.asarray(k, dtype=np.int8)
+    user_names, item_names = list(users), list(items)
+    old: dict[int, list[bytes]] = {}
+    if keep_ms is not None and len(ts_ms):
+        keep = ts_ms >= int(ts_ms.max()) - keep_ms
+        for j in np.flatnonzero(~keep).tolist():
+            partition, key = keys[j]
+            old.setdefault(partition, []).append(key)
+        if old:  # numbered again, without the visitors and items of expired rows only
+            user_no, item_no = user_no[keep], item_no[keep]
+            kind, ts_ms = kind[keep], ts_ms[keep]
+            user_nums, user_no = np.unique(user_no, return_inverse=True)
+            item_nums, item_no = np.unique(item_no, return_inverse=True)
+            user_names = [user_names[n] for n in user_nums.tolist()]
+            item_names = [item_names[n] for n in item_nums.tolist()]
+    interactions = Interactions(
+        users=user_names,
+        items=item_names,
+        user=user_no.astype(np.int32),
+        item=item_no.astype(np.int32),
+        kind=kind,
+        ts_ms=ts_ms,
+    )
+    return interactions, old

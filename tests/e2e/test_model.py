@@ -1,0 +1,128 @@
+"""The learned model end to end: trained from the history, used in lists, kept across restarts."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CONFIG = """
+[model]
+min_interactions = 480
+retrain_interactions = 1000000
+retrain_interval_s = 86400.0
+check_interval_s = 0.5
+factors = 4
+regularization = 0.5
+iterations = 15
+"""
+
+#: Two tastes with nothing in the titles to tell them apart (the content source is no help).
+ITEMS = [
+    {"item_id": f"{group}-{j}", "title": f"Product {group.upper()}{j}"}
+    for group in ("a", "b")
+    for j in range(12)
+]
+
+
+def _history() -> list[dict[str, Any]]:
+    """30 visitors per taste, each viewing 8 of its 12 items, days apart (no co-visitation)."""
+    rng = random.Random(4)
+    events = []
+    for n in range(60):
+        group = "a" if n < 30 else "b"
+        for step, j in enumerate(rng.sample(range(12), 8)):
+            events.append(
+                {
+                    "event_id": f"h-{n}-{step}",
+                    "type": "product_view",
+                    "user_id": f"shopper-{n}",
+                    "item_id": f"{group}-{j}",
+                    "ts": 1_700_000_000_000 + (n * 8 + step) * 86_400_000,
+                }
+            )
+    return events
+
+
+def _quality(eng: Any) -> dict[str, Any]:
+    status, body = eng.request("GET", "/v1/quality")
+    assert status == 200, body
+    return dict(body)
+
+
+def _list(eng: Any, user: str, k: int = 20) -> list[dict[str, Any]]:
+    status, body = eng.request("GET", f"/v1/users/{user}/recommendations?k={k}")
+    assert status == 200, body
+    return list(body["items"])
+
+
+def test_a_model_is_trained_used_restored_and_never_brings_back_a_deleted_item(
+    engine_factory: Any,
+) -> None:
+    """The model trains by itself, explains its items, survives a restart, respects deletes."""
+    eng = engine_factory(config=CONFIG).start()
+    before = _quality(eng)["model"]
+    assert before["trained_at"] is None
+    eng.add_items(ITEMS)
+    events = _history()
+    for i in range(0, len(events), 200):
+        status, body = eng.post_events(events[i : i + 200])
+        assert status == 202, body
+    model = eng.wait_for(
+        lambda: _quality(eng)["model"]["trained_at"] and _quality(eng)["model"],
+        what="a trained model",
+    )
+    assert model["interactions"] == len(events)
+    assert model["description"]["items"] == 24
+    assert model["description"]["users"] == 60
+
+    # A new visitor of taste A: the model's items come with their reason.
+    status, _ = eng.post_events(
+        [{"type": "product_view", "user_id": "fan-a", "item_id": f"a-{j}"} for j in range(4)]
+    )
+    assert status == 202
+    eng.wait_profile("fan-a", lambda p: len(p["recent_items"]) == 4)
+    items = _list(eng, "fan-a")
+    taste = [r for r in items if any(why["kind"] == "taste" for why in r["reasons"])]
+    assert taste, items
+    assert {why["item_id"] for r in taste for why in r["reasons"] if why["kind"] == "taste"} <= {
+        f"a-{j}" for j in range(4)
+    }
+    top = [r["item_id"] for r in items[:8]]
+    assert sorted(top) == sorted(f"a-{j}" for j in range(4, 12)), items
+
+    # A restart serves the saved model at once (not trained again).
+    assert eng.stop() == 0
+    eng.start()
+    after = _quality(eng)["model"]
+    assert after["trained_at"] == model["trained_at"]
+    assert after["description"] == model["description"]
+    restored = _list(eng, "fan-a")
+    assert any(why["kind"] == "taste" for r in restored for why in r["reasons"])
+
+    # A deleted item never comes back through the model.
+    gone = top[0]
+    status, _ = eng.request("DELETE", f"/v1/items/{gone}")
+    assert status in (200, 202)
+    eng.wait_for(lambda: eng.request("GET", f"/v1/items/{gone}")[0] == 404, what="the delete")
+    for k in (10, 20):
+        assert gone not in [r["item_id"] for r in _list(eng, "fan-a", k)]
+
+
+def test_too_little_history_trains_no_model(engine_factory: Any) -> None:
+    """Below [model] min_interactions the engine says so and lists still work without it."""
+    eng = engine_factory(config=CONFIG).start()
+    eng.add_items(ITEMS)
+    status, _ = eng.post_events(_history()[:50])
+    assert status == 202
+    model = eng.wait_for(
+        lambda: _quality(eng)["model"]["pending"] == 50 and _quality(eng)["model"],
+        what="the new interactions counted",
+    )
+    assert model["trained_at"] is None
+    assert model["last_run"]["outcome"] == "too little history"
+    assert "description" not in model
+    assert _list(eng, "shopper-0")
