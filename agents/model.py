@@ -23,16 +23,18 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import mode
-import numpy as np
-import numpy.typing as npt
+import orjson
 
-from personify.embeddings.collab import AlsSettings, CollabModel, train_als
+from personify.agents.evaluation import History, train_model
+from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config
 from personify.engine.logging import get_logger
@@ -44,10 +46,10 @@ from personify.tables import history, profiles
 __all__ = [
     "Trainer",
     "current_model",
+    "current_repeat",
     "model_status",
     "note_interactions",
     "on_swap",
-    "pair_weights",
     "trainer",
 ]
 
@@ -58,36 +60,12 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 _DELETE_CHUNK = 5000
 
 
-def pair_weights(
-    users: npt.NDArray[np.int32],
-    items: npt.NDArray[np.int32],
-    weights: npt.NDArray[np.float32],
-    n_items: int,
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """One entry per (visitor, item) pair with the strongest weight of its interactions.
-
-    A purchase outweighs the views before it; ten views of one item weigh as one (the model
-    learns what goes with what; how often a visitor comes back to an item is another signal).
-    Pairs of weight 0 are left out.
-    """
-    key = users.astype(np.int64) * n_items + items.astype(np.int64)
-    order = np.argsort(key, kind="stable")
-    key, w = key[order], weights[order]
-    if not len(key):
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty, np.empty(0, dtype=np.float32)
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    best = np.maximum.reduceat(w, starts)
-    pairs = key[starts]
-    keep = best > 0
-    return pairs[keep] // n_items, pairs[keep] % n_items, best[keep].astype(np.float32)
-
-
 @dataclass(frozen=True, slots=True)
 class _Run:
     """What one training run found and made."""
 
     model: CollabModel | None
+    repeat: history.RepeatStats | None
     interactions: int
     expired: dict[int, list[bytes]]
     seconds: float
@@ -99,14 +77,13 @@ def _train(dbs: dict[int, Any], cfg: Config) -> _Run:
     m = cfg.model
     rows, expired = history.scan(dbs, keep_ms=int(m.history_days * 86_400_000))
     if len(rows) < m.min_interactions:
-        return _Run(None, len(rows), expired, time.perf_counter() - started)
-    weights = rows.kind_weights(dict(cfg.profiles.engagement_weights))
-    u, i, w = pair_weights(rows.user, rows.item, weights, len(rows.items))
-    if not len(u):
-        return _Run(None, len(rows), expired, time.perf_counter() - started)
+        return _Run(None, None, len(rows), expired, time.perf_counter() - started)
+    repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
     settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
-    model = train_als(u, i, w, rows.items, settings, threads=1)
-    return _Run(model, len(rows), expired, time.perf_counter() - started)
+    model = train_model(
+        History.from_interactions(rows), settings, cfg.profiles.engagement_weights, threads=1
+    )
+    return _Run(model, repeat, len(rows), expired, time.perf_counter() - started)
 
 
 class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
@@ -117,6 +94,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         cfg = current_config()
         self.directory = cfg.data_path / "model"
         self.model: CollabModel | None = None
+        self.repeat: history.RepeatStats | None = None
         #: Interactions added since the last run (and in all, as last counted).
         self.pending = 0
         self.interactions = 0
@@ -124,8 +102,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self.running = False
         self._checked_once = False
 
-    def _use(self, model: CollabModel) -> None:
+    def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
+        self.repeat = repeat
         MODEL_TRAINED_AT.set(model.trained_at_ms / 1000.0)
         for listener in _listeners:
             try:
@@ -141,7 +120,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             _log.exception("saved model unreadable; a new one is trained", path=str(self.directory))
             return
         if model is not None:
-            self._use(model)
+            self._use(model, await asyncio.to_thread(_load_repeat, self.directory))
             _log.info("model loaded", items=len(model), interactions=model.interactions)
 
     def due(self, now_s: float) -> bool:
@@ -196,8 +175,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
                 )
         if run.model is None:
             return None
-        await asyncio.to_thread(run.model.save, self.directory)
-        self._use(run.model)
+        await asyncio.to_thread(_save, run.model, run.repeat, self.directory)
+        self._use(run.model, run.repeat)
         _log.info(
             "model trained",
             items=len(run.model),
@@ -231,6 +210,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             "pending": self.pending,
             "training": self.running,
             "last_run": self.last_run,
+            "repeat": None if self.repeat is None else self.repeat.as_json(),
             **({"description": model.describe()} if model is not None else {}),
         }
 
@@ -244,6 +224,34 @@ def trainer() -> Trainer:
 def current_model() -> CollabModel | None:
     """The model in use, or None."""
     return trainer().model
+
+
+def current_repeat() -> history.RepeatStats | None:
+    """How the shop's visitors re-buy, as of the model in use (None: not known yet)."""
+    return trainer().repeat
+
+
+_REPEAT_FILE = "repeat.json"
+
+
+def _save(model: CollabModel, repeat: history.RepeatStats | None, directory: Path) -> None:
+    """Save the model and what was learned with it (the repeat stats first)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if repeat is not None:
+        tmp = directory / f".{_REPEAT_FILE}.tmp"
+        tmp.write_bytes(orjson.dumps(repeat.as_json()))
+        os.replace(tmp, directory / _REPEAT_FILE)
+    model.save(directory)
+
+
+def _load_repeat(directory: Path) -> history.RepeatStats | None:
+    try:
+        return history.RepeatStats.from_json(orjson.loads((directory / _REPEAT_FILE).read_bytes()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        _log.warning("saved repeat stats unreadable; learned again at the next training")
+        return None
 
 
 def note_interactions(count: int) -> None:

@@ -12,6 +12,9 @@ Sources, each scaled to 0-1 by its best candidate before blending with ``[recomm
 - ``category``: trending items of the visitor's favourite categories; reason ``trending``
   with the category.
 - ``trending``: trending items overall (what a new visitor gets); reason ``trending``.
+- ``repeat``: buy-again: products the visitor bought before, by how often and how recently,
+  where the shop's history shows re-buying (`RepeatStats`); reason ``buy_again``. Only this
+  source brings back what the visitor bought.
 - ``collab``: the learned model (`CollabModel`): the items of highest predicted preference for
   the visitor's vector, folded in from their recent items; reason ``taste`` with the visitor's
   item most like it in the model.
@@ -47,6 +50,7 @@ from personify.engine.config import DEFAULT_WEIGHTS, RecommendConfig
 from personify.engine.models import new_id
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
+from personify.tables.history import RepeatStats
 
 __all__ = [
     "DataSource",
@@ -381,6 +385,8 @@ class Recommender:
         model: the learned collaborative model, or None while there is none.
         interaction_weights: weight of each event type in the model's fold-in (the
             ``[profiles.engagement_weights]`` it was trained with).
+        repeat: how the shop's visitors re-buy (None or no re-buying: bought products stay
+            out of lists).
     """
 
     def __init__(
@@ -393,6 +399,7 @@ class Recommender:
         personal: Callable[[profiles.Profile], bool] | None = None,
         model: CollabModel | None = None,
         interaction_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+        repeat: RepeatStats | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
@@ -402,6 +409,7 @@ class Recommender:
         self.personal = personal
         self.model = model
         self.interaction_weights = interaction_weights
+        self.repeat = repeat
         self._ids = ItemIds()
 
     # -- sources ---------------------------------------------------------------------------
@@ -558,6 +566,28 @@ class Recommender:
 
         return Pool(ids, ids.of(found), scores[positive].astype(np.float64), reason)
 
+    def _rebuy(self, profile: profiles.Profile | None) -> dict[str, list[int]]:
+        """The visitor's bought products that may come back (none where nobody re-buys)."""
+        if profile is None or self.repeat is None or self.repeat.strength <= 0:
+            return {}
+        bought: dict[str, list[int]] = profile.get("bought", {})
+        return bought
+
+    def _repeat(self, bought: dict[str, list[int]], now_ms: int, ids: ItemIds) -> Pool:
+        """Bought products scored by how often, fading with time since the last purchase."""
+        if not bought or self.repeat is None:
+            return Pool.empty(ids)
+        half_life_ms = self.repeat.half_life_s * 1000.0
+        items = list(bought)
+        times = np.fromiter((bought[i][0] for i in items), np.float64, count=len(items))
+        last = np.fromiter((bought[i][1] for i in items), np.float64, count=len(items))
+        scores = times * np.power(0.5, np.maximum(now_ms - last, 0.0) / half_life_ms)
+
+        def reason(item: str) -> Reason:
+            return {"kind": "buy_again", "item_id": item, "times": bought[item][0]}
+
+        return Pool(ids, ids.of(items), scores, reason)
+
     # -- the answer ------------------------------------------------------------------------
     def sources(
         self,
@@ -566,8 +596,13 @@ class Recommender:
         now_ms: int,
         exclude: Collection[str],
         ids: ItemIds | None = None,
+        rebuy: dict[str, list[int]] | None = None,
     ) -> tuple[dict[str, Pool], dict[str, float]]:
-        """Candidates of every source for this visitor, and each source's strength (0-1)."""
+        """Candidates of every source for this visitor, and each source's strength (0-1).
+
+        ``rebuy``: the bought products buy-again may bring back (`_rebuy`); no other source
+        proposes them.
+        """
         ids = self.item_ids() if ids is None else ids
         seeds = _seeds(profile, request, self.cfg.seeds)
         bought = [
@@ -587,8 +622,16 @@ class Recommender:
             "trending": self._trending([(request.category or "", 1.0)], now_ms, ids),
             "collab": self._collab(profile, exclude, ids),
         }
-        # A chat that has faded counts less however well its best item matches.
-        return out, {"chat": chat_strength}
+        strength = {"chat": chat_strength}  # a faded chat counts less however well it matches
+        if rebuy:
+            drop = ids.of(list(rebuy))
+            for name, pool in out.items():
+                keep = ~np.isin(pool.numbers, drop)
+                if not keep.all():
+                    out[name] = Pool(ids, pool.numbers[keep], pool.scores[keep], pool.reason)
+            out["repeat"] = self._repeat(rebuy, now_ms, ids)
+            strength["repeat"] = self.repeat.strength if self.repeat is not None else 0.0
+        return out, strength
 
     def _categories(
         self, profile: profiles.Profile | None, request: Request, now_ms: int
@@ -623,12 +666,17 @@ class Recommender:
         exclude = set(request.exclude) | history
         if request.context_item:
             exclude.add(request.context_item)
-        sources, strength = self.sources(profile, request, now_ms, exclude)
+        rebuy = {
+            item: entry
+            for item, entry in self._rebuy(profile).items()
+            if item not in request.exclude and item not in (profile or {}).get("cart", {})
+        }
+        sources, strength = self.sources(profile, request, now_ms, exclude, rebuy=rebuy)
         items = blend(
             sources,
             self.cfg.weights,
             request.k,
-            self._allowed(exclude, request.category),
+            self._allowed(exclude - rebuy.keys(), request.category),
             self.catalog.category_of,
             request.max_per_category,
             strength,

@@ -181,7 +181,8 @@ _REASON = {
     "viewed, seen together with it or close in content), bought_together (item_id: an item "
     "the visitor bought or has in the cart), matches_chat (the visitor's chat messages), "
     "trending (category: where it is trending; null for the whole shop), taste (item_id: "
-    "the visitor's item most like it in the learned model), popular (a catalog item offered "
+    "the visitor's item most like it in the learned model), buy_again (item_id: the product "
+    "itself, bought times before), popular (a catalog item offered "
     "when there is no signal yet).",
     "properties": {
         "kind": {
@@ -192,11 +193,13 @@ _REASON = {
                 "matches_chat",
                 "trending",
                 "taste",
+                "buy_again",
                 "popular",
             ],
         },
         "item_id": {"type": "string"},
         "category": {"type": ["string", "null"]},
+        "times": {"type": "integer"},
     },
 }
 

@@ -171,7 +171,7 @@ QUICK_GRID = {"trending": [0.1], "category": [0.1, 1.0], "content": [0.1]}
 
 def engine_spec(encoder: Encoder, items: Sequence[Item]) -> Any:
     """The engine hybrid as a `quality.MethodSpec` (static, live and online)."""
-    import quality
+    import quality_replay as quality
 
     vecs = encoder.encode([item.text for item in items])
     vectors = {item.item_id: vecs[i] for i, item in enumerate(items)}

@@ -56,6 +56,7 @@ DEFAULT_BLEND: dict[str, float] = {
     "trending": 0.2,
     "category": 0.3,
     "collab": 1.0,
+    "repeat": 2.0,
 }
 
 DEFAULT_WEIGHTS: dict[str, float] = {
@@ -188,6 +189,9 @@ class ProfilesConfig:
     recent_items: int = 50
     recent_searches: int = 20
     max_cart_items: int = 200
+    #: Products a visitor bought kept with how often and when last (buy-again); past this the
+    #: one bought longest ago goes.
+    bought_items: int = 200
     affinity_half_life_s: float = 7 * 86400.0
     frequency_window_s: float = 7 * 86400.0
     dedup_window: int = 1000
@@ -518,6 +522,7 @@ _POSITIVE = {
     "profiles.recent_items",
     "profiles.recent_searches",
     "profiles.max_cart_items",
+    "profiles.bought_items",
     "profiles.affinity_half_life_s",
     "profiles.frequency_window_s",
     "profiles.dedup_window",

@@ -31,6 +31,8 @@ __all__ = [
     "KIND_OF_EVENT",
     "ROW_PREFIX",
     "Interactions",
+    "RepeatStats",
+    "repeat_stats",
     "rows_of",
     "scan",
     "user_keys",
@@ -197,3 +199,74 @@ def scan(
         ts_ms=ts_ms,
     )
     return interactions, old
+
+
+@dataclass(frozen=True, slots=True)
+class RepeatStats:
+    """How a shop's visitors re-buy, learned from its history (for the buy-again source).
+
+    Attributes:
+        purchases: purchase lines in the history (one per visitor, product and time).
+        share: the share of them that re-buy a product the visitor had bought before.
+        gap_s: the median time between two purchases of one product by one visitor (None:
+            no re-buy at all).
+    """
+
+    purchases: int
+    share: float
+    gap_s: float | None
+
+    #: Below this share re-buying is noise: bought products stay out of lists.
+    MIN_SHARE = 0.02
+
+    @property
+    def strength(self) -> float:
+        """How much buy-again counts (0-1): 0 below `MIN_SHARE`, full from a 20% share."""
+        if self.share < self.MIN_SHARE:
+            return 0.0
+        return min(1.0, self.share * 5.0)
+
+    @property
+    def half_life_s(self) -> float:
+        """How fast a past purchase fades as a buy-again candidate: four typical gaps."""
+        return max(4.0 * (self.gap_s or 7 * 86400.0), 86400.0)
+
+    def as_json(self) -> dict[str, Any]:
+        """As JSON (and for saving)."""
+        return {
+            "purchases": self.purchases,
+            "share": round(self.share, 5),
+            "gap_s": None if self.gap_s is None else round(self.gap_s, 1),
+            "strength": round(self.strength, 4),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RepeatStats:
+        """The stats saved by `as_json`."""
+        gap = data.get("gap_s")
+        return cls(
+            int(data["purchases"]), float(data["share"]), None if gap is None else float(gap)
+        )
+
+
+def repeat_stats(
+    user: npt.NDArray[np.integer[Any]],
+    item: npt.NDArray[np.integer[Any]],
+    kind: npt.NDArray[np.integer[Any]],
+    ts_ms: npt.NDArray[np.integer[Any]],
+) -> RepeatStats:
+    """The re-buying in a history given as arrays (kinds numbered as `Interactions.KINDS`)."""
+    bought = kind == Interactions.KINDS.index("purchase")
+    if not bought.any():
+        return RepeatStats(0, 0.0, None)
+    rows = np.unique(
+        np.stack(
+            [user[bought].astype(np.int64), item[bought].astype(np.int64), ts_ms[bought]], axis=1
+        ),
+        axis=0,
+    )  # sorted by visitor, product, time; one row per line
+    same = (rows[1:, 0] == rows[:-1, 0]) & (rows[1:, 1] == rows[:-1, 1])
+    gaps = (rows[1:, 2] - rows[:-1, 2])[same]
+    share = float(same.sum()) / len(rows)
+    gap_s = float(np.median(gaps)) / 1000.0 if len(gaps) else None
+    return RepeatStats(len(rows), share, gap_s)

@@ -167,6 +167,18 @@ def _touch_item(p: Profile, item_id: str, etype: str, ts: int, cfg: ProfilesConf
     p["recent_items"] = _newest_first(items, entry, cfg.recent_items)
 
 
+def _add_bought(bought: dict[str, list[int]], item: str, times: int, ts: int, cap: int) -> None:
+    """Count ``times`` purchases of ``item`` at ``ts`` in ``bought`` (item -> [times, last ts])."""
+    entry = bought.get(item)
+    if entry is None:
+        bought[item] = [times, ts]
+        if len(bought) > cap:  # the product bought longest ago goes
+            del bought[min(bought, key=lambda k: bought[k][1])]
+    else:
+        entry[0] += times
+        entry[1] = max(entry[1], ts)
+
+
 def _insert_session(sessions: list[list[int]], ts: int, count: int, gap_ms: float) -> None:
     """Place ``count`` events at ``ts`` into the sorted session intervals ``[start, end, n]``.
 
@@ -274,9 +286,11 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig, chat_half_life_s: floa
         p["orders"] += 1
         p["spend"] += revenue
         p["spend_by_currency"][currency] = p["spend_by_currency"].get(currency, 0.0) + revenue
+        bought = p.setdefault("bought", {})
         for line in props["items"]:
             _touch_item(p, line["item_id"], "purchase", ts, cfg)
             p["cart"].pop(line["item_id"], None)
+            _add_bought(bought, line["item_id"], 1, ts, cfg.bought_items)
             cat = line.get("category", category)
             if isinstance(cat, str):
                 _add_affinity(p, cat, weight, ts, cfg)
@@ -613,6 +627,10 @@ def merge(into: Profile, other: Profile, cfg: ProfilesConfig) -> None:
         else:
             mine["quantity"] += line["quantity"]
             mine["price"] = mine["price"] if mine["price"] is not None else line["price"]
+    if other.get("bought"):
+        bought = into.setdefault("bought", {})
+        for item, (times, ts) in other["bought"].items():
+            _add_bought(bought, item, times, ts, cfg.bought_items)
     searches = sorted(into["searches"] + other["searches"], key=lambda s: -s["ts"])
     into["searches"] = searches[: cfg.recent_searches]
     for cat, (score, ref) in other["affinity"].items():

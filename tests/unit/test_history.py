@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from rocksdict import Options, Rdict, WriteBatch
 
-from personify.agents.model import pair_weights
+from personify.agents.evaluation import pair_weights
 from personify.tables import history
 
 

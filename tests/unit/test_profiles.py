@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from personify.engine.config import DEFAULT_WEIGHTS, EventsConfig, ProfilesConfig
 from personify.engine.errors import ValidationError
 from personify.engine.models import validate_event
-from personify.tables.profiles import apply_events, decode, encode, id_digest, new_profile, view
+from personify.tables.profiles import (
+    apply_events,
+    decode,
+    encode,
+    id_digest,
+    merge,
+    new_profile,
+    view,
+)
 
 T0 = 1_795_341_600_000  # 2026-11-22T10:00:00Z
 MIN = 60_000
@@ -626,3 +634,21 @@ def test_consent_events_are_validated() -> None:
         )
     with pytest.raises(ValidationError, match="at least one purpose"):
         validate_event({"type": "consent", "user_id": "u", "properties": {}}, EVENTS_CFG, T0)
+
+
+def test_bought_products_are_counted_and_bounded(event_factory: EventFactory) -> None:
+    """Each purchase counts per product with its last time; past the cap the oldest goes.
+
+    An anonymous visitor's purchases add up when their profile is merged.
+    """
+    cfg = ProfilesConfig(bought_items=2)
+    orders = [
+        event_factory("purchase", T0, properties={"items": [{"item_id": "a"}, {"item_id": "b"}]}),
+        event_factory("purchase", T0 + 10, properties={"items": [{"item_id": "a"}]}),
+        event_factory("purchase", T0 + 20, properties={"items": [{"item_id": "c"}]}),
+    ]
+    p = fold(orders, cfg)
+    assert p["bought"] == {"a": [2, T0 + 10], "c": [1, T0 + 20]}
+    anon = fold([event_factory("purchase", T0 + 30, properties={"items": [{"item_id": "c"}]})])
+    merge(p, anon, cfg)
+    assert p["bought"] == {"a": [2, T0 + 10], "c": [2, T0 + 30]}

@@ -16,9 +16,11 @@ from personify.embeddings import FaissIndex
 from personify.engine.config import Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
+from personify.tables.history import RepeatStats
 
 CFG = Config()
 NOW = 1_800_000_000_000
+DAY = 86_400_000
 
 
 class Memory:
@@ -210,3 +212,53 @@ def test_table_rows_are_reread_when_written_or_reset(tmp_path: Path) -> None:
         assert best(tracked) == "d"
     finally:
         db.close()
+
+
+def purchase(items: list[str], ts: int) -> dict[str, object]:
+    return {
+        "type": "purchase",
+        "event_id": f"order-{ts}",
+        "item_id": None,
+        "ts_ms": ts,
+        "properties": {
+            "items": [{"item_id": i, "quantity": 1, "price": 1.0} for i in items],
+            "revenue": float(len(items)),
+            "currency": "USD",
+        },
+    }
+
+
+def test_bought_products_come_back_where_the_shop_rebuys() -> None:
+    """With re-buying in the history, the most bought products lead, with a buy_again reason.
+
+    Without it, bought products stay out.
+    """
+    mem, cat, index = shop()
+    mem.fold("u", [purchase(["o1", "k2"], NOW - 3 * DAY), purchase(["o1"], NOW - DAY)])
+    rebuys = RepeatStats(purchases=1000, share=0.4, gap_s=7 * 86400.0)
+    rec = Recommender(CFG.recommend, mem, cat, index, repeat=rebuys)
+    _rid, items = rec.recommend("u", Request(k=5), NOW)
+    assert [r.item_id for r in items[:2]] == ["o1", "k2"]
+    assert items[0].reasons[0] == {"kind": "buy_again", "item_id": "o1", "times": 2}
+    assert len(items) == 5
+    never = RepeatStats(purchases=1000, share=0.0, gap_s=None)
+    for stats in (never, None):
+        rec = Recommender(CFG.recommend, mem, cat, index, repeat=stats)
+        _rid, items = rec.recommend("u", Request(k=5), NOW)
+        assert {"o1", "k2"}.isdisjoint(r.item_id for r in items)
+    # What the request excludes, or the cart holds, is not brought back.
+    rec = Recommender(CFG.recommend, mem, cat, index, repeat=rebuys)
+    _rid, items = rec.recommend("u", Request(k=5, exclude=["o1"]), NOW)
+    assert "o1" not in [r.item_id for r in items]
+
+
+def test_only_buy_again_brings_back_a_bought_product() -> None:
+    """Another source proposing a bought product does not lift it: its score is buy-again's."""
+    mem, cat, index = shop()
+    mem.fold("u", [purchase(["o1"], NOW - DAY)])
+    mem.fold("v", [view("o1", NOW - 2 * DAY), view("o2", NOW - 2 * DAY + 1000)])
+    rebuys = RepeatStats(purchases=1000, share=0.4, gap_s=7 * 86400.0)
+    rec = Recommender(CFG.recommend, mem, cat, index, repeat=rebuys)
+    _rid, items = rec.recommend("u", Request(k=8), NOW)
+    mine = next(r for r in items if r.item_id == "o1")
+    assert [why["kind"] for why in mine.reasons] == ["buy_again"]
