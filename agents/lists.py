@@ -29,7 +29,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
-from personify.agents.model import current_model, current_repeat, on_swap
+from personify.agents.model import current_model, current_recommend, current_repeat, on_swap
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import (
     Entry,
@@ -107,7 +107,7 @@ def recommender() -> Recommender:
     cfg = current_config()
     service = embeddings()
     return Recommender(
-        cfg.recommend,
+        current_recommend(),
         _table_data(),
         catalog_table.catalog(),
         service.index if service.index_ready.is_set() else None,

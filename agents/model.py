@@ -22,34 +22,47 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import mode
+import numpy as np
 import orjson
 
+from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History, train_model
+from personify.agents.tuning import PROTOCOLS, apply_setting, holdout, setting_of, tune
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
-from personify.engine.config import Config
+from personify.engine.config import Config, RecommendConfig
 from personify.engine.logging import get_logger
-from personify.engine.metrics import MODEL_INTERACTIONS, MODEL_TRAINED_AT, MODEL_TRAININGS
+from personify.engine.metrics import (
+    MODEL_INTERACTIONS,
+    MODEL_TRAINED_AT,
+    MODEL_TRAININGS,
+    QUALITY_NDCG,
+)
 from personify.engine.models import format_ts
 from personify.engine.retry import until_done
 from personify.tables import history, profiles
+from personify.tables.catalog import catalog
 
 __all__ = [
     "Trainer",
     "current_model",
+    "current_recommend",
     "current_repeat",
-    "model_status",
     "note_interactions",
     "on_swap",
+    "quality_status",
+    "request_run",
     "trainer",
 ]
 
@@ -67,6 +80,7 @@ class _Run:
     model: CollabModel | None
     repeat: history.RepeatStats | None
     interactions: int
+    rows: History | None
     expired: dict[int, list[bytes]]
     seconds: float
 
@@ -77,13 +91,54 @@ def _train(dbs: dict[int, Any], cfg: Config) -> _Run:
     m = cfg.model
     rows, expired = history.scan(dbs, keep_ms=int(m.history_days * 86_400_000))
     if len(rows) < m.min_interactions:
-        return _Run(None, None, len(rows), expired, time.perf_counter() - started)
+        return _Run(None, None, len(rows), None, expired, time.perf_counter() - started)
     repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
     settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
-    model = train_model(
-        History.from_interactions(rows), settings, cfg.profiles.engagement_weights, threads=1
+    arrays = History.from_interactions(rows)
+    model = train_model(arrays, settings, cfg.profiles.engagement_weights, threads=1)
+    return _Run(model, repeat, len(rows), arrays, expired, time.perf_counter() - started)
+
+
+def _tune(
+    rows: History,
+    cfg: Config,
+    setting: dict[str, float],
+    index: Any,
+    category_of: dict[str, str | None],
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Tune on the history less its hold-outs, then score on the hold-outs. On the thread."""
+    started = time.time()
+    current = dataclasses.replace(cfg, recommend=apply_setting(cfg.recommend, setting))
+    held = np.zeros(len(rows), dtype=bool)
+    for cut in PROTOCOLS.values():
+        held |= cut(rows).held
+    t = cfg.tune
+    tuned = tune(
+        rows.take(~held),
+        current,
+        trials=t.trials,
+        max_users=t.max_users,
+        pinned=t.pinned,
+        index=index,
+        category_of=category_of,
+        progress=progress,
     )
-    return _Run(model, repeat, len(rows), expired, time.perf_counter() - started)
+    evaluation = holdout(
+        rows,
+        current,
+        {"current": tuned.current, "tuned": tuned.setting},
+        max_users=t.max_users,
+        index=index,
+        category_of=category_of,
+    )
+    return {
+        "tuned_at": format_ts(int(started * 1000)),
+        "interactions": len(rows),
+        **tuned.as_json(),
+        "holdout": evaluation,
+        "seconds": round(time.time() - started, 2),
+    }
 
 
 class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
@@ -101,6 +156,16 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self.last_run: dict[str, Any] | None = None
         self.running = False
         self._checked_once = False
+        #: The tuned [recommend] setting in use, the runs so far (newest last), and whether one
+        #: runs now.
+        self.setting: dict[str, float] = {}
+        self.recommend: RecommendConfig = current_config().recommend
+        self.tunings: list[dict[str, Any]] = []
+        self.tuning = False
+        #: Trials done and to do in the tuning run in progress.
+        self.progress: tuple[int, int] = (0, 0)
+        #: A training and tuning run was asked for (`request_run`).
+        self.forced = False
 
     def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
@@ -122,10 +187,82 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         if model is not None:
             self._use(model, await asyncio.to_thread(_load_repeat, self.directory))
             _log.info("model loaded", items=len(model), interactions=model.interactions)
+        saved = await asyncio.to_thread(_load_tuning, self.directory)
+        if saved is not None:
+            self.tunings = saved["runs"]
+            self._apply(saved["setting"])
+
+    def _apply(self, setting: dict[str, float]) -> None:
+        """Rank with ``setting`` from now on (pinned names keep their configured values)."""
+        cfg = current_config()
+        mine = {k: v for k, v in setting.items() if k not in cfg.tune.pinned}
+        self.setting = mine
+        self.recommend = apply_setting(cfg.recommend, mine)
+        if self.model is not None:
+            for listener in _listeners:
+                listener(self.model)
+
+    def tune_due(self, interactions: int) -> bool:
+        """Whether a tuning run is due after a training on ``interactions``."""
+        cfg = current_config().tune
+        if not cfg.enabled:
+            return False
+        if not self.tunings:
+            return True
+        last = self.tunings[-1]
+        age_s = time.time() - _epoch_s(last["tuned_at"])
+        return age_s >= cfg.interval_s or interactions >= 2 * int(last["interactions"])
+
+    async def tune(self, rows: History) -> dict[str, Any] | None:
+        """Run one tuning now (on the model thread); apply its setting if it won."""
+        cfg = current_config()
+        service = embeddings()
+        index = service.index if service.index_ready.is_set() else None
+        view = catalog()
+        category_of = {item: view.category_of(item) for item in rows.items}
+        self.tuning = True
+        self.progress = (0, cfg.tune.trials)
+
+        def progress(done: int, total: int, _best: float) -> None:
+            self.progress = (done, total)
+
+        try:
+            run: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(
+                _EXECUTOR, _tune, rows, cfg, dict(self.setting), index, category_of, progress
+            )
+        except Exception:
+            _log.exception("tuning failed; tried again after the next training")
+            return None
+        finally:
+            self.tuning = False
+        self.tunings = [*self.tunings, run][-_TUNINGS_KEPT:]
+        if run["improved"]:
+            self._apply(run["setting"])
+        for protocol, methods in run["holdout"].items():
+            for method, metrics in methods.items():
+                QUALITY_NDCG.labels(protocol, method).set(metrics["ndcg10"])
+        await asyncio.to_thread(_save_tuning, self.setting, self.tunings, self.directory)
+        _log.info(
+            "tuned",
+            applied=run["improved"],
+            validation=run["validation"],
+            setting=run["setting"],
+            seconds=run["seconds"],
+        )
+        return run
+
+    def request_run(self) -> bool:
+        """Train, tune and evaluate at the next check, due or not; False if a run is going on."""
+        if self.running or self.tuning or self.forced:
+            return False
+        self.forced = True
+        return True
 
     def due(self, now_s: float) -> bool:
         """Whether a training run is due now."""
         m = current_config().model
+        if self.forced:
+            return True
         if self.model is None:
             # Never trained: look once at start, then whenever enough may have arrived.
             if not self._checked_once:
@@ -137,10 +274,20 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         return self.pending > 0 and age_s >= m.retrain_interval_s
 
     async def train(self) -> CollabModel | None:
-        """Run one training now (on the model thread); return the new model, if one was made."""
-        cfg = current_config()
+        """Run one training now (on the model thread), then a tuning if one is due.
+
+        Returns the new model, if one was made. ``running`` holds until all of it is done.
+        """
         self.running = True
         self._checked_once = True
+        forced, self.forced = self.forced, False
+        try:
+            return await self._train_and_tune(forced)
+        finally:
+            self.running = False
+
+    async def _train_and_tune(self, forced: bool) -> CollabModel | None:
+        cfg = current_config()
         pending, self.pending = self.pending, 0
         started = time.time()
         try:
@@ -153,8 +300,6 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             self.last_run = {"at": format_ts(int(started * 1000)), "error": repr(exc)}
             _log.exception("model training failed; retried at the next check")
             return None
-        finally:
-            self.running = False
         self.interactions = run.interactions
         MODEL_INTERACTIONS.set(run.interactions)
         outcome = "trained" if run.model is not None else "too little history"
@@ -185,6 +330,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             interactions=run.interactions,
             seconds=round(run.seconds, 2),
         )
+        if run.rows is not None and (forced or self.tune_due(run.interactions)):
+            await self.tune(run.rows)
         return run.model
 
     @mode.Service.task  # type: ignore[untyped-decorator]
@@ -197,6 +344,30 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             if self.due(time.time()):
                 await self.train()
             await self.sleep(cfg.model.check_interval_s)
+
+    def tuning_status(self) -> dict[str, Any]:
+        """The self-tuning's state, as JSON (``GET /v1/quality``)."""
+        last = self.tunings[-1] if self.tunings else None
+        applied = next((r for r in reversed(self.tunings) if r["improved"]), None)
+        return {
+            "enabled": current_config().tune.enabled,
+            "running": self.tuning,
+            "progress": {"trials_done": self.progress[0], "trials": self.progress[1]},
+            "requested": self.forced,
+            "tuned_at": None if last is None else last["tuned_at"],
+            "setting": setting_of(self.recommend),
+            "pinned": list(current_config().tune.pinned),
+            "applied_at": None if applied is None else applied["tuned_at"],
+            "validation": {} if last is None else last["validation"],
+            "runs": [{k: v for k, v in r.items() if k != "holdout"} for r in self.tunings],
+        }
+
+    def evaluation(self) -> dict[str, Any]:
+        """The latest hold-out figures, as JSON (``GET /v1/quality``)."""
+        if not self.tunings:
+            return {}
+        last = self.tunings[-1]
+        return {"at": last["tuned_at"], "interactions": last["interactions"], **last["holdout"]}
 
     def status(self) -> dict[str, Any]:
         """The model's state, as JSON (``GET /v1/quality``)."""
@@ -226,21 +397,63 @@ def current_model() -> CollabModel | None:
     return trainer().model
 
 
+def current_recommend() -> RecommendConfig:
+    """The [recommend] settings in use: the configured ones with the tuned setting applied."""
+    return trainer().recommend
+
+
+def quality_status() -> dict[str, Any]:
+    """``GET /v1/quality``: the model, the tuning and the latest hold-out evaluation."""
+    t = trainer()
+    return {"model": t.status(), "tuning": t.tuning_status(), "evaluation": t.evaluation()}
+
+
+def request_run() -> bool:
+    """See `Trainer.request_run`."""
+    return trainer().request_run()
+
+
 def current_repeat() -> history.RepeatStats | None:
     """How the shop's visitors re-buy, as of the model in use (None: not known yet)."""
     return trainer().repeat
 
 
 _REPEAT_FILE = "repeat.json"
+_TUNING_FILE = "tuning.json"
+#: Tuning runs kept (and shown).
+_TUNINGS_KEPT = 10
+
+
+def _epoch_s(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(orjson.dumps(value))
+    os.replace(tmp, path)
+
+
+def _save_tuning(setting: dict[str, float], runs: list[dict[str, Any]], directory: Path) -> None:
+    _write_json(directory / _TUNING_FILE, {"setting": setting, "runs": runs})
+
+
+def _load_tuning(directory: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = orjson.loads((directory / _TUNING_FILE).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        _log.warning("saved tuning unreadable; tuned again after the next training")
+        return None
+    return data
 
 
 def _save(model: CollabModel, repeat: history.RepeatStats | None, directory: Path) -> None:
     """Save the model and what was learned with it (the repeat stats first)."""
-    directory.mkdir(parents=True, exist_ok=True)
     if repeat is not None:
-        tmp = directory / f".{_REPEAT_FILE}.tmp"
-        tmp.write_bytes(orjson.dumps(repeat.as_json()))
-        os.replace(tmp, directory / _REPEAT_FILE)
+        _write_json(directory / _REPEAT_FILE, repeat.as_json())
     model.save(directory)
 
 
@@ -267,11 +480,6 @@ _listeners: list[Callable[[CollabModel], None]] = []
 def on_swap(listener: Callable[[CollabModel], None]) -> None:
     """Call ``listener`` with each new model swapped in."""
     _listeners.append(listener)
-
-
-def model_status() -> dict[str, Any]:
-    """See `Trainer.status`."""
-    return trainer().status()
 
 
 @app.service

@@ -64,6 +64,7 @@ __all__ = [
     "TableData",
     "blend",
     "ranked",
+    "ranked_top",
 ]
 
 Reason = dict[str, Any]
@@ -206,6 +207,11 @@ def ranked(row: signals.Row, alpha: float | None, n: int) -> list[tuple[str, flo
     if len(scores) <= n:
         return sorted(scores.items(), key=lambda kv: -kv[1])
     return heapq.nlargest(n, scores.items(), key=lambda kv: kv[1])
+
+
+def ranked_top(row: signals.Row, alpha: float | None, n: int, ids: ItemIds) -> _Top:
+    """`ranked`, with the entries also as arrays numbered by ``ids`` (a data source's tops)."""
+    return _Top.of(ranked(row, alpha, n), ids)
 
 
 def _ranked_rows(

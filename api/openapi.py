@@ -222,19 +222,44 @@ _QUALITY = {
                     "description": "Interactions added since the last training run.",
                 },
                 "training": {"type": "boolean", "description": "A run is in progress."},
+                "repeat": {
+                    "type": ["object", "null"],
+                    "description": "How visitors re-buy: purchases, share, gap_s, strength.",
+                },
                 "last_run": {"type": ["object", "null"]},
                 "description": {"type": "object"},
             },
         },
         "tuning": {
             "type": "object",
+            "required": ["tuned_at", "setting", "validation"],
             "properties": {
+                "enabled": {"type": "boolean"},
+                "running": {"type": "boolean"},
+                "requested": {"type": "boolean"},
+                "progress": {
+                    "type": "object",
+                    "properties": {
+                        "trials_done": {"type": "integer"},
+                        "trials": {"type": "integer"},
+                    },
+                },
                 "tuned_at": {"type": ["string", "null"], "format": "date-time"},
-                "setting": {"type": "object"},
+                "applied_at": {"type": ["string", "null"], "format": "date-time"},
+                "setting": {
+                    "type": "object",
+                    "description": "The [recommend] setting in use (tuned names and values).",
+                },
+                "pinned": {"type": "array", "items": {"type": "string"}},
                 "validation": {"type": "object"},
+                "runs": {"type": "array", "items": {"type": "object"}},
             },
         },
-        "evaluation": {"type": "object"},
+        "evaluation": {
+            "type": "object",
+            "description": "The latest hold-out figures: protocol -> method -> NDCG@10, "
+            "Recall@20, MAP@10, HR@10, coverage@10, users.",
+        },
     },
 }
 
@@ -653,6 +678,28 @@ OPENAPI: dict[str, Any] = {
                     },
                     "401": _err("No valid API key."),
                     "403": _err("The key lacks the admin scope."),
+                },
+            }
+        },
+        "/v1/quality/runs": {
+            "post": {
+                "summary": "Train, tune and evaluate now (admin; what personify evaluate does)",
+                "responses": {
+                    "202": {
+                        "description": "Asked for: the next check of the trainer runs it; "
+                        "follow it on GET /v1/quality (tuning.progress, evaluation).",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"requested": {"type": "boolean"}},
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "409": _err("A run is in progress, or the learned model is off."),
                 },
             }
         },

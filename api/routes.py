@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from personify.agents.model import model_status
+from personify.agents.model import quality_status, request_run
 from personify.api.openapi import OPENAPI
 from personify.api.schemas import EventsAccepted, Rejection, json_error, json_response
 from personify.engine.app import app as faust_app
@@ -366,13 +366,18 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/v1/quality")
 async def quality(request: web.Request) -> web.Response:
-    """How the engine's recommendations are made and measured: the learned model's state."""
-    body = {
-        "model": model_status(),
-        "tuning": {"tuned_at": None, "setting": {}, "validation": {}},
-        "evaluation": {},
-    }
-    return json_response(body)
+    """How the engine's lists are made and how good they are on the shop's own history."""
+    return json_response(quality_status())
+
+
+@routes.post("/v1/quality/runs")
+async def start_quality_run(request: web.Request) -> web.Response:
+    """Train, tune and evaluate now (``personify evaluate``); follow it on GET /v1/quality."""
+    if not current_config().model.enabled:
+        return json_error(409, "the learned model is off", "model.enabled", "[model] enabled")
+    if not request_run():
+        return json_error(409, "a run is in progress", "", "follow it on GET /v1/quality")
+    return json_response({"requested": True}, 202)
 
 
 @routes.get("/metrics")

@@ -25,6 +25,7 @@ the engine's NDCG@10 over the best baseline's; ``÷buy-again`` over buy-again's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import platform
@@ -51,6 +52,7 @@ from personify.agents.evaluation import (
     global_split,
     last_split,
 )
+from personify.agents.tuning import apply_setting, tune
 from personify.embeddings import FaissIndex, SentenceEncoder
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import Config
@@ -126,7 +128,11 @@ def _tune(
 
 
 def run_protocol(
-    data: Dataset, protocol: str, grid: dict[str, list[Callable[[], Method]]], index: Any
+    data: Dataset,
+    protocol: str,
+    grid: dict[str, list[Callable[[], Method]]],
+    index: Any,
+    trials: int,
 ) -> dict[str, Any]:
     """Baselines tuned on validation and the engine, scored on the test split."""
     split = PROTOCOLS[protocol](data.history)
@@ -142,12 +148,33 @@ def run_protocol(
         result.extra = {"family": family, "validation_ndcg10": val}
         results.append(result)
         _log(f"  {result.method}: NDCG@10 {result.metrics.ndcg10:.4f}")
-    engine = EngineMethod(Config(), index=index, category_of=data.category, name="engine")
+    defaults = EngineMethod(
+        Config(), index=index, category_of=data.category, name="engine, defaults"
+    )
+    [plain] = evaluate(split, [defaults], progress=_progress)
+    plain.extra = {"family": "engine, defaults"}
+    results.append(plain)
+    _log(f"  engine with its defaults: NDCG@10 {plain.metrics.ndcg10:.4f}")
+    tuned = tune(
+        split.train,
+        Config(),
+        trials=trials,
+        index=index,
+        category_of=data.category,
+        progress=lambda n, total, best: (
+            _log(f"    tuning {n}/{total}: validation {best:.4f}")
+            if n % 10 == 0 or n == total
+            else None
+        ),
+    )
+    config = Config().replace(recommend={})
+    config = dataclasses.replace(config, recommend=apply_setting(config.recommend, tuned.setting))
+    engine = EngineMethod(config, index=index, category_of=data.category, name="engine")
     [mine] = evaluate(split, [engine], progress=_progress)
-    mine.extra = {"family": "engine"}
+    mine.extra = {"family": "engine", "tuning": tuned.as_json()}
     results.append(mine)
-    _log(f"  engine: NDCG@10 {mine.metrics.ndcg10:.4f}")
-    baselines = [r for r in results if r.extra["family"] != "engine"]
+    _log(f"  engine, self-tuned: NDCG@10 {mine.metrics.ndcg10:.4f} ({tuned.as_json()})")
+    baselines = [r for r in results if not r.extra["family"].startswith("engine")]
     best = max(baselines, key=lambda r: r.metrics.ndcg10)
     buy_again = next(r for r in baselines if r.extra["family"] == "buy-again")
     return {
@@ -166,7 +193,7 @@ def _table(name: str, section: dict[str, Any]) -> str:
         "| method | NDCG@10 | ±95% | Recall@20 | MAP@10 | HR@10 | coverage@10 | ÷best |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    best = max(r["ndcg10"] for r in section["results"] if r["family"] != "engine")
+    best = max(r["ndcg10"] for r in section["results"] if not r["family"].startswith("engine"))
     for r in section["results"]:
         label = f"**{r['method']}**" if r["family"] == "engine" else r["method"]
         rows.append(
@@ -212,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             index = _index(data)
             sections = []
             for protocol in args.protocols.split(","):
-                section = run_protocol(data, protocol, grid, index)
+                section = run_protocol(data, protocol, grid, index, 15 if args.quick else 40)
                 sections.append(section)
                 tables.append(_table(name, section))
             report["datasets"][name] = {

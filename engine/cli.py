@@ -1,10 +1,12 @@
-"""The ``personify`` command: ``run``, ``worker`` and ``items import``.
+"""The ``personify`` command: ``run``, ``worker``, ``items import`` and ``evaluate``.
 
 ``personify run`` starts the embedded broker when ``[broker] url = "embedded"``, then the
 Faust worker with its agents, tables and the HTTP API, all in this process. ``personify
 worker`` runs the same worker against an external ``kafka://`` cluster; start several and
 they share the partitions. ``personify items import FILE`` loads a catalog file into a
-running engine over HTTP (see `personify.engine.importer`).
+running engine over HTTP (see `personify.engine.importer`). ``personify evaluate`` has a
+running engine train, tune and score itself on its own history (see
+`personify.engine.evaluate`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,40 @@ def _parser() -> argparse.ArgumentParser:
             help="overrides [logging] level",
         )
     _add_items_parser(sub)
+    help_text = "have a running engine train, tune and score itself on its own history"
+    cmd = sub.add_parser("evaluate", help=help_text, description=help_text)
+    cmd.add_argument("--config", metavar="FILE", help="config file (default: ./config.toml)")
+    cmd.add_argument("--url", help="the engine's address (default: [server] host and port)")
+    cmd.add_argument(
+        "--key", help="an API key with the admin scope (default: $PERSONIFY_API_KEY, if set)"
+    )
+    cmd.add_argument(
+        "--show", action="store_true", help="only show the latest figures, start no run"
+    )
+    cmd.add_argument(
+        "--timeout", type=float, default=3600.0, metavar="S", help="give up after S seconds"
+    )
     return parser
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from personify.engine.evaluate import evaluate_command
+
+    try:
+        config = load_config(args.config)
+        code: int = evaluate_command(
+            config,
+            url=args.url,
+            key=args.key or os.environ.get("PERSONIFY_API_KEY"),
+            run=not args.show,
+            timeout_s=args.timeout,
+        )
+        return code
+    except PersonifyError as exc:
+        print(f"personify: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _add_items_parser(sub: Any) -> None:
@@ -211,6 +246,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = _parser().parse_args(argv)
     if args.command == "items":
         sys.exit(_cmd_items(args))
+    if args.command == "evaluate":
+        sys.exit(_cmd_evaluate(args))
     try:
         config = _load(args)
         configure_logging(config.logging)

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from personify.engine.errors import ConfigError
 
 __all__ = [
+    "TUNABLE",
     "ApiKey",
     "AuthConfig",
     "BrokerConfig",
@@ -41,6 +42,7 @@ __all__ = [
     "StorageConfig",
     "TopicsConfig",
     "TriggersConfig",
+    "TuneConfig",
     "WorkerConfig",
     "load_config",
 ]
@@ -58,6 +60,18 @@ DEFAULT_BLEND: dict[str, float] = {
     "collab": 1.0,
     "repeat": 2.0,
 }
+
+#: The [recommend] settings self-tuning may change ([tune] pinned names some of them).
+TUNABLE: tuple[str, ...] = (
+    "weights.covisit",
+    "weights.copurchase",
+    "weights.content",
+    "weights.category",
+    "weights.trending",
+    "weights.collab",
+    "weights.repeat",
+    "seed_half_life",
+)
 
 DEFAULT_WEIGHTS: dict[str, float] = {
     "page_view": 0.5,
@@ -295,6 +309,23 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TuneConfig:
+    """Self-tuning of the blend on the shop's own history, after a new model, at most so often."""
+
+    #: Tune at all (off: the [recommend] settings are used as configured).
+    enabled: bool = True
+    #: At most one tuning run per this many seconds (the first follows the first model).
+    interval_s: float = 86400.0
+    #: Settings tried per run (the current one first).
+    trials: int = 30
+    #: Visitors scored per validation split (a seeded sample beyond).
+    max_users: int = 1000
+    #: Settings the tuner never changes (names as listed in the README, e.g. "weights.chat"
+    #: or "seed_half_life"): they keep their configured values.
+    pinned: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class PushConfig:
     """Live updates over WebSocket (GET /v1/ws)."""
 
@@ -407,6 +438,7 @@ class Config:
     embeddings: EmbeddingsConfig = field(default_factory=EmbeddingsConfig)
     recommend: RecommendConfig = field(default_factory=RecommendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     push: PushConfig = field(default_factory=PushConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
@@ -503,6 +535,9 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 
 
 _POSITIVE = {
+    "tune.interval_s",
+    "tune.trials",
+    "tune.max_users",
     "model.history_days",
     "model.min_interactions",
     "model.retrain_interactions",
@@ -654,6 +689,13 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
                     f"{source}: [auth.keys] {name}: the same key as {seen[api_key.key]}"
                 )
             seen[api_key.key] = name
+    if section == "tune":
+        unknown = [name for name in obj.pinned if name not in TUNABLE]
+        if unknown:
+            raise ConfigError(
+                f"{source}: [tune] pinned: unknown setting {unknown[0]!r}; "
+                f"known: {', '.join(TUNABLE)}"
+            )
     if section == "model" and obj.regularization < 0:
         raise ConfigError(
             f"{source}: [model] regularization: expected >= 0, got {obj.regularization}"

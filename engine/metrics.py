@@ -22,6 +22,7 @@ __all__ = [
     "MODEL_TRAININGS",
     "PLUGIN_CALLS",
     "PLUGIN_ERRORS",
+    "QUALITY_NDCG",
     "REGISTRY",
     "REQUEST_LATENCY",
     "ROUTED_COMPACTIONS",
@@ -192,5 +193,11 @@ MODEL_TRAININGS = Counter(
     "personify_model_trainings",
     "Training runs of the learned model, by outcome (trained, too little history).",
     ["outcome"],
+    registry=REGISTRY,
+)
+QUALITY_NDCG = Gauge(
+    "personify_quality_ndcg10",
+    "NDCG@10 on the latest hold-out of the shop's own history, by protocol and method.",
+    ["protocol", "method"],
     registry=REGISTRY,
 )

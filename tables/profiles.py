@@ -25,7 +25,7 @@ import orjson
 from faust.types import TP
 from rocksdict import WriteBatch
 
-from personify.engine.app import app, current_config
+from personify.engine.app import app, current_config, routed_names
 from personify.engine.config import ProfilesConfig
 from personify.engine.models import PURPOSES, Event, format_ts
 from personify.tables import history
@@ -534,8 +534,17 @@ class ProfileStore:
         return history.user_keys(self._db(partition), user_id)
 
     def dbs(self) -> dict[int, Any]:
-        """The store of each partition this worker holds."""
-        return dict(self.table.data._dbs)
+        """The store of each partition this worker holds (opened if it was not yet).
+
+        Faust opens a partition's store on its first use: after a restart, one whose visitors
+        were not read or written yet is not open, but its rows are this worker's all the same.
+        """
+        consumer = app.consumer
+        topics = set(routed_names(current_config()))
+        assigned = consumer.assignment() if consumer is not None else ()
+        held = {tp.partition for tp in assigned if tp.topic in topics}
+        held.update(self.table.data._dbs)
+        return {partition: self._db(partition) for partition in sorted(held)}
 
     async def put_many(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> None:
         """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB.

@@ -10,6 +10,7 @@ import http.client
 import http.server
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -358,3 +359,24 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
 def uid(request: pytest.FixtureRequest) -> str:
     """A visitor id unique to the test."""
     return f"u-{request.node.name}-{time.monotonic_ns()}"
+
+
+@pytest.fixture
+def grocery_factory() -> Callable[..., Any]:
+    """Make a grocery history: shoppers re-buying weekly staples plus one random product."""
+    from personify.agents.evaluation import History
+
+    def make(shoppers: int = 60, seed: int = 1) -> History:
+        rng = random.Random(seed)
+        products = [f"p{j}" for j in range(40)]
+        day = 86_400_000
+        rows = []
+        for s in range(shoppers):
+            staples = rng.sample(products, 4)
+            for week in range(8):
+                ts = week * 7 * day + s * 1000
+                for item in [*staples[: 3 + week % 2], rng.choice(products)]:
+                    rows.append((f"s{s}", item, "purchase", ts))
+        return History.of(rows, products)
+
+    return make

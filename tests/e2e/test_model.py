@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+PERSONIFY = str(Path(sys.executable).with_name("personify"))
 
 pytestmark = pytest.mark.e2e
 
@@ -18,6 +24,10 @@ check_interval_s = 0.5
 factors = 4
 regularization = 0.5
 iterations = 15
+
+[tune]
+trials = 4
+max_users = 100
 """
 
 #: Two tastes with nothing in the titles to tell them apart (the content source is no help).
@@ -29,8 +39,9 @@ ITEMS = [
 
 
 def _history() -> list[dict[str, Any]]:
-    """30 visitors per taste, each viewing 8 of its 12 items, days apart (no co-visitation)."""
+    """30 visitors per taste, each viewing 8 of its 12 items, one a day in turn."""
     rng = random.Random(4)
+    start = int(time.time() * 1000) - 500 * 86_400_000  # within [model] history_days of now
     events = []
     for n in range(60):
         group = "a" if n < 30 else "b"
@@ -41,7 +52,7 @@ def _history() -> list[dict[str, Any]]:
                     "type": "product_view",
                     "user_id": f"shopper-{n}",
                     "item_id": f"{group}-{j}",
-                    "ts": 1_700_000_000_000 + (n * 8 + step) * 86_400_000,
+                    "ts": start + (step * 60 + n) * 86_400_000,
                 }
             )
     return events
@@ -94,14 +105,58 @@ def test_a_model_is_trained_used_restored_and_never_brings_back_a_deleted_item(
     top = [r["item_id"] for r in items[:8]]
     assert sorted(top) == sorted(f"a-{j}" for j in range(4, 12)), items
 
+    # The engine tuned itself on its history and scored the result on a hold-out.
+    quality = eng.wait_for(
+        lambda: _quality(eng)["tuning"]["tuned_at"] and _quality(eng), what="a tuning run"
+    )
+    tuning = quality["tuning"]
+    assert len(tuning["runs"]) == 1
+    run = tuning["runs"][0]
+    assert run["trials"] == 4 and run["interactions"] == len(events)
+    assert set(tuning["validation"]) == {"best", "current"}
+    expected = run["setting"] if run["improved"] else run["current"]
+    assert tuning["setting"] == pytest.approx(expected, rel=1e-3)
+    # Eight views each: too few to hold out ten ("last"); the global cut scores them.
+    assert set(quality["evaluation"]) == {"at", "interactions", "global"}
+    methods = quality["evaluation"]["global"]
+    assert {"current", "tuned", "buy-again", "popularity (repeats)"} <= set(methods)
+    tuned_ndcg = methods["tuned"]["ndcg10"]
+    assert tuned_ndcg > methods["popularity (repeats)"]["ndcg10"]
+    assert eng.metric('personify_quality_ndcg10{method="tuned",protocol="global"}') == (
+        pytest.approx(tuned_ndcg)
+    )
+
     # A restart serves the saved model at once (not trained again).
     assert eng.stop() == 0
     eng.start()
     after = _quality(eng)["model"]
     assert after["trained_at"] == model["trained_at"]
     assert after["description"] == model["description"]
+    assert _quality(eng)["tuning"]["runs"] == quality["tuning"]["runs"]
+    assert _quality(eng)["tuning"]["setting"] == quality["tuning"]["setting"]
     restored = _list(eng, "fan-a")
     assert any(why["kind"] == "taste" for r in restored for why in r["reasons"])
+
+    # `personify evaluate` has it train, tune and score itself again, and shows the figures.
+    done = subprocess.run(
+        [PERSONIFY, "evaluate", "--url", eng.url, "--timeout", "240"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=eng.data_dir.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "hold-out: global" in done.stdout and "tuned" in done.stdout, done.stdout
+    assert len(_quality(eng)["tuning"]["runs"]) == 2
+    shown = subprocess.run(
+        [PERSONIFY, "evaluate", "--url", eng.url, "--show"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=eng.data_dir.parent,
+    )
+    assert shown.returncode == 0 and "hold-out: global" in shown.stdout
+    assert len(_quality(eng)["tuning"]["runs"]) == 2
 
     # A deleted item never comes back through the model.
     gone = top[0]

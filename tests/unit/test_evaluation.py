@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -24,20 +25,6 @@ from personify.engine.config import Config
 from personify.tables.history import repeat_stats
 
 DAY = 86_400_000
-
-
-def grocery(shoppers: int = 60, seed: int = 1) -> History:
-    """Shoppers with staples they re-buy every week, plus a random extra product per order."""
-    rng = random.Random(seed)
-    products = [f"p{j}" for j in range(40)]
-    rows = []
-    for s in range(shoppers):
-        staples = rng.sample(products, 4)
-        for week in range(8):
-            ts = week * 7 * DAY + s * 1000
-            for item in [*staples[: 3 + week % 2], rng.choice(products)]:
-                rows.append((f"s{s}", item, "purchase", ts))
-    return History.of(rows, products)
 
 
 def tastes(users: int = 60, seed: int = 2) -> History:
@@ -118,13 +105,15 @@ def test_metrics_of_known_lists() -> None:
         unit_metrics([1], set())
 
 
-def test_buy_again_wins_where_shoppers_rebuy_and_lifts_the_engine() -> None:
+def test_buy_again_wins_where_shoppers_rebuy_and_lifts_the_engine(
+    grocery_factory: Callable[..., History],
+) -> None:
     """On weekly staples, buy-again beats popularity and lifts the engine's own lists.
 
     The engine's buy-again source, its strength learned from the history, more than doubles
     the engine's NDCG against the engine without it.
     """
-    h = grocery()
+    h = grocery_factory()
     assert repeat_stats(h.user, h.item, h.kind, h.ts_ms).share > 0.5
     split = last_split(h)
     without = Config().replace(recommend={"weights": {"repeat": 0.0}})

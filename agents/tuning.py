@@ -1,0 +1,276 @@
+"""Self-tuning: the blend weights and seed settings chosen on the shop's own history.
+
+`tune` searches the settings in `SPACE` (optuna's TPE sampler, seeded) to maximise the
+engine's NDCG@10 on validation splits cut from a training history: both protocols of
+`personify.agents.evaluation` (a global temporal cut, and each visitor's last order or last
+interactions), averaged, so that a setting has to be good at both. The history is folded into
+profiles and signals once per split; each trial only re-ranks. The current setting is trial 0,
+and a setting that does not beat it on validation is not proposed.
+
+`holdout` scores settings and baselines on a hold-out the tuning never saw (the end of the
+history), for the record. The trainer (`personify.agents.model`) runs both on a schedule and
+applies a better setting live; ``bench/quality.py`` calls `tune` on its own training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from personify.agents.evaluation import (
+    AlsMethod,
+    BuyAgain,
+    EngineMethod,
+    History,
+    Method,
+    Popularity,
+    Split,
+    evaluate,
+    global_split,
+    last_split,
+)
+from personify.embeddings import VectorIndex
+from personify.embeddings.collab import AlsSettings
+from personify.engine.config import TUNABLE, Config, RecommendConfig
+
+__all__ = ["SPACE", "Tuned", "apply_setting", "holdout", "setting_of", "tune"]
+
+#: What the tuner may change: name -> (low, high, log scale). ``weights.X`` is the blend
+#: weight of source X; the others are [recommend] settings.
+SPACE: dict[str, tuple[float, float, bool]] = {
+    "weights.covisit": (0.0, 3.0, False),
+    "weights.copurchase": (0.0, 3.0, False),
+    "weights.content": (0.0, 2.0, False),
+    "weights.category": (0.0, 2.0, False),
+    "weights.trending": (0.0, 2.0, False),
+    "weights.collab": (0.0, 3.0, False),
+    "weights.repeat": (0.0, 8.0, False),
+    "seed_half_life": (0.5, 50.0, True),
+}
+if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE
+    raise RuntimeError("tuning.SPACE and config.TUNABLE name different settings")
+#: Validation protocols, each cut from the history given to `tune`.
+PROTOCOLS: dict[str, Callable[[History], Split]] = {
+    "global": lambda h: global_split(h, 0.2),
+    "last": lambda h: last_split(h, 10),
+}
+
+
+def setting_of(cfg: RecommendConfig, names: Collection[str] = tuple(SPACE)) -> dict[str, float]:
+    """The values of ``names`` in ``cfg``."""
+    out: dict[str, float] = {}
+    for name in names:
+        if name.startswith("weights."):
+            out[name] = float(cfg.weights.get(name.removeprefix("weights."), 0.0))
+        else:
+            out[name] = float(getattr(cfg, name))
+    return out
+
+
+def apply_setting(cfg: RecommendConfig, setting: Mapping[str, float]) -> RecommendConfig:
+    """``cfg`` with ``setting`` (names as in `SPACE`) applied."""
+    weights = dict(cfg.weights)
+    fields: dict[str, Any] = {}
+    for name, value in setting.items():
+        if name.startswith("weights."):
+            weights[name.removeprefix("weights.")] = float(value)
+        elif name not in SPACE:
+            raise ValueError(f"unknown tuned setting {name!r}; known: {', '.join(SPACE)}")
+        else:
+            fields[name] = type(getattr(cfg, name))(value)
+    return dataclasses.replace(cfg, weights=weights, **fields)
+
+
+@dataclass
+class Tuned:
+    """One tuning run.
+
+    Attributes:
+        setting: the best setting found (names as in `SPACE`).
+        current: the setting it started from.
+        validation: NDCG@10 on validation per protocol and their mean, of ``setting`` and of
+            ``current``.
+        improved: whether ``setting`` beats ``current`` on validation (else it is
+            ``current``).
+        trials: settings tried.
+        seconds: how long it took.
+        users: visitors scored per validation split.
+    """
+
+    setting: dict[str, float]
+    current: dict[str, float]
+    validation: dict[str, dict[str, float]]
+    improved: bool
+    trials: int
+    seconds: float
+    users: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """As JSON."""
+        return {
+            "setting": {k: round(v, 4) for k, v in self.setting.items()},
+            "current": {k: round(v, 4) for k, v in self.current.items()},
+            "validation": {
+                name: {k: round(v, 5) for k, v in scores.items()}
+                for name, scores in self.validation.items()
+            },
+            "improved": self.improved,
+            "trials": self.trials,
+            "seconds": round(self.seconds, 2),
+            "users": self.users,
+        }
+
+
+def _sample(split: Split, max_users: int, seed: int) -> list[int]:
+    users = sorted(split.targets)
+    if len(users) <= max_users:
+        return users
+    return sorted(random.Random(seed).sample(users, max_users))
+
+
+def tune(
+    history: History,
+    config: Config,
+    *,
+    trials: int = 40,
+    max_users: int = 1500,
+    pinned: Collection[str] = (),
+    index: VectorIndex | None = None,
+    category_of: Mapping[str, str | None] | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Tuned:
+    """Search `SPACE` (less ``pinned``) for the setting with the best validation NDCG@10.
+
+    Args:
+        history: what to learn and validate on (never the hold-out a caller reports).
+        config: the engine's configuration; its [recommend] values are the current setting.
+        trials: settings tried, the current one first.
+        max_users: visitors scored per validation split (a seeded sample beyond).
+        pinned: names of `SPACE` the operator fixed: never changed.
+        index: item text vectors, if any (the content source).
+        category_of: each item's category.
+        seed: the sampler's and the visitor sample's seed.
+        progress: called with (trials done, trials, best mean NDCG@10 so far).
+
+    Raises:
+        ValueError: a pinned name is not in `SPACE`, or the history is too small to validate.
+    """
+    import optuna
+
+    unknown = set(pinned) - set(SPACE)
+    if unknown:
+        raise ValueError(
+            f"unknown pinned setting {sorted(unknown)[0]!r}; known: {', '.join(SPACE)}"
+        )
+    started = time.perf_counter()
+    free = [name for name in SPACE if name not in pinned]
+    current = setting_of(config.recommend)
+    splits: dict[str, tuple[Split, EngineMethod, list[int]]] = {}
+    for name, cut in PROTOCOLS.items():
+        split = cut(history)
+        if not split.targets:
+            continue
+        engine = EngineMethod(config, index=index, category_of=category_of)
+        engine.fit(split.train)
+        splits[name] = (split, engine, _sample(split, max_users, seed))
+    if not splits:
+        raise ValueError("the history is too small to validate on: no visitor to score")
+
+    def score(setting: Mapping[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, (split, engine, users) in splits.items():
+            method = engine.retuned(apply_setting(config.recommend, setting))
+            [result] = evaluate(split, [method], users=users, fit=False)
+            out[name] = result.metrics.ndcg10
+        out["mean"] = sum(out.values()) / len(out)
+        return out
+
+    baseline = score(current)
+    best_setting, best_scores = dict(current), baseline
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    study.enqueue_trial(
+        {name: min(max(current[name], SPACE[name][0]), SPACE[name][1]) for name in free}
+    )
+    for n in range(trials):
+        trial = study.ask()
+        setting = dict(current)
+        for name in free:
+            low, high, log = SPACE[name]
+            setting[name] = trial.suggest_float(name, low, high, log=log)
+        if n == 0:
+            setting = dict(current)  # the enqueued trial: the current setting itself
+        scores = baseline if n == 0 else score(setting)
+        study.tell(trial, scores["mean"])
+        if scores["mean"] > best_scores["mean"]:
+            best_setting, best_scores = setting, scores
+        if progress is not None:
+            progress(n + 1, trials, best_scores["mean"])
+    improved = best_scores["mean"] > baseline["mean"] and not math.isclose(
+        best_scores["mean"], baseline["mean"], rel_tol=1e-9
+    )
+    return Tuned(
+        setting=best_setting if improved else dict(current),
+        current=current,
+        validation={"best": best_scores if improved else baseline, "current": baseline},
+        improved=improved,
+        trials=trials,
+        seconds=time.perf_counter() - started,
+        users={name: len(users) for name, (_s, _e, users) in splits.items()},
+    )
+
+
+def holdout(
+    history: History,
+    config: Config,
+    settings: Mapping[str, Mapping[str, float]],
+    *,
+    max_users: int = 1500,
+    index: VectorIndex | None = None,
+    category_of: Mapping[str, str | None] | None = None,
+    baselines: bool = True,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Score named settings of the engine, and baselines, on the end of ``history``.
+
+    Each protocol of `PROTOCOLS` cuts ``history``; every method learns from what is before the
+    cut and is scored on what is after it. Returns protocol -> method -> metrics (as JSON).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, cut in PROTOCOLS.items():
+        split = cut(history)
+        if not split.targets:
+            continue
+        users = _sample(split, max_users, seed)
+        engine = EngineMethod(config, index=index, category_of=category_of)
+        engine.fit(split.train)
+        engines: list[Method] = [
+            engine.retuned(apply_setting(config.recommend, setting), name=label)
+            for label, setting in settings.items()
+        ]
+        results = evaluate(split, engines, users=users, fit=False)
+        if baselines:
+            m = config.model
+            methods: list[Method] = [
+                Popularity(repeat=True),
+                BuyAgain(),
+                AlsMethod(
+                    AlsSettings(m.factors, m.regularization, m.alpha, m.iterations),
+                    config.profiles.engagement_weights,
+                    repeat=True,
+                ),
+            ]
+            results += evaluate(split, methods, users=users)
+        out[name] = {r.method: r.metrics.as_json() for r in results}
+    return out
+
+
+def describe_space(names: Sequence[str] = tuple(SPACE)) -> dict[str, list[float]]:
+    """The search space as JSON: name -> [low, high]."""
+    return {name: [SPACE[name][0], SPACE[name][1]] for name in names}
