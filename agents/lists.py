@@ -29,7 +29,13 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
-from personify.agents.model import current_model, current_recommend, current_repeat, on_swap
+from personify.agents.model import (
+    current_model,
+    current_recommend,
+    current_repeat,
+    on_swap,
+    shop_clock,
+)
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import (
     Entry,
@@ -159,14 +165,14 @@ def _rank_user(
     profile: profiles.Profile | None = None,
 ) -> tuple[str, bytes, int]:
     """Rank ``user_id``'s list for ``req`` (None: a visitor never seen): (id, JSON, size)."""
-    rec_id, items = rec.recommend(user_id, _wider(req), now_ms, profile=profile)
+    rec_id, items = rec.recommend(user_id, _wider(req), shop_clock(now_ms), profile=profile)
     kind = "user" if user_id is not None else "new_visitor"
     data, size = _finish(items, req.k, user_id, {"kind": kind})
     return rec_id, data, size
 
 
 def _rank_similar(rec: Recommender, item_id: str, req: Request, now_ms: int) -> tuple[bytes, int]:
-    items = rec.similar(item_id, _wider(req), now_ms)
+    items = rec.similar(item_id, _wider(req), shop_clock(now_ms))
     return _finish(items, req.k, None, {"kind": "similar", "item_id": item_id})
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "on_swap",
     "quality_status",
     "request_run",
+    "shop_clock",
     "trainer",
 ]
 
@@ -166,6 +167,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self.progress: tuple[int, int] = (0, 0)
         #: A training and tuning run was asked for (`request_run`).
         self.forced = False
+        #: The newest event time seen (applied since start, or in the history last trained on).
+        self.latest_ms = 0
 
     def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
@@ -186,6 +189,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             return
         if model is not None:
             self._use(model, await asyncio.to_thread(_load_repeat, self.directory))
+            self.latest_ms = max(
+                self.latest_ms, await asyncio.to_thread(_load_clock, self.directory)
+            )
             _log.info("model loaded", items=len(model), interactions=model.interactions)
         saved = await asyncio.to_thread(_load_tuning, self.directory)
         if saved is not None:
@@ -301,6 +307,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             _log.exception("model training failed; retried at the next check")
             return None
         self.interactions = run.interactions
+        if run.rows is not None and len(run.rows):
+            self.latest_ms = max(self.latest_ms, int(run.rows.ts_ms.max()))
         MODEL_INTERACTIONS.set(run.interactions)
         outcome = "trained" if run.model is not None else "too little history"
         self.last_run = {
@@ -320,7 +328,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
                 )
         if run.model is None:
             return None
-        await asyncio.to_thread(_save, run.model, run.repeat, self.directory)
+        await asyncio.to_thread(_save, run.model, run.repeat, self.latest_ms, self.directory)
         self._use(run.model, run.repeat)
         _log.info(
             "model trained",
@@ -420,6 +428,7 @@ def current_repeat() -> history.RepeatStats | None:
 
 _REPEAT_FILE = "repeat.json"
 _TUNING_FILE = "tuning.json"
+_CLOCK_FILE = "clock.json"
 #: Tuning runs kept (and shown).
 _TUNINGS_KEPT = 10
 
@@ -450,11 +459,24 @@ def _load_tuning(directory: Path) -> dict[str, Any] | None:
     return data
 
 
-def _save(model: CollabModel, repeat: history.RepeatStats | None, directory: Path) -> None:
-    """Save the model and what was learned with it (the repeat stats first)."""
+def _save(
+    model: CollabModel, repeat: history.RepeatStats | None, latest_ms: int, directory: Path
+) -> None:
+    """Save the model and what was learned with it (the repeat stats and clock first)."""
     if repeat is not None:
         _write_json(directory / _REPEAT_FILE, repeat.as_json())
+    _write_json(directory / _CLOCK_FILE, {"latest_ms": latest_ms})
     model.save(directory)
+
+
+def _load_clock(directory: Path) -> int:
+    try:
+        return int(orjson.loads((directory / _CLOCK_FILE).read_bytes())["latest_ms"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError):
+        _log.warning("saved shop clock unreadable; now is used until the next event")
+        return 0
 
 
 def _load_repeat(directory: Path) -> history.RepeatStats | None:
@@ -467,10 +489,25 @@ def _load_repeat(directory: Path) -> history.RepeatStats | None:
         return None
 
 
-def note_interactions(count: int) -> None:
-    """The profile agent added ``count`` rows to the history."""
+def note_interactions(count: int, latest_ms: int | None = None) -> None:
+    """The profile agent added ``count`` rows to the history; ``latest_ms``: its newest event."""
+    t = trainer()
     if count:
-        trainer().pending += count
+        t.pending += count
+    if latest_ms is not None and latest_ms > t.latest_ms:
+        t.latest_ms = latest_ms
+
+
+def shop_clock(wall_ms: int) -> int:
+    """The time lists are ranked at: the shop's newest event, if that is earlier than now.
+
+    Decays (trending, co-visitation, buy-again) count from the shop's own last moment, so a
+    backfill of old history at its real timestamps ranks as it did when it happened instead of
+    fading to nothing; in a shop with live traffic it is now. Unknown (no event since start
+    and no model): now.
+    """
+    latest = trainer().latest_ms
+    return min(wall_ms, latest) if latest > 0 else wall_ms
 
 
 #: Called with each model swapped in (and the one loaded at start).

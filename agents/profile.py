@@ -415,8 +415,11 @@ async def profile_agent(stream: Any) -> None:
             for user, request_id in f.erased:
                 hub().forget(user)
                 await until_done("audit record", functools.partial(_audit, user, request_id))
-        note_interactions(sum(f.interactions for f in folds.values()))
         applied = [e for f in folds.values() for e in f.events]
+        note_interactions(
+            sum(f.interactions for f in folds.values()),
+            max((e["ts_ms"] for e in applied), default=None),
+        )
         note_timers(applied)
         queue_events(latest, applied)
         onward = [e for f in folds.values() for e in f.onward]

@@ -181,3 +181,36 @@ def test_too_little_history_trains_no_model(engine_factory: Any) -> None:
     assert model["last_run"]["outcome"] == "too little history"
     assert "description" not in model
     assert _list(eng, "shopper-0")
+
+
+def test_a_backfill_of_old_history_ranks_as_it_did_then(engine_factory: Any) -> None:
+    """Events years old, at their real time, still make what trends.
+
+    Decays count from the shop's newest event, not from today.
+    """
+    eng = engine_factory().start()
+    eng.add_items(ITEMS[:6])
+    old = 1_433_160_000_000  # 2015-06-01
+    views = [("a-2", 6), ("a-4", 3), ("a-0", 1)]
+    events = [
+        {
+            "type": "product_view",
+            "user_id": f"old-{item}-{n}",
+            "item_id": item,
+            "ts": old + n * 60_000,
+        }
+        for item, count in views
+        for n in range(count)
+    ]
+    status, body = eng.post_events(events)
+    assert status == 202, body
+    eng.wait_profile("old-a-0-0", lambda p: p["counts"].get("product_view") == 1)
+    listed = eng.wait_for(
+        lambda: (
+            (items := _list(eng, "someone-new", 3))
+            and items[0]["reasons"][0]["kind"] == "trending"
+            and items
+        ),
+        what="trending items from 2015",
+    )
+    assert [r["item_id"] for r in listed] == ["a-2", "a-4", "a-0"]
