@@ -200,7 +200,7 @@ class ProfilesConfig:
     #: ``consent`` event: "opt-out" grants it, "opt-in" withholds it until granted.
     consent: Literal["opt-out", "opt-in"] = "opt-out"
     session_gap_s: float = 1800.0
-    recent_items: int = 50
+    recent_items: int = 500
     recent_searches: int = 20
     max_cart_items: int = 200
     #: Products a visitor bought kept with how often and when last (buy-again); past this the

@@ -345,7 +345,9 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     """One engine shared by the tests that only add events for their own visitors."""
     root = tmp_path_factory.mktemp("shared-engine")
     cfg = root / "config.toml"
-    cfg.write_text('[events]\ncustom_types = ["wishlist_add"]\n')
+    # The learned model has tests of its own (e2e/test_model.py): here it stays off, so that a
+    # model trained part-way through the session cannot change the lists other tests check.
+    cfg.write_text('[events]\ncustom_types = ["wishlist_add"]\n\n[model]\nenabled = false\n')
     eng = Engine(
         data_dir=root / "data", port=_free_port(), log_path=root / "engine.log", config=cfg
     )

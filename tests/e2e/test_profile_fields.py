@@ -112,20 +112,21 @@ def test_monetary(engine: Any, uid: str) -> None:
 
 
 def test_recent_items_bounded_newest_first(engine: Any, uid: str) -> None:
-    """Recent items keep the 50 newest distinct items, newest first."""
+    """Recent items keep the 500 newest distinct items, newest first."""
     t0 = _now_ms() - 3_600_000
     events = [
         {"type": "product_view", "user_id": uid, "item_id": f"sku-{i}", "ts": t0 + i * 1000}
-        for i in range(60)
+        for i in range(510)
     ]
-    events.append({"type": "product_view", "user_id": uid, "item_id": "sku-30", "ts": t0 + 100_000})
+    events.append({"type": "product_view", "user_id": uid, "item_id": "sku-30", "ts": t0 + 600_000})
     _post_ok(engine, events)
-    p = engine.wait_profile(uid, lambda p: _total(p) == 61)
+    p = engine.wait_profile(uid, lambda p: _total(p) == 511)
     ids = [r["item_id"] for r in p["recent_items"]]
-    assert len(ids) == 50
+    assert len(ids) == 500
     assert ids[0] == "sku-30"
-    assert ids[1:4] == ["sku-59", "sku-58", "sku-57"]
-    assert len(set(ids)) == 50
+    assert ids[1:4] == ["sku-509", "sku-508", "sku-507"]
+    assert len(set(ids)) == 500
+    assert "sku-9" not in ids and "sku-10" in ids
 
 
 def test_cart_adds_removes_and_purchase(engine: Any, uid: str) -> None:
