@@ -160,3 +160,28 @@ def test_the_model_counts_what_it_learned_from(model: CollabModel) -> None:
     assert info["users"] == 80
     assert info["interactions"] == 640
     assert info["factors"] == 4
+
+
+def test_a_large_catalog_is_searched_through_an_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the threshold the top items come from an inverted-file index.
+
+    They are nearly the exact ones, never an excluded one, best first.
+    """
+    from personify.embeddings import collab
+
+    monkeypatch.setattr(collab, "ANN_THRESHOLD", 1000)
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((40, 16)).astype(np.float32)
+    factors = (centres[rng.integers(0, 40, 4000)] + 0.5 * rng.standard_normal((4000, 16))).astype(
+        np.float32
+    )
+    model = CollabModel(tuple(f"i{j}" for j in range(4000)), factors, SETTINGS, 0, 0, 0)
+    seeds = [f"i{j}" for j in range(0, 400, 20)]
+    vector = model.fold_in(seeds, [1.0] * len(seeds))
+    assert vector is not None
+    found, scores = model.top(vector, 50, exclude=set(seeds))
+    order = np.argsort(-model.scores(vector))
+    exact = [model.item_ids[j] for j in order if model.item_ids[j] not in seeds][:50]
+    assert len(set(found) & set(exact)) >= 45
+    assert not set(found) & set(seeds)
+    assert list(scores) == sorted(scores, reverse=True)
