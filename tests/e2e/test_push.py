@@ -189,8 +189,11 @@ def test_a_slow_client_does_not_delay_a_fast_one(engine_factory: Any, uid: str) 
     pushes; after that its queue (``queue_size`` 4) drops the oldest messages, while the
     reading socket receives each push, with consecutive numbers, right after its event.
     """
+    # 50 recent items: the visitor views the whole catalog in turn, and the lists (which leave
+    # out what the visitor has seen) must stay long enough to fill the stalled socket.
     eng = engine_factory(
         config="[push]\ndebounce_ms = 0\nqueue_size = 4\n[recommend]\nlist_size = 100\n"
+        "[profiles]\nrecent_items = 50\n"
     ).start()
     items = [
         {
