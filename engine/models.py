@@ -88,7 +88,9 @@ _TOP_LEVEL: Final = frozenset(
 #: A normalised event (see module docstring).
 Event = dict[str, Any]
 
-_EPOCH_MS_MIN: Final = 946_684_800_000  # 2000-01-01: smaller numbers are not epoch milliseconds
+#: 1980-01-01: smaller numbers are not epoch milliseconds (epoch seconds of any time since 1980
+#: read as milliseconds fall in 1970), and a shop's backfill of old history still fits.
+_EPOCH_MS_MIN: Final = 315_532_800_000
 _EPOCH_MS_MAX: Final = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS: Final = timedelta(milliseconds=1)
@@ -112,7 +114,7 @@ def _parse_ts(value: Any) -> int:
     if isinstance(value, int | float):
         if not math.isfinite(value) or not _EPOCH_MS_MIN <= value <= _EPOCH_MS_MAX:
             raise ValidationError(
-                "ts", f"expected epoch milliseconds between 2000 and 9999, got {value!r}"
+                "ts", f"expected epoch milliseconds between 1980 and 9999, got {value!r}"
             )
         return int(value)
     if isinstance(value, str):
@@ -132,7 +134,7 @@ def _parse_ts(value: Any) -> int:
         except OverflowError:
             ts_ms = -1
         if not _EPOCH_MS_MIN <= ts_ms <= _EPOCH_MS_MAX:
-            raise ValidationError("ts", f"expected a time between 2000 and 9999, got {value!r}")
+            raise ValidationError("ts", f"expected a time between 1980 and 9999, got {value!r}")
         return ts_ms
     raise ValidationError("ts", f"expected ISO 8601 text or epoch milliseconds, got {value!r}")
 

@@ -421,11 +421,19 @@ def test_year_zero_ts_is_a_validation_error() -> None:
     assert error(ev("page_view", ts="0001-01-01T00:00:00+01:00")).field == "ts"
 
 
-def test_iso_ts_before_2000_is_rejected_like_epoch_ms() -> None:
-    """ISO timestamps before 2000 are rejected, as epoch numbers before 2000 are."""
+def test_iso_ts_before_1980_is_rejected_like_epoch_ms() -> None:
+    """ISO timestamps before 1980 are rejected, as epoch numbers before 1980 are."""
     err = error(ev("page_view", ts="0999-05-01T00:00:00Z"))
-    assert err.field == "ts" and "2000" in err.reason
-    assert error(ev("page_view", ts="1999-12-31T23:59:59Z")).field == "ts"
+    assert err.field == "ts" and "1980" in err.reason
+    assert error(ev("page_view", ts="1979-12-31T23:59:59Z")).field == "ts"
+
+
+def test_old_history_and_epoch_seconds() -> None:
+    """A backfill from 1997 is accepted; epoch seconds (read as milliseconds: 1970) are not."""
+    assert check(ev("page_view", ts=874_724_710_000))["ts_ms"] == 874_724_710_000
+    assert check(ev("page_view", ts="1997-09-20T03:05:10Z"))["ts_ms"] == (874_724_710_000)
+    err = error(ev("page_view", ts=1_764_000_000))
+    assert err.field == "ts" and "epoch milliseconds" in err.reason
 
 
 @pytest.mark.parametrize(
