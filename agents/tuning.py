@@ -42,14 +42,16 @@ __all__ = ["SPACE", "Tuned", "apply_setting", "holdout", "setting_of", "tune"]
 
 #: What the tuner may change: name -> (low, high, log scale). ``weights.X`` is the blend
 #: weight of source X; the others are [recommend] settings.
+#: Weights act by their ratios, so they are searched on a log scale: a source at 0.01 next to
+#: one at 10 is as good as off, and one source can lead the others by any factor.
 SPACE: dict[str, tuple[float, float, bool]] = {
-    "weights.covisit": (0.0, 3.0, False),
-    "weights.copurchase": (0.0, 3.0, False),
-    "weights.content": (0.0, 2.0, False),
-    "weights.category": (0.0, 2.0, False),
-    "weights.trending": (0.0, 2.0, False),
-    "weights.collab": (0.0, 3.0, False),
-    "weights.repeat": (0.0, 8.0, False),
+    "weights.covisit": (0.01, 10.0, True),
+    "weights.copurchase": (0.01, 10.0, True),
+    "weights.content": (0.01, 10.0, True),
+    "weights.category": (0.01, 10.0, True),
+    "weights.trending": (0.01, 10.0, True),
+    "weights.collab": (0.01, 10.0, True),
+    "weights.repeat": (0.01, 30.0, True),
     "seed_half_life": (0.5, 50.0, True),
 }
 if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE
