@@ -6,10 +6,10 @@ Usage (from the repository root)::
     .venv/bin/python bench/training.py --interactions 200000 --items 20000 --users 20000
     .venv/bin/python bench/training.py --tune ml-100k      # also one tuning run on a data set
 
-Training: a synthetic history (visitors with tastes over clusters of items, popularity
-following a power law, views, cart adds and purchases) goes through the trainer's own code
-(`personify.agents.evaluation.train_model`: each pair's strongest interaction, then
-``implicit`` ALS on one thread, as ``[model]`` defaults). Each measurement runs in a fresh
+Training: a synthetic history (visitors with tastes over clusters of items, long-tailed
+popularity reaching most of the catalog, views, cart adds and purchases) goes through the
+trainer's own code (`personify.agents.evaluation.train_model`: each pair's strongest
+interaction, then ``implicit`` ALS on one thread, as ``[model]`` defaults). Each measurement runs in a fresh
 process, so its peak RSS is its own; the baseline is the same process having only built the
 arrays, measured in the same run.
 
@@ -43,12 +43,14 @@ def _history(interactions: int, items: int, users: int, seed: int) -> Any:
     user = rng.integers(0, users, size=interactions)
     own = rng.random(interactions) < 0.7  # 70% within the visitor's taste
     item = np.empty(interactions, dtype=np.int64)
-    popular = (rng.pareto(1.2, size=interactions) * 10).astype(np.int64) % items
-    item[~own] = popular[~own]
+    # Off-taste picks follow a long tail over the whole catalog (most items get some); within a
+    # taste, popularity falls with rank.
+    tail = np.minimum(rng.pareto(0.6, size=interactions) * 2000, items - 1).astype(np.int64)
+    item[~own] = rng.permutation(items)[tail[~own]]
     for c in range(clusters):
         rows = np.flatnonzero(own & (taste[user] == c))
         if len(rows) and len(members[c]):
-            ranks = (rng.pareto(1.5, size=len(rows)) * 3).astype(np.int64) % len(members[c])
+            ranks = (rng.pareto(1.0, size=len(rows)) * 20).astype(np.int64) % len(members[c])
             item[rows] = members[c][ranks]
     kind = rng.choice([0, 2, 3], size=interactions, p=[0.8, 0.12, 0.08]).astype(np.int8)
     ts = np.sort(rng.integers(0, 365 * 86_400_000, size=interactions))
