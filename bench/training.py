@@ -9,9 +9,9 @@ Usage (from the repository root)::
 Training: a synthetic history (visitors with tastes over clusters of items, long-tailed
 popularity reaching most of the catalog, views, cart adds and purchases) goes through the
 trainer's own code (`personify.agents.evaluation.train_model`: each pair's strongest
-interaction, then ``implicit`` ALS on one thread, as ``[model]`` defaults). Each measurement runs in a fresh
-process, so its peak RSS is its own; the baseline is the same process having only built the
-arrays, measured in the same run.
+interaction, then ``implicit`` ALS on one thread, as ``[model]`` defaults). Each
+measurement runs in a fresh process, so its peak RSS is its own; the baseline is the same
+process having only built the arrays, measured in the same run.
 
 Tuning (``--tune NAME``): one `personify.agents.tuning.tune` run plus the hold-out evaluation on
 a public data set (`_datasets`), with ``[tune]`` defaults, as the trainer runs it after a model.
