@@ -236,6 +236,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             run: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(
                 _EXECUTOR, _tune, rows, cfg, dict(self.setting), index, category_of, progress
             )
+        except ValueError as exc:  # too little history to validate on
+            _log.warning("no tuning yet", reason=str(exc), interactions=len(rows))
+            return None
         except Exception:
             _log.exception("tuning failed; tried again after the next training")
             return None
