@@ -889,10 +889,15 @@ class ListCache:
         return entry
 
     def put(self, key: str, entry: Entry) -> bool:
-        """Keep ``entry`` unless an owner changed since ``entry.gens`` were read."""
+        """Keep ``entry`` unless an owner changed since ``entry.gens`` were read.
+
+        A list kept is current: if it was queued to be computed ahead (not for a socket, which
+        waits for its push), it is not computed a second time.
+        """
         with self._lock:
             if not self._current(entry):
                 return False
+            self.pending.pop(key, None)
             self._entries[key] = entry
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:

@@ -130,3 +130,15 @@ def test_concurrent_changes_and_puts() -> None:
     last = entry(cache, "u")
     got = cache.get("u")
     assert got is None or got.gens == last.gens
+
+
+def test_a_list_stored_on_request_is_not_computed_again() -> None:
+    """A queued owner whose current list a request stored leaves the queue; a socket's stays."""
+    cache = ListCache(10)
+    cache.changed(["u"], queue=True)
+    cache.changed(["w"], queue=False, urgent=True)
+    assert cache.put("u", entry(cache, "u", rec_id="asked"))
+    assert cache.put("w", entry(cache, "w"))
+    assert cache.take(5) == ["w"]  # a socket waits for its push
+    got = cache.get("u")
+    assert got is not None and got.rec_id == "asked"
