@@ -183,6 +183,7 @@ def run_protocol(
         "best_baseline": best.method,
         "ratio_best": mine.metrics.ndcg10 / max(best.metrics.ndcg10, 1e-12),
         "ratio_buy_again": mine.metrics.ndcg10 / max(buy_again.metrics.ndcg10, 1e-12),
+        "buy_again_ndcg10": buy_again.metrics.ndcg10,
     }
 
 
@@ -204,7 +205,11 @@ def _table(name: str, section: dict[str, Any]) -> str:
     rows += [
         "",
         f"Engine ÷ best baseline ({section['best_baseline']}): **{section['ratio_best']:.2f}**; "
-        f"÷ buy-again: **{section['ratio_buy_again']:.2f}**",
+        + (
+            f"÷ buy-again: **{section['ratio_buy_again']:.2f}**"
+            if section["buy_again_ndcg10"] >= 0.01
+            else "÷ buy-again: n/a (buy-again finds almost nothing: nobody re-buys)"
+        ),
         "",
     ]
     return "\n".join(rows)
