@@ -33,7 +33,7 @@ import numpy.typing as npt
 from personify.agents.recommend import ItemIds, Recommender, Request, ranked_top
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings, CollabModel, train_als
-from personify.engine.config import Config, RecommendConfig
+from personify.engine.config import DEFAULT_WEIGHTS, Config, RecommendConfig
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
 from personify.tables.history import Interactions, repeat_stats
@@ -521,8 +521,7 @@ class AlsMethod(_Base):
 
 
 def _kind_weights(weights: Mapping[str, float]) -> npt.NDArray[np.float64]:
-    defaults = {"product_view": 1.0, "click": 2.0, "add_to_cart": 3.0, "purchase": 5.0}
-    return np.asarray([weights.get(k, defaults[k]) for k in KINDS], dtype=np.float64)
+    return np.asarray([weights.get(k, DEFAULT_WEIGHTS[k]) for k in KINDS], dtype=np.float64)
 
 
 def train_model(

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,8 +271,3 @@ def holdout(
             results += evaluate(split, methods, users=users)
         out[name] = {r.method: r.metrics.as_json() for r in results}
     return out
-
-
-def describe_space(names: Sequence[str] = tuple(SPACE)) -> dict[str, list[float]]:
-    """The search space as JSON: name -> [low, high]."""
-    return {name: [SPACE[name][0], SPACE[name][1]] for name in names}
