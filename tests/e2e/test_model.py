@@ -205,10 +205,11 @@ def test_a_backfill_of_old_history_ranks_as_it_did_then(engine_factory: Any) -> 
     status, body = eng.post_events(events)
     assert status == 202, body
     eng.wait_profile("old-a-0-0", lambda p: p["counts"].get("product_view") == 1)
+    # Signal rows are written every few seconds: wait until all three trend.
     listed = eng.wait_for(
         lambda: (
             (items := _list(eng, "someone-new", 3))
-            and items[0]["reasons"][0]["kind"] == "trending"
+            and all(r["reasons"][0]["kind"] == "trending" for r in items)
             and items
         ),
         what="trending items from 2015",
