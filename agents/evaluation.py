@@ -43,6 +43,7 @@ __all__ = [
     "KINDS",
     "RECALL_CUTOFF",
     "AlsMethod",
+    "BprMethod",
     "BuyAgain",
     "EngineMethod",
     "History",
@@ -518,6 +519,72 @@ class AlsMethod(_Base):
             cached = {item: i for i, item in enumerate(self.train.items)}
             self._numbers = cached
         return cached
+
+
+class BprMethod(_Base):
+    """Bayesian personalised ranking (implicit's BPR): pairwise-learned visitor and item vectors.
+
+    Each visitor's vector is learned with the items (not folded in), so only visitors of the
+    training history get a personal list; others get popularity.
+    """
+
+    def __init__(
+        self,
+        factors: int = 64,
+        learning_rate: float = 0.05,
+        regularization: float = 0.01,
+        iterations: int = 100,
+        *,
+        repeat: bool = False,
+        seed: int = 7,
+    ) -> None:
+        self.factors = factors
+        self.learning_rate = learning_rate
+        self.regularization = regularization
+        self.iterations = iterations
+        self.repeat = repeat
+        self.seed = seed
+        self.name = (
+            f"BPR f={factors} lr={learning_rate:g} reg={regularization:g} it={iterations}"
+            + (" (repeats)" if repeat else "")
+        )
+
+    def fit(self, train: History) -> None:
+        """See `Method.fit`."""
+        from implicit.cpu.bpr import BayesianPersonalizedRanking
+        from scipy import sparse
+        from threadpoolctl import threadpool_limits
+
+        super().fit(train)
+        n_users = int(train.user.max()) + 1 if len(train) else 0
+        matrix = sparse.csr_matrix(
+            (np.ones(len(train), dtype=np.float32), (train.user, train.item)),
+            shape=(n_users, self.n_items),
+        )
+        matrix.sum_duplicates()
+        matrix.data[:] = 1.0
+        self.users: npt.NDArray[np.float32] | None = None
+        if not matrix.nnz:
+            return
+        with threadpool_limits(1, "blas"):
+            bpr = BayesianPersonalizedRanking(
+                factors=self.factors,
+                learning_rate=self.learning_rate,
+                regularization=self.regularization,
+                iterations=self.iterations,
+                num_threads=1,
+                random_state=self.seed,
+            )
+            bpr.fit(matrix, show_progress=False)
+        self.users = np.asarray(bpr.user_factors, dtype=np.float32)
+        self.items = np.asarray(bpr.item_factors, dtype=np.float32)
+
+    def recommend(self, user: int, k: int, now_ms: int) -> list[int]:
+        """See `Method.recommend`."""
+        if self.users is None or user >= len(self.users) or user not in self.seen:
+            return _top(self.popularity, k, self._drop(user))
+        scores = (self.items @ self.users[user]).astype(np.float64)
+        return _top(scores + 1e-9 * self.popularity, k, self._drop(user))
 
 
 def _kind_weights(weights: Mapping[str, float]) -> npt.NDArray[np.float64]:

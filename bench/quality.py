@@ -16,7 +16,7 @@ real timestamps) and each protocol (`personify.agents.evaluation`):
 
 Baselines are tuned on a validation split cut the same way from the training part only, then
 fitted on all of it and scored once: popularity, buy-again (the visitor's own most-bought
-items; the strong baseline where people re-buy), item-kNN and implicit ALS (each with and
+items; the strong baseline where people re-buy), item-kNN, implicit ALS and BPR (each with and
 without the visitor's own items allowed back). The engine runs with its default configuration
 (`personify.engine.config.Config()`): nothing in it is chosen for any data set. ``÷best`` is
 the engine's NDCG@10 over the best baseline's; ``÷buy-again`` over buy-again's.
@@ -41,6 +41,7 @@ from threadpoolctl import threadpool_limits
 
 from personify.agents.evaluation import (
     AlsMethod,
+    BprMethod,
     BuyAgain,
     EngineMethod,
     ItemKNN,
@@ -74,6 +75,12 @@ GRID: dict[str, list[Callable[[], Method]]] = {
         )
         for r, a, rep in itertools.product((0.05, 1.0), (1.0, 10.0), (False, True))
     ],
+    "BPR": [
+        (lambda f=f, lr=lr, it=it, rep=rep: BprMethod(f, lr, 0.01, it, repeat=rep))
+        for (f, lr, it), rep in itertools.product(
+            ((32, 0.01, 100), (64, 0.003, 300)), (False, True)
+        )
+    ],
 }
 QUICK_GRID: dict[str, list[Callable[[], Method]]] = {
     "popularity": GRID["popularity"],
@@ -83,6 +90,7 @@ QUICK_GRID: dict[str, list[Callable[[], Method]]] = {
         lambda: AlsMethod(AlsSettings(factors=64, regularization=0.05, alpha=2.0)),
         lambda: AlsMethod(AlsSettings(factors=64, regularization=0.05, alpha=2.0), repeat=True),
     ],
+    "BPR": [lambda: BprMethod(32, 0.01, 0.01, 100)],
 }
 PROTOCOLS: dict[str, Callable[..., Split]] = {
     "global": lambda h: global_split(h, 0.2),

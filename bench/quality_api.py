@@ -12,7 +12,7 @@ category) and the training history (``POST /v1/events``: views, and each visitor
 one time as one purchase), then trains and tunes itself (``POST /v1/quality/runs``, what
 ``personify evaluate`` does; the same starts by itself after a backfill). Every visitor with
 history before the cut then gets ``GET /v1/users/{id}/recommendations?k=20``, scored against
-their items after it. Popularity, buy-again, item-kNN and implicit ALS, tuned on a validation
+their items after it. Popularity, buy-again, item-kNN, implicit ALS and BPR, tuned on a validation
 split of the same training part (`quality.py`), run in the same command.
 
 It also prints how long the engine took from the last POST of the backfill until

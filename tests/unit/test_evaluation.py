@@ -10,6 +10,7 @@ import pytest
 
 from personify.agents.evaluation import (
     AlsMethod,
+    BprMethod,
     BuyAgain,
     EngineMethod,
     History,
@@ -135,12 +136,13 @@ def test_buy_again_wins_where_shoppers_rebuy_and_lifts_the_engine(
 
 
 def test_collaborative_methods_find_the_visitors_taste() -> None:
-    """On two tastes, item-kNN, ALS and the engine rank the visitor's taste; popularity can't."""
+    """On two tastes, item-kNN, ALS, BPR and the engine rank the visitor's taste; popularity can't."""
     split = last_split(tastes(), n=2)
     methods = [
         Popularity(),
         ItemKNN(50),
         AlsMethod(AlsSettings(factors=4, regularization=0.5)),
+        BprMethod(factors=4, learning_rate=0.05, iterations=200),
         EngineMethod(Config().replace(model={"factors": 4, "regularization": 0.5})),
     ]
     results = {r.method: r.metrics for r in evaluate(split, methods)}
