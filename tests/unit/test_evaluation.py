@@ -136,7 +136,7 @@ def test_buy_again_wins_where_shoppers_rebuy_and_lifts_the_engine(
 
 
 def test_collaborative_methods_find_the_visitors_taste() -> None:
-    """On two tastes, item-kNN, ALS, BPR and the engine rank the visitor's taste; popularity can't."""
+    """Item-kNN, ALS, BPR and the engine rank the visitor's taste; popularity can't."""
     split = last_split(tastes(), n=2)
     methods = [
         Popularity(),
