@@ -653,7 +653,7 @@ class EngineMethod:
             )
         self.data = _MemoryData(cfg)
         model = None
-        if cfg.model.enabled and cfg.recommend.weights.get("collab", 0.0) > 0:
+        if cfg.model.enabled:  # as the trainer: the model, whatever the weights (tuning may raise)
             m = cfg.model
             settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
             model = train_model(train, settings, cfg.profiles.engagement_weights)

@@ -13,11 +13,13 @@ Sources, each scaled to 0-1 by its best candidate before blending with ``[recomm
   with the category.
 - ``trending``: trending items overall (what a new visitor gets); reason ``trending``.
 - ``repeat``: buy-again: products the visitor bought before, by how often and how recently,
-  where the shop's history shows re-buying (`RepeatStats`); reason ``buy_again``. Only this
-  source brings back what the visitor bought.
+  where the shop's history shows re-buying (`RepeatStats`); reason ``buy_again``. A bought
+  product comes back only there (other sources may add to its score, never bring it alone).
 - ``collab``: the learned model (`CollabModel`): the items of highest predicted preference for
   the visitor's vector, folded in from their recent items; reason ``taste`` with the visitor's
   item most like it in the model.
+- ``popular``: the items most visitors interacted with over the history the model learned
+  from (steadier than trending, which follows the last days); reason ``popular``.
 
 `Recommender` holds the logic and reads its data through `DataSource`, so the API (RocksDB
 tables, the live index) and the offline evaluation (in-memory state) run the same code.
@@ -377,6 +379,10 @@ def _seeds(profile: profiles.Profile | None, request: Request, limit: int) -> li
     return seeds
 
 
+#: The reason of an item of the ``popular`` source.
+_POPULAR: Reason = {"kind": "popular"}
+
+
 class Recommender:
     """Answers "what should this visitor see next, and why".
 
@@ -572,9 +578,20 @@ class Recommender:
 
         return Pool(ids, ids.of(found), scores[positive].astype(np.float64), reason)
 
+    def _popular(self, exclude: Collection[str], ids: ItemIds) -> Pool:
+        """The items most visitors interacted with over the history the model learned from."""
+        if self.model is None:
+            return Pool.empty(ids)
+        found, counts = self.model.popular(self.cfg.candidates, exclude)
+        if not found:
+            return Pool.empty(ids)
+        return Pool(ids, ids.of(found), counts, lambda _item: _POPULAR)
+
     def _rebuy(self, profile: profiles.Profile | None) -> dict[str, list[int]]:
         """The visitor's bought products that may come back (none where nobody re-buys)."""
         if profile is None or self.repeat is None or self.repeat.strength <= 0:
+            return {}
+        if self.cfg.weights.get("repeat", 0.0) <= 0:  # off: bought products stay out
             return {}
         bought: dict[str, list[int]] = profile.get("bought", {})
         return bought
@@ -627,14 +644,10 @@ class Recommender:
             "category": self._trending(affinity, now_ms, ids),
             "trending": self._trending([(request.category or "", 1.0)], now_ms, ids),
             "collab": self._collab(profile, exclude, ids),
+            "popular": self._popular(exclude, ids),
         }
         strength = {"chat": chat_strength}  # a faded chat counts less however well it matches
         if rebuy:
-            drop = ids.of(list(rebuy))
-            for name, pool in out.items():
-                keep = ~np.isin(pool.numbers, drop)
-                if not keep.all():
-                    out[name] = Pool(ids, pool.numbers[keep], pool.scores[keep], pool.reason)
             out["repeat"] = self._repeat(rebuy, now_ms, ids)
             strength["repeat"] = self.repeat.strength if self.repeat is not None else 0.0
         return out, strength
@@ -677,7 +690,9 @@ class Recommender:
             for item, entry in self._rebuy(profile).items()
             if item not in request.exclude and item not in (profile or {}).get("cart", {})
         }
-        sources, strength = self.sources(profile, request, now_ms, exclude, rebuy=rebuy)
+        sources, strength = self.sources(
+            profile, request, now_ms, exclude - rebuy.keys(), rebuy=rebuy
+        )
         items = blend(
             sources,
             self.cfg.weights,

@@ -51,7 +51,8 @@ SPACE: dict[str, tuple[float, float, bool]] = {
     "weights.category": (0.01, 10.0, True),
     "weights.trending": (0.01, 10.0, True),
     "weights.collab": (0.01, 10.0, True),
-    "weights.repeat": (0.01, 30.0, True),
+    "weights.repeat": (0.01, 100.0, True),
+    "weights.popular": (0.01, 30.0, True),
     "seed_half_life": (0.5, 50.0, True),
 }
 if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE

@@ -118,7 +118,7 @@ class EngineHybrid:
         self.index.upsert(ids, np.stack([self.vectors[i] for i in ids]))
         for event in train:
             self._fold(event)
-        if self.cfg.recommend.weights.get("collab", 0.0) > 0:
+        if any(self.cfg.recommend.weights.get(s, 0.0) > 0 for s in ("collab", "popular")):
             self.recommender.model = _train_model(train, self.cfg)
 
     def _fold(self, e: Interaction, *, learn: bool = True) -> None:

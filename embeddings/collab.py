@@ -7,6 +7,9 @@ their live history when their list is ranked (`CollabModel.fold_in`, the same le
 step ALS takes for each visitor while training), so one new event changes the list at once,
 and a visitor the model has never seen gets a vector from their first item on.
 
+The model also keeps how many visitors interacted with each item (`CollabModel.popular`): the
+shop's all-time best sellers over the history it learned from, a steadier list than trending.
+
 The model is immutable once built; a new training run builds a new one, swapped in whole.
 `save` writes it atomically (vectors, then the manifest, each by rename); `load` reads it back.
 """
@@ -77,6 +80,8 @@ class CollabModel:
         interactions: the distinct (visitor, item) pairs it was fitted on.
         users: the visitors it was fitted on.
         training_s: how long fitting took.
+        popularity: per item (row order), how many visitors interacted with it (empty: unknown,
+            a model saved before it was kept).
     """
 
     item_ids: tuple[str, ...]
@@ -86,9 +91,11 @@ class CollabModel:
     interactions: int
     users: int
     training_s: float = 0.0
+    popularity: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     _position: dict[str, int] = field(init=False, repr=False, compare=False)
     _gram: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
     _ann: Any = field(init=False, repr=False, compare=False)
+    _by_popularity: npt.NDArray[np.int64] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.factors.ndim != 2 or self.factors.shape[0] != len(self.item_ids):
@@ -100,6 +107,13 @@ class CollabModel:
         y = self.factors.astype(np.float64)
         object.__setattr__(self, "_gram", y.T @ y)
         object.__setattr__(self, "_ann", _ann_index(self.factors))
+        if len(self.popularity) not in (0, len(self.item_ids)):
+            raise ValueError(
+                f"popularity must have one count per item: {len(self.popularity)} for "
+                f"{len(self.item_ids)} items"
+            )
+        order = np.argsort(-self.popularity, kind="stable")
+        object.__setattr__(self, "_by_popularity", order[self.popularity[order] > 0])
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -179,6 +193,17 @@ class CollabModel:
             [sc for _r, sc in keep], dtype=np.float32
         )
 
+    def popular(
+        self, n: int, exclude: Collection[str] = ()
+    ) -> tuple[list[str], npt.NDArray[np.float64]]:
+        """The ``n`` items most visitors interacted with (not in ``exclude``), and their counts."""
+        drop = {self._position[i] for i in exclude if i in self._position}
+        rows = self._by_popularity[: n + len(drop)].tolist()
+        if drop:
+            rows = [r for r in rows if r not in drop]
+        rows = rows[:n]
+        return [self.item_ids[r] for r in rows], self.popularity[rows].astype(np.float64)
+
     def closest(self, item_id: str, among: Sequence[str]) -> str | None:
         """Which of ``among`` (a visitor's items) is most like ``item_id`` in the model."""
         pos = self._position.get(item_id)
@@ -227,6 +252,7 @@ class CollabModel:
             "version": _FORMAT_VERSION,
             "vectors": vectors,
             "item_ids": list(self.item_ids),
+            "popularity": self.popularity.tolist(),
             **{k: v for k, v in self.describe().items() if k != "settings"},
             "settings": {
                 "factors": self.settings.factors,
@@ -269,6 +295,7 @@ class CollabModel:
                 interactions=int(manifest["interactions"]),
                 users=int(manifest["users"]),
                 training_s=float(manifest.get("training_s", 0.0)),
+                popularity=np.asarray(manifest.get("popularity", []), dtype=np.int64),
             )
         except SnapshotError:
             raise
@@ -354,4 +381,5 @@ def train_als(
         interactions=int(matrix.nnz),
         users=int(np.count_nonzero(np.diff(matrix.indptr))),
         training_s=time.perf_counter() - started,
+        popularity=np.diff(matrix.tocsc().indptr).astype(np.int64),
     )

@@ -58,7 +58,8 @@ DEFAULT_BLEND: dict[str, float] = {
     "trending": 0.2,
     "category": 0.3,
     "collab": 1.0,
-    "repeat": 2.0,
+    "repeat": 10.0,
+    "popular": 0.3,
 }
 
 #: The [recommend] settings self-tuning may change ([tune] pinned names some of them).
@@ -70,6 +71,7 @@ TUNABLE: tuple[str, ...] = (
     "weights.trending",
     "weights.collab",
     "weights.repeat",
+    "weights.popular",
     "seed_half_life",
 )
 

@@ -115,6 +115,8 @@ def test_saved_model_loads_back_the_same(model: CollabModel, tmp_path: Path) -> 
     assert loaded is not None
     assert loaded.item_ids == model.item_ids
     np.testing.assert_array_equal(loaded.factors, model.factors)
+    np.testing.assert_array_equal(loaded.popularity, model.popularity)
+    assert loaded.popular(3)[0] == model.popular(3)[0]
     assert loaded.describe() == model.describe()
     newer = train_als([0, 0, 1], [0, 1, 1], [1.0, 1.0, 1.0], ["x", "y"], SETTINGS)
     newer.save(tmp_path / "m")
@@ -154,12 +156,17 @@ def test_training_needs_interactions_and_valid_settings() -> None:
 
 
 def test_the_model_counts_what_it_learned_from(model: CollabModel) -> None:
-    """The description says how many visitors, items and distinct pairs it was fitted on."""
+    """It says how many visitors, items and pairs it was fitted on, and knows best sellers."""
     info = model.describe()
     assert info["items"] == 24
     assert info["users"] == 80
     assert info["interactions"] == 640
     assert info["factors"] == 4
+    # Visitors per item: each of the 80 visitors interacted with 8 items.
+    assert model.popularity.sum() == 640 and len(model.popularity) == 24
+    found, counts = model.popular(24, exclude={"a-0"})
+    assert "a-0" not in found and len(found) == 23
+    assert counts.tolist() == sorted(counts.tolist(), reverse=True)
 
 
 def test_a_large_catalog_is_searched_through_an_index(monkeypatch: pytest.MonkeyPatch) -> None:

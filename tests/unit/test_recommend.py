@@ -13,6 +13,7 @@ from rocksdict import Rdict
 
 from personify.agents.recommend import Recommender, Request, TableData, blend
 from personify.embeddings import FaissIndex
+from personify.embeddings.collab import AlsSettings, train_als
 from personify.engine.config import Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
@@ -253,12 +254,64 @@ def test_bought_products_come_back_where_the_shop_rebuys() -> None:
 
 
 def test_only_buy_again_brings_back_a_bought_product() -> None:
-    """Another source proposing a bought product does not lift it: its score is buy-again's."""
+    """Trending proposes the bought product; it comes back only while buy-again is on.
+
+    Then buy-again explains it first, and the trending part adds to its score.
+    """
     mem, cat, index = shop()
     mem.fold("u", [purchase(["o1"], NOW - DAY)])
-    mem.fold("v", [view("o1", NOW - 2 * DAY), view("o2", NOW - 2 * DAY + 1000)])
+    for n in range(3):
+        mem.fold(f"v{n}", [view("o1", NOW - 2 * DAY + n), view("o2", NOW - 2 * DAY + 1000 + n)])
     rebuys = RepeatStats(purchases=1000, share=0.4, gap_s=7 * 86400.0)
+    off = Config().replace(recommend={"weights": {"repeat": 0.0}}).recommend
+    _rid, items = Recommender(off, mem, cat, index, repeat=rebuys).recommend("u", Request(k=8), NOW)
+    assert "o1" not in [r.item_id for r in items]
+    _rid, fresh = Recommender(off, mem, cat, index, repeat=rebuys).recommend(
+        "somebody new", Request(k=8), NOW
+    )
+    assert next(r for r in fresh if r.item_id == "o1").reasons[0]["kind"] == "trending"
     rec = Recommender(CFG.recommend, mem, cat, index, repeat=rebuys)
     _rid, items = rec.recommend("u", Request(k=8), NOW)
     mine = next(r for r in items if r.item_id == "o1")
-    assert [why["kind"] for why in mine.reasons] == ["buy_again"]
+    assert mine.reasons[0]["kind"] == "buy_again"
+    alone = Config().replace(recommend={"weights": {"trending": 0.0, "category": 0.0}}).recommend
+    _rid, items = Recommender(alone, mem, cat, index, repeat=rebuys).recommend(
+        "u", Request(k=8), NOW
+    )
+    assert mine.score > next(r for r in items if r.item_id == "o1").score
+
+
+def test_the_shops_best_sellers_come_from_the_learned_model() -> None:
+    """With a model, a visitor with no signal gets the items most visitors interacted with.
+
+    Best seller first, each with reason ``popular`` and a score (a catalog fill scores 0);
+    the visitor's own items stay out.
+    """
+    mem, cat, index = shop()
+    items = ["o0", "o1", "k3", "k4"]
+    visitors = {"o0": 1, "o1": 2, "k3": 5, "k4": 3}  # k3 is the best seller
+    u: list[int] = []
+    i: list[int] = []
+    for number, item in enumerate(items):
+        for v in range(visitors[item]):
+            u.append(v)
+            i.append(number)
+    model = train_als(u, i, np.ones(len(u), dtype=np.float32), items, AlsSettings(factors=2))
+    assert model.popularity.tolist() == [1, 2, 5, 3]
+    rec = Recommender(CFG.recommend, mem, cat, index, model=model)
+    _rid, top = rec.recommend("new", Request(k=3), NOW)
+    assert [r.item_id for r in top] == ["k3", "k4", "o1"]
+    assert all(r.reasons == [{"kind": "popular"}] and r.score > 0 for r in top)
+    mem.fold("w", [view("k3", NOW - DAY)])
+    no_signals = (
+        Config()
+        .replace(
+            recommend={
+                "weights": {"covisit": 0.0, "content": 0.0, "trending": 0.0, "category": 0.0}
+            }
+        )
+        .recommend
+    )
+    rec = Recommender(no_signals, mem, cat, index, model=model)
+    _rid, top = rec.recommend("w", Request(k=2), NOW)
+    assert [r.item_id for r in top][:1] == ["k4"]
