@@ -666,6 +666,7 @@ class EngineMethod:
             model=model,
             interaction_weights=cfg.profiles.engagement_weights,
             repeat=repeat_stats(train.user, train.item, train.kind, train.ts_ms),
+            memo={},  # the fold is frozen: settings tried on it share what they do not change
         )
         self._fold(train)
         self._number = {item: i for i, item in enumerate(train.items)}
@@ -688,6 +689,7 @@ class EngineMethod:
             model=rec.model,
             interaction_weights=rec.interaction_weights,
             repeat=rec.repeat,
+            memo=rec.memo,
         )
         return other
 
@@ -711,6 +713,7 @@ class EngineMethod:
             self.train.users[user] if user < len(self.train.users) else None,
             Request(k=k),
             now_ms,
+            explain=False,
         )
         return [self._number[r.item_id] for r in items if r.item_id in self._number]
 

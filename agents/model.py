@@ -8,6 +8,12 @@ check_interval_s`` and trains a new model (`personify.embeddings.collab.train_al
 - ``retrain_interactions`` interactions arrived since the last model (a backfill), or
 - ``retrain_interval_s`` passed since the last model and any interaction arrived.
 
+A tuning run (`personify.agents.tuning`) follows a training when one is due, but not while a
+backfill is pouring in: when the history grew by more than `tuning.GROWING` of itself during the
+training, the tuning waits until one check interval passes with less growth than that (or
+`TUNE_WAIT_MAX_S` passed), then a training on all of it and the tuning run at once. So a bulk
+backfill is tuned on once, on the whole of it, minutes after it ends, without a command.
+
 Training runs on a thread of its own with one BLAS/OpenMP thread, so ingestion and serving keep
 the other core; the history is read from a RocksDB snapshot. The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
@@ -38,7 +44,14 @@ import orjson
 
 from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History, train_model
-from personify.agents.tuning import PROTOCOLS, apply_setting, holdout, setting_of, tune
+from personify.agents.tuning import (
+    PROTOCOLS,
+    apply_setting,
+    holdout,
+    setting_of,
+    settled,
+    tune,
+)
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config, RecommendConfig
@@ -169,6 +182,10 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self.forced = False
         #: The newest event time seen (applied since start, or in the history last trained on).
         self.latest_ms = 0
+        #: Since when a due tuning waits for the history to stop growing (None: none waits),
+        #: and the pending count at the last check (to see the growth per interval).
+        self.tune_waiting: float | None = None
+        self._pending_at_check = 0
 
     def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
@@ -270,8 +287,13 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
     def due(self, now_s: float) -> bool:
         """Whether a training run is due now."""
         m = current_config().model
+        grown, self._pending_at_check = self.pending - self._pending_at_check, self.pending
         if self.forced:
             return True
+        if self.tune_waiting is not None and settled(
+            grown, self.interactions, now_s - self.tune_waiting
+        ):
+            return True  # the history settled (or never will): train and tune on all of it
         if self.model is None:
             # Never trained: look once at start, then whenever enough may have arrived.
             if not self._checked_once:
@@ -298,6 +320,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
     async def _train_and_tune(self, forced: bool) -> CollabModel | None:
         cfg = current_config()
         pending, self.pending = self.pending, 0
+        self._pending_at_check = 0
         started = time.time()
         try:
             store = profiles.ProfileStore(profiles.table(), changelog=cfg.changelog_enabled)
@@ -342,7 +365,13 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             seconds=round(run.seconds, 2),
         )
         if run.rows is not None and (forced or self.tune_due(run.interactions)):
-            await self.tune(run.rows)
+            waited = None if self.tune_waiting is None else time.time() - self.tune_waiting
+            if forced or settled(self.pending, run.interactions, waited):
+                self.tune_waiting = None
+                await self.tune(run.rows)
+            elif self.tune_waiting is None:
+                self.tune_waiting = time.time()
+                _log.info("tuning waits for the history to settle", pending=self.pending)
         return run.model
 
     @mode.Service.task  # type: ignore[untyped-decorator]

@@ -275,6 +275,8 @@ def blend(
     category_of: Callable[[str], str | None],
     max_per_category: int = 0,
     strength: Mapping[str, float] | None = None,
+    *,
+    explain: bool = True,
 ) -> list[Recommendation]:
     """Blend per-source candidates into the top ``k``.
 
@@ -282,7 +284,8 @@ def blend(
     multiplied by its weight and summed
     per item; an item's reasons are its sources' reasons, strongest first (a source that adds
     little to an item's score does not explain it). At most ``max_per_category`` items of one
-    category are kept (0: no limit). Equal scores go in item id order.
+    category are kept (0: no limit). Equal scores go in item id order. Without ``explain`` the
+    items come without reasons (an offline evaluation needs only the order).
     """
     pools = _pools(sources)
     used: list[tuple[str, Pool, float]] = []
@@ -316,6 +319,8 @@ def blend(
         chosen.append(j)
         if len(chosen) >= k:
             break
+    if not explain:
+        return [Recommendation(names[number_of[j]], total_of[j], []) for j in chosen]
     # Each chosen item's part from each source: the candidates of the chosen, in source order.
     slot = np.full(len(number_of), -1, dtype=np.int64)
     slot[chosen] = np.arange(len(chosen))
@@ -399,6 +404,9 @@ class Recommender:
             ``[profiles.engagement_weights]`` it was trained with).
         repeat: how the shop's visitors re-buy (None or no re-buying: bought products stay
             out of lists).
+        memo: where to keep the candidates of the sources that blend weights and
+            ``seed_half_life`` do not change, per visitor and time (an offline evaluation that
+            ranks the same frozen data under many settings); None, the default, keeps nothing.
     """
 
     def __init__(
@@ -412,7 +420,9 @@ class Recommender:
         model: CollabModel | None = None,
         interaction_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
         repeat: RepeatStats | None = None,
+        memo: dict[Any, tuple[Pool, float | None]] | None = None,
     ) -> None:
+        self.memo = memo
         self.cfg = cfg
         self.data = data
         self.catalog = catalog
@@ -623,8 +633,8 @@ class Recommender:
     ) -> tuple[dict[str, Pool], dict[str, float]]:
         """Candidates of every source for this visitor, and each source's strength (0-1).
 
-        ``rebuy``: the bought products buy-again may bring back (`_rebuy`); no other source
-        proposes them.
+        ``rebuy``: the bought products buy-again may bring back (`_rebuy`); only with it may
+        other sources score them (``exclude`` leaves them out).
         """
         ids = self.item_ids() if ids is None else ids
         seeds = _seeds(profile, request, self.cfg.seeds)
@@ -634,22 +644,60 @@ class Recommender:
             if r["type"] in ("purchase", "add_to_cart")
         ][: self.cfg.seeds]
         bought += [i for i in (profile or {}).get("cart", {}) if i not in bought]
-        affinity = self._categories(profile, request, now_ms)
-        chat, chat_strength = self._chat(profile, now_ms, exclude, ids)
+        memo = self.memo
+        visitor = (
+            None
+            if memo is None or profile is None
+            else (
+                profile["user_id"],
+                now_ms,
+                request.category,
+                request.context_item,
+                tuple(request.exclude),
+                bool(rebuy),
+                self.cfg.candidates,
+                self.cfg.chat_half_life_s,
+            )
+        )
+
+        def fixed(name: str, make: Callable[[], tuple[Pool, float | None]]) -> Pool:
+            """A source that weights and seeds leave alone, from the memo where there is one."""
+            if memo is None or visitor is None:
+                pool, power = make()
+            else:
+                key = (visitor, name)
+                kept = memo.get(key)
+                if kept is None:
+                    kept = memo[key] = make()
+                pool, power = kept
+            if power is not None:
+                strength[name] = power
+            return pool
+
+        strength: dict[str, float] = {}
         out = {
             "covisit": self._from_rows("covisit", seeds, now_ms, "similar_to", ids),
             "copurchase": self._from_rows("copurchase", bought, now_ms, "bought_together", ids),
             "content": self._content(seeds, exclude, ids),
-            "chat": chat,
-            "category": self._trending(affinity, now_ms, ids),
-            "trending": self._trending([(request.category or "", 1.0)], now_ms, ids),
-            "collab": self._collab(profile, exclude, ids),
-            "popular": self._popular(exclude, ids),
+            # A faded chat counts less however well it matches: its strength.
+            "chat": fixed("chat", lambda: self._chat(profile, now_ms, exclude, ids)),
+            "category": fixed(
+                "category",
+                lambda: (
+                    self._trending(self._categories(profile, request, now_ms), now_ms, ids),
+                    None,
+                ),
+            ),
+            "trending": fixed(
+                "trending",
+                lambda: (self._trending([(request.category or "", 1.0)], now_ms, ids), None),
+            ),
+            "collab": fixed("collab", lambda: (self._collab(profile, exclude, ids), None)),
+            "popular": fixed("popular", lambda: (self._popular(exclude, ids), None)),
         }
-        strength = {"chat": chat_strength}  # a faded chat counts less however well it matches
         if rebuy:
-            out["repeat"] = self._repeat(rebuy, now_ms, ids)
-            strength["repeat"] = self.repeat.strength if self.repeat is not None else 0.0
+            repeat = self.repeat.strength if self.repeat is not None else 0.0
+            out["repeat"] = fixed("repeat", lambda: (self._repeat(rebuy, now_ms, ids), repeat))
         return out, strength
 
     def _categories(
@@ -674,8 +722,13 @@ class Recommender:
         request: Request,
         now_ms: int,
         profile: profiles.Profile | None = None,
+        *,
+        explain: bool = True,
     ) -> tuple[str, list[Recommendation]]:
-        """(recommendation id, the visitor's top items); a new visitor gets trending items."""
+        """(recommendation id, the visitor's top items); a new visitor gets trending items.
+
+        Without ``explain`` the items come without reasons (`blend`).
+        """
         if profile is None and user_id is not None:
             profile = self.data.profile(user_id)
         if profile is not None and self.personal is not None and not self.personal(profile):
@@ -701,6 +754,7 @@ class Recommender:
             self.catalog.category_of,
             request.max_per_category,
             strength,
+            explain=explain,
         )
         if len(items) < request.k:
             items += self._fill(request, exclude, items)

@@ -38,7 +38,17 @@ from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import TUNABLE, Config, RecommendConfig
 
-__all__ = ["SPACE", "Tuned", "apply_setting", "holdout", "setting_of", "tune"]
+__all__ = [
+    "GROWING",
+    "SPACE",
+    "TUNE_WAIT_MAX_S",
+    "Tuned",
+    "apply_setting",
+    "holdout",
+    "setting_of",
+    "settled",
+    "tune",
+]
 
 #: What the tuner may change: name -> (low, high, log scale). ``weights.X`` is the blend
 #: weight of source X; the others are [recommend] settings.
@@ -57,6 +67,25 @@ SPACE: dict[str, tuple[float, float, bool]] = {
 }
 if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE
     raise RuntimeError("tuning.SPACE and config.TUNABLE name different settings")
+#: The history "grows" (a backfill): more than this share of it arrived in one training or
+#: check interval. Tuning waits for it to settle.
+GROWING = 0.05
+#: A tuning waits at most this long for the history to settle (a shop that never pauses).
+TUNE_WAIT_MAX_S = 600.0
+
+
+def settled(grown: int, interactions: int, waited_s: float | None) -> bool:
+    """Whether a due tuning may run now, the history having settled.
+
+    It has when it grew by at most `GROWING` of its ``interactions`` (``grown`` arrived in the
+    last training or check interval), or when the tuning waited (``waited_s``)
+    `TUNE_WAIT_MAX_S` already.
+    """
+    if waited_s is not None and waited_s >= TUNE_WAIT_MAX_S:
+        return True
+    return grown <= GROWING * interactions
+
+
 #: Validation protocols, each cut from the history given to `tune`.
 PROTOCOLS: dict[str, Callable[[History], Split]] = {
     "global": lambda h: global_split(h, 0.2),

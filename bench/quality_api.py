@@ -9,8 +9,8 @@ For each data set (`_datasets`, at its real timestamps) and a global temporal cu
 the interactions before it), a fresh ``personify run`` with the repository's ``config.toml``
 gets the catalog (``POST /v1/items``: the item's text where the data set has any, else its
 category) and the training history (``POST /v1/events``: views, and each visitor's lines of
-one time as one purchase), then trains and tunes itself (``POST /v1/quality/runs``, what
-``personify evaluate`` does; the same starts by itself after a backfill). Every visitor with
+one time as one purchase), then trains and tunes itself: no command is sent; the engine starts
+once the backfill settles (`personify.agents.model`). Every visitor with
 history before the cut then gets ``GET /v1/users/{id}/recommendations?k=20``, scored against
 their items after it. Popularity, buy-again, item-kNN, implicit ALS and BPR, tuned on a validation
 split of the same training part (`quality.py`), run in the same command.
@@ -48,6 +48,8 @@ from personify.agents.evaluation import (
 )
 
 _BATCH = 1000
+#: How long the engine may take to be trained and tuned after the backfill before the run fails.
+_READY_TIMEOUT_S = 1200.0
 
 
 def _log(text: str) -> None:
@@ -150,17 +152,18 @@ async def run_engine(data: Dataset, split: Any, users: list[int]) -> dict[str, A
                 _log(f"  posted {len(events):,} events in {posted - started:.1f} s")
                 await _wait_applied(engine, session, len(events))
                 target = int(len(split.train) * 0.99)
-                while True:
+                while True:  # no command: the engine trains and tunes once the backfill ends
                     quality = await _quality(session, engine.url)
                     model, tuning = quality["model"], quality["tuning"]
                     busy = model["training"] or tuning["running"] or tuning["requested"]
                     runs = tuning["runs"]
                     if not busy and runs and runs[-1]["interactions"] >= target:
                         break  # trained and tuned on the whole backfill
-                    if not busy:  # nothing (or an earlier part) done: ask for a run
-                        async with session.post(engine.url + "/v1/quality/runs") as resp:
-                            if resp.status not in (202, 409):
-                                raise RuntimeError(f"POST /v1/quality/runs: {resp.status}")
+                    if time.perf_counter() - posted > _READY_TIMEOUT_S:
+                        raise RuntimeError(
+                            f"not trained and tuned {_READY_TIMEOUT_S:.0f} s after the backfill: "
+                            f"{quality['model']} {tuning}"
+                        )
                     await asyncio.sleep(1.0)
                 ready_s = time.perf_counter() - posted
                 _log(f"  trained and tuned {ready_s:.0f} s after the last POST")

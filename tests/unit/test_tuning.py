@@ -74,3 +74,14 @@ def test_settings_apply_and_unknown_names_are_refused(
         tune(grocery_factory(shoppers=10), Config(), trials=1, pinned=["weights.nothing"])
     with pytest.raises(ConfigError, match=r"\[tune\] pinned: unknown setting 'weights.x'"):
         load_config(environ={"PERSONIFY_TUNE__PINNED": '["weights.x"]'})
+
+
+def test_a_due_tuning_waits_while_a_backfill_pours_in() -> None:
+    """Tuning waits while the history grows by more than 5% per interval, at most 10 minutes."""
+    from personify.agents.tuning import GROWING, TUNE_WAIT_MAX_S, settled
+
+    assert not settled(5_000, 20_000, None)  # a quarter more arrived while training
+    assert not settled(int(GROWING * 20_000) + 1, 20_000, TUNE_WAIT_MAX_S - 1)
+    assert settled(int(GROWING * 20_000), 20_000, None)  # a live shop's trickle
+    assert settled(0, 1_000, 0.0)
+    assert settled(5_000, 20_000, TUNE_WAIT_MAX_S)  # a shop that never pauses is tuned too
