@@ -15,7 +15,8 @@ training, the tuning waits until one check interval passes with less growth than
 backfill is tuned on once, on the whole of it, minutes after it ends, without a command.
 
 Training runs on a thread of its own with one BLAS/OpenMP thread, so ingestion and serving keep
-the other core; the history is read from a RocksDB snapshot. The new model is saved under
+the other core (tuning, a minute or more of Python, runs in a child process instead:
+`_tune_elsewhere`); the history is read from a RocksDB snapshot. The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
 lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
 the same model at once. Rows more than ``history_days`` older than the newest interaction are
@@ -28,8 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -40,18 +41,12 @@ from typing import Any
 
 import mode
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History, train_model
-from personify.agents.tuning import (
-    PROTOCOLS,
-    apply_setting,
-    holdout,
-    setting_of,
-    settled,
-    tune,
-)
+from personify.agents.tuning import apply_setting, setting_of, settled, tune_in_child
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config, RecommendConfig
@@ -113,46 +108,54 @@ def _train(dbs: dict[int, Any], cfg: Config) -> _Run:
     return _Run(model, repeat, len(rows), arrays, expired, time.perf_counter() - started)
 
 
-def _tune(
+async def _tune_elsewhere(
     rows: History,
     cfg: Config,
     setting: dict[str, float],
-    index: Any,
+    vectors: tuple[list[str], npt.NDArray[np.float32]] | None,
     category_of: dict[str, str | None],
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float], None],
 ) -> dict[str, Any]:
-    """Tune on the history less its hold-outs, then score on the hold-outs. On the thread."""
-    started = time.time()
-    current = dataclasses.replace(cfg, recommend=apply_setting(cfg.recommend, setting))
-    held = np.zeros(len(rows), dtype=bool)
-    for cut in PROTOCOLS.values():
-        held |= cut(rows).held
-    t = cfg.tune
-    tuned = tune(
-        rows.take(~held),
-        current,
-        trials=t.trials,
-        max_users=t.max_users,
-        pinned=t.pinned,
-        index=index,
-        category_of=category_of,
-        progress=progress,
+    """`tuning.tune_and_score` in a child process, which is killed if this is cancelled.
+
+    Tuning is Python for a minute or more: on a thread it would hold the interpreter lock
+    against ingestion and serving half the time; a process of its own (at a lower priority)
+    takes the other core instead. Raises what the child raised (ValueError: too little
+    history), or RuntimeError if it died.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=tune_in_child,
+        args=(send, rows, cfg, setting, vectors, category_of),
+        name="personify-tuning",
+        daemon=True,
     )
-    evaluation = holdout(
-        rows,
-        current,
-        {"current": tuned.current, "tuned": tuned.setting},
-        max_users=t.max_users,
-        index=index,
-        category_of=category_of,
-    )
-    return {
-        "tuned_at": format_ts(int(started * 1000)),
-        "interactions": len(rows),
-        **tuned.as_json(),
-        "holdout": evaluation,
-        "seconds": round(time.time() - started, 2),
-    }
+    child.start()
+    send.close()
+    try:
+        while True:
+            try:
+                message = await asyncio.to_thread(receive.recv)
+            except EOFError:
+                raise RuntimeError(
+                    f"the tuning process died (exit code {child.exitcode})"
+                ) from None
+            kind = message[0]
+            if kind == "progress":
+                progress(*message[1:])
+            elif kind == "done":
+                result: dict[str, Any] = message[1]
+                return result
+            elif kind == "too little history":
+                raise ValueError(message[1])
+            else:
+                raise RuntimeError(f"tuning failed: {message[1]}")
+    finally:
+        if child.is_alive():
+            child.kill()
+        await asyncio.to_thread(child.join, 10.0)
+        receive.close()
 
 
 class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
@@ -237,10 +240,14 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         return age_s >= cfg.interval_s or interactions >= 2 * int(last["interactions"])
 
     async def tune(self, rows: History) -> dict[str, Any] | None:
-        """Run one tuning now (on the model thread); apply its setting if it won."""
+        """Run one tuning now (in a process of its own); apply its setting if it won."""
         cfg = current_config()
         service = embeddings()
-        index = service.index if service.index_ready.is_set() else None
+        vectors = (
+            await asyncio.to_thread(service.index.vectors, rows.items)
+            if service.index_ready.is_set()
+            else None
+        )
         view = catalog()
         category_of = {item: view.category_of(item) for item in rows.items}
         self.tuning = True
@@ -250,8 +257,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             self.progress = (done, total)
 
         try:
-            run: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(
-                _EXECUTOR, _tune, rows, cfg, dict(self.setting), index, category_of, progress
+            run = await _tune_elsewhere(
+                rows, cfg, dict(self.setting), vectors, category_of, progress
             )
         except ValueError as exc:  # too little history to validate on
             _log.warning("no tuning yet", reason=str(exc), interactions=len(rows))

@@ -14,13 +14,18 @@ applies a better setting live; ``bench/quality.py`` calls `tune` on its own trai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+import numpy.typing as npt
 
 from personify.agents.evaluation import (
     AlsMethod,
@@ -37,6 +42,7 @@ from personify.agents.evaluation import (
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import TUNABLE, Config, RecommendConfig
+from personify.engine.models import format_ts
 
 __all__ = [
     "GROWING",
@@ -48,6 +54,8 @@ __all__ = [
     "setting_of",
     "settled",
     "tune",
+    "tune_and_score",
+    "tune_in_child",
 ]
 
 #: What the tuner may change: name -> (low, high, log scale). ``weights.X`` is the blend
@@ -301,3 +309,93 @@ def holdout(
             results += evaluate(split, methods, users=users)
         out[name] = {r.method: r.metrics.as_json() for r in results}
     return out
+
+
+def tune_and_score(
+    rows: History,
+    cfg: Config,
+    setting: Mapping[str, float],
+    index: VectorIndex | None,
+    category_of: Mapping[str, str | None],
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """One self-tuning run of the engine, as the run's record.
+
+    `tune` on ``rows`` less both hold-outs, then `holdout` of the current and the tuned
+    setting (with baselines).
+
+    ``cfg`` is the engine's configuration ([tune] says how); ``setting`` the tuned values in
+    use (trial 0).
+    """
+    started = time.time()
+    current = dataclasses.replace(cfg, recommend=apply_setting(cfg.recommend, setting))
+    held = np.zeros(len(rows), dtype=bool)
+    for cut in PROTOCOLS.values():
+        held |= cut(rows).held
+    t = cfg.tune
+    tuned = tune(
+        rows.take(~held),
+        current,
+        trials=t.trials,
+        max_users=t.max_users,
+        pinned=t.pinned,
+        index=index,
+        category_of=category_of,
+        progress=progress,
+    )
+    evaluation = holdout(
+        rows,
+        current,
+        {"current": tuned.current, "tuned": tuned.setting},
+        max_users=t.max_users,
+        index=index,
+        category_of=category_of,
+    )
+    return {
+        "tuned_at": format_ts(int(started * 1000)),
+        "interactions": len(rows),
+        **tuned.as_json(),
+        "holdout": evaluation,
+        "seconds": round(time.time() - started, 2),
+    }
+
+
+def tune_in_child(
+    conn: Any,
+    rows: History,
+    cfg: Config,
+    setting: Mapping[str, float],
+    vectors: tuple[list[str], npt.NDArray[np.float32]] | None,
+    category_of: Mapping[str, str | None],
+) -> None:
+    """`tune_and_score` in a child process: messages on ``conn`` (a pipe's sending end).
+
+    ``("progress", done, trials, best)`` as trials finish, then one of ``("done", record)``,
+    ``("too little history", reason)`` or ``("error", reason)``. The item text vectors come
+    as ``(ids, matrix)`` and are indexed here. Runs at a lower priority on one thread.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    try:
+        with threadpool_limits(1):
+            index = None
+            if vectors is not None and len(vectors[0]):
+                from personify.embeddings import FaissIndex
+
+                ids, matrix = vectors
+                index = FaissIndex(int(matrix.shape[1]))
+                index.upsert(ids, matrix)
+
+            def progress(done: int, trials: int, best: float) -> None:
+                conn.send(("progress", done, trials, best))
+
+            record = tune_and_score(rows, cfg, setting, index, category_of, progress)
+        conn.send(("done", record))
+    except ValueError as exc:
+        conn.send(("too little history", str(exc)))
+    except Exception as exc:  # reported to the parent, which logs it
+        conn.send(("error", repr(exc)))
+    finally:
+        conn.close()
