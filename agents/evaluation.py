@@ -30,13 +30,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from personify.agents.recommend import ItemIds, Recommender, Request, ranked_top
+from personify.agents.recommend import Recommender, Request
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings, CollabModel, train_als
 from personify.engine.config import DEFAULT_WEIGHTS, Config, RecommendConfig
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
 from personify.tables.history import Interactions, repeat_stats
+from personify.tables.reader import MemoryData
 
 __all__ = [
     "CUTOFF",
@@ -651,7 +652,7 @@ class EngineMethod:
             self.catalog.put(
                 {"item_id": item, "title": item, "category": self.category_of.get(item)}
             )
-        self.data = _MemoryData(cfg)
+        self.data = MemoryData(cfg.recommend, frozen=True)
         model = None
         if cfg.model.enabled:  # as the trainer: the model, whatever the weights (tuning may raise)
             m = cfg.model
@@ -772,52 +773,6 @@ def _events(
             )
         )
     return out
-
-
-class _MemoryData:
-    """Profiles and signal rows in dicts: the engine's `DataSource`, without RocksDB.
-
-    Ranked rows are cached per hour of the time asked for (the rows no longer change once the
-    history is folded; an hour moves a decayed score by well under 0.1%), so evaluating many
-    visitors, or many settings, ranks each row about once.
-    """
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.profiles: dict[str, profiles.Profile] = {}
-        self.rows_by_key: dict[bytes, signals.Row] = {}
-        self._ids = ItemIds()
-        self._tops: dict[tuple[bytes, float | None, int, int], Any] = {}
-
-    def item_ids(self) -> ItemIds:
-        """The numbering of the cached rows."""
-        return self._ids
-
-    def tops(
-        self, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int, ids: ItemIds
-    ) -> list[Any]:
-        """Each row's top ``n`` (see `personify.agents.recommend.ranked`), cached."""
-        hour = now_ms // 3_600_000
-        out = []
-        for key in keys:
-            slot = (key, alpha, n, hour)
-            top = self._tops.get(slot)
-            if top is None:
-                row = self.rows([key], hour * 3_600_000)[0]
-                top = self._tops[slot] = ranked_top(row, alpha, n, self._ids)
-            out.append(top)
-        return out
-
-    def profile(self, user_id: str) -> profiles.Profile | None:
-        return self.profiles.get(user_id)
-
-    def rows(self, keys: Sequence[bytes], now_ms: int) -> list[signals.Row]:
-        return [
-            signals.merge_rows(
-                [self.rows_by_key.get(key)], signals.half_life_of(key, self.cfg.recommend), now_ms
-            )
-            for key in keys
-        ]
 
 
 @dataclass

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
+import itertools
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -37,14 +41,7 @@ from personify.agents.model import (
     shop_clock,
 )
 from personify.agents.push import hub, recommendations_message
-from personify.agents.recommend import (
-    Entry,
-    ListCache,
-    Recommendation,
-    Recommender,
-    Request,
-    TableData,
-)
+from personify.agents.recommend import Recommendation, Recommender, Request
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
@@ -53,8 +50,11 @@ from personify.engine.models import new_id
 from personify.plugins.manager import FAILED, plugins
 from personify.tables import catalog as catalog_table
 from personify.tables import profiles, signals
+from personify.tables.reader import TableData
 
 __all__ = [
+    "Entry",
+    "ListCache",
     "Served",
     "list_cache",
     "profiles_changed",
@@ -81,6 +81,150 @@ _THREAD_SLICE_S = 0.02
 #: refreshes take at most a small share of the process (about 2 lists per 20 ms).
 _REFRESH_BATCH = 2
 _REFRESH_PAUSE_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A computed list.
+
+    Attributes:
+        computed_ms: when it was computed.
+        owners: what it was computed from: the visitor, and whom they were linked to.
+        gens: each owner's generation then (see `ListCache.generation`).
+        removals: the catalog's removal count then (`Catalog.removals`).
+        version: the catalog's version then (`Catalog.version`).
+        rec_id: its recommendation id.
+        items: the JSON array of its items, in the wire form.
+        size: how many items.
+    """
+
+    computed_ms: int
+    owners: tuple[str, ...]
+    gens: tuple[int, ...]
+    removals: int
+    version: int
+    rec_id: str
+    items: bytes
+    size: int
+
+
+class ListCache:
+    """Computed lists by key, valid while their owner's generation is unchanged (thread-safe).
+
+    Args:
+        capacity: lists kept; the least recently used go first.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._gen: dict[str, int] = {}
+        self._counter = itertools.count(1)
+        self._floor = 0
+        #: Owners whose lists are to be recomputed, oldest first ...
+        self.pending: dict[str, None] = {}
+        #: ... after these, which someone is waiting for (a socket is open) ...
+        self.urgent: dict[str, None] = {}
+        #: ... and, only when nothing else waits, lists that merely aged.
+        self.stale: dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def generation(self, owner: str) -> int:
+        """A number that changes whenever ``owner`` changes (read it before reading them)."""
+        return self._gen.get(owner, self._floor)
+
+    def changed(self, owners: Iterable[str], *, queue: bool, urgent: bool = False) -> None:
+        """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first)."""
+        with self._lock:
+            for owner in owners:
+                self._gen[owner] = next(self._counter)
+                if urgent:
+                    self.urgent[owner] = None
+                elif queue:
+                    self.pending[owner] = None
+            if len(self._gen) > 4 * self.capacity:
+                self._reset()
+
+    def _reset(self) -> None:
+        # Forgetting generations would make old lists look current: forget the lists too.
+        self._gen.clear()
+        self._entries.clear()
+        self._floor = next(self._counter)
+
+    def clear(self) -> None:
+        """Forget every list (the worker's partitions moved)."""
+        with self._lock:
+            self._reset()
+            self.pending.clear()
+            self.urgent.clear()
+            self.stale.clear()
+
+    def take(self, n: int) -> list[str]:
+        """Up to ``n`` queued owners: the urgent ones first, each kind oldest first."""
+        with self._lock:
+            out = list(itertools.islice(self.urgent, n))
+            for key in out:
+                del self.urgent[key]
+                self.pending.pop(key, None)
+            more = list(itertools.islice(self.pending, n - len(out)))
+            for key in more:
+                del self.pending[key]
+                self.stale.pop(key, None)
+            return out + more
+
+    def take_stale(self, n: int) -> list[str]:
+        """Up to ``n`` lists that only aged, oldest first."""
+        with self._lock:
+            out = list(itertools.islice(self.stale, n))
+            for key in out:
+                del self.stale[key]
+            return out
+
+    def queued(self) -> bool:
+        """Whether changed lists wait (not counting those that merely aged)."""
+        return bool(self.urgent or self.pending)
+
+    def backlog(self) -> int:
+        """How many lists are queued."""
+        return len(self.pending) + len(self.urgent) + len(self.stale)
+
+    def _current(self, entry: Entry) -> bool:
+        gen, floor = self._gen, self._floor
+        return all(gen.get(o, floor) == g for o, g in zip(entry.owners, entry.gens, strict=True))
+
+    def queue(self, key: str) -> None:
+        """Queue ``key``'s list for a refresh when nothing else waits (it only aged)."""
+        with self._lock:
+            if key not in self.pending and key not in self.urgent:
+                self.stale[key] = None
+
+    def get(self, key: str) -> Entry | None:
+        """The list of ``key`` while its owners are unchanged, else None."""
+        entry = self._entries.get(key)
+        if entry is None or not self._current(entry):
+            return None
+        with contextlib.suppress(KeyError):  # evicted meanwhile
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: str, entry: Entry) -> bool:
+        """Keep ``entry`` unless an owner changed since ``entry.gens`` were read.
+
+        A list kept is current: if it was queued to be computed ahead (not for a socket, which
+        waits for its push), it is not computed a second time.
+        """
+        with self._lock:
+            if not self._current(entry):
+                return False
+            self.pending.pop(key, None)
+            self._entries[key] = entry
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            return True
 
 
 async def run_ranking(fn: Callable[..., Any], *args: Any) -> Any:

@@ -21,8 +21,9 @@ Sources, each scaled to 0-1 by its best candidate before blending with ``[recomm
 - ``popular``: the items most visitors interacted with over the history the model learned
   from (steadier than trending, which follows the last days); reason ``popular``.
 
-`Recommender` holds the logic and reads its data through `DataSource`, so the API (RocksDB
-tables, the live index) and the offline evaluation (in-memory state) run the same code.
+`Recommender` holds the logic and reads its data through a `personify.tables.reader.DataSource`,
+so the API (RocksDB tables, the live index) and the offline evaluation (in-memory state) run the
+same code. This module ranks only: the lists kept ahead are `personify.agents.lists`.
 
 Candidates travel as numpy arrays of item numbers (`ItemIds`) and scores (`Pool`), so scaling,
 summing and choosing the top of several hundred candidates per list costs a few array
@@ -33,15 +34,10 @@ for the items that make the list.
 
 from __future__ import annotations
 
-import contextlib
-import heapq
-import itertools
 import math
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -53,20 +49,14 @@ from personify.engine.models import new_id
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
 from personify.tables.history import RepeatStats
+from personify.tables.reader import DataSource, ItemIds, Top
 
 __all__ = [
-    "DataSource",
-    "Entry",
-    "ItemIds",
-    "ListCache",
     "Pool",
     "Recommendation",
     "Recommender",
     "Request",
-    "TableData",
     "blend",
-    "ranked",
-    "ranked_top",
 ]
 
 Reason = dict[str, Any]
@@ -76,70 +66,8 @@ Numbers = npt.NDArray[np.int64]
 Scores = npt.NDArray[np.float64]
 #: A source's reason is given when it makes at least this share of an item's score.
 _REASON_SHARE = 0.2
-#: `TableData` starts a new `ItemIds` once the one in use numbers this many items.
-_MAX_ITEM_NUMBERS = 1_000_000
-
-
-class ItemIds:
-    """Item ids numbered 0, 1, 2, ... so that candidates can be numpy arrays; and back.
-
-    Numbers are only ever added (a reader never sees one change); thread-safe.
-    """
-
-    __slots__ = ("_lock", "names", "number")
-
-    def __init__(self) -> None:
-        self.number: dict[str, int] = {}
-        #: The id of each number.
-        self.names: list[str] = []
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def of(self, items: Sequence[str]) -> Numbers:
-        """The numbers of ``items`` (numbering those new to it)."""
-        get = self.number.get
-        out = np.fromiter((get(i, -1) for i in items), dtype=np.int64, count=len(items))
-        if len(out) and out.min() < 0:
-            with self._lock:
-                for j in np.flatnonzero(out < 0).tolist():
-                    n = self.number.get(items[j])
-                    if n is None:
-                        n = len(self.names)
-                        self.names.append(items[j])  # before `number`: readers index names
-                        self.number[items[j]] = n
-                    out[j] = n
-        return out
-
-
 _EMPTY_NUMBERS: Numbers = np.empty(0, dtype=np.int64)
 _EMPTY_SCORES: Scores = np.empty(0, dtype=np.float64)
-
-
-@dataclass(slots=True)
-class _Top:
-    """A row's best entries (see `ranked`), as a list and as arrays numbered by ``ids``."""
-
-    pairs: list[tuple[str, float]]
-    ids: ItemIds
-    numbers: Numbers
-    scores: Scores
-    lookup: dict[str, float] | None = None
-
-    @classmethod
-    def of(cls, pairs: list[tuple[str, float]], ids: ItemIds) -> _Top:
-        if not pairs:
-            return cls(pairs, ids, _EMPTY_NUMBERS, _EMPTY_SCORES)
-        numbers = ids.of([item for item, _score in pairs])
-        scores = np.fromiter((score for _item, score in pairs), np.float64, count=len(pairs))
-        return cls(pairs, ids, numbers, scores)
-
-    def score_of(self, item: str) -> float | None:
-        """The item's score in this row, or None."""
-        if self.lookup is None:
-            self.lookup = dict(self.pairs)
-        return self.lookup.get(item)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,46 +117,6 @@ def _sum_by_item(numbers: list[Numbers], parts: list[Scores]) -> tuple[Numbers, 
     # bincount adds each weight in input order: the same sums as `total[i] += part`.
     sums = np.bincount(where, weights=np.concatenate(parts), minlength=len(unique))
     return unique, where, sums.astype(np.float64, copy=False)
-
-
-class DataSource(Protocol):
-    """Where a `Recommender` reads profiles and signal rows."""
-
-    def profile(self, user_id: str) -> profiles.Profile | None:
-        """The visitor's profile (following an identified anonymous id), or None."""
-        ...
-
-    def rows(self, keys: Sequence[bytes], now_ms: int) -> list[signals.Row]:
-        """Each signal row of ``keys``, summed over partitions and decayed to ``now_ms``."""
-        ...
-
-
-def ranked(row: signals.Row, alpha: float | None, n: int) -> list[tuple[str, float]]:
-    """A row's top ``n`` entries: pair scores normalised with ``alpha``, or raw (None)."""
-    scores = row["s"] if alpha is None else signals.normalised(row, alpha)
-    if len(scores) <= n:
-        return sorted(scores.items(), key=lambda kv: -kv[1])
-    return heapq.nlargest(n, scores.items(), key=lambda kv: kv[1])
-
-
-def ranked_top(row: signals.Row, alpha: float | None, n: int, ids: ItemIds) -> _Top:
-    """`ranked`, with the entries also as arrays numbered by ``ids`` (a data source's tops)."""
-    return _Top.of(ranked(row, alpha, n), ids)
-
-
-def _ranked_rows(
-    data: DataSource,
-    keys: Sequence[bytes],
-    now_ms: int,
-    alpha: float | None,
-    n: int,
-    ids: ItemIds,
-) -> list[_Top]:
-    fast = getattr(data, "tops", None)
-    if fast is not None:
-        out: list[_Top] = fast(keys, now_ms, alpha, n, ids)
-        return out
-    return [_Top.of(ranked(row, alpha, n), ids) for row in data.rows(keys, now_ms)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,16 +320,11 @@ class Recommender:
         self.model = model
         self.interaction_weights = interaction_weights
         self.repeat = repeat
-        self._ids = ItemIds()
 
     # -- sources ---------------------------------------------------------------------------
     def item_ids(self) -> ItemIds:
         """The item numbering for one ranking (the data source's, whose rows it caches)."""
-        shared = getattr(self.data, "item_ids", None)
-        if shared is not None:
-            ids: ItemIds = shared()
-            return ids
-        return self._ids
+        return self.data.item_ids()
 
     def _from_rows(
         self,
@@ -455,9 +338,7 @@ class Recommender:
         if not seeds:
             return Pool.empty(ids)
         keys = [signals.row_key(kind, s) for s in seeds]
-        tops = _ranked_rows(
-            self.data, keys, now_ms, self.cfg.covisit_alpha, self.cfg.candidates, ids
-        )
+        tops = self.data.tops(keys, now_ms, self.cfg.covisit_alpha, self.cfg.candidates, ids)
         weights = [math.pow(0.5, rank / self.cfg.seed_half_life) for rank in range(len(seeds))]
         present = [(w, top) for w, top in zip(weights, tops, strict=True) if top.pairs]
         if not present:
@@ -482,8 +363,8 @@ class Recommender:
         if not categories:
             return Pool.empty(ids)
         keys = [signals.row_key("trending", c) for c, _w in categories]
-        tops = _ranked_rows(self.data, keys, now_ms, None, self.cfg.candidates, ids)
-        rows: list[tuple[float, float, _Top, Reason]] = []
+        tops = self.data.tops(keys, now_ms, None, self.cfg.candidates, ids)
+        rows: list[tuple[float, float, Top, Reason]] = []
         for (cat, weight), top in zip(categories, tops, strict=True):
             if not top.pairs or top.pairs[0][1] <= 0:
                 continue
@@ -828,308 +709,3 @@ class Recommender:
                 per_category[cat] = per_category.get(cat, 0) + 1
             out.append(Recommendation(item, 0.0, [{"kind": "popular"}]))
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """A computed list.
-
-    Attributes:
-        computed_ms: when it was computed.
-        owners: what it was computed from: the visitor, and whom they were linked to.
-        gens: each owner's generation then (see `ListCache.generation`).
-        removals: the catalog's removal count then (`Catalog.removals`).
-        version: the catalog's version then (`Catalog.version`).
-        rec_id: its recommendation id.
-        items: the JSON array of its items, in the wire form.
-        size: how many items.
-    """
-
-    computed_ms: int
-    owners: tuple[str, ...]
-    gens: tuple[int, ...]
-    removals: int
-    version: int
-    rec_id: str
-    items: bytes
-    size: int
-
-
-class ListCache:
-    """Computed lists by key, valid while their owner's generation is unchanged (thread-safe).
-
-    Args:
-        capacity: lists kept; the least recently used go first.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
-        self._gen: dict[str, int] = {}
-        self._counter = itertools.count(1)
-        self._floor = 0
-        #: Owners whose lists are to be recomputed, oldest first ...
-        self.pending: dict[str, None] = {}
-        #: ... after these, which someone is waiting for (a socket is open) ...
-        self.urgent: dict[str, None] = {}
-        #: ... and, only when nothing else waits, lists that merely aged.
-        self.stale: dict[str, None] = {}
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def generation(self, owner: str) -> int:
-        """A number that changes whenever ``owner`` changes (read it before reading them)."""
-        return self._gen.get(owner, self._floor)
-
-    def changed(self, owners: Iterable[str], *, queue: bool, urgent: bool = False) -> None:
-        """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first)."""
-        with self._lock:
-            for owner in owners:
-                self._gen[owner] = next(self._counter)
-                if urgent:
-                    self.urgent[owner] = None
-                elif queue:
-                    self.pending[owner] = None
-            if len(self._gen) > 4 * self.capacity:
-                self._reset()
-
-    def _reset(self) -> None:
-        # Forgetting generations would make old lists look current: forget the lists too.
-        self._gen.clear()
-        self._entries.clear()
-        self._floor = next(self._counter)
-
-    def clear(self) -> None:
-        """Forget every list (the worker's partitions moved)."""
-        with self._lock:
-            self._reset()
-            self.pending.clear()
-            self.urgent.clear()
-            self.stale.clear()
-
-    def take(self, n: int) -> list[str]:
-        """Up to ``n`` queued owners: the urgent ones first, each kind oldest first."""
-        with self._lock:
-            out = list(itertools.islice(self.urgent, n))
-            for key in out:
-                del self.urgent[key]
-                self.pending.pop(key, None)
-            more = list(itertools.islice(self.pending, n - len(out)))
-            for key in more:
-                del self.pending[key]
-                self.stale.pop(key, None)
-            return out + more
-
-    def take_stale(self, n: int) -> list[str]:
-        """Up to ``n`` lists that only aged, oldest first."""
-        with self._lock:
-            out = list(itertools.islice(self.stale, n))
-            for key in out:
-                del self.stale[key]
-            return out
-
-    def queued(self) -> bool:
-        """Whether changed lists wait (not counting those that merely aged)."""
-        return bool(self.urgent or self.pending)
-
-    def backlog(self) -> int:
-        """How many lists are queued."""
-        return len(self.pending) + len(self.urgent) + len(self.stale)
-
-    def _current(self, entry: Entry) -> bool:
-        gen, floor = self._gen, self._floor
-        return all(gen.get(o, floor) == g for o, g in zip(entry.owners, entry.gens, strict=True))
-
-    def queue(self, key: str) -> None:
-        """Queue ``key``'s list for a refresh when nothing else waits (it only aged)."""
-        with self._lock:
-            if key not in self.pending and key not in self.urgent:
-                self.stale[key] = None
-
-    def get(self, key: str) -> Entry | None:
-        """The list of ``key`` while its owners are unchanged, else None."""
-        entry = self._entries.get(key)
-        if entry is None or not self._current(entry):
-            return None
-        with contextlib.suppress(KeyError):  # evicted meanwhile
-            self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: Entry) -> bool:
-        """Keep ``entry`` unless an owner changed since ``entry.gens`` were read.
-
-        A list kept is current: if it was queued to be computed ahead (not for a socket, which
-        waits for its push), it is not computed a second time.
-        """
-        with self._lock:
-            if not self._current(entry):
-                return False
-            self.pending.pop(key, None)
-            self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
-            return True
-
-
-class TableData:
-    """`DataSource` over the profiles table of this worker (every partition it holds).
-
-    Ranked rows are cached per key. With ``track_writes``, every write of a signal row on this
-    worker is reported through `written` (and a move of partitions through `reset`), so a row
-    that has not changed since is served without reading, decoding, merging or ranking it
-    again; without it, the stored bytes are read and compared.
-
-    Args:
-        tbl: the profiles table.
-        cfg: the [recommend] settings (decay of the signal rows).
-        cache_size: ranked rows kept.
-        track_writes: whether `written` hears of every write of a signal row.
-    """
-
-    def __init__(
-        self, tbl: Any, cfg: RecommendConfig, cache_size: int = 50_000, track_writes: bool = False
-    ) -> None:
-        self.table = tbl
-        self.cfg = cfg
-        self.cache_size = cache_size
-        self.track_writes = track_writes
-        self._cache: dict[tuple[bytes, float | None, int], _Cached] = {}
-        #: Writes of each signal row since the last `reset`, and how many resets there were.
-        self._writes: dict[bytes, int] = {}
-        self._epoch = 0
-        self._ids = ItemIds()
-        self._lock = threading.Lock()
-
-    def written(self, keys: Iterable[bytes]) -> None:
-        """These signal rows were just written: their ranked forms are stale."""
-        with self._lock:
-            writes = self._writes
-            for key in keys:
-                writes[key] = writes.get(key, 0) + 1
-            if len(writes) > 4 * self.cache_size:
-                self._reset()
-
-    def reset(self) -> None:
-        """Rows may have changed unseen (partitions moved, tables restored): forget them all."""
-        with self._lock:
-            self._reset()
-
-    def _reset(self) -> None:
-        self._writes.clear()
-        self._epoch += 1
-        self._cache.clear()
-
-    def _stamp(self, key: bytes) -> tuple[int, int] | None:
-        if not self.track_writes:
-            return None
-        return self._epoch, self._writes.get(key, 0)
-
-    def _dbs(self) -> list[Any]:
-        return list(self.table.data._dbs.values())
-
-    def _get(self, key: bytes) -> bytes | None:
-        for db in self._dbs():
-            value: bytes | None = db.get(key)
-            if value is not None:
-                return value
-        return None
-
-    def known(self, user_id: str) -> bool:
-        """Whether this worker holds a profile of ``user_id``."""
-        return self._get(user_id.encode()) is not None
-
-    def profile_of(self, user_id: str) -> profiles.Profile | None:
-        """The stored profile of ``user_id`` itself (an alias is not followed), or None."""
-        raw = self._get(user_id.encode())
-        return None if raw is None else profiles.decode(raw)
-
-    def profile(self, user_id: str) -> profiles.Profile | None:
-        """The visitor's profile, or the user's when the visitor has been identified."""
-        raw = self._get(user_id.encode())
-        if raw is None:
-            return None
-        state = profiles.decode(raw)
-        alias = state.get("alias_of")
-        if alias is not None:
-            linked = self._get(alias.encode())
-            if linked is not None:
-                return profiles.decode(linked)
-        return state
-
-    def _raw(self, keys: Sequence[bytes]) -> list[tuple[bytes | None, ...]]:
-        per_db = [db.get(list(keys)) for db in self._dbs()]
-        return [tuple(values[i] for values in per_db) for i in range(len(keys))]
-
-    def _merge(self, key: bytes, raws: tuple[bytes | None, ...], now_ms: int) -> signals.Row:
-        parts = [signals.decode_row(raw) for raw in raws if raw is not None]
-        return signals.merge_rows(parts, signals.half_life_of(key, self.cfg), now_ms)
-
-    def rows(self, keys: Sequence[bytes], now_ms: int) -> list[signals.Row]:
-        """Signal rows summed over this worker's partitions, decayed to ``now_ms``."""
-        return [
-            self._merge(key, raws, now_ms) for key, raws in zip(keys, self._raw(keys), strict=True)
-        ]
-
-    def item_ids(self) -> ItemIds:
-        """The item numbering of the cached rows (a fresh one once it has grown very large)."""
-        if len(self._ids) > _MAX_ITEM_NUMBERS:
-            with self._lock:
-                if len(self._ids) > _MAX_ITEM_NUMBERS:
-                    self._ids = ItemIds()
-        return self._ids
-
-    def ranked(
-        self, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int
-    ) -> list[list[tuple[str, float]]]:
-        """Each row's top ``n`` (see `ranked`), from the cache while the row is unchanged."""
-        return [top.pairs for top in self.tops(keys, now_ms, alpha, n, self.item_ids())]
-
-    def tops(
-        self, keys: Sequence[bytes], now_ms: int, alpha: float | None, n: int, ids: ItemIds
-    ) -> list[_Top]:
-        """`ranked`, with the entries also as arrays numbered by ``ids``."""
-        out: list[_Top | None] = [None] * len(keys)
-        todo: list[int] = []
-        cache = self._cache
-        for i, key in enumerate(keys):
-            hit = cache.get((key, alpha, n))
-            if hit is not None and hit.stamp is not None and hit.stamp == self._stamp(key):
-                out[i] = self._numbered(hit, ids)
-            else:
-                todo.append(i)
-        if todo:
-            wanted = [keys[i] for i in todo]
-            stamps = [self._stamp(key) for key in wanted]  # read before the rows
-            for i, key, stamp, raws in zip(todo, wanted, stamps, self._raw(wanted), strict=True):
-                slot = (key, alpha, n)
-                hit = cache.get(slot)
-                if hit is not None and hit.raws == raws:
-                    hit.stamp = stamp
-                    out[i] = self._numbered(hit, ids)
-                    continue
-                pairs = ranked(self._merge(key, raws, now_ms), alpha, n) if any(raws) else []
-                top = _Top.of(pairs, ids)
-                with self._lock:
-                    if len(cache) >= self.cache_size:
-                        cache.clear()  # simple and rare: hot rows come back at once
-                    cache[slot] = _Cached(stamp, raws, top)
-                out[i] = top
-        return [top for top in out if top is not None]
-
-    @staticmethod
-    def _numbered(hit: _Cached, ids: ItemIds) -> _Top:
-        if hit.top.ids is not ids:  # numbered by an earlier `ItemIds`
-            hit.top = _Top.of(hit.top.pairs, ids)
-        return hit.top
-
-
-@dataclass(slots=True)
-class _Cached:
-    """A ranked row, the stored bytes it came from, and the write stamp they were read at."""
-
-    stamp: tuple[int, int] | None
-    raws: tuple[bytes | None, ...]
-    top: _Top

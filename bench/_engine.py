@@ -29,6 +29,7 @@ from personify.embeddings.collab import AlsSettings, CollabModel, train_als
 from personify.engine.config import DEFAULT_BLEND, Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
+from personify.tables.reader import MemoryData
 
 __all__ = ["MOVIELENS", "EngineHybrid", "engine_spec"]
 
@@ -48,28 +49,6 @@ MOVIELENS: dict[str, dict[str, Any]] = {
     },
     "profiles": {"recent_items": 50, "dedup_window": 8},
 }
-
-
-class _Memory:
-    """Profiles and signal rows in dicts: the engine's `DataSource`, without RocksDB."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.profiles: dict[str, profiles.Profile] = {}
-        self.rows_by_key: dict[bytes, signals.Row] = {}
-
-    def profile(self, user_id: str) -> profiles.Profile | None:
-        return self.profiles.get(user_id)
-
-    def rows(self, keys: Sequence[bytes], now_ms: int) -> list[signals.Row]:
-        return [
-            signals.merge_rows(
-                [self.rows_by_key.get(key)],
-                signals.half_life_of(key, self.cfg.recommend),
-                now_ms,
-            )
-            for key in keys
-        ]
 
 
 class EngineHybrid:
@@ -92,7 +71,7 @@ class EngineHybrid:
         self.weights = weights
         self.learn = learn
         self.vectors = vectors
-        self.data = _Memory(self.cfg)
+        self.data = MemoryData(self.cfg.recommend)  # rows change as it learns: no cache
         self.catalog = Catalog()
         self.index = FaissIndex(len(next(iter(vectors.values()))))
         self.category: dict[str, str | None] = {}

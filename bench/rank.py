@@ -53,12 +53,13 @@ import orjson
 from rocksdict import Options, Rdict
 from serve import make_catalog, percentile
 
-from personify.agents.recommend import Recommender, Request, TableData
+from personify.agents.recommend import Recommender, Request
 from personify.embeddings import FaissIndex
 from personify.engine.app import one_blas_thread
 from personify.engine.config import Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog, item_text
+from personify.tables.reader import TableData
 
 Json = dict[str, Any]
 T0_MS = 1_800_000_000_000

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from personify.agents.recommend import Entry, ListCache
+from personify.engine.app import app, configure
+from personify.engine.config import Config
+
+if app.personify_config is None:  # the cache lives beside the agents, which read the config
+    data = tempfile.mkdtemp(prefix="personify-lists-")
+    configure(Config().replace(storage={"data_dir": data}), "kafka://127.0.0.1:9")
+
+from personify.agents.lists import Entry, ListCache
 
 
 def entry(cache: ListCache, *owners: str, rec_id: str = "r") -> Entry:

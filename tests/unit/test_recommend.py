@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -11,43 +10,32 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rocksdict import Rdict
 
-from personify.agents.recommend import Recommender, Request, TableData, blend
+from personify.agents.recommend import Recommender, Request, blend
 from personify.embeddings import FaissIndex
 from personify.embeddings.collab import AlsSettings, train_als
 from personify.engine.config import Config
 from personify.tables import profiles, signals
 from personify.tables.catalog import Catalog
 from personify.tables.history import RepeatStats
+from personify.tables.reader import MemoryData, TableData
 
 CFG = Config()
 NOW = 1_800_000_000_000
 DAY = 86_400_000
 
 
-class Memory:
-    """A `DataSource` over dicts: profiles by id and signal rows by key."""
+class Memory(MemoryData):
+    """A `DataSource` over dicts that folds events as the profile agent does."""
 
     def __init__(self) -> None:
-        self.profiles: dict[str, profiles.Profile] = {}
-        self.signal_rows: dict[bytes, signals.Row] = {}
-
-    def profile(self, user_id: str) -> profiles.Profile | None:
-        return self.profiles.get(user_id)
-
-    def rows(self, keys: Sequence[bytes], now_ms: int) -> list[signals.Row]:
-        return [
-            signals.merge_rows(
-                [self.signal_rows.get(k)], signals.half_life_of(k, CFG.recommend), now_ms
-            )
-            for k in keys
-        ]
+        super().__init__(CFG.recommend)
 
     def fold(self, user: str, events: list[dict[str, object]]) -> None:
         p = self.profiles.setdefault(user, profiles.new_profile(user))
         batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
         profiles.apply_events(p, events, CFG.profiles, observe=batch.observe)
         for key, updates in batch.updates.items():
-            row = self.signal_rows.setdefault(key, signals.decode_row(None))
+            row = self.rows_by_key.setdefault(key, signals.decode_row(None))
             signals.apply_updates(row, updates, signals.half_life_of(key, CFG.recommend), 100)
 
 
