@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from personify.agents.recommend import Recommender, Request
+from personify.agents.recommend import SEEDED, Recommender, Request
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings, CollabModel, train_als
 from personify.engine.config import DEFAULT_WEIGHTS, Config, RecommendConfig
@@ -681,6 +681,11 @@ class EngineMethod:
         other = copy.copy(self)
         other.name = name or self.name
         rec = self.recommender
+        memo = rec.memo
+        if memo is not None and recommend.seed_half_life != rec.cfg.seed_half_life:
+            # Candidates of the seeds under another setting: not asked for again while tuning.
+            for key in [k for k in memo if k[1] in SEEDED]:
+                del memo[key]
         other.recommender = Recommender(
             recommend,
             self.data,

@@ -52,6 +52,7 @@ from personify.tables.history import RepeatStats
 from personify.tables.reader import DataSource, ItemIds, Top
 
 __all__ = [
+    "SEEDED",
     "Pool",
     "Recommendation",
     "Recommender",
@@ -272,6 +273,8 @@ def _seeds(profile: profiles.Profile | None, request: Request, limit: int) -> li
     return seeds
 
 
+#: Sources whose candidates depend on how the visitor's recent items are weighted (the seeds).
+SEEDED = frozenset({"covisit", "copurchase", "content"})
 #: The reason of an item of the ``popular`` source.
 _POPULAR: Reason = {"kind": "popular"}
 
@@ -292,9 +295,9 @@ class Recommender:
             ``[profiles.engagement_weights]`` it was trained with).
         repeat: how the shop's visitors re-buy (None or no re-buying: bought products stay
             out of lists).
-        memo: where to keep the candidates of the sources that blend weights and
-            ``seed_half_life`` do not change, per visitor and time (an offline evaluation that
-            ranks the same frozen data under many settings); None, the default, keeps nothing.
+        memo: where to keep each source's candidates per visitor and time (those of `SEEDED`
+            sources per seed setting), for an offline evaluation that ranks the same frozen
+            data under many blend settings; None, the default, keeps nothing.
     """
 
     def __init__(
@@ -312,6 +315,8 @@ class Recommender:
     ) -> None:
         self.memo = memo
         self.cfg = cfg
+        #: What the `SEEDED` sources' candidates depend on besides the visitor.
+        self._seeding = (cfg.seed_half_life, cfg.seeds, cfg.covisit_alpha)
         self.data = data
         self.catalog = catalog
         self.index = index
@@ -542,11 +547,11 @@ class Recommender:
         )
 
         def fixed(name: str, make: Callable[[], tuple[Pool, float | None]]) -> Pool:
-            """A source that weights and seeds leave alone, from the memo where there is one."""
+            """A source's candidates, from the memo where there is one (per seed setting)."""
             if memo is None or visitor is None:
                 pool, power = make()
             else:
-                key = (visitor, name)
+                key = (visitor, name, self._seeding if name in SEEDED else None)
                 kept = memo.get(key)
                 if kept is None:
                     kept = memo[key] = make()
@@ -557,9 +562,18 @@ class Recommender:
 
         strength: dict[str, float] = {}
         out = {
-            "covisit": self._from_rows("covisit", seeds, now_ms, "similar_to", ids),
-            "copurchase": self._from_rows("copurchase", bought, now_ms, "bought_together", ids),
-            "content": self._content(seeds, exclude, ids),
+            "covisit": fixed(
+                "covisit",
+                lambda: (self._from_rows("covisit", seeds, now_ms, "similar_to", ids), None),
+            ),
+            "copurchase": fixed(
+                "copurchase",
+                lambda: (
+                    self._from_rows("copurchase", bought, now_ms, "bought_together", ids),
+                    None,
+                ),
+            ),
+            "content": fixed("content", lambda: (self._content(seeds, exclude, ids), None)),
             # A faded chat counts less however well it matches: its strength.
             "chat": fixed("chat", lambda: self._chat(profile, now_ms, exclude, ids)),
             "category": fixed(

@@ -275,12 +275,15 @@ def holdout(
     index: VectorIndex | None = None,
     category_of: Mapping[str, str | None] | None = None,
     baselines: bool = True,
+    sources_of: str | None = None,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Score named settings of the engine, and baselines, on the end of ``history``.
 
     Each protocol of `PROTOCOLS` cuts ``history``; every method learns from what is before the
-    cut and is scored on what is after it. Returns protocol -> method -> metrics (as JSON).
+    cut and is scored on what is after it. With ``sources_of`` (a label of ``settings``), each
+    candidate source of that setting is also scored alone (``"source X"``; chat has no history
+    to learn from and is left out). Returns protocol -> method -> metrics (as JSON).
     """
     out: dict[str, dict[str, Any]] = {}
     for name, cut in PROTOCOLS.items():
@@ -294,6 +297,17 @@ def holdout(
             engine.retuned(apply_setting(config.recommend, setting), name=label)
             for label, setting in settings.items()
         ]
+        if sources_of is not None:
+            base = apply_setting(config.recommend, settings[sources_of])
+            for source in base.weights:
+                if source == "chat":
+                    continue
+                alone = {other: 0.0 for other in base.weights} | {source: 1.0}
+                engines.append(
+                    engine.retuned(
+                        dataclasses.replace(base, weights=alone), name=f"source {source}"
+                    )
+                )
         results = evaluate(split, engines, users=users, fit=False)
         if baselines:
             m = config.model
@@ -348,6 +362,7 @@ def tune_and_score(
         current,
         {"current": tuned.current, "tuned": tuned.setting},
         max_users=t.max_users,
+        sources_of="tuned",
         index=index,
         category_of=category_of,
     )

@@ -51,13 +51,22 @@ def test_a_run_that_finds_nothing_better_keeps_the_current_setting(
 def test_holdout_scores_settings_and_baselines_on_both_protocols(
     grocery_factory: Callable[..., History],
 ) -> None:
-    """The hold-out report has each named setting and the baselines under each protocol."""
+    """The hold-out report has each named setting, each source alone and the baselines.
+
+    Where shoppers re-buy weekly staples, buy-again alone scores as the buy-again baseline
+    does, far above co-visitation alone.
+    """
     history = grocery_factory(shoppers=30)
-    report = holdout(history, Config(), {"current": setting_of(Config().recommend)})
+    current = setting_of(Config().recommend)
+    report = holdout(history, Config(), {"current": current}, sources_of="current")
     assert set(report) == {"global", "last"}
+    sources = {f"source {s}" for s in Config().recommend.weights if s != "chat"}
     for methods in report.values():
-        assert {"current", "buy-again", "popularity (repeats)"} <= set(methods)
+        assert {"current", "buy-again", "popularity (repeats)"} | sources <= set(methods)
         assert all(0.0 <= m["ndcg10"] <= 1.0 for m in methods.values())
+    last = report["last"]
+    assert last["source repeat"]["ndcg10"] > 2 * last["source covisit"]["ndcg10"]
+    assert last["source repeat"]["ndcg10"] >= 0.9 * last["buy-again"]["ndcg10"]
 
 
 def test_settings_apply_and_unknown_names_are_refused(
