@@ -183,9 +183,10 @@ def blend(
         if weight <= 0 or not len(pool):
             continue
         top = float(pool.scores.max())
-        if top <= 0:
+        scale = weight * (strength or {}).get(name, 1.0) / top if top > 0 else 0.0
+        if not 0.0 < scale < math.inf:  # nothing positive, or too faint to scale
             continue
-        used.append((name, pool, weight * (strength or {}).get(name, 1.0) / top))
+        used.append((name, pool, scale))
     if not used:
         return []
     names = used[0][1].ids.names
@@ -500,7 +501,10 @@ class Recommender:
         items = list(bought)
         times = np.fromiter((bought[i][0] for i in items), np.float64, count=len(items))
         last = np.fromiter((bought[i][1] for i in items), np.float64, count=len(items))
-        scores = times * np.power(0.5, np.maximum(now_ms - last, 0.0) / half_life_ms)
+        # Faded from the latest purchase: the same order (the blend scales a source by its
+        # best), without vanishing to denormal numbers for a visitor who bought long ago.
+        age = np.maximum(now_ms - last, 0.0)
+        scores = times * np.power(0.5, (age - age.min()) / half_life_ms)
 
         def reason(item: str) -> Reason:
             return {"kind": "buy_again", "item_id": item, "times": bought[item][0]}

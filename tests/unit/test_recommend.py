@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -303,3 +304,17 @@ def test_the_shops_best_sellers_come_from_the_learned_model() -> None:
     rec = Recommender(no_signals, mem, cat, index, model=model)
     _rid, top = rec.recommend("w", Request(k=2), NOW)
     assert [r.item_id for r in top][:1] == ["k4"]
+
+
+def test_buy_again_for_a_visitor_who_bought_long_ago() -> None:
+    """Purchases thousands of half-lives old still come back in order, most bought first."""
+    mem, cat, index = shop()
+    mem.fold(
+        "u",
+        [purchase(["o1", "k2"], NOW - 3 * DAY - 60_000), purchase(["o1"], NOW - 3 * DAY)],
+    )
+    rebuys = RepeatStats(purchases=1000, share=0.4, gap_s=60.0)  # fades over 4 minutes
+    rec = Recommender(CFG.recommend, mem, cat, index, repeat=rebuys)
+    _rid, items = rec.recommend("u", Request(k=5), NOW)
+    assert [r.item_id for r in items[:2]] == ["o1", "k2"]
+    assert all(math.isfinite(r.score) for r in items)
