@@ -307,13 +307,15 @@ def test_the_shops_best_sellers_come_from_the_learned_model() -> None:
 
 
 def test_buy_again_for_a_visitor_who_bought_long_ago() -> None:
-    """Purchases thousands of half-lives old still come back in order, most bought first."""
+    """Purchases a thousand half-lives old still come back in order, most bought first."""
     mem, cat, index = shop()
     mem.fold(
         "u",
-        [purchase(["o1", "k2"], NOW - 3 * DAY - 60_000), purchase(["o1"], NOW - 3 * DAY)],
+        [purchase(["o1", "k2"], NOW - 1050 * DAY - 1000), purchase(["o1"], NOW - 1050 * DAY)],
     )
-    rebuys = RepeatStats(purchases=1000, share=0.4, gap_s=60.0)  # fades over 4 minutes
+    # Fades over a day (the shortest half-life): 2^-1050 is a denormal number.
+    rebuys = RepeatStats(purchases=1000, share=0.4, gap_s=3600.0)
+    assert rebuys.half_life_s == 86400.0
     rec = Recommender(CFG.recommend, mem, cat, index, repeat=rebuys)
     _rid, items = rec.recommend("u", Request(k=5), NOW)
     assert [r.item_id for r in items[:2]] == ["o1", "k2"]
