@@ -183,7 +183,8 @@ def merge_rows(rows: Iterable[Row | None], half_life_s: float, now_ms: int) -> R
 def normalised(row: Row, alpha: float) -> dict[str, float]:
     """Pair counts of a merged row scored as ``c / (n_self ** alpha * n_other ** (1 - alpha))``.
 
-    A count missing from the row is taken as the pair count.
+    A count missing from the row is taken as the pair count. Counts that decayed to nothing
+    (a row of long ago, read at a much later time) score nothing.
     """
     scores: dict[str, float] = row["s"]
     if not scores:
@@ -195,7 +196,9 @@ def normalised(row: Row, alpha: float) -> dict[str, float]:
     out: dict[str, float] = {}
     for item, count in scores.items():
         other = others.get(item) or count
-        out[item] = count / (base * math.pow(other, beta))
+        denominator = base * math.pow(other, beta)
+        if denominator > 0.0:
+            out[item] = count / denominator
     return out
 
 

@@ -129,6 +129,10 @@ def test_own_counts_and_normalised_pairs() -> None:
     # a-b: 1 (b after a) + 1 (a after b); n_a = 2, n_b = 1
     assert math.isclose(scores["b"], 2.0 / math.sqrt(2.0 * 1.0), rel_tol=1e-6)
     assert scores["b"] > scores["c"]
+    # Read 30 years on with a one-hour half-life, every count has decayed to nothing.
+    faded = signals.merge_rows([rows[signals.row_key("covisit", "a")], EMPTY], 3600.0, 10**12)
+    assert faded["n"] == 0.0 and set(faded["s"].values()) == {0.0}
+    assert signals.normalised(faded, 0.5) == {}
 
 
 def test_trending_counts_the_category_and_its_parents() -> None:
