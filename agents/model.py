@@ -10,9 +10,11 @@ check_interval_s`` and trains a new model (`personify.embeddings.collab.train_al
 
 A tuning run (`personify.agents.tuning`) follows a training when one is due, but not while a
 backfill is pouring in: when the history grew by more than `tuning.GROWING` of itself during the
-training, the tuning waits until one check interval passes with less growth than that (or
-`TUNE_WAIT_MAX_S` passed), then a training on all of it and the tuning run at once. So a bulk
-backfill is tuned on once, on the whole of it, minutes after it ends, without a command.
+training or in the check interval before it, the tuning waits until one check interval passes
+with less growth than that (or `TUNE_WAIT_MAX_S` passed), then a training on all of it and the
+tuning run at once. A burst that ends with more than that share not yet learned trains again
+at the next quiet check. So a bulk backfill is tuned on once, on the whole of it, minutes after
+it ends, without a command.
 
 Training runs on a thread of its own with one BLAS/OpenMP thread, so ingestion and serving keep
 the other core (tuning, a minute or more of Python, runs in a child process instead:
@@ -46,7 +48,7 @@ import orjson
 
 from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History, train_model
-from personify.agents.tuning import apply_setting, setting_of, settled, tune_in_child
+from personify.agents.tuning import GROWING, apply_setting, setting_of, settled, tune_in_child
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config, RecommendConfig
@@ -189,6 +191,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         #: and the pending count at the last check (to see the growth per interval).
         self.tune_waiting: float | None = None
         self._pending_at_check = 0
+        #: Interactions that arrived in the check interval before the last check.
+        self._grown = 0
 
     def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
@@ -295,6 +299,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         """Whether a training run is due now."""
         m = current_config().model
         grown, self._pending_at_check = self.pending - self._pending_at_check, self.pending
+        self._grown = grown
         if self.forced:
             return True
         if self.tune_waiting is not None and settled(
@@ -306,6 +311,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             if not self._checked_once:
                 return True
             return self.pending > 0 and self.interactions + self.pending >= m.min_interactions
+        burst_ended = grown <= 0.1 * GROWING * self.interactions
+        if burst_ended and self.pending > GROWING * self.interactions:
+            return True  # with a good share of it not learned yet
         if self.pending >= m.retrain_interactions:
             return True
         age_s = now_s - self.model.trained_at_ms / 1000.0
@@ -373,7 +381,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         )
         if run.rows is not None and (forced or self.tune_due(run.interactions)):
             waited = None if self.tune_waiting is None else time.time() - self.tune_waiting
-            if forced or settled(self.pending, run.interactions, waited):
+            # Settled: little arrived while training, nor in the check interval before it.
+            grown = max(self.pending, self._grown)
+            if forced or settled(grown, run.interactions, waited):
                 self.tune_waiting = None
                 await self.tune(run.rows)
             elif self.tune_waiting is None:
