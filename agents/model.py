@@ -191,6 +191,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         #: and the pending count at the last check (to see the growth per interval).
         self.tune_waiting: float | None = None
         self._pending_at_check = 0
+        #: The history of the last training while a tuning waits for it to settle (tuned as it
+        #: is when nothing arrived since).
+        self._waiting_rows: History | None = None
         #: Interactions that arrived in the check interval before the last check.
         self._grown = 0
 
@@ -322,12 +325,24 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
     async def train(self) -> CollabModel | None:
         """Run one training now (on the model thread), then a tuning if one is due.
 
-        Returns the new model, if one was made. ``running`` holds until all of it is done.
+        A waiting tuning whose history settled with nothing new since its training is run on
+        that history, with no training again. Returns the new model, if one was made.
+        ``running`` holds until all of it is done.
         """
         self.running = True
         self._checked_once = True
         forced, self.forced = self.forced, False
+        rows, self._waiting_rows = self._waiting_rows, None
         try:
+            if (
+                rows is not None
+                and not forced
+                and self.tune_waiting is not None
+                and not self.pending
+            ):
+                self.tune_waiting = None
+                await self.tune(rows)
+                return None
             return await self._train_and_tune(forced)
         finally:
             self.running = False
@@ -386,9 +401,11 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             if forced or settled(grown, run.interactions, waited):
                 self.tune_waiting = None
                 await self.tune(run.rows)
-            elif self.tune_waiting is None:
-                self.tune_waiting = time.time()
-                _log.info("tuning waits for the history to settle", pending=self.pending)
+            else:
+                self._waiting_rows = run.rows
+                if self.tune_waiting is None:
+                    self.tune_waiting = time.time()
+                    _log.info("tuning waits for the history to settle", pending=self.pending)
         return run.model
 
     @mode.Service.task  # type: ignore[untyped-decorator]
