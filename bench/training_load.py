@@ -12,14 +12,18 @@ Then, twice, side by side:
 
 1. **idle**: nothing runs in the background;
 2. **during a run**: ``POST /v1/quality/runs`` has the engine train, tune and evaluate itself
-   again, and the measurements start once ``GET /v1/quality`` shows it running (and must end
-   before it finishes, or the figures say so).
+   again (or, when the idle phase's new visitors already started a run, that one), and the
+   measurements start once ``GET /v1/quality`` shows it tuning (and must end before it
+   finishes, or the figures say so).
 
-Each time: **ingestion**, ``POST /v1/events`` of ``--batch`` new-visitor views as fast as two
-clients can for ``--seconds``, the rate read from ``personify_events_applied_total``; and
-**serving**, ``GET /v1/users/{id}/recommendations?k=10`` for known visitors on an open-loop
-schedule of ``--rate`` a second for ``--seconds``, timed from the scheduled send to the answer
-(p50, p99). The ratios during/idle are the figures.
+Each time, once the lists to recompute in the background are done (``personify_lists_pending``
+is 0: a new model or setting has every list computed again): **serving**, ``GET
+/v1/users/{id}/recommendations?k=10`` for known visitors on an open-loop schedule of ``--rate``
+a second for ``--seconds``, timed from the scheduled send to the answer (p50, p99); then
+**ingestion**, ``POST /v1/events`` of 500 new-visitor views per request as fast as two clients
+can for ``--seconds``, the rate read from ``personify_events_applied_total``. During the run,
+measuring starts once the tuning (after the training) runs. The ratios during/idle are the
+figures.
 """
 
 from __future__ import annotations
@@ -67,6 +71,20 @@ async def _ready(session: aiohttp.ClientSession, url: str, target: int, limit_s:
 async def _running(session: aiohttp.ClientSession, url: str) -> bool:
     quality = await _quality(session, url)
     return bool(quality["model"]["training"] or quality["tuning"]["running"])
+
+
+async def _tuning(session: aiohttp.ClientSession, url: str) -> bool:
+    return bool((await _quality(session, url))["tuning"]["running"])
+
+
+async def _lists_done(engine: Personify, session: aiohttp.ClientSession) -> float:
+    """Wait until no list waits to be recomputed; the seconds waited."""
+    started = time.perf_counter()
+    for _ in range(3000):  # at most 10 minutes
+        if (await engine.metrics(session)).get("personify_lists_pending", 0.0) <= 0:
+            break
+        await asyncio.sleep(0.2)
+    return time.perf_counter() - started
 
 
 async def _ingest(
@@ -152,16 +170,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for phase in ("idle", "during"):
                     if phase == "during":
                         async with session.post(engine.url + "/v1/quality/runs") as resp:
-                            if resp.status != 202:
+                            # 409: the new visitors of the idle phase already started one
+                            if resp.status not in (202, 409):
                                 raise RuntimeError(f"POST /v1/quality/runs: {resp.status}")
-                        for _ in range(600):  # the run starts at the next check
-                            if await _running(session, engine.url):
+                            _log(f"run: {'asked for' if resp.status == 202 else 'already going'}")
+                        for _ in range(1500):  # the run starts at the next check, then trains
+                            if await _tuning(session, engine.url):
                                 break
                             await asyncio.sleep(0.2)
-                    rate = await _ingest(engine, session, items, args.seconds, phase)
+                    waited = await _lists_done(engine, session)
                     serve = await _serve(session, engine.url, users, args.rate, args.seconds)
+                    rate = await _ingest(engine, session, items, args.seconds, phase)
                     still = await _running(session, engine.url) if phase == "during" else None
-                    out[phase] = {"ingest_per_s": rate, **serve, "run_still_going": still}
+                    out[phase] = {
+                        "ingest_per_s": rate,
+                        **serve,
+                        "lists_recomputed_s": waited,
+                        "run_still_going": still,
+                    }
                     _log(f"{phase}: {json.dumps(out[phase])}")
                 out["ingest_ratio"] = out["during"]["ingest_per_s"] / out["idle"]["ingest_per_s"]
                 out["p99_ratio"] = out["during"]["p99_ms"] / out["idle"]["p99_ms"]
@@ -173,7 +199,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=15.0, help="seconds per measurement")
-    p.add_argument("--rate", type=float, default=200.0, help="recommendation GETs a second")
+    p.add_argument("--rate", type=float, default=100.0, help="recommendation GETs a second")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args()
     started = time.perf_counter()
