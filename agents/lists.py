@@ -162,6 +162,17 @@ class ListCache:
             self.urgent.clear()
             self.stale.clear()
 
+    def age_all(self) -> None:
+        """Queue every stored list to be computed again when nothing else waits.
+
+        The ranking changed (a new model or setting); each list stays servable meanwhile. The
+        most recently used are computed first.
+        """
+        with self._lock:
+            for key in reversed(self._entries):
+                if key not in self.pending and key not in self.urgent:
+                    self.stale[key] = None
+
     def take(self, n: int) -> list[str]:
         """Up to ``n`` queued owners: the urgent ones first, each kind oldest first."""
         with self._lock:
@@ -663,6 +674,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     await run_ranking(_build, recommender(), size, users, items)
                 except Exception:
                     _log.exception("list refresh failed; the lists are computed on request")
+                LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
                 await asyncio.sleep(_REFRESH_PAUSE_S)
                 continue
             LISTS_PENDING.set(0)
@@ -680,9 +692,15 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 
 
 def _model_swapped(model: Any) -> None:
-    """A new model is in use: lists computed ahead with the old one are computed again."""
-    list_cache().clear()
-    similar_cache().clear()
+    """A new model (or setting) is in use: lists ranked before are computed again.
+
+    Behind the answers, a few at a time: until its turn comes, a visitor keeps the list of the
+    model before, which is still a good one, rather than waiting for a list ranked on request
+    while every other visitor does the same.
+    """
+    list_cache().age_all()
+    similar_cache().age_all()
+    _builder_wake().set()
 
 
 on_swap(_model_swapped)

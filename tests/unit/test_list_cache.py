@@ -91,6 +91,23 @@ def test_aged_lists_wait_behind_changed_ones() -> None:
     assert cache.take(10) == ["both"]
 
 
+def test_age_all_keeps_lists_servable_and_queues_them_behind_changes() -> None:
+    """After a new model every list is recomputed, the most recently used first.
+
+    Meanwhile the old ones are served; a list queued because its visitor changed stays first.
+    """
+    cache = ListCache(10)
+    for key in ("old", "recent", "changed"):
+        cache.put(key, entry(cache, key))
+    assert cache.get("recent") is not None  # used last
+    cache.changed(["changed"], queue=True)
+    cache.age_all()
+    assert cache.get("old") is not None and cache.get("recent") is not None
+    assert cache.take(10) == ["changed"]
+    assert cache.take_stale(10) == ["recent", "old"]
+    assert cache.backlog() == 0
+
+
 def test_clear_forgets_lists_and_queue() -> None:
     cache = ListCache(10)
     cache.put("u", entry(cache, "u"))
