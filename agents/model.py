@@ -31,9 +31,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import multiprocessing
+import multiprocessing.process
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,7 +52,14 @@ import orjson
 
 from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History, train_model
-from personify.agents.tuning import GROWING, apply_setting, setting_of, settled, tune_in_child
+from personify.agents.tuning import (
+    CHILD_NICE,
+    GROWING,
+    apply_setting,
+    setting_of,
+    settled,
+    tune_in_child,
+)
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config, RecommendConfig
@@ -110,6 +121,32 @@ def _train(dbs: dict[int, Any], cfg: Config) -> _Run:
     return _Run(model, repeat, len(rows), arrays, expired, time.perf_counter() - started)
 
 
+def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
+    """Start ``child`` at a lower priority from its first instruction.
+
+    Its interpreter's start and imports take most of a second of CPU, which at the usual
+    priority is taken from ingestion and serving. On Linux a thread's nice value is its own
+    and a process started from it inherits it: a short-lived thread lowers its own priority
+    and starts the child (a thread of the pool could not raise its priority again).
+    """
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
+        try:
+            child.start()
+        except BaseException as exc:  # raised again in the caller's thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name="personify-tuning-start", daemon=True)
+    starter.start()
+    starter.join()
+    if failed:
+        raise failed[0]
+
+
 async def _tune_elsewhere(
     rows: History,
     cfg: Config,
@@ -133,7 +170,9 @@ async def _tune_elsewhere(
         name="personify-tuning",
         daemon=True,
     )
-    child.start()
+    # Off the event loop: start() writes the history to the child, which reads it only once its
+    # interpreter is up (half a second in which the loop would answer nothing).
+    await asyncio.to_thread(_start_niced, child)
     send.close()
     try:
         while True:

@@ -80,6 +80,8 @@ if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE
 GROWING = 0.05
 #: A tuning waits at most this long for the history to settle (a shop that never pauses).
 TUNE_WAIT_MAX_S = 600.0
+#: The nice value of the tuning process: ingestion and serving go first.
+CHILD_NICE = 10
 
 
 def settled(grown: int, interactions: int, waited_s: float | None) -> bool:
@@ -391,8 +393,8 @@ def tune_in_child(
     """
     from threadpoolctl import threadpool_limits
 
-    with contextlib.suppress(OSError):
-        os.nice(10)
+    with contextlib.suppress(OSError):  # where it was not started at that priority already
+        os.nice(max(0, CHILD_NICE - os.nice(0)))
     try:
         with threadpool_limits(1):
             index = None
