@@ -15,6 +15,8 @@
    the items of each), some add-to-cart and purchase events; ``POST /v1/events`` batches of
    1,000. Reported: events/s accepted, and events/s applied (``personify_events_applied_total``
    on ``GET /metrics``, and the last visitor's counts on ``GET /v1/users/{id}``);
+   Then the model: the engine trains its collaborative model on the events and tunes its
+   blend by itself (``GET /v1/quality``); the run waits for both and reports their times.
    Then the lists: every visitor whose profile changed gets their list computed ahead in the
    background; the run waits until none is pending (``personify_lists_pending``) and reports
    how many were computed and how long the queue took to drain after the events;
@@ -966,7 +968,7 @@ async def load_events(
 
 
 async def wait_lists(eng: Engine, session: aiohttp.ClientSession, limit_s: float = 1800.0) -> Json:
-    """Phase 2b: wait until the lists queued as profiles changed are computed ahead.
+    """Phase 2c: wait until the lists queued as profiles changed are computed ahead.
 
     Done when ``personify_lists_pending`` reads 0 twice in a row; reports how long it took.
     """
@@ -1007,6 +1009,62 @@ async def wait_lists(eng: Engine, session: aiohttp.ClientSession, limit_s: float
         "per_s": (computed - base) / took,
         "engine_cores": cpu,
     }
+
+
+async def wait_model(eng: Engine, session: aiohttp.ClientSession, limit_s: float = 3600.0) -> Json:
+    """Phase 2b: wait until the engine trained its model on the events and tuned itself.
+
+    Nothing asks for it: a backfill is learned from by itself. Done when ``GET /v1/quality``
+    shows no run going, none asked for, nothing unlearned (``pending`` 0) and a tuning run on
+    at least 99% of the model's interactions; reports the training and tuning times.
+    """
+    print("\n[model] the learned model trained and tuned on the events, by itself", flush=True)
+    t0 = last_print = time.perf_counter()
+    while True:
+        async with session.get(eng.url + "/v1/quality") as resp:
+            quality: Json = await resp.json()
+        model, tuning = quality["model"], quality["tuning"]
+        if not model["enabled"]:
+            print("  [model] enabled = false: no model", flush=True)
+            return {"enabled": False}
+        busy = model["training"] or tuning["running"] or tuning["requested"]
+        runs = tuning["runs"]
+        tuned = not tuning["enabled"] or (
+            runs and runs[-1]["interactions"] >= 0.99 * model["interactions"]
+        )
+        if not busy and model["trained_at"] and model["pending"] == 0 and tuned:
+            break
+        now = time.perf_counter()
+        if now - t0 > limit_s:
+            raise RuntimeError(f"not trained and tuned after {limit_s:.0f} s: {quality}")
+        if now - last_print >= 10:
+            done = tuning["progress"]
+            state = (
+                "training"
+                if model["training"] and not tuning["running"]
+                else f"tuning ({done['trials_done']}/{done['trials']} settings)"
+                if tuning["running"]
+                else "waiting"
+            )
+            print(f"  ... {state} after {now - t0:.0f} s", flush=True)
+            last_print = now
+        await asyncio.sleep(2.0)
+    took = time.perf_counter() - t0
+    last = runs[-1] if runs else {}
+    out = {
+        "wait_s": took,
+        "interactions": model["interactions"],
+        "training_s": (model["last_run"] or {}).get("seconds"),
+        "tuning_s": last.get("seconds"),
+        "tuning_applied": last.get("improved"),
+    }
+    print(
+        f"  trained on {model['interactions']:,} interactions "
+        f"(the last training {out['training_s']} s) and tuned ({out['tuning_s']} s), "
+        f"{took:.0f} s after the events were applied",
+        flush=True,
+    )
+    return out
 
 
 # -- phase 3: the load generator (runs in its own process) ------------------------------------
@@ -1278,6 +1336,13 @@ def print_summary(out: Json) -> None:
             f"{e['applied_per_s']:,.0f} events/s ({e['applied_s']:.1f} s); last visitor's counts "
             f"{'match' if e['last_user_counts_match'] else 'MISMATCH'}"
         )
+    model = out.get("model")
+    if model and model.get("wait_s") is not None:
+        print(
+            f"model:   trained on {model['interactions']:,} interactions (the last training "
+            f"{model['training_s']} s) and tuned ({model['tuning_s']} s) by itself, "
+            f"{model['wait_s']:.0f} s after the events were applied"
+        )
     lists = out.get("lists")
     if lists:
         print(
@@ -1332,6 +1397,7 @@ async def amain(args: argparse.Namespace, eng: Engine, out: Json) -> None:
         print(f"personify up at {eng.url} in {eng.startup_s:.1f} s (pid {eng.pid})", flush=True)
         out["catalog"] = await load_catalog(eng, session, cat, args.post_concurrency)
         out["events"] = await load_events(eng, session, plan, args.post_concurrency)
+        out["model"] = await wait_model(eng, session)
         out["lists"] = await wait_lists(eng, session)
         runs = [
             LoadSpec(f"open {r:g}/s", eng.url, paths, args.duration, rate=r, warmup=400 * (k == 0))

@@ -3,39 +3,44 @@
 Usage (from the repository root)::
 
     .venv/bin/python bench/training_load.py                     # MovieLens 100k history
-    .venv/bin/python bench/training_load.py --seconds 20 --rate 200
+    .venv/bin/python bench/training_load.py --windows 5 --rate 200
 
 A fresh ``personify run`` with the repository's ``config.toml`` gets the MovieLens 100k catalog
 and its first 80% of ratings at their real timestamps (`quality_api`), then trains and tunes
 itself with no command; the time from the last POST to a trained and tuned engine is printed.
-Then, twice, side by side:
+Then three phases:
 
-1. **idle**: nothing runs in the background;
+1. **idle, before**: nothing runs in the background, and no list waits to be recomputed
+   (``personify_lists_pending`` is 0);
 2. **during a run**: ``POST /v1/quality/runs`` has the engine train, tune and evaluate itself
-   again (or, when the idle phase's new visitors already started a run, that one), and the
-   measurements start once ``GET /v1/quality`` shows it tuning (and must end before it
-   finishes, or the figures say so).
+   again (asked for again whenever the last one ended before the phase had its figures); the
+   model swap and the lists it has recomputed count as part of a run;
+3. **idle, after**: once no run is going.
 
-Each time, once the lists to recompute in the background are done (``personify_lists_pending``
-is 0: a new model or setting has every list computed again): **serving**, ``GET
+In each phase, alternately: **serving**, pieces of 5 seconds of ``GET
 /v1/users/{id}/recommendations?k=10`` for known visitors on an open-loop schedule of ``--rate``
-a second for ``--seconds``, timed from the scheduled send to the answer (p50, p99); then
-**ingestion**, ``POST /v1/events`` of 500 new-visitor views per request as fast as two clients
-can for ``--seconds``, the rate read from ``personify_events_applied_total``. During the run,
-measuring starts once the tuning (after the training) runs. The ratios during/idle are the
-figures.
+a second (``--seconds`` in all), timed from the scheduled send to the answer (p50, p99); and
+**ingestion**, ``--windows`` windows of ``--window-events`` new-visitor views (``POST
+/v1/events``, 500 a request, two clients), each timed until ``personify_events_applied_total``
+shows it applied. ``GET /v1/quality`` is read before and after every piece, and a piece counts
+only if the engine's state held throughout: nothing running and no new model or tuning when
+idle, one run in progress throughout during a run. Idle is the mean of both idle phases, which
+also cancels a slow drift; the ratio during/idle is the figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,6 +52,8 @@ from ingest import Personify
 from quality_api import _events, _items, _post, _quality, _wait_applied
 
 from personify.agents.evaluation import global_split
+
+APPLIED = "personify_events_applied_total"
 
 
 def _log(text: str) -> None:
@@ -68,13 +75,33 @@ async def _ready(session: aiohttp.ClientSession, url: str, target: int, limit_s:
         await asyncio.sleep(1.0)
 
 
-async def _running(session: aiohttp.ClientSession, url: str) -> bool:
+async def _state(session: aiohttp.ClientSession, url: str) -> tuple[bool, Any, int]:
+    """(a training or tuning is in progress, the model's trained_at, tuning runs recorded)."""
     quality = await _quality(session, url)
-    return bool(quality["model"]["training"] or quality["tuning"]["running"])
+    model, tuning = quality["model"], quality["tuning"]
+    return bool(model["training"] or tuning["running"]), model["trained_at"], len(tuning["runs"])
 
 
-async def _tuning(session: aiohttp.ClientSession, url: str) -> bool:
-    return bool((await _quality(session, url))["tuning"]["running"])
+def _held(phase: str, before: tuple[bool, Any, int], after: tuple[bool, Any, int]) -> bool:
+    """Whether the engine stayed in the phase's state from ``before`` to ``after``."""
+    if phase == "during":  # the same run in progress throughout
+        return before[0] and after[0] and before[2] == after[2]
+    return not before[0] and not after[0] and before == after
+
+
+async def _until(session: aiohttp.ClientSession, url: str, phase: str, limit_s: float) -> None:
+    """Wait until a run is in progress (``during``) or none is, nor asked for (idle)."""
+    stop = time.perf_counter() + limit_s
+    while time.perf_counter() < stop:
+        quality = await _quality(session, url)
+        model, tuning = quality["model"], quality["tuning"]
+        running = model["training"] or tuning["running"]
+        if phase == "during" and running:
+            return
+        if phase != "during" and not running and not tuning["requested"]:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the engine did not reach the {phase} state in {limit_s:.0f} s")
 
 
 async def _lists_done(engine: Personify, session: aiohttp.ClientSession) -> float:
@@ -88,42 +115,55 @@ async def _lists_done(engine: Personify, session: aiohttp.ClientSession) -> floa
 
 
 async def _ingest(
-    engine: Personify, session: aiohttp.ClientSession, items: list[str], seconds: float, tag: str
+    engine: Personify,
+    session: aiohttp.ClientSession,
+    items: list[str],
+    n: int,
+    tag: str,
+    clock: Iterator[int],
 ) -> float:
-    """Events applied per second while two clients POST new-visitor views for ``seconds``."""
-    rng = random.Random(tag)
-    before = (await engine.metrics(session)).get("personify_events_applied_total", 0.0)
-    sent = 0
-    stop = time.perf_counter() + seconds
+    """Events applied per second when two clients POST ``n`` new-visitor views.
 
-    async def client(n: int) -> None:
-        nonlocal sent
-        batch = 0
-        while time.perf_counter() < stop:
-            events = [
-                {
-                    "event_id": f"{tag}-{n}-{batch}-{j}",
-                    "type": "product_view",
-                    "user_id": f"{tag}-{n}-{batch}-{j % 50}",
-                    "item_id": rng.choice(items),
-                }
-                for j in range(500)
-            ]
-            await _post(session, engine.url + "/v1/events", "events", events)
-            sent += len(events)
-            batch += 1
+    Their times follow the history's (``clock``: 1997 for MovieLens), as a shop's live events
+    follow its backfill: dated today, they would put the whole backfill out of the
+    ``[model] history_days`` window.
+    """
+    rng = random.Random(tag)
+    before = (await engine.metrics(session)).get(APPLIED, 0.0)
+    batches = [
+        [
+            {
+                "event_id": f"{tag}-{b}-{j}",
+                "type": "product_view",
+                "user_id": f"{tag}-{b}-{j % 50}",
+                "item_id": rng.choice(items),
+                "ts": next(clock),
+            }
+            for j in range(500)
+        ]
+        for b in range(n // 500)
+    ]
+    queue = list(reversed(batches))
+
+    async def client() -> None:
+        while queue:
+            await _post(session, engine.url + "/v1/events", "events", queue.pop())
 
     started = time.perf_counter()
-    await asyncio.gather(client(0), client(1))
-    await _wait_applied(engine, session, int(before) + sent)
-    return sent / (time.perf_counter() - started)
+    await asyncio.gather(client(), client())
+    target = before + 500 * len(batches)
+    for _ in range(6000):  # at most 10 minutes, read every 0.1 s
+        if (await engine.metrics(session)).get(APPLIED, 0.0) >= target:
+            break
+        await asyncio.sleep(0.1)
+    return 500 * len(batches) / (time.perf_counter() - started)
 
 
 async def _serve(
     session: aiohttp.ClientSession, url: str, users: list[str], rate: float, seconds: float
-) -> dict[str, float]:
-    """Open-loop GETs of recommendations: p50 and p99 (ms) from the scheduled send."""
-    rng = random.Random(7)
+) -> tuple[list[float], int]:
+    """Open-loop GETs of recommendations: each one's ms from its scheduled send, and errors."""
+    rng = random.Random()
     latencies: list[float] = []
     errors = 0
 
@@ -136,16 +176,79 @@ async def _serve(
                 errors += 1
         latencies.append((time.perf_counter() - at) * 1000.0)
 
-    start = time.perf_counter() + 0.2
+    start = time.perf_counter() + 0.05
     n = int(rate * seconds)
     await asyncio.gather(*(one(start + i / rate, rng.choice(users)) for i in range(n)))
-    arr = np.asarray(latencies)
+    return latencies, errors
+
+
+async def _phase(
+    phase: str,
+    engine: Personify,
+    session: aiohttp.ClientSession,
+    users: list[str],
+    items: list[str],
+    args: argparse.Namespace,
+    clock: Iterator[int],
+) -> dict[str, Any]:
+    """Serving in 5-second pieces and ingestion windows, alternately, where the state held.
+
+    During a run, a new run is asked for whenever none is going.
+    """
+    url = engine.url
+    pieces = max(1, round(args.seconds / 5.0))
+    latencies: list[float] = []
+    rates: list[float] = []
+    served = errors = dropped = runs = 0
+    for attempt in range(100):
+        if served >= pieces and len(rates) >= args.windows:
+            break
+        if phase == "during":
+            if not (await _state(session, url))[0]:
+                async with session.post(url + "/v1/quality/runs") as resp:
+                    runs += resp.status == 202  # 409: one is already going
+            await _until(session, url, phase, 600.0)
+        else:
+            await _until(session, url, phase, 600.0)
+            await _lists_done(engine, session)
+        before = await _state(session, url)
+        if served < pieces and (served <= len(rates) or len(rates) >= args.windows):
+            lat, err = await _serve(session, url, users, args.rate, 5.0)
+            held = _held(phase, before, await _state(session, url))
+            what = f"serve p99 {np.percentile(lat, 99):.1f} ms"
+            if held:
+                latencies += lat
+                errors += err
+                served += 1
+        else:
+            rate = await _ingest(
+                engine, session, items, args.window_events, f"{phase}-{attempt}", clock
+            )
+            held = _held(phase, before, await _state(session, url))
+            what = f"ingest {rate:,.0f} events/s"
+            if held:
+                rates.append(rate)
+        dropped += not held
+        _log(f"{phase}: {what}{'' if held else ' (the state changed: not counted)'}")
+    arr = np.asarray(latencies) if latencies else np.zeros(1)
     return {
-        "p50_ms": float(np.percentile(arr, 50)),
-        "p99_ms": float(np.percentile(arr, 99)),
-        "requests": float(len(arr)),
-        "errors": float(errors),
+        "ingest_windows": rates,
+        "serve": {
+            "p50_ms": float(np.percentile(arr, 50)),
+            "p99_ms": float(np.percentile(arr, 99)),
+            "max_ms": float(arr.max()),
+            "requests": len(latencies),
+            "errors": errors,
+        }
+        if latencies
+        else None,
+        "pieces_not_counted": dropped,
+        "runs_asked_for": runs,
     }
+
+
+def _mean(xs: list[float]) -> float | None:
+    return statistics.fmean(xs) if xs else None
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,55 +270,52 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await _ready(session, engine.url, int(len(events) * 0.99), 1200.0)
                 out["ready_s"] = time.perf_counter() - posted
                 _log(f"trained and tuned {out['ready_s']:.0f} s after the last POST")
-                for phase in ("idle", "during"):
-                    if phase == "during":
-                        async with session.post(engine.url + "/v1/quality/runs") as resp:
-                            # 409: the new visitors of the idle phase already started one
-                            if resp.status not in (202, 409):
-                                raise RuntimeError(f"POST /v1/quality/runs: {resp.status}")
-                            _log(f"run: {'asked for' if resp.status == 202 else 'already going'}")
-                        for _ in range(1500):  # the run starts at the next check, then trains
-                            if await _tuning(session, engine.url):
-                                break
-                            await asyncio.sleep(0.2)
-                    waited = await _lists_done(engine, session)
-                    serve = await _serve(session, engine.url, users, args.rate, args.seconds)
-                    rate = await _ingest(engine, session, items, args.seconds, phase)
-                    still = await _running(session, engine.url) if phase == "during" else None
-                    out[phase] = {
-                        "ingest_per_s": rate,
-                        **serve,
-                        "lists_recomputed_s": waited,
-                        "run_still_going": still,
-                    }
-                    _log(f"{phase}: {json.dumps(out[phase])}")
-                out["ingest_ratio"] = out["during"]["ingest_per_s"] / out["idle"]["ingest_per_s"]
-                out["p99_ratio"] = out["during"]["p99_ms"] / out["idle"]["p99_ms"]
+                clock = itertools.count(max(e["ts"] for e in events) + 1000, 10)
+                for phase in ("idle before", "during", "idle after"):
+                    out[phase] = await _phase(phase, engine, session, users, items, args, clock)
             finally:
                 engine.stop()
+    idle = out["idle before"]["ingest_windows"] + out["idle after"]["ingest_windows"]
+    during = out["during"]["ingest_windows"]
+    out["ingest_idle_per_s"] = _mean(idle)
+    out["ingest_during_per_s"] = _mean(during)
+    if idle and during:
+        out["ingest_ratio"] = statistics.fmean(during) / statistics.fmean(idle)
     return out
+
+
+def _row(name: str, phase: dict[str, Any]) -> str:
+    rates = phase["ingest_windows"]
+    ingest = f"{statistics.fmean(rates):,.0f} ({len(rates)} windows)" if rates else "-"
+    serve = phase["serve"]
+    if serve is None:
+        return f"| {name} | {ingest} | - | - | - |"
+    return (
+        f"| {name} | {ingest} | {serve['p50_ms']:.1f} | {serve['p99_ms']:.1f} "
+        f"| {serve['max_ms']:.0f} |"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seconds", type=float, default=15.0, help="seconds per measurement")
+    p.add_argument("--seconds", type=float, default=15.0, help="seconds of serving a phase")
     p.add_argument("--rate", type=float, default=100.0, help="recommendation GETs a second")
+    p.add_argument("--windows", type=int, default=6, help="ingestion windows a phase")
+    p.add_argument("--window-events", type=int, default=5000, help="events a window")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = p.parse_args()
     started = time.perf_counter()
     out = asyncio.run(run(args))
-    idle, during = out["idle"], out["during"]
     print(f"history: {out['interactions']:,} MovieLens 100k interactions")
     print(f"trained and tuned {out['ready_s']:.0f} s after the last POST of the backfill")
-    print("| | ingest (events/s) | serve p50 (ms) | serve p99 (ms) |")
-    print("|---|---:|---:|---:|")
-    for name, row in (("idle", idle), ("during a training and tuning run", during)):
-        print(
-            f"| {name} | {row['ingest_per_s']:,.0f} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} |"
-        )
+    print("| phase | ingest (events/s) | serve p50 (ms) | serve p99 (ms) | serve max (ms) |")
+    print("|---|---:|---:|---:|---:|")
+    for name in ("idle before", "during", "idle after"):
+        print(_row(name, out[name]))
+    ratio = out.get("ingest_ratio")
     print(
-        f"ingestion during/idle: {out['ingest_ratio']:.2f}; serve p99 during/idle: "
-        f"{out['p99_ratio']:.2f}; the run was still going at the end: {during['run_still_going']}"
+        "ingestion during a run / idle: "
+        + (f"{ratio:.2f}" if ratio is not None else "not measured (no window held its state)")
     )
     when = datetime.now(UTC).isoformat(timespec="seconds")
     took = time.perf_counter() - started
