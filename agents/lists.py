@@ -45,7 +45,7 @@ from personify.agents.recommend import Recommendation, Recommender, Request
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
-from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_SERVED
+from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_REFRESHING, LISTS_SERVED
 from personify.engine.models import new_id
 from personify.plugins.manager import FAILED, plugins
 from personify.tables import catalog as catalog_table
@@ -201,6 +201,10 @@ class ListCache:
     def backlog(self) -> int:
         """How many lists are queued."""
         return len(self.pending) + len(self.urgent) + len(self.stale)
+
+    def changed_backlog(self) -> int:
+        """How many lists are queued because what they rank changed."""
+        return len(self.pending) + len(self.urgent)
 
     def _current(self, entry: Entry) -> bool:
         gen, floor = self._gen, self._floor
@@ -547,7 +551,7 @@ def profiles_changed(
         others = [u for u in users if u not in seen] if watched else users
         cache.changed(others, queue=current_config().recommend.precompute)
     if watched or current_config().recommend.precompute:
-        LISTS_PENDING.set(cache.backlog() + similar_cache().backlog())
+        _gauge()
         _builder_wake().set()
 
 
@@ -663,7 +667,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     await run_ranking(_build_slice, rec, size, _THREAD_SLICE_S, push_from_thread)
                 else:
                     _build_slice(rec, size, _BUILD_SLICE_S, self._push)
-                LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
+                _gauge()
                 await asyncio.sleep(0)  # the loop's other work runs between slices
                 continue
             # Nothing changed waits: refresh a few aged lists, a small share of the loop.
@@ -674,10 +678,10 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     await run_ranking(_build, recommender(), size, users, items)
                 except Exception:
                     _log.exception("list refresh failed; the lists are computed on request")
-                LISTS_PENDING.set(users_cache.backlog() + items_cache.backlog())
+                _gauge()
                 await asyncio.sleep(_REFRESH_PAUSE_S)
                 continue
-            LISTS_PENDING.set(0)
+            _gauge()
             wake.clear()
             await wake.wait()
             if debounce_s > 0:  # gather a burst of events into one list and one push
@@ -691,6 +695,12 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 push_list(user_id, entry.rec_id, entry.items)
 
 
+def _gauge() -> None:
+    users, items = list_cache(), similar_cache()
+    LISTS_PENDING.set(users.changed_backlog() + items.changed_backlog())
+    LISTS_REFRESHING.set(len(users.stale) + len(items.stale))
+
+
 def _model_swapped(model: Any) -> None:
     """A new model (or setting) is in use: lists ranked before are computed again.
 
@@ -700,6 +710,7 @@ def _model_swapped(model: Any) -> None:
     """
     list_cache().age_all()
     similar_cache().age_all()
+    _gauge()
     _builder_wake().set()
 
 

@@ -1002,7 +1002,15 @@ async def wait_lists(eng: Engine, session: aiohttp.ClientSession, limit_s: float
         f"(engine CPU {100 * cpu:.0f}%)",
         flush=True,
     )
+    refresh = m.get("personify_lists_refresh_pending", 0.0)
+    if refresh:
+        print(
+            f"  {refresh:,.0f} lists ranked before the model or setting now in use are still "
+            "served, each recomputed behind the answers as the load runs",
+            flush=True,
+        )
     return {
+        "refresh_pending": refresh,
         "computed": computed,
         "after_events": computed - base,
         "wait_s": took,

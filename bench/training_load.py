@@ -11,7 +11,7 @@ itself with no command; the time from the last POST to a trained and tuned engin
 Then three phases:
 
 1. **idle, before**: nothing runs in the background, and no list waits to be recomputed
-   (``personify_lists_pending`` is 0);
+   (``personify_lists_pending`` and ``personify_lists_refresh_pending`` are 0);
 2. **during a run**: ``POST /v1/quality/runs`` has the engine train, tune and evaluate itself
    again (asked for again whenever the last one ended before the phase had its figures); the
    model swap and the lists it has recomputed count as part of a run;
@@ -108,7 +108,9 @@ async def _lists_done(engine: Personify, session: aiohttp.ClientSession) -> floa
     """Wait until no list waits to be recomputed; the seconds waited."""
     started = time.perf_counter()
     for _ in range(3000):  # at most 10 minutes
-        if (await engine.metrics(session)).get("personify_lists_pending", 0.0) <= 0:
+        metrics = await engine.metrics(session)
+        due = metrics.get("personify_lists_pending", 0.0)
+        if due + metrics.get("personify_lists_refresh_pending", 0.0) <= 0:
             break
         await asyncio.sleep(0.2)
     return time.perf_counter() - started

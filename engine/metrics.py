@@ -16,6 +16,7 @@ __all__ = [
     "ITEMS_REJECTED",
     "LISTS_COMPUTED",
     "LISTS_PENDING",
+    "LISTS_REFRESHING",
     "LISTS_SERVED",
     "MODEL_INTERACTIONS",
     "MODEL_TRAINED_AT",
@@ -104,7 +105,13 @@ LISTS_COMPUTED = Counter(
 )
 LISTS_PENDING = Gauge(
     "personify_lists_pending",
-    "Stored lists waiting to be recomputed in the background.",
+    "Lists waiting to be recomputed in the background because what they rank changed.",
+    registry=REGISTRY,
+)
+LISTS_REFRESHING = Gauge(
+    "personify_lists_refresh_pending",
+    "Stored lists still served but due to be recomputed when nothing else waits (they aged, "
+    "or a new model or setting came after them).",
     registry=REGISTRY,
 )
 LISTS_SERVED = Counter(
