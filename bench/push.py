@@ -8,7 +8,10 @@ worker`` processes sharing one embedded broker, with the sockets and POSTs sprea
 topic; their latency is reported apart):
 
 1. a synthetic catalog (the serving benchmark's) through ``POST /v1/items`` until indexed,
-   and one warm-up event per visitor so every visitor has a profile;
+   and ``--history`` views per visitor (default 8) so every visitor has a profile; with one
+   worker, the engine then trains and tunes its collaborative model on them by itself (at least
+   1,000 interactions) and the run waits for it and for the lists it has recomputed, so the
+   pushed lists are ranked with the model;
 2. ``--sockets`` WebSockets (``GET /v1/ws?user_id=...``), one per visitor, each reading its
    first list;
 3. for each ``--rate``: open loop for ``--duration`` seconds, one ``product_view`` per
@@ -46,7 +49,16 @@ from typing import Any
 import aiohttp
 import orjson
 from _proc import run_record, settings_env
-from serve import Engine, item_bodies, load_catalog, make_catalog, percentile, post_all
+from serve import (
+    Engine,
+    item_bodies,
+    load_catalog,
+    make_catalog,
+    percentile,
+    post_all,
+    wait_lists,
+    wait_model,
+)
 
 from personify.engine.broker import EmbeddedBroker
 from personify.engine.publisher import partition_for
@@ -301,13 +313,20 @@ async def amain(args: argparse.Namespace, cluster: Cluster, out: Json) -> None:
                 u for i, u in enumerate(users) if owner[partition_for(u, PARTITIONS)] != i % workers
             }
         rng = random.Random(5)
-        warm = [{"type": "product_view", "user_id": u, "item_id": rng.choice(items)} for u in users]
+        warm = [
+            {"type": "product_view", "user_id": u, "item_id": rng.choice(items)}
+            for _ in range(args.history)
+            for u in users
+        ]
         for i in range(0, len(warm), 500):
             async with session.post(
                 cluster.url + "/v1/events", json={"events": warm[i : i + 500]}
             ) as r:
                 assert r.status == 202, await r.text()
         await asyncio.sleep(2)
+        if workers == 1 and len(warm) >= 1000:  # [model] min_interactions: a model is trained
+            out["model"] = await wait_model(cluster.engines[0], session)
+            out["lists"] = await wait_lists(cluster.engines[0], session)
         urls = {u: cluster.engines[i % workers].url for i, u in enumerate(users)}
         socks = Sockets(urls, users)
         socks.relayed = relayed
@@ -388,6 +407,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="events/s, comma-separated (default 100,1000)",
     )
     p.add_argument("--duration", type=float, default=30.0, help="seconds per rate (default 30)")
+    p.add_argument(
+        "--history",
+        type=int,
+        default=8,
+        help="views per visitor before the sockets open (default 8); with one worker the run "
+        "then waits until the engine has trained and tuned its model on them by itself",
+    )
     p.add_argument(
         "--workers",
         type=int,
