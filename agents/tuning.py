@@ -45,6 +45,7 @@ from personify.engine.config import TUNABLE, Config, RecommendConfig
 from personify.engine.models import format_ts
 
 __all__ = [
+    "CHILD_NICE",
     "GROWING",
     "SPACE",
     "TUNE_WAIT_MAX_S",
