@@ -53,8 +53,10 @@ import orjson
 from rocksdict import Options, Rdict
 from serve import make_catalog, percentile
 
+from personify.agents.evaluation import History, train_model
 from personify.agents.recommend import Recommender, Request
 from personify.embeddings import FaissIndex
+from personify.embeddings.collab import AlsSettings
 from personify.engine.app import one_blas_thread
 from personify.engine.config import Config
 from personify.tables import profiles, signals
@@ -102,6 +104,8 @@ class State:
         self.live = {p: signals.LiveRows(cfg.recommend) for p in range(partitions)}
         self.profiles: dict[str, profiles.Profile] = {}
         self.seq = 0
+        #: Every view folded: (visitor, item, "product_view", time), for the learned model.
+        self.rows: list[tuple[str, str, str, int]] = []
         self.open()
 
     def open(self) -> None:
@@ -122,6 +126,7 @@ class State:
     def view(self, user: str, item: str, ts: int) -> None:
         """Fold one product view, as the profile agent does (signals kept live until flush)."""
         self.seq += 1
+        self.rows.append((user, item, "product_view", ts))
         event = {
             "event_id": f"e{self.seq}",
             "type": "product_view",
@@ -210,6 +215,14 @@ def measure(
     users = sorted(state.profiles)
     ids = state.catalog.ids()
     data = TableData(state.table(), cfg.recommend, track_writes=True)
+    model = None
+    if args.model:  # as the trainer trains it, on the views folded so far
+        m = cfg.model
+        model = train_model(
+            History.of(state.rows, ids),
+            AlsSettings(m.factors, m.regularization, m.alpha, m.iterations),
+            cfg.profiles.engagement_weights,
+        )
     rec = Recommender(
         cfg.recommend,
         data,
@@ -217,6 +230,8 @@ def measure(
         index,
         cfg.profiles.affinity_half_life_s,
         lambda p: profiles.consents(p, "personalization", cfg.profiles),
+        model,
+        cfg.profiles.engagement_weights,
     )
     now = T0_MS + args.warm_events + 1_000
     wall: list[float] = []
@@ -256,6 +271,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--partitions", type=int, default=4, help="partitions held (default 4)")
     ap.add_argument("--seed", type=int, default=3)
     ap.add_argument("--encode", action="store_true", help="real MiniLM vectors, not random")
+    ap.add_argument(
+        "--model",
+        action="store_true",
+        help="rank with the learned model (ALS, trained on the warm-up views as the engine's "
+        "trainer trains it): the collab and popular sources on",
+    )
     ap.add_argument("--vectors", help=".npy file to keep the item vectors in between runs")
     ap.add_argument("--dump", help="write the lists of the first repeat here (JSON lines)")
     ap.add_argument("--json", help="write the figures here")
