@@ -470,8 +470,10 @@ class Recommender:
             return Pool.empty(ids)
         found = [found[j] for j in positive.tolist()]
 
+        most_like = model.nearest(seeds)
+
         def reason(item: str) -> Reason:
-            return {"kind": "taste", "item_id": model.closest(item, seeds) or seeds[0]}
+            return {"kind": "taste", "item_id": most_like(item) or seeds[0]}
 
         return Pool(ids, ids.of(found), scores[positive].astype(np.float64), reason)
 

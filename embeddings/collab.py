@@ -17,9 +17,10 @@ The model is immutable once built; a new training run builds a new one, swapped 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,7 @@ class CollabModel:
     _gram: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
     _ann: Any = field(init=False, repr=False, compare=False)
     _by_popularity: npt.NDArray[np.int64] = field(init=False, repr=False, compare=False)
+    _unit: Matrix = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.factors.ndim != 2 or self.factors.shape[0] != len(self.item_ids):
@@ -106,6 +108,8 @@ class CollabModel:
         object.__setattr__(self, "_position", {item: i for i, item in enumerate(self.item_ids)})
         y = self.factors.astype(np.float64)
         object.__setattr__(self, "_gram", y.T @ y)
+        norms = np.linalg.norm(self.factors, axis=1, keepdims=True)
+        object.__setattr__(self, "_unit", self.factors / np.maximum(norms, 1e-12))
         object.__setattr__(self, "_ann", _ann_index(self.factors))
         if len(self.popularity) not in (0, len(self.item_ids)):
             raise ValueError(
@@ -139,17 +143,19 @@ class CollabModel:
         Items the model does not know are left out; None when none is known. An item given
         twice counts with its stronger weight, as a visitor's pair does in training.
         """
-        pos = self.positions(item_ids)
-        known = pos >= 0
-        if not known.any():
+        # A visitor's few items: a dict beats numpy's set operations at this size.
+        strongest: dict[int, float] = {}
+        get = self._position.get
+        alpha = self.settings.alpha
+        for item, weight in zip(item_ids, weights, strict=True):
+            row = get(item)
+            if row is not None and alpha * weight > strongest.get(row, -math.inf):
+                strongest[row] = alpha * weight  # the same item twice: the stronger counts
+        if not strongest:
             return None
-        rows = pos[known]
-        conf = self.settings.alpha * np.asarray(weights, dtype=np.float64)[known]
-        unique, where = np.unique(rows, return_inverse=True)
-        if len(unique) < len(rows):  # the same item twice: the stronger counts (as in training)
-            best = np.zeros(len(unique), dtype=np.float64)
-            np.maximum.at(best, where, conf)
-            rows, conf = unique, best
+        order = sorted(strongest)  # in row order, as numpy's unique gave them
+        rows = np.fromiter(order, np.int64, count=len(order))
+        conf = np.fromiter((strongest[r] for r in order), np.float64, count=len(order))
         y = self.factors[rows].astype(np.float64)
         a = self._gram + (y.T * (conf - 1.0)) @ y
         a[np.diag_indices_from(a)] += self.settings.regularization
@@ -206,15 +212,29 @@ class CollabModel:
 
     def closest(self, item_id: str, among: Sequence[str]) -> str | None:
         """Which of ``among`` (a visitor's items) is most like ``item_id`` in the model."""
-        pos = self._position.get(item_id)
-        rows = self.positions(among)
-        if pos is None or not (rows >= 0).any():
-            return None
-        known = np.flatnonzero(rows >= 0)
-        vecs = self.factors[rows[known]]
-        norms = np.linalg.norm(vecs, axis=1) * float(np.linalg.norm(self.factors[pos]))
-        sims = (vecs @ self.factors[pos]) / np.maximum(norms, 1e-12)
-        return among[int(known[int(np.argmax(sims))])]
+        return self.nearest(among)(item_id)
+
+    def nearest(self, among: Sequence[str]) -> Callable[[str], str | None]:
+        """A function: which of ``among`` is most like a given item (None: none is known).
+
+        For explaining several items by the same visitor's items: ``among``'s vectors are
+        looked up once (on the first call), each item then costs one small product.
+        """
+        which: npt.NDArray[np.int64] | None = None
+        vecs: Matrix | None = None
+
+        def most_like(item_id: str) -> str | None:
+            nonlocal which, vecs
+            if which is None or vecs is None:
+                rows = self.positions(among)
+                which = np.flatnonzero(rows >= 0)
+                vecs = self._unit[rows[which]]
+            pos = self._position.get(item_id)
+            if pos is None or not len(which):
+                return None
+            return among[int(which[int(np.argmax(vecs @ self._unit[pos]))])]
+
+        return most_like
 
     def describe(self) -> dict[str, Any]:
         """What the model is, as JSON."""
