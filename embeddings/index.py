@@ -1043,15 +1043,17 @@ class FaissIndex:
     ) -> npt.NDArray[np.float32]:
         """The similarity rows of the stored vectors ``numbers`` (s, n); lock held."""
         cache = self._seed_rows
-        missing = list(dict.fromkeys(n for n in numbers if n not in cache))
+        # Taken before anything is evicted: making room may drop one of these.
+        rows = {n: cache[n] for n in numbers if n in cache}
+        missing = list(dict.fromkeys(n for n in numbers if n not in rows))
         if missing:
             fresh = matrix[np.searchsorted(labels, missing)] @ matrix.T
             room = max(_MIN_SEED_ROWS, SEED_ROWS_BYTES // max(4 * len(labels), 1))
             for old in list(itertools.islice(cache, max(len(cache) + len(missing) - room, 0))):
                 del cache[old]
             for n, row in zip(missing, fresh, strict=True):
-                cache[n] = row
-        return np.stack([cache[n] for n in numbers])
+                cache[n] = rows[n] = row
+        return np.stack([rows[n] for n in numbers])
 
     def _search_items_hnsw(
         self, seeds: list[str], weights: npt.NDArray[np.float32], k: int, exclude: Collection[str]

@@ -20,6 +20,7 @@ from personify.embeddings import (
     content_fingerprint,
     read_snapshot_info,
 )
+from personify.embeddings import index as index_module
 
 Vectors = npt.NDArray[np.float32]
 TopicFactory = Callable[..., tuple[list[str], Vectors]]
@@ -278,6 +279,28 @@ def test_search_items_answers_as_the_weighted_sum_of_the_items_vectors(
     query = _weighted_query(flat, [ids[3], ids[4]], [1.0, 0.5])
     assert after is not None and after.ids == flat.search_ids(query, k=5)[0]
     assert before.ids[0] not in after.ids
+
+
+def test_search_items_with_a_full_row_cache_keeps_the_rows_it_needs(
+    topic_vectors_factory: TopicFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Making room for new similarity rows never drops one the same search still needs.
+
+    With the cache full, a visitor whose oldest cached item is among their seeds, beside a new
+    one, used to evict that row first and fail (a KeyError from every ranking that used the
+    content source, on a catalog of some ten thousand items).
+    """
+    monkeypatch.setattr(index_module, "SEED_ROWS_BYTES", 0)  # room for _MIN_SEED_ROWS rows
+    ids, rows = topic_vectors_factory(300)
+    flat = FaissIndex(384, _settings())
+    flat.upsert(ids, rows)
+    room = index_module._MIN_SEED_ROWS
+    for start in range(0, room, 8):  # fill the cache, oldest first: ids[0], ids[1], ...
+        assert flat.search_items(ids[start : start + 8], [1.0] * 8, k=5) is not None
+    seeds = [ids[0], ids[room + 10]]  # the oldest row kept, and a new one
+    match = flat.search_items(seeds, [1.0, 0.5], k=5)
+    query = _weighted_query(flat, seeds, [1.0, 0.5])
+    assert match is not None and match.ids == flat.search_ids(query, k=5)[0]
 
 
 def test_busy_while_another_thread_writes() -> None:
