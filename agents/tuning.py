@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import traceback
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -413,7 +414,7 @@ def tune_in_child(
         conn.send(("done", record))
     except ValueError as exc:
         conn.send(("too little history", str(exc)))
-    except Exception as exc:  # reported to the parent, which logs it
-        conn.send(("error", repr(exc)))
+    except Exception:  # reported to the parent, which logs it, with where it happened
+        conn.send(("error", traceback.format_exc(limit=-8)))
     finally:
         conn.close()
