@@ -170,8 +170,7 @@ class ListCache:
         """
         with self._lock:
             for key in reversed(self._entries):
-                if key not in self.pending and key not in self.urgent:
-                    self.stale[key] = None
+                self._age(key)
 
     def take(self, n: int) -> list[str]:
         """Up to ``n`` queued owners: the urgent ones first, each kind oldest first."""
@@ -213,8 +212,12 @@ class ListCache:
     def queue(self, key: str) -> None:
         """Queue ``key``'s list for a refresh when nothing else waits (it only aged)."""
         with self._lock:
-            if key not in self.pending and key not in self.urgent:
-                self.stale[key] = None
+            self._age(key)
+
+    def _age(self, key: str) -> None:
+        """Queue ``key`` as aged, unless it is queued as changed already; lock held."""
+        if key not in self.pending and key not in self.urgent:
+            self.stale[key] = None
 
     def get(self, key: str) -> Entry | None:
         """The list of ``key`` while its owners are unchanged, else None."""
