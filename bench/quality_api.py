@@ -128,6 +128,28 @@ async def _quality(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
         return out
 
 
+async def _ready(
+    session: aiohttp.ClientSession, url: str, target: int, limit_s: float
+) -> dict[str, Any]:
+    """Wait until the engine trained and tuned on at least ``target`` interactions.
+
+    Returns ``GET /v1/quality`` then.
+    """
+    started = time.perf_counter()
+    while True:
+        quality = await _quality(session, url)
+        model, tuning = quality["model"], quality["tuning"]
+        busy = model["training"] or tuning["running"] or tuning["requested"]
+        runs = tuning["runs"]
+        if not busy and runs and runs[-1]["interactions"] >= target:
+            return quality
+        if time.perf_counter() - started > limit_s:
+            raise RuntimeError(
+                f"not trained and tuned {limit_s:.0f} s after the backfill: {model} {tuning}"
+            )
+        await asyncio.sleep(1.0)
+
+
 async def _wait_applied(engine: Personify, session: aiohttp.ClientSession, n: int) -> None:
     while True:
         metrics = await engine.metrics(session)
@@ -151,20 +173,10 @@ async def run_engine(data: Dataset, split: Any, users: list[int]) -> dict[str, A
                 posted = time.perf_counter()
                 _log(f"  posted {len(events):,} events in {posted - started:.1f} s")
                 await _wait_applied(engine, session, len(events))
-                target = int(len(split.train) * 0.99)
-                while True:  # no command: the engine trains and tunes once the backfill ends
-                    quality = await _quality(session, engine.url)
-                    model, tuning = quality["model"], quality["tuning"]
-                    busy = model["training"] or tuning["running"] or tuning["requested"]
-                    runs = tuning["runs"]
-                    if not busy and runs and runs[-1]["interactions"] >= target:
-                        break  # trained and tuned on the whole backfill
-                    if time.perf_counter() - posted > _READY_TIMEOUT_S:
-                        raise RuntimeError(
-                            f"not trained and tuned {_READY_TIMEOUT_S:.0f} s after the backfill: "
-                            f"{quality['model']} {tuning}"
-                        )
-                    await asyncio.sleep(1.0)
+                # No command: the engine trains and tunes once the backfill ends.
+                quality = await _ready(
+                    session, engine.url, int(len(split.train) * 0.99), _READY_TIMEOUT_S
+                )
                 ready_s = time.perf_counter() - posted
                 _log(f"  trained and tuned {ready_s:.0f} s after the last POST")
                 sums = np.zeros(4)

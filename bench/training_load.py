@@ -49,7 +49,7 @@ import aiohttp
 import numpy as np
 from _datasets import load
 from ingest import Personify
-from quality_api import _events, _items, _post, _quality, _wait_applied
+from quality_api import _events, _items, _post, _quality, _ready, _wait_applied
 
 from personify.agents.evaluation import global_split
 
@@ -58,21 +58,6 @@ APPLIED = "personify_events_applied_total"
 
 def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
-
-
-async def _ready(session: aiohttp.ClientSession, url: str, target: int, limit_s: float) -> None:
-    """Wait until the engine trained and tuned on at least ``target`` interactions."""
-    started = time.perf_counter()
-    while True:
-        quality = await _quality(session, url)
-        model, tuning = quality["model"], quality["tuning"]
-        busy = model["training"] or tuning["running"] or tuning["requested"]
-        runs = tuning["runs"]
-        if not busy and runs and runs[-1]["interactions"] >= target:
-            return
-        if time.perf_counter() - started > limit_s:
-            raise RuntimeError(f"not trained and tuned after {limit_s:.0f} s: {model} {tuning}")
-        await asyncio.sleep(1.0)
 
 
 async def _state(session: aiohttp.ClientSession, url: str) -> tuple[bool, Any, int]:
