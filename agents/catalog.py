@@ -35,7 +35,13 @@ from personify.embeddings import (
 from personify.engine.app import app, current_config, items_publisher, topic
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, CATALOG_ITEMS, ITEMS_ENCODED, ITEMS_REJECTED
+from personify.engine.metrics import (
+    AGENT_LAG,
+    CATALOG_ITEMS,
+    ITEMS_EMBEDDED,
+    ITEMS_ENCODED,
+    ITEMS_REJECTED,
+)
 from personify.engine.models import Item, validate_item
 from personify.engine.publisher import SEQ_HEADER, partition_for
 from personify.engine.retry import until_done
@@ -83,9 +89,24 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
 
     async def encode_items(self, items: list[Item]) -> np.ndarray[Any, Any]:
         """Vectors of the items' texts, cached by content (encoded in a worker thread)."""
+        return await self.encode_texts([catalog_table.item_text(item) for item in items])
+
+    async def index_items(self, items: list[Item]) -> None:
+        """Upsert the vectors of items whose text has words; drop the others from the index."""
+        texts = [catalog_table.item_text(item) for item in items]
+        keep = [i for i, text in enumerate(texts) if catalog_table.has_words(text)]
+        if keep:
+            vectors = await self.encode_texts([texts[i] for i in keep])
+            await self.index.upsert_async([items[i]["item_id"] for i in keep], vectors)
+        if len(keep) < len(items):
+            kept = set(keep)
+            gone = [item["item_id"] for i, item in enumerate(items) if i not in kept]
+            await self.index.remove_async([i for i in gone if i in self.index])
+
+    async def encode_texts(self, texts: list[str]) -> np.ndarray[Any, Any]:
+        """Vectors of texts, cached by content (encoded in a worker thread)."""
         await self.wait_model()
         assert self.encoder is not None
-        texts = [catalog_table.item_text(item) for item in items]
         out = []
         misses = self.encoder.misses
         for i in range(0, len(texts), _ENCODE_CHUNK):
@@ -114,6 +135,7 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             await self._load_view()
         else:
             await self._build_index()
+            ITEMS_EMBEDDED.set(len(self.index))
         self.index_ready.set()
         if self.model is None:
             return
@@ -141,8 +163,13 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             _log.info("catalog empty")
             return
         _log.info("catalog loaded", items=len(items))
-        vectors = await self.encode_items(items)
-        ids = [item["item_id"] for item in items]
+        worded = [item for item in items if catalog_table.has_words(catalog_table.item_text(item))]
+        if len(worded) < len(items):
+            _log.info(
+                "items without words in their text are not embedded", items=len(items) - len(worded)
+            )
+        vectors = await self.encode_items(worded)
+        ids = [item["item_id"] for item in worded]
         info = read_snapshot_info(self.snapshot_dir)
         wanted = content_fingerprint(ids, vectors)
         if info is not None and info.fingerprint == wanted:
@@ -276,13 +303,13 @@ async def _apply_chunk(changes: dict[str, Item | None]) -> None:
     for item_id in deletes:
         view.remove(item_id)
     if upserts and service.model is not None:
-        vectors = await service.encode_items(upserts)
-        await service.index.upsert_async([item["item_id"] for item in upserts], vectors)
+        await service.index_items(upserts)
     if deletes:
         await service.index.remove_async(deletes)
     view.touch()  # lists computed before the vectors were indexed are stale
     service.dirty = True
     CATALOG_ITEMS.set(len(view))
+    ITEMS_EMBEDDED.set(len(service.index))
 
 
 @app.agent(_items_topic, name="catalog")  # type: ignore[untyped-decorator] # Faust is untyped

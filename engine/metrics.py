@@ -12,6 +12,7 @@ __all__ = [
     "EVENTS_DUPLICATE",
     "EVENTS_REJECTED",
     "EVENTS_VETOED",
+    "ITEMS_EMBEDDED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
     "LISTS_COMPUTED",
@@ -83,7 +84,12 @@ ROUTED_END_OFFSET = Gauge(
 )
 CATALOG_ITEMS = Gauge(
     "personify_catalog_items",
-    "Items in this worker's catalog view and vector index.",
+    "Items in this worker's catalog view.",
+    registry=REGISTRY,
+)
+ITEMS_EMBEDDED = Gauge(
+    "personify_items_embedded",
+    "Items with a text vector in this worker's index (items whose text has no words have none).",
     registry=REGISTRY,
 )
 ITEMS_ENCODED = Counter(

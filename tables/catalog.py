@@ -9,6 +9,7 @@ the agent, so serving never reads RocksDB per candidate.
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "catalog",
     "decode_item",
     "encode_item",
+    "has_words",
     "item_text",
     "stored_items",
     "table",
@@ -57,6 +59,22 @@ def item_text(item: Item) -> str:
     if item.get("description"):
         parts.append(item["description"][:DESCRIPTION_CHARS])
     return ". ".join(p.strip() for p in parts if p and p.strip())
+
+
+#: Letters (in any script) an item's text needs before it is embedded.
+MIN_LETTERS = 2
+_LETTER = re.compile(r"[^\W\d_]")
+
+
+def has_words(text: str) -> bool:
+    """Whether a text says anything to the language model: at least two letters.
+
+    An item known only by codes and numbers ("110411", "12429 / 3") gets no text vector: the
+    model would place it next to other items whose digits look alike, which says nothing about
+    the products. Such items take no part in content similarity or text search; every other
+    source still ranks them.
+    """
+    return len(_LETTER.findall(text, 0, 4096)[:MIN_LETTERS]) >= MIN_LETTERS
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,34 @@ def test_catalog_rebuilt_when_the_snapshot_is_missing(engine_factory: Callable[.
     assert again.stop() == 0
 
 
+def test_items_known_only_by_codes_get_no_text_vector(engine_factory: Callable[..., Any]) -> None:
+    """Text without words is not embedded; an item gains or loses its vector as its text does."""
+    eng = engine_factory().start()
+    coded = [
+        {"item_id": "c1", "title": "110411", "category": "110411"},
+        {"item_id": "c2", "title": "110412 / 7", "category": "110412"},
+    ]
+    eng.add_items(ITEMS + coded)
+    eng.wait_for(lambda: eng.metric("personify_items_embedded") == len(ITEMS), what="indexing")
+    assert similar(eng, "c1") == []  # no vector, no history: nothing is similar
+    assert not {"c1", "c2"} & set(similar(eng, "tent"))
+    # The digits alone would place c1 next to c2.
+    eng.request("PUT", "/v1/items/c1", {"title": "Camping lantern", "category": "110411"})
+    eng.wait_for(lambda: eng.metric("personify_items_embedded") == len(ITEMS) + 1)
+    assert "c1" in similar(eng, "tent")
+    eng.request("PUT", "/v1/items/tent", {"title": "4711", "category": "4711"})
+    eng.wait_for(lambda: eng.metric("personify_items_embedded") == len(ITEMS))
+    assert "tent" not in similar(eng, "stove")
+    before = similar(eng, "stove")
+    assert eng.stop() == 0
+    again = engine_factory(eng.data_dir, env={"PERSONIFY_LOGGING__LEVEL": "info"}).start()
+    after = again.wait_for(lambda: similar(again, "stove"), what="the index after restart")
+    assert after == before
+    assert again.metric("personify_items_embedded") == len(ITEMS)
+    assert "index snapshot loaded" in again.tail(20000)
+    assert again.stop() == 0
+
+
 def test_import_command_loads_a_csv_into_the_engine(
     engine_factory: Callable[..., Any], tmp_path: Path
 ) -> None:
