@@ -23,13 +23,14 @@ import copy
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from personify.agents.ranker import Matrix, Scorer
 from personify.agents.recommend import SEEDED, Recommender, Request
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings, CollabModel, train_als
@@ -629,6 +630,7 @@ class EngineMethod:
         index: the item text vectors, when there are any (the content and chat sources).
         category_of: each item's category, when known.
         name: the label in reports.
+        ranker: the learned ranker that re-orders the blend's best candidates, if any.
     """
 
     def __init__(
@@ -637,11 +639,13 @@ class EngineMethod:
         index: VectorIndex | None = None,
         category_of: Mapping[str, str | None] | None = None,
         name: str = "engine",
+        ranker: Scorer | None = None,
     ) -> None:
         self.config = config
         self.index = index
         self.category_of = dict(category_of or {})
         self.name = name
+        self.ranker = ranker
 
     def fit(self, train: History) -> None:
         """See `Method.fit`."""
@@ -668,18 +672,26 @@ class EngineMethod:
             interaction_weights=cfg.profiles.engagement_weights,
             repeat=repeat_stats(train.user, train.item, train.kind, train.ts_ms),
             memo={},  # the fold is frozen: settings tried on it share what they do not change
+            ranker=self.ranker,
         )
         self._fold(train)
         self._number = {item: i for i, item in enumerate(train.items)}
 
-    def retuned(self, recommend: RecommendConfig, name: str | None = None) -> EngineMethod:
+    def retuned(
+        self,
+        recommend: RecommendConfig,
+        name: str | None = None,
+        ranker: Scorer | None = None,
+    ) -> EngineMethod:
         """This fitted engine ranking with other [recommend] settings (the fold is shared).
 
         Only settings that act when a list is ranked take effect (blend weights, seeds);
         those that shape the fold (windows, half-lives of the signals) keep their fitted values.
+        With a ``ranker``, it re-orders the blend's best candidates.
         """
         other = copy.copy(self)
         other.name = name or self.name
+        other.ranker = ranker
         rec = self.recommender
         memo = rec.memo
         if memo is not None and recommend.seed_half_life != rec.cfg.seed_half_life:
@@ -696,8 +708,24 @@ class EngineMethod:
             interaction_weights=rec.interaction_weights,
             repeat=rec.repeat,
             memo=rec.memo,
+            ranker=ranker,
         )
         return other
+
+    def candidates(
+        self, user: int, now_ms: int, relevant: Collection[int] = ()
+    ) -> tuple[Matrix, npt.NDArray[np.float32]]:
+        """The blend's best candidates' ranker features, and which are in ``relevant`` (1/0)."""
+        names, matrix = self.recommender.candidates(
+            self.train.users[user] if user < len(self.train.users) else None, Request(), now_ms
+        )
+        number = self._number
+        labels = np.fromiter(
+            (1.0 if number.get(name, -1) in relevant else 0.0 for name in names),
+            dtype=np.float32,
+            count=len(names),
+        )
+        return matrix, labels
 
     def _fold(self, train: History) -> None:
         cfg = self.config

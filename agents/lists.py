@@ -35,6 +35,7 @@ import orjson
 from personify.agents.catalog import embeddings
 from personify.agents.model import (
     current_model,
+    current_ranker,
     current_recommend,
     current_repeat,
     on_swap,
@@ -284,6 +285,7 @@ def recommender() -> Recommender:
         current_model(),
         cfg.profiles.engagement_weights,
         current_repeat(),
+        ranker=current_ranker(),
     )
 
 

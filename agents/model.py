@@ -52,6 +52,7 @@ import orjson
 
 from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History, train_model
+from personify.agents.ranker import Ranker
 from personify.agents.tuning import (
     CHILD_NICE,
     GROWING,
@@ -78,6 +79,7 @@ from personify.tables.catalog import catalog
 __all__ = [
     "Trainer",
     "current_model",
+    "current_ranker",
     "current_recommend",
     "current_repeat",
     "note_interactions",
@@ -154,6 +156,7 @@ async def _tune_elsewhere(
     vectors: tuple[list[str], npt.NDArray[np.float32]] | None,
     category_of: dict[str, str | None],
     progress: Callable[[int, int, float], None],
+    ranker: str | None = None,
 ) -> dict[str, Any]:
     """`tuning.tune_and_score` in a child process, which is killed if this is cancelled.
 
@@ -166,7 +169,7 @@ async def _tune_elsewhere(
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(
         target=tune_in_child,
-        args=(send, rows, cfg, setting, vectors, category_of),
+        args=(send, rows, cfg, setting, vectors, category_of, ranker),
         name="personify-tuning",
         daemon=True,
     )
@@ -218,6 +221,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         #: runs now.
         self.setting: dict[str, float] = {}
         self.recommend: RecommendConfig = current_config().recommend
+        #: The learned ranker in use (None: the blend's order).
+        self.ranker: Ranker | None = None
         self.tunings: list[dict[str, Any]] = []
         self.tuning = False
         #: Trials done and to do in the tuning run in progress.
@@ -262,14 +267,21 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         saved = await asyncio.to_thread(_load_tuning, self.directory)
         if saved is not None:
             self.tunings = saved["runs"]
-            self._apply(saved["setting"])
+            ranker = None
+            if saved.get("ranker") and current_config().tune.ranker:
+                try:
+                    ranker = Ranker.from_text(saved["ranker"])
+                except Exception:
+                    _log.exception("saved ranker unreadable; the blend ranks until the next tuning")
+            self._apply(saved["setting"], ranker)
 
-    def _apply(self, setting: dict[str, float]) -> None:
-        """Rank with ``setting`` from now on (pinned names keep their configured values)."""
+    def _apply(self, setting: dict[str, float], ranker: Ranker | None) -> None:
+        """Rank with ``setting`` and ``ranker`` from now on (pinned names keep their values)."""
         cfg = current_config()
         mine = {k: v for k, v in setting.items() if k not in cfg.tune.pinned}
         self.setting = mine
         self.recommend = apply_setting(cfg.recommend, mine)
+        self.ranker = ranker
         if self.model is not None:
             for listener in _listeners:
                 listener(self.model)
@@ -304,7 +316,13 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
 
         try:
             run = await _tune_elsewhere(
-                rows, cfg, dict(self.setting), vectors, category_of, progress
+                rows,
+                cfg,
+                dict(self.setting),
+                vectors,
+                category_of,
+                progress,
+                None if self.ranker is None else self.ranker.to_text(),
             )
         except ValueError as exc:  # too little history to validate on
             _log.warning("no tuning yet", reason=str(exc), interactions=len(rows))
@@ -314,16 +332,32 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             return None
         finally:
             self.tuning = False
+        learned = run.pop("ranker_model", None)
         self.tunings = [*self.tunings, run][-_TUNINGS_KEPT:]
-        if run["improved"]:
-            self._apply(run["setting"])
+        choice = (run.get("ranker") or {}).get("choice", "blend")
+        ranker = (
+            Ranker.from_text(learned)
+            if learned is not None
+            else self.ranker
+            if choice == "current"
+            else None
+        )
+        if run["improved"] or ranker is not self.ranker:
+            self._apply(run["setting"], ranker)
         for protocol, methods in run["holdout"].items():
             for method, metrics in methods.items():
                 QUALITY_NDCG.labels(protocol, method).set(metrics["ndcg10"])
-        await asyncio.to_thread(_save_tuning, self.setting, self.tunings, self.directory)
+        await asyncio.to_thread(
+            _save_tuning,
+            self.setting,
+            self.tunings,
+            self.directory,
+            None if self.ranker is None else self.ranker.to_text(),
+        )
         _log.info(
             "tuned",
             applied=run["improved"],
+            ranker=choice,
             validation=run["validation"],
             setting=run["setting"],
             seconds=run["seconds"],
@@ -469,6 +503,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             "requested": self.forced,
             "tuned_at": None if last is None else last["tuned_at"],
             "setting": setting_of(self.recommend),
+            "ranker": None
+            if self.ranker is None
+            else {"trees": self.ranker.trees, "importance": self.ranker.importance()},
             "pinned": list(current_config().tune.pinned),
             "applied_at": None if applied is None else applied["tuned_at"],
             "validation": {} if last is None else last["validation"],
@@ -526,6 +563,11 @@ def request_run() -> bool:
     return trainer().request_run()
 
 
+def current_ranker() -> Ranker | None:
+    """The learned ranker in use, or None (the blend's order)."""
+    return trainer().ranker
+
+
 def current_repeat() -> history.RepeatStats | None:
     """How the shop's visitors re-buy, as of the model in use (None: not known yet)."""
     return trainer().repeat
@@ -549,8 +591,10 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _save_tuning(setting: dict[str, float], runs: list[dict[str, Any]], directory: Path) -> None:
-    _write_json(directory / _TUNING_FILE, {"setting": setting, "runs": runs})
+def _save_tuning(
+    setting: dict[str, float], runs: list[dict[str, Any]], directory: Path, ranker: str | None
+) -> None:
+    _write_json(directory / _TUNING_FILE, {"setting": setting, "runs": runs, "ranker": ranker})
 
 
 def _load_tuning(directory: Path) -> dict[str, Any] | None:

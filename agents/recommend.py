@@ -34,6 +34,8 @@ for the items that make the list.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from personify.agents.ranker import DEPTH, Matrix, Recorder, Scorer, candidate_features
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import CollabModel
 from personify.engine.config import DEFAULT_WEIGHTS, RecommendConfig
@@ -166,6 +169,8 @@ def blend(
     strength: Mapping[str, float] | None = None,
     *,
     explain: bool = True,
+    ranker: Scorer | None = None,
+    history: int = 0,
 ) -> list[Recommendation]:
     """Blend per-source candidates into the top ``k``.
 
@@ -175,6 +180,10 @@ def blend(
     little to an item's score does not explain it). At most ``max_per_category`` items of one
     category are kept (0: no limit). Equal scores go in item id order. Without ``explain`` the
     items come without reasons (an offline evaluation needs only the order).
+
+    With a ``ranker`` (`personify.agents.ranker`), the best `DEPTH` allowed candidates by
+    blend score are re-ordered by the ranker's score, which is then each item's score;
+    ``history`` is the visitor's interactions on record (one of its features).
     """
     pools = _pools(sources)
     used: list[tuple[str, Pool, float]] = []
@@ -194,9 +203,20 @@ def blend(
     numbers, where, totals = _sum_by_item(every, [pool.scores * scale for _n, pool, scale in used])
     number_of = numbers.tolist()
     total_of = totals.tolist()
+    order: Iterator[int] = _best_first(totals, total_of, lambda j: names[number_of[j]])
+    score_of: Callable[[int], float] = total_of.__getitem__
+    if ranker is not None:
+
+        def features(at: Numbers, scores: Scores) -> Matrix:
+            return candidate_features(pools, strength or {}, at, scores, history)
+
+        ranked, score_of = _reranked(
+            order, names, number_of, allowed, ranker, features, numbers, totals, max(DEPTH, k)
+        )
+        order = itertools.chain(ranked, order)
     chosen: list[int] = []  # positions in `numbers`
     per_category: dict[str | None, int] = {}
-    for j in _best_first(totals, total_of, lambda j: names[number_of[j]]):
+    for j in order:
         item = names[number_of[j]]
         if not allowed(item):
             continue
@@ -210,7 +230,7 @@ def blend(
         if len(chosen) >= k:
             break
     if not explain:
-        return [Recommendation(names[number_of[j]], total_of[j], []) for j in chosen]
+        return [Recommendation(names[number_of[j]], score_of(j), []) for j in chosen]
     # Each chosen item's part from each source: the candidates of the chosen, in source order.
     slot = np.full(len(number_of), -1, dtype=np.int64)
     slot[chosen] = np.arange(len(chosen))
@@ -233,8 +253,35 @@ def blend(
             reason = pools[name].reason(item)
             if reason not in reasons:
                 reasons.append(reason)
-        out.append(Recommendation(item, score, reasons))
+        out.append(Recommendation(item, score_of(j), reasons))
     return out
+
+
+def _reranked(
+    order: Iterator[int],
+    names: list[str],
+    number_of: list[int],
+    allowed: Callable[[str], bool],
+    ranker: Scorer,
+    features: Callable[[Numbers, Scores], Matrix],
+    numbers: Numbers,
+    totals: Scores,
+    depth: int,
+) -> tuple[list[int], Callable[[int], float]]:
+    """The first ``depth`` allowed positions of ``order``, best by ``ranker`` first.
+
+    Also each position's score: the ranker's for those; below the lowest of them for the rest
+    (which follow in blend order).
+    """
+    top = list(itertools.islice((j for j in order if allowed(names[number_of[j]])), depth))
+    if not top:
+        return [], lambda j: 0.0
+    at = np.asarray(top, dtype=np.int64)
+    predicted = ranker.predict(features(numbers[at], totals[at]))
+    ranked = np.argsort(-predicted, kind="stable").tolist()
+    scores = dict(zip(top, predicted.tolist(), strict=True))
+    below = float(predicted.min()) - 1.0
+    return [top[i] for i in ranked], lambda j: scores.get(j, below)
 
 
 def _best_first(
@@ -299,6 +346,8 @@ class Recommender:
         memo: where to keep each source's candidates per visitor and time (those of `SEEDED`
             sources per seed setting), for an offline evaluation that ranks the same frozen
             data under many blend settings; None, the default, keeps nothing.
+        ranker: the learned ranker (`personify.agents.ranker`) that re-orders the blend's
+            best candidates, or None: the blend's order.
     """
 
     def __init__(
@@ -313,8 +362,10 @@ class Recommender:
         interaction_weights: Mapping[str, float] = DEFAULT_WEIGHTS,
         repeat: RepeatStats | None = None,
         memo: dict[Any, tuple[Pool, float | None]] | None = None,
+        ranker: Scorer | None = None,
     ) -> None:
         self.memo = memo
+        self.ranker = ranker
         self.cfg = cfg
         #: What the `SEEDED` sources' candidates depend on besides the visitor.
         self._seeding = (cfg.seed_half_life, cfg.seeds, cfg.covisit_alpha)
@@ -625,10 +676,12 @@ class Recommender:
         profile: profiles.Profile | None = None,
         *,
         explain: bool = True,
+        ranker: Scorer | None = None,
     ) -> tuple[str, list[Recommendation]]:
         """(recommendation id, the visitor's top items); a new visitor gets trending items.
 
-        Without ``explain`` the items come without reasons (`blend`).
+        Without ``explain`` the items come without reasons (`blend`). ``ranker`` stands in
+        for the recommender's own.
         """
         if profile is None and user_id is not None:
             profile = self.data.profile(user_id)
@@ -656,10 +709,22 @@ class Recommender:
             request.max_per_category,
             strength,
             explain=explain,
+            ranker=self.ranker if ranker is None else ranker,
+            history=sum((profile or {}).get("counts", {}).values()),
         )
         if len(items) < request.k:
             items += self._fill(request, exclude, items)
         return new_id(), items
+
+    def candidates(
+        self, user_id: str | None, request: Request, now_ms: int
+    ) -> tuple[list[str], Matrix]:
+        """The blend's best `DEPTH` candidates for the visitor, and their ranker features."""
+        recorder = Recorder()
+        _rid, items = self.recommend(
+            user_id, dataclasses.replace(request, k=DEPTH), now_ms, explain=False, ranker=recorder
+        )
+        return [r.item_id for r in items[: len(recorder.matrix)]], recorder.matrix
 
     def similar(self, item_id: str, request: Request, now_ms: int) -> list[Recommendation]:
         """Items like ``item_id``: seen together with it, and close to it in content."""

@@ -40,6 +40,7 @@ from personify.agents.evaluation import (
     global_split,
     last_split,
 )
+from personify.agents.ranker import Ranker, Scorer, fit_ranker
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import TUNABLE, Config, RecommendConfig
@@ -53,6 +54,7 @@ __all__ = [
     "Tuned",
     "apply_setting",
     "holdout",
+    "learn_ranker",
     "setting_of",
     "settled",
     "tune",
@@ -153,10 +155,15 @@ class Tuned:
     trials: int
     seconds: float
     users: dict[str, int] = field(default_factory=dict)
+    #: The learned ranker, where it beat the tuned blend on validation (else None).
+    ranker: Ranker | None = None
+    #: How the ranker did on validation (`learn_ranker`); None where none was learned.
+    ranker_report: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        """As JSON."""
+        """As JSON (the ranker's report, not the ranker)."""
         return {
+            "ranker": self.ranker_report,
             "setting": {k: round(v, 4) for k, v in self.setting.items()},
             "current": {k: round(v, 4) for k, v in self.current.items()},
             "validation": {
@@ -188,8 +195,13 @@ def tune(
     category_of: Mapping[str, str | None] | None = None,
     seed: int = 0,
     progress: Callable[[int, int, float], None] | None = None,
+    ranker: bool = False,
+    current_ranker: Ranker | None = None,
 ) -> Tuned:
     """Search `SPACE` (less ``pinned``) for the setting with the best validation NDCG@10.
+
+    With ``ranker``, a ranker is then learned for the chosen setting (`learn_ranker`) and
+    kept where it beats that setting's blend.
 
     Args:
         history: what to learn and validate on (never the hold-out a caller reports).
@@ -201,6 +213,8 @@ def tune(
         category_of: each item's category.
         seed: the sampler's and the visitor sample's seed.
         progress: called with (trials done, trials, best mean NDCG@10 so far).
+        ranker: also learn a ranker for the chosen setting (`learn_ranker`).
+        current_ranker: the ranker in use, which a learned one must beat.
 
     Raises:
         ValueError: a pinned name is not in `SPACE`, or the history is too small to validate.
@@ -259,15 +273,115 @@ def tune(
     improved = best_scores["mean"] > baseline["mean"] and not math.isclose(
         best_scores["mean"], baseline["mean"], rel_tol=1e-9
     )
+    chosen = best_setting if improved else dict(current)
+    learned, report = None, None
+    if ranker:
+        learned, report = learn_ranker(
+            {
+                name: (split, engine.retuned(apply_setting(config.recommend, chosen)), users)
+                for name, (split, engine, users) in splits.items()
+            },
+            best_scores if improved else baseline,
+            seed=seed,
+            incumbent=current_ranker,
+        )
     return Tuned(
-        setting=best_setting if improved else dict(current),
+        setting=chosen,
         current=current,
         validation={"best": best_scores if improved else baseline, "current": baseline},
         improved=improved,
         trials=trials,
         seconds=time.perf_counter() - started,
         users={name: len(users) for name, (_s, _e, users) in splits.items()},
+        ranker=learned,
+        ranker_report=report,
     )
+
+
+#: Of a ranker's training visitors, every this-many-th is kept aside to stop its training.
+_EARLY_EVERY = 5
+
+
+def learn_ranker(
+    splits: Mapping[str, tuple[Split, EngineMethod, list[int]]],
+    blend: Mapping[str, float],
+    *,
+    seed: int = 0,
+    incumbent: Ranker | None = None,
+) -> tuple[Ranker | None, dict[str, Any]]:
+    """The ranker to use with the engines' setting: a new one, the ``incumbent`` or none.
+
+    Each validation split (protocol -> split, engine fitted on its training part, visitors
+    scored) gives, per visitor, the blend's best candidates (`personify.agents.ranker.DEPTH`)
+    with their features, labelled by the visitor's held-out items. The visitors are dealt
+    into two folds: a ranker trained on one fold ranks the other, so every visitor is scored
+    by a ranker that never saw them (cross-fitting). Of the blend alone (``blend``: NDCG@10
+    per protocol and their ``"mean"``, on the same visitors), the blend re-ordered by the
+    ``incumbent`` (the ranker in use, if any) and by the new ranker, the best mean wins; a new
+    ranker that wins is trained again on every visitor. Returns (the ranker to use or None,
+    the report: validation per protocol, which won as ``"choice"`` (``"learned"``,
+    ``"current"`` or ``"blend"``), and the new ranker's trees and feature importance).
+    """
+    started = time.perf_counter()
+    groups: list[tuple[int, str, int, Any, Any]] = []  # (fold, protocol, visitor, X, y)
+    order = [(name, user) for name, (_s, _e, users) in splits.items() for user in users]
+    random.Random(seed).shuffle(order)
+    for n, (name, user) in enumerate(order):
+        split, engine, _users = splits[name]
+        matrix, labels = engine.candidates(user, split.now_ms[user], split.targets[user])
+        groups.append((n % 2, name, user, matrix, labels))
+
+    def fit(part: list[tuple[int, str, int, Any, Any]]) -> Ranker | None:
+        early = [(x, y) for n, (_f, _p, _u, x, y) in enumerate(part) if n % _EARLY_EVERY == 0]
+        main = [(x, y) for n, (_f, _p, _u, x, y) in enumerate(part) if n % _EARLY_EVERY != 0]
+        return fit_ranker(main, early=early, seed=seed)
+
+    sums = {name: 0.0 for name in splits}
+    counts = {name: 0 for name in splits}
+    for fold in (0, 1):
+        model = fit([g for g in groups if g[0] != fold])
+        for name, (split, engine, _users) in splits.items():
+            users = [u for f, p, u, _x, _y in groups if f == fold and p == name]
+            if not users:
+                continue
+            method: Method = (
+                engine if model is None else engine.retuned(engine.recommender.cfg, ranker=model)
+            )
+            [result] = evaluate(split, [method], users=users, fit=False)
+            sums[name] += result.metrics.ndcg10 * len(users)
+            counts[name] += len(users)
+    scores = {name: sums[name] / max(counts[name], 1) for name in splits}
+    scores["mean"] = sum(scores.values()) / max(len(splits), 1)
+    table: dict[str, Mapping[str, float]] = {"blend": blend, "learned": scores}
+    if incumbent is not None:
+        kept: dict[str, float] = {}
+        for name, (split, engine, users) in splits.items():
+            method = engine.retuned(engine.recommender.cfg, ranker=incumbent)
+            [result] = evaluate(split, [method], users=users, fit=False)
+            kept[name] = result.metrics.ndcg10
+        kept["mean"] = sum(kept.values()) / max(len(splits), 1)
+        table["current"] = kept
+    choice = "blend"  # the first of equals, in this order, wins
+    for name in ("current", "learned"):
+        if name in table and _beats(table[name]["mean"], table[choice]["mean"]):
+            choice = name
+    final = fit(groups) if choice == "learned" else None
+    report: dict[str, Any] = {
+        "choice": choice,
+        "validation": {
+            protocol: {name: round(t.get(protocol, 0.0), 5) for name, t in table.items()}
+            for protocol in scores
+        },
+        "visitors": len(groups),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    if final is not None:
+        report |= {"trees": final.trees, "importance": final.importance()}
+    return (final if choice == "learned" else incumbent if choice == "current" else None), report
+
+
+def _beats(score: float, other: float) -> bool:
+    return score > other and not math.isclose(score, other, rel_tol=1e-9)
 
 
 def holdout(
@@ -281,14 +395,17 @@ def holdout(
     baselines: bool = True,
     sources_of: str | None = None,
     seed: int = 0,
+    rankers: Mapping[str, Scorer] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score named settings of the engine, and baselines, on the end of ``history``.
 
     Each protocol of `PROTOCOLS` cuts ``history``; every method learns from what is before the
     cut and is scored on what is after it. With ``sources_of`` (a label of ``settings``), each
     candidate source of that setting is also scored alone (``"source X"``; chat has no history
-    to learn from and is left out). Returns protocol -> method -> metrics (as JSON).
+    to learn from and is left out). ``rankers``: the ranker of a setting that has one (by its
+    label). Returns protocol -> method -> metrics (as JSON).
     """
+    rankers = rankers or {}
     out: dict[str, dict[str, Any]] = {}
     for name, cut in PROTOCOLS.items():
         split = cut(history)
@@ -298,7 +415,9 @@ def holdout(
         engine = EngineMethod(config, index=index, category_of=category_of)
         engine.fit(split.train)
         engines: list[Method] = [
-            engine.retuned(apply_setting(config.recommend, setting), name=label)
+            engine.retuned(
+                apply_setting(config.recommend, setting), name=label, ranker=rankers.get(label)
+            )
             for label, setting in settings.items()
         ]
         if sources_of is not None:
@@ -336,6 +455,7 @@ def tune_and_score(
     index: VectorIndex | None,
     category_of: Mapping[str, str | None],
     progress: Callable[[int, int, float], None] | None = None,
+    ranker: Ranker | None = None,
 ) -> dict[str, Any]:
     """One self-tuning run of the engine, as the run's record.
 
@@ -343,7 +463,8 @@ def tune_and_score(
     setting (with baselines).
 
     ``cfg`` is the engine's configuration ([tune] says how); ``setting`` the tuned values in
-    use (trial 0).
+    use (trial 0), and ``ranker`` the ranker in use. Where a ranker was learned and won, the
+    record's ``"ranker_model"`` is it as text (`Ranker.to_text`).
     """
     started = time.time()
     current = dataclasses.replace(cfg, recommend=apply_setting(cfg.recommend, setting))
@@ -360,7 +481,14 @@ def tune_and_score(
         index=index,
         category_of=category_of,
         progress=progress,
+        ranker=t.ranker,
+        current_ranker=ranker,
     )
+    rankers: dict[str, Scorer] = {}
+    if ranker is not None:
+        rankers["current"] = ranker
+    if tuned.ranker is not None:
+        rankers["tuned"] = tuned.ranker
     evaluation = holdout(
         rows,
         current,
@@ -369,6 +497,7 @@ def tune_and_score(
         sources_of="tuned",
         index=index,
         category_of=category_of,
+        rankers=rankers,
     )
     return {
         "tuned_at": format_ts(int(started * 1000)),
@@ -376,6 +505,11 @@ def tune_and_score(
         **tuned.as_json(),
         "holdout": evaluation,
         "seconds": round(time.time() - started, 2),
+        **(
+            {"ranker_model": tuned.ranker.to_text()}
+            if tuned.ranker is not None and tuned.ranker is not ranker
+            else {}
+        ),
     }
 
 
@@ -386,12 +520,14 @@ def tune_in_child(
     setting: Mapping[str, float],
     vectors: tuple[list[str], npt.NDArray[np.float32]] | None,
     category_of: Mapping[str, str | None],
+    ranker: str | None = None,
 ) -> None:
     """`tune_and_score` in a child process: messages on ``conn`` (a pipe's sending end).
 
     ``("progress", done, trials, best)`` as trials finish, then one of ``("done", record)``,
     ``("too little history", reason)`` or ``("error", reason)``. The item text vectors come
-    as ``(ids, matrix)`` and are indexed here. Runs at a lower priority on one thread.
+    as ``(ids, matrix)`` and are indexed here; ``ranker`` is the ranker in use, as text.
+    Runs at a lower priority on one thread.
     """
     from threadpoolctl import threadpool_limits
 
@@ -410,7 +546,10 @@ def tune_in_child(
             def progress(done: int, trials: int, best: float) -> None:
                 conn.send(("progress", done, trials, best))
 
-            record = tune_and_score(rows, cfg, setting, index, category_of, progress)
+            current = None if ranker is None else Ranker.from_text(ranker)
+            record = tune_and_score(
+                rows, cfg, setting, index, category_of, progress, ranker=current
+            )
         conn.send(("done", record))
     except ValueError as exc:
         conn.send(("too little history", str(exc)))

@@ -250,9 +250,20 @@ _QUALITY = {
                     "type": "object",
                     "description": "The [recommend] setting in use (tuned names and values).",
                 },
+                "ranker": {
+                    "type": ["object", "null"],
+                    "description": "The learned ranker in use (trees, each feature's share "
+                    "of its gain), or null: lists come in the blend's order.",
+                },
                 "pinned": {"type": "array", "items": {"type": "string"}},
                 "validation": {"type": "object"},
-                "runs": {"type": "array", "items": {"type": "object"}},
+                "runs": {
+                    "type": "array",
+                    "items": {"type": "object"},
+                    "description": "Each run: the setting, validation, whether it was "
+                    "applied, and the ranker's validation against the blend (choice: learned, "
+                    "current or blend).",
+                },
             },
         },
         "evaluation": {

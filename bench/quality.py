@@ -174,10 +174,13 @@ def run_protocol(
             if n % 10 == 0 or n == total
             else None
         ),
+        ranker=Config().tune.ranker,
     )
     config = Config().replace(recommend={})
     config = dataclasses.replace(config, recommend=apply_setting(config.recommend, tuned.setting))
-    engine = EngineMethod(config, index=index, category_of=data.category, name="engine")
+    engine = EngineMethod(
+        config, index=index, category_of=data.category, name="engine", ranker=tuned.ranker
+    )
     [mine] = evaluate(split, [engine], progress=_progress)
     mine.extra = {"family": "engine", "tuning": tuned.as_json()}
     results.append(mine)

@@ -325,6 +325,10 @@ class TuneConfig:
     #: Settings the tuner never changes (names as listed in the README, e.g. "weights.chat"
     #: or "seed_half_life"): they keep their configured values.
     pinned: tuple[str, ...] = ()
+    #: Also learn a ranker (LambdaMART over each candidate's source scores and the visitor's
+    #: history) that re-orders the blend's best candidates; used only where it beats the
+    #: tuned blend on validation visitors it was not trained on.
+    ranker: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,10 @@ def test_a_model_is_trained_used_restored_and_never_brings_back_a_deleted_item(
     assert set(tuning["validation"]) == {"best", "current"}
     expected = run["setting"] if run["improved"] else run["current"]
     assert tuning["setting"] == pytest.approx(expected, rel=1e-3)
+    # A ranker was learned and judged against the blend on validation; in use where it won.
+    assert run["ranker"]["choice"] in {"learned", "blend"}
+    assert set(run["ranker"]["validation"]["mean"]) == {"learned", "blend"}
+    assert (tuning["ranker"] is not None) == (run["ranker"]["choice"] == "learned")
     # Eight views each: too few to hold out ten ("last"); the global cut scores them.
     assert set(quality["evaluation"]) == {"at", "interactions", "global"}
     methods = quality["evaluation"]["global"]
@@ -135,6 +139,7 @@ def test_a_model_is_trained_used_restored_and_never_brings_back_a_deleted_item(
     assert after["description"] == model["description"]
     assert _quality(eng)["tuning"]["runs"] == quality["tuning"]["runs"]
     assert _quality(eng)["tuning"]["setting"] == quality["tuning"]["setting"]
+    assert _quality(eng)["tuning"]["ranker"] == quality["tuning"]["ranker"]
     restored = _list(eng, "fan-a")
     assert any(why["kind"] == "taste" for r in restored for why in r["reasons"])
 

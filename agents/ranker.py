@@ -1,0 +1,259 @@
+"""The learned ranker: LambdaMART (LightGBM's ``lambdarank``) over each candidate's features.
+
+The blend (`personify.agents.recommend.blend`) adds the sources' scores with one set of
+weights for every visitor. The ranker re-orders the blend's best candidates (`DEPTH` of them)
+by a model learned on the shop's own history, so that how much "buy again", "bought together",
+"your taste" and the trends count depends on the candidate and the visitor: a product bought
+ten times, a visitor with a long history, an item several sources agree on.
+
+Each candidate is described by `FEATURES` (`candidate_features`): every source's score of it,
+scaled so the source's best candidate for this visitor scores 1 (0 where the source does not
+propose it); how many times the visitor bought it and how many visitors interacted with it
+(log scale); its blend score; how many sources propose it; and the visitor's history length.
+
+The tuner (`personify.agents.tuning`) trains a ranker on its validation splits and keeps it only
+where it beats the tuned blend on visitors it was not trained on (`RankerReport`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from personify.agents.recommend import Pool
+
+__all__ = [
+    "DEPTH",
+    "FEATURES",
+    "SOURCE_ORDER",
+    "Ranker",
+    "Recorder",
+    "Scorer",
+    "candidate_features",
+    "fit_ranker",
+]
+
+#: Candidates of the blend re-ordered by the ranker (the best this many by blend score).
+DEPTH = 100
+#: The sources, in the order of their features.
+SOURCE_ORDER = (
+    "covisit",
+    "copurchase",
+    "content",
+    "chat",
+    "category",
+    "trending",
+    "collab",
+    "popular",
+    "repeat",
+)
+#: What the ranker sees of each candidate.
+FEATURES = (
+    *SOURCE_ORDER,
+    "repeat_raw",
+    "popular_raw",
+    "blend",
+    "sources",
+    "history",
+)
+Matrix = npt.NDArray[np.float32]
+Numbers = npt.NDArray[np.int64]
+_SCALED = {name: i for i, name in enumerate(SOURCE_ORDER)}
+_REPEAT_RAW = FEATURES.index("repeat_raw")
+_POPULAR_RAW = FEATURES.index("popular_raw")
+_BLEND = FEATURES.index("blend")
+_SOURCES = FEATURES.index("sources")
+_HISTORY = FEATURES.index("history")
+
+
+def _positions(numbers: Numbers, query: Numbers) -> npt.NDArray[np.intp]:
+    """Where each of ``query`` is in ``numbers`` (distinct), or -1."""
+    if not len(numbers) or not len(query):
+        return np.full(len(query), -1, dtype=np.intp)
+    order = np.argsort(numbers, kind="stable")
+    ranked = numbers[order]
+    at = np.minimum(np.searchsorted(ranked, query), len(ranked) - 1)
+    return np.where(ranked[at] == query, order[at], -1)
+
+
+def candidate_features(
+    pools: Mapping[str, Pool],
+    strength: Mapping[str, float],
+    numbers: Numbers,
+    totals: npt.NDArray[np.float64],
+    history: int,
+) -> Matrix:
+    """`FEATURES` of the candidates ``numbers`` (item numbers, with their blend ``totals``).
+
+    ``pools``: each source's candidates; ``strength``: a source's strength where it has one
+    (chat fading, re-buying in the shop); ``history``: the visitor's interactions on record.
+    """
+    out = np.zeros((len(numbers), len(FEATURES)), dtype=np.float32)
+    for name, pool in pools.items():
+        column = _SCALED.get(name)
+        if column is None or not len(pool):
+            continue
+        top = float(pool.scores.max())
+        if not top > 0:
+            continue
+        at = _positions(numbers, pool.numbers)
+        hit = at >= 0
+        if not hit.any():
+            continue
+        rows = at[hit]
+        scores = pool.scores[hit]
+        out[rows, column] = scores / top * strength.get(name, 1.0)
+        out[rows, _SOURCES] += 1
+        if name == "repeat":
+            out[rows, _REPEAT_RAW] = np.log1p(np.maximum(scores, 0.0))
+        elif name == "popular":
+            out[rows, _POPULAR_RAW] = np.log1p(np.maximum(scores, 0.0))
+    best = float(totals.max()) if len(totals) else 0.0
+    if best > 0:
+        out[:, _BLEND] = totals / best
+    out[:, _HISTORY] = math.log1p(history)
+    return out
+
+
+class Scorer(Protocol):
+    """What `personify.agents.recommend.blend` re-orders candidates with."""
+
+    def predict(self, matrix: Matrix) -> npt.NDArray[np.float64]:
+        """Each candidate's score (higher first)."""
+        ...
+
+
+class Recorder:
+    """A scorer that keeps the blend's order and records the candidates' features.
+
+    What a ranker is trained on: ``matrix`` after one list is ranked with it.
+    """
+
+    def __init__(self) -> None:
+        self.matrix: Matrix = np.empty((0, len(FEATURES)), dtype=np.float32)
+
+    def predict(self, matrix: Matrix) -> npt.NDArray[np.float64]:
+        """The blend's order (the candidates come best first)."""
+        self.matrix = matrix
+        return -np.arange(len(matrix), dtype=np.float64)
+
+
+@dataclass
+class Ranker:
+    """A trained LambdaMART model over `FEATURES`."""
+
+    booster: Any  # lightgbm.Booster (untyped)
+    features: tuple[str, ...] = FEATURES
+
+    def predict(self, matrix: Matrix) -> npt.NDArray[np.float64]:
+        """Each candidate's score (higher first)."""
+        if not len(matrix):
+            return np.empty(0, dtype=np.float64)
+        return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
+
+    @property
+    def trees(self) -> int:
+        """Boosting rounds in the model."""
+        return int(self.booster.num_trees())
+
+    def importance(self) -> dict[str, float]:
+        """Each feature's share of the model's total gain."""
+        gain = np.asarray(self.booster.feature_importance("gain"), dtype=np.float64)
+        total = float(gain.sum()) or 1.0
+        return {
+            name: round(float(g) / total, 4) for name, g in zip(self.features, gain, strict=True)
+        }
+
+    def to_text(self) -> str:
+        """The model as text (`from_text` reads it back)."""
+        return str(self.booster.model_to_string())
+
+    @classmethod
+    def from_text(cls, text: str) -> Ranker:
+        """A ranker saved with `to_text`."""
+        import lightgbm
+
+        booster = lightgbm.Booster(model_str=text)
+        names = tuple(booster.feature_name())
+        if names != FEATURES:
+            raise ValueError(f"the ranker's features {names} are not this version's {FEATURES}")
+        return cls(booster)
+
+
+#: LambdaMART's settings: small trees, many examples per leaf, one thread (the tuner's core).
+PARAMS: dict[str, Any] = {
+    "objective": "lambdarank",
+    "metric": "ndcg",
+    "eval_at": [10],
+    "lambdarank_truncation_level": 20,
+    "learning_rate": 0.05,
+    "num_leaves": 15,
+    "min_data_in_leaf": 50,
+    "feature_fraction": 0.9,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "num_threads": 1,
+    "deterministic": True,
+    "force_row_wise": True,
+    "verbose": -1,
+}
+
+
+def fit_ranker(
+    groups: Sequence[tuple[Matrix, npt.NDArray[np.float32]]],
+    *,
+    seed: int = 0,
+    rounds: int = 400,
+    early: Sequence[tuple[Matrix, npt.NDArray[np.float32]]] = (),
+) -> Ranker | None:
+    """A ranker trained on ``groups`` (one visitor's candidates and their labels each).
+
+    Groups without a relevant candidate teach nothing and are left out. With ``early`` groups,
+    training stops once their NDCG@10 has not improved for 30 rounds. None when no group has a
+    relevant candidate.
+    """
+    import lightgbm
+
+    def dataset(
+        parts: Sequence[tuple[Matrix, npt.NDArray[np.float32]]],
+        reference: Any = None,
+    ) -> Any | None:
+        kept = [(x, y) for x, y in parts if len(y) and y.max() > 0]
+        if not kept:
+            return None
+        return lightgbm.Dataset(
+            np.concatenate([x for x, _y in kept]),
+            np.concatenate([y for _x, y in kept]),
+            group=[len(y) for _x, y in kept],
+            feature_name=list(FEATURES),
+            reference=reference,
+            free_raw_data=True,
+        )
+
+    train = dataset(groups)
+    if train is None:
+        return None
+    params = PARAMS | {"seed": seed}
+    valid = dataset(early, train) if early else None
+    callbacks: list[Callable[..., Any]] = []
+    if valid is not None:
+        callbacks.append(lightgbm.early_stopping(30, verbose=False))
+    booster = lightgbm.train(
+        params,
+        train,
+        num_boost_round=rounds,
+        valid_sets=[valid] if valid is not None else None,
+        callbacks=callbacks,
+    )
+    if valid is not None and booster.best_iteration > 0:
+        booster = lightgbm.Booster(
+            model_str=booster.model_to_string(num_iteration=booster.best_iteration)
+        )
+    return Ranker(booster)
