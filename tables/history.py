@@ -137,12 +137,6 @@ class Interactions:
     def __len__(self) -> int:
         return len(self.user)
 
-    def kind_weights(self, weights: dict[str, float]) -> npt.NDArray[np.float32]:
-        """Each row's weight: the weight of its event type in ``weights`` (0 if absent)."""
-        table = np.array([weights.get(k, 0.0) for k in self.KINDS], dtype=np.float32)
-        out: npt.NDArray[np.float32] = table[self.kind]
-        return out
-
 
 #: The scan yields the interpreter lock every this many rows plus one (about a millisecond).
 _YIELD_EVERY = 511
