@@ -9,7 +9,9 @@ ten times, a visitor with a long history, an item several sources agree on.
 Each candidate is described by `FEATURES` (`candidate_features`): every source's score of it,
 scaled so the source's best candidate for this visitor scores 1 (0 where the source does not
 propose it); how many times the visitor bought it and how many visitors interacted with it
-(log scale); its blend score; how many sources propose it; and the visitor's history length.
+(log scale); its blend score; how many sources propose it; the visitor's history length and
+how long since they were last seen (`Visitor`): a visitor back after months wants other things
+than one in the middle of a visit.
 
 The tuner (`personify.agents.tuning`) trains a ranker on its validation splits and keeps it only
 where it beats the tuned blend on visitors it was not trained on (`RankerReport`).
@@ -35,6 +37,7 @@ __all__ = [
     "Ranker",
     "Recorder",
     "Scorer",
+    "Visitor",
     "candidate_features",
     "fit_ranker",
 ]
@@ -61,6 +64,7 @@ FEATURES = (
     "blend",
     "sources",
     "history",
+    "idle",
 )
 Matrix = npt.NDArray[np.float32]
 Numbers = npt.NDArray[np.int64]
@@ -70,6 +74,20 @@ _POPULAR_RAW = FEATURES.index("popular_raw")
 _BLEND = FEATURES.index("blend")
 _SOURCES = FEATURES.index("sources")
 _HISTORY = FEATURES.index("history")
+_IDLE = FEATURES.index("idle")
+
+
+@dataclass(frozen=True, slots=True)
+class Visitor:
+    """What the ranker sees of the visitor (the same for each of their candidates).
+
+    Attributes:
+        history: their interactions on record.
+        idle_h: hours since their last event, when their list is ranked.
+    """
+
+    history: float = 0.0
+    idle_h: float = 0.0
 
 
 def _positions(numbers: Numbers, query: Numbers) -> npt.NDArray[np.intp]:
@@ -87,12 +105,12 @@ def candidate_features(
     strength: Mapping[str, float],
     numbers: Numbers,
     totals: npt.NDArray[np.float64],
-    history: int,
+    visitor: Visitor,
 ) -> Matrix:
     """`FEATURES` of the candidates ``numbers`` (item numbers, with their blend ``totals``).
 
     ``pools``: each source's candidates; ``strength``: a source's strength where it has one
-    (chat fading, re-buying in the shop); ``history``: the visitor's interactions on record.
+    (chat fading, re-buying in the shop); ``visitor``: what is known of the visitor.
     """
     out = np.zeros((len(numbers), len(FEATURES)), dtype=np.float32)
     for name, pool in pools.items():
@@ -117,7 +135,8 @@ def candidate_features(
     best = float(totals.max()) if len(totals) else 0.0
     if best > 0:
         out[:, _BLEND] = totals / best
-    out[:, _HISTORY] = math.log1p(history)
+    out[:, _HISTORY] = math.log1p(max(visitor.history, 0.0))
+    out[:, _IDLE] = math.log1p(max(visitor.idle_h, 0.0))
     return out
 
 

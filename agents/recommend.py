@@ -44,7 +44,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from personify.agents.ranker import DEPTH, Matrix, Recorder, Scorer, candidate_features
+from personify.agents.ranker import (
+    DEPTH,
+    Matrix,
+    Recorder,
+    Scorer,
+    Visitor,
+    candidate_features,
+)
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import CollabModel
 from personify.engine.config import DEFAULT_WEIGHTS, RecommendConfig
@@ -72,6 +79,7 @@ Scores = npt.NDArray[np.float64]
 _REASON_SHARE = 0.2
 _EMPTY_NUMBERS: Numbers = np.empty(0, dtype=np.int64)
 _EMPTY_SCORES: Scores = np.empty(0, dtype=np.float64)
+_NO_VISITOR = Visitor()
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +178,7 @@ def blend(
     *,
     explain: bool = True,
     ranker: Scorer | None = None,
-    history: int = 0,
+    visitor: Visitor = _NO_VISITOR,
 ) -> list[Recommendation]:
     """Blend per-source candidates into the top ``k``.
 
@@ -183,7 +191,7 @@ def blend(
 
     With a ``ranker`` (`personify.agents.ranker`), the best `DEPTH` allowed candidates by
     blend score are re-ordered by the ranker's score, which is then each item's score;
-    ``history`` is the visitor's interactions on record (one of its features).
+    ``visitor`` is what the ranker sees of the visitor.
     """
     pools = _pools(sources)
     used: list[tuple[str, Pool, float]] = []
@@ -208,7 +216,7 @@ def blend(
     if ranker is not None:
 
         def features(at: Numbers, scores: Scores) -> Matrix:
-            return candidate_features(pools, strength or {}, at, scores, history)
+            return candidate_features(pools, strength or {}, at, scores, visitor)
 
         ranked, score_of = _reranked(
             order, names, number_of, allowed, ranker, features, numbers, totals, max(DEPTH, k)
@@ -307,6 +315,17 @@ def _pools(sources: Mapping[str, Candidates | Pool]) -> dict[str, Pool]:
     if ids is None:
         ids = ItemIds()
     return {name: c if isinstance(c, Pool) else Pool.of(c, ids) for name, c in sources.items()}
+
+
+def _visitor(profile: profiles.Profile | None, now_ms: int) -> Visitor:
+    """What the ranker sees of the visitor whose list is ranked at ``now_ms``."""
+    if not profile:
+        return Visitor()
+    last = profile.get("last_seen")
+    return Visitor(
+        history=float(sum(profile.get("counts", {}).values())),
+        idle_h=0.0 if last is None else max(now_ms - last, 0) / 3_600_000.0,
+    )
 
 
 def _seeds(profile: profiles.Profile | None, request: Request, limit: int) -> list[str]:
@@ -710,7 +729,7 @@ class Recommender:
             strength,
             explain=explain,
             ranker=self.ranker if ranker is None else ranker,
-            history=sum((profile or {}).get("counts", {}).values()),
+            visitor=_visitor(profile, now_ms),
         )
         if len(items) < request.k:
             items += self._fill(request, exclude, items)

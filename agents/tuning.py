@@ -155,15 +155,25 @@ class Tuned:
     trials: int
     seconds: float
     users: dict[str, int] = field(default_factory=dict)
-    #: The learned ranker, where it beat the tuned blend on validation (else None).
+    #: The ranker to use with ``setting`` (None: the blend's order).
     ranker: Ranker | None = None
-    #: How the ranker did on validation (`learn_ranker`); None where none was learned.
+    #: Which ranker won ("learned", "current" or "blend"), its trees and feature importance;
+    #: None where no ranker was learned.
     ranker_report: dict[str, Any] | None = None
+    #: Each contender's NDCG@10 on the selection visitors, and which won (``"choice"``).
+    selection: dict[str, Any] = field(default_factory=dict)
+    #: The best setting's and the current one's NDCG@10 on the search visitors.
+    search: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         """As JSON (the ranker's report, not the ranker)."""
         return {
             "ranker": self.ranker_report,
+            "selection": {
+                k: v if isinstance(v, str) else {p: round(x, 5) for p, x in v.items()}
+                for k, v in self.selection.items()
+            },
+            "search": {k: {p: round(x, 5) for p, x in v.items()} for k, v in self.search.items()},
             "setting": {k: round(v, 4) for k, v in self.setting.items()},
             "current": {k: round(v, 4) for k, v in self.current.items()},
             "validation": {
@@ -198,10 +208,16 @@ def tune(
     ranker: bool = False,
     current_ranker: Ranker | None = None,
 ) -> Tuned:
-    """Search `SPACE` (less ``pinned``) for the setting with the best validation NDCG@10.
+    """Choose the setting (and ranker) with the best NDCG@10 on validation visitors.
 
-    With ``ranker``, a ranker is then learned for the chosen setting (`learn_ranker`) and
-    kept where it beats that setting's blend.
+    Each validation split's visitors are dealt into a search part (two thirds) and a
+    selection part (one third). `SPACE` (less ``pinned``) is searched on the search part;
+    with ``ranker``, a ranker (`learn_ranker`) is learned there for the best setting found.
+    Then the current setting, the best one found, that one re-ordered by the new ranker, and
+    the current setting with ``current_ranker`` are scored on the selection part, which
+    none of them was chosen or learned on; the best mean over the protocols wins (the
+    current one where none beats it). So a setting that won the search by chance, on
+    those visitors only, is not applied.
 
     Args:
         history: what to learn and validate on (never the hold-out a caller reports).
@@ -213,7 +229,7 @@ def tune(
         category_of: each item's category.
         seed: the sampler's and the visitor sample's seed.
         progress: called with (trials done, trials, best mean NDCG@10 so far).
-        ranker: also learn a ranker for the chosen setting (`learn_ranker`).
+        ranker: also learn a ranker for the best setting found.
         current_ranker: the ranker in use, which a learned one must beat.
 
     Raises:
@@ -229,27 +245,40 @@ def tune(
     started = time.perf_counter()
     free = [name for name in SPACE if name not in pinned]
     current = setting_of(config.recommend)
-    splits: dict[str, tuple[Split, EngineMethod, list[int]]] = {}
+    splits: dict[str, tuple[Split, EngineMethod]] = {}
+    search: dict[str, list[int]] = {}
+    select: dict[str, list[int]] = {}
+    deal = random.Random(seed)
     for name, cut in PROTOCOLS.items():
         split = cut(history)
         if not split.targets:
             continue
         engine = EngineMethod(config, index=index, category_of=category_of)
         engine.fit(split.train)
-        splits[name] = (split, engine, _sample(split, max_users, seed))
+        splits[name] = (split, engine)
+        users = _sample(split, max_users, seed)
+        deal.shuffle(users)
+        cut_at = len(users) // _SELECT_EVERY
+        select[name], search[name] = sorted(users[:cut_at]), sorted(users[cut_at:])
     if not splits:
         raise ValueError("the history is too small to validate on: no visitor to score")
+    if not any(select.values()):  # too few visitors to keep some aside: select in-sample
+        select = search
 
-    def score(setting: Mapping[str, float]) -> dict[str, float]:
+    def score(
+        setting: Mapping[str, float], users: Mapping[str, list[int]], scorer: Scorer | None = None
+    ) -> dict[str, float]:
         out: dict[str, float] = {}
-        for name, (split, engine, users) in splits.items():
-            method = engine.retuned(apply_setting(config.recommend, setting))
-            [result] = evaluate(split, [method], users=users, fit=False)
+        for name, (split, engine) in splits.items():
+            if not users[name]:
+                continue
+            method = engine.retuned(apply_setting(config.recommend, setting), ranker=scorer)
+            [result] = evaluate(split, [method], users=users[name], fit=False)
             out[name] = result.metrics.ndcg10
-        out["mean"] = sum(out.values()) / len(out)
+        out["mean"] = sum(out.values()) / max(len(out), 1)
         return out
 
-    baseline = score(current)
+    baseline = score(current, search)
     best_setting, best_scores = dict(current), baseline
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
@@ -264,120 +293,109 @@ def tune(
             setting[name] = trial.suggest_float(name, low, high, log=log)
         if n == 0:
             setting = dict(current)  # the enqueued trial: the current setting itself
-        scores = baseline if n == 0 else score(setting)
+        scores = baseline if n == 0 else score(setting, search)
         study.tell(trial, scores["mean"])
         if scores["mean"] > best_scores["mean"]:
             best_setting, best_scores = setting, scores
         if progress is not None:
             progress(n + 1, trials, best_scores["mean"])
-    improved = best_scores["mean"] > baseline["mean"] and not math.isclose(
-        best_scores["mean"], baseline["mean"], rel_tol=1e-9
-    )
-    chosen = best_setting if improved else dict(current)
-    learned, report = None, None
+    found = _beats(best_scores["mean"], baseline["mean"])
+    if not found:
+        best_setting = current
+    # The contenders, scored on the selection visitors: (setting, ranker).
+    contenders: dict[str, tuple[dict[str, float], Ranker | None]] = {"current": (current, None)}
+    if current_ranker is not None:
+        contenders["current, ranker in use"] = (current, current_ranker)
+    if found:
+        contenders["tuned"] = (best_setting, None)
+    learned: Ranker | None = None
+    ranker_seconds = 0.0
     if ranker:
-        learned, report = learn_ranker(
-            {
-                name: (split, engine.retuned(apply_setting(config.recommend, chosen)), users)
-                for name, (split, engine, users) in splits.items()
-            },
-            best_scores if improved else baseline,
-            seed=seed,
-            incumbent=current_ranker,
-        )
+        ranker_started = time.perf_counter()
+        learned = learn_ranker(_retuned(splits, config, best_setting), search, seed=seed)
+        ranker_seconds = time.perf_counter() - ranker_started
+        if learned is not None:
+            contenders["tuned, new ranker" if found else "current, new ranker"] = (
+                best_setting,
+                learned,
+            )
+    selection = {
+        label: score(setting, select, scorer) for label, (setting, scorer) in contenders.items()
+    }
+    choice = "current"  # the first of equals, in the order above, wins
+    for label in selection:
+        if _beats(selection[label]["mean"], selection[choice]["mean"]):
+            choice = label
+    chosen, chosen_ranker = contenders[choice]
+    if chosen_ranker is learned and learned is not None:  # trained again on every visitor
+        every = {name: sorted(set(search[name]) | set(select[name])) for name in splits}
+        learned = learn_ranker(_retuned(splits, config, chosen), every, seed=seed)
+        chosen_ranker = learned
+    improved = chosen is not current
+    report: dict[str, Any] | None = None
+    if ranker:
+        report = {
+            "choice": "learned"
+            if chosen_ranker is not None and chosen_ranker is not current_ranker
+            else "current"
+            if chosen_ranker is not None
+            else "blend",
+            "seconds": round(ranker_seconds, 2),
+        }
+        if chosen_ranker is not None and chosen_ranker is not current_ranker:
+            report |= {"trees": chosen_ranker.trees, "importance": chosen_ranker.importance()}
     return Tuned(
-        setting=chosen,
+        setting=dict(chosen),
         current=current,
-        validation={"best": best_scores if improved else baseline, "current": baseline},
+        validation={"best": selection[choice], "current": selection["current"]},
         improved=improved,
         trials=trials,
         seconds=time.perf_counter() - started,
-        users={name: len(users) for name, (_s, _e, users) in splits.items()},
-        ranker=learned,
+        users={name: len(set(search[name]) | set(select[name])) for name in splits},
+        ranker=chosen_ranker,
         ranker_report=report,
+        selection={"choice": choice, **selection},
+        search={"best": best_scores, "current": baseline},
     )
 
 
+def _retuned(
+    splits: Mapping[str, tuple[Split, EngineMethod]], config: Config, setting: Mapping[str, float]
+) -> dict[str, tuple[Split, EngineMethod]]:
+    """The splits' engines ranking with ``setting``."""
+    return {
+        name: (split, engine.retuned(apply_setting(config.recommend, setting)))
+        for name, (split, engine) in splits.items()
+    }
+
+
+#: One in this many validation visitors is kept aside to choose between the contenders.
+_SELECT_EVERY = 3
 #: Of a ranker's training visitors, every this-many-th is kept aside to stop its training.
 _EARLY_EVERY = 5
 
 
 def learn_ranker(
-    splits: Mapping[str, tuple[Split, EngineMethod, list[int]]],
-    blend: Mapping[str, float],
+    splits: Mapping[str, tuple[Split, EngineMethod]],
+    users: Mapping[str, list[int]],
     *,
     seed: int = 0,
-    incumbent: Ranker | None = None,
-) -> tuple[Ranker | None, dict[str, Any]]:
-    """The ranker to use with the engines' setting: a new one, the ``incumbent`` or none.
+) -> Ranker | None:
+    """A ranker learned on validation splits, for the engines' setting.
 
-    Each validation split (protocol -> split, engine fitted on its training part, visitors
-    scored) gives, per visitor, the blend's best candidates (`personify.agents.ranker.DEPTH`)
-    with their features, labelled by the visitor's held-out items. The visitors are dealt
-    into two folds: a ranker trained on one fold ranks the other, so every visitor is scored
-    by a ranker that never saw them (cross-fitting). Of the blend alone (``blend``: NDCG@10
-    per protocol and their ``"mean"``, on the same visitors), the blend re-ordered by the
-    ``incumbent`` (the ranker in use, if any) and by the new ranker, the best mean wins; a new
-    ranker that wins is trained again on every visitor. Returns (the ranker to use or None,
-    the report: validation per protocol, which won as ``"choice"`` (``"learned"``,
-    ``"current"`` or ``"blend"``), and the new ranker's trees and feature importance).
+    Each split (protocol -> split, engine fitted on its training part) gives, for each of its
+    ``users``, the blend's best candidates (`personify.agents.ranker.DEPTH`) with their
+    features, labelled by the visitor's held-out items. One visitor in `_EARLY_EVERY` is kept
+    aside to stop the training. None when no visitor's candidates hold a held-out item.
     """
-    started = time.perf_counter()
-    groups: list[tuple[int, str, int, Any, Any]] = []  # (fold, protocol, visitor, X, y)
-    order = [(name, user) for name, (_s, _e, users) in splits.items() for user in users]
-    random.Random(seed).shuffle(order)
-    for n, (name, user) in enumerate(order):
-        split, engine, _users = splits[name]
-        matrix, labels = engine.candidates(user, split.now_ms[user], split.targets[user])
-        groups.append((n % 2, name, user, matrix, labels))
-
-    def fit(part: list[tuple[int, str, int, Any, Any]]) -> Ranker | None:
-        early = [(x, y) for n, (_f, _p, _u, x, y) in enumerate(part) if n % _EARLY_EVERY == 0]
-        main = [(x, y) for n, (_f, _p, _u, x, y) in enumerate(part) if n % _EARLY_EVERY != 0]
-        return fit_ranker(main, early=early, seed=seed)
-
-    sums = {name: 0.0 for name in splits}
-    counts = {name: 0 for name in splits}
-    for fold in (0, 1):
-        model = fit([g for g in groups if g[0] != fold])
-        for name, (split, engine, _users) in splits.items():
-            users = [u for f, p, u, _x, _y in groups if f == fold and p == name]
-            if not users:
-                continue
-            method: Method = (
-                engine if model is None else engine.retuned(engine.recommender.cfg, ranker=model)
-            )
-            [result] = evaluate(split, [method], users=users, fit=False)
-            sums[name] += result.metrics.ndcg10 * len(users)
-            counts[name] += len(users)
-    scores = {name: sums[name] / max(counts[name], 1) for name in splits}
-    scores["mean"] = sum(scores.values()) / max(len(splits), 1)
-    table: dict[str, Mapping[str, float]] = {"blend": blend, "learned": scores}
-    if incumbent is not None:
-        kept: dict[str, float] = {}
-        for name, (split, engine, users) in splits.items():
-            method = engine.retuned(engine.recommender.cfg, ranker=incumbent)
-            [result] = evaluate(split, [method], users=users, fit=False)
-            kept[name] = result.metrics.ndcg10
-        kept["mean"] = sum(kept.values()) / max(len(splits), 1)
-        table["current"] = kept
-    choice = "blend"  # the first of equals, in this order, wins
-    for name in ("current", "learned"):
-        if name in table and _beats(table[name]["mean"], table[choice]["mean"]):
-            choice = name
-    final = fit(groups) if choice == "learned" else None
-    report: dict[str, Any] = {
-        "choice": choice,
-        "validation": {
-            protocol: {name: round(t.get(protocol, 0.0), 5) for name, t in table.items()}
-            for protocol in scores
-        },
-        "visitors": len(groups),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
-    if final is not None:
-        report |= {"trees": final.trees, "importance": final.importance()}
-    return (final if choice == "learned" else incumbent if choice == "current" else None), report
+    groups = []
+    for name, (split, engine) in splits.items():
+        for user in users.get(name, ()):
+            groups.append(engine.candidates(user, split.now_ms[user], split.targets[user]))
+    random.Random(seed).shuffle(groups)
+    early = groups[::_EARLY_EVERY]
+    main = [g for n, g in enumerate(groups) if n % _EARLY_EVERY]
+    return fit_ranker(main, early=early, seed=seed)
 
 
 def _beats(score: float, other: float) -> bool:

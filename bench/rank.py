@@ -1,7 +1,8 @@
 """Ranking benchmark: the CPU cost of one visitor's list, in-process (no HTTP, no broker).
 
 ``.venv/bin/python bench/rank.py [--items 2000] [--visitors 1000] [--warm-events 10000]
-[--lists 3000] [--repeat 3] [--encode] [--dump FILE] [--json FILE]``
+[--lists 3000] [--repeat 3] [--encode] [--model] [--ranker-trees N] [--dump FILE]
+[--json FILE]``
 
 What the ranking thread does for each visitor whose profile changed, on the push
 benchmark's scale by default, measured alone:
@@ -54,6 +55,7 @@ from rocksdict import Options, Rdict
 from serve import make_catalog, percentile
 
 from personify.agents.evaluation import History, train_model
+from personify.agents.ranker import DEPTH, FEATURES, Ranker, fit_ranker
 from personify.agents.recommend import Recommender, Request
 from personify.embeddings import FaissIndex
 from personify.embeddings.collab import AlsSettings
@@ -207,6 +209,23 @@ def build(args: argparse.Namespace, cfg: Config, workdir: Path) -> tuple[State, 
     return state, index
 
 
+def synthetic_ranker(trees: int, seed: int) -> Ranker:
+    """A ranker of ``trees`` full trees (what it costs does not depend on what it learned).
+
+    Trained on random candidates whose relevance follows a mix of their features, so that
+    every tree splits as deep as the tuner's rankers may.
+    """
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in range(400):
+        x = rng.random((DEPTH, len(FEATURES))).astype(np.float32)
+        y = np.floor(4 * (x[:, 0] * x[:, 6] + 0.5 * x[:, 8] + 0.2 * rng.random(DEPTH)) / 1.7)
+        groups.append((x, y.astype(np.float32)))
+    ranker = fit_ranker(groups, rounds=trees, seed=seed)
+    assert ranker is not None and ranker.trees == trees
+    return ranker
+
+
 def measure(
     args: argparse.Namespace, cfg: Config, state: State, index: FaissIndex, dump: list[Json]
 ) -> Json:
@@ -232,6 +251,7 @@ def measure(
         lambda p: profiles.consents(p, "personalization", cfg.profiles),
         model,
         cfg.profiles.engagement_weights,
+        ranker=synthetic_ranker(args.ranker_trees, args.seed) if args.ranker_trees else None,
     )
     now = T0_MS + args.warm_events + 1_000
     wall: list[float] = []
@@ -276,6 +296,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="rank with the learned model (ALS, trained on the warm-up views as the engine's "
         "trainer trains it): the collab and popular sources on",
+    )
+    ap.add_argument(
+        "--ranker-trees",
+        type=int,
+        default=0,
+        help="re-order each list with a learned ranker of this many trees, as the tuning "
+        "learns one (0: none, the default; the tuner's rankers stop at 400)",
     )
     ap.add_argument("--vectors", help=".npy file to keep the item vectors in between runs")
     ap.add_argument("--dump", help="write the lists of the first repeat here (JSON lines)")

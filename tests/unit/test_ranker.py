@@ -14,6 +14,7 @@ from personify.agents.ranker import (
     Matrix,
     Ranker,
     Recorder,
+    Visitor,
     candidate_features,
     fit_ranker,
 )
@@ -55,7 +56,7 @@ def test_features_scale_each_source_by_its_best_and_count_the_sources() -> None:
     }
     numbers = ids.of(["a", "b", "c"])
     totals = np.asarray([1.0, 2.0, 0.5])
-    x = candidate_features(pools, {"repeat": 0.5}, numbers, totals, history=9)
+    x = candidate_features(pools, {"repeat": 0.5}, numbers, totals, Visitor(9, 23))
     col = {name: FEATURES.index(name) for name in FEATURES}
     assert x[:, col["covisit"]].tolist() == [1.0, 0.5, 0.0]
     assert x[:, col["repeat"]].tolist() == [0.0, 0.5, 0.0]  # times the source's strength
@@ -64,6 +65,7 @@ def test_features_scale_each_source_by_its_best_and_count_the_sources() -> None:
     assert x[:, col["sources"]].tolist() == [2.0, 2.0, 1.0]
     assert x[:, col["blend"]].tolist() == [0.5, 1.0, 0.25]
     assert x[:, col["history"]] == pytest.approx([np.log(10.0)] * 3)
+    assert x[:, col["idle"]] == pytest.approx([np.log(24.0)] * 3)
 
 
 def test_a_ranker_reorders_the_blends_best_candidates_and_keeps_their_reasons() -> None:
@@ -115,7 +117,8 @@ def test_tuning_learns_a_ranker_that_finds_what_a_poor_blend_misses(
 ) -> None:
     """With buy-again all but off in the blend, the ranker learns re-buying from the history.
 
-    It wins on validation visitors it never saw, and on a hold-out the tuning never saw.
+    It wins on the selection visitors (never learned on), and on a hold-out the tuning never
+    saw.
     """
     history = grocery_factory(shoppers=80)
     test = last_split(history)
@@ -124,7 +127,9 @@ def test_tuning_learns_a_ranker_that_finds_what_a_poor_blend_misses(
     assert not tuned.improved  # one trial: the blend setting stays
     report = tuned.ranker_report
     assert report is not None and report["choice"] == "learned" and tuned.ranker is not None
-    assert report["validation"]["mean"]["learned"] > report["validation"]["mean"]["blend"]
+    selection = tuned.selection
+    assert selection["choice"] == "current, new ranker"
+    assert selection["current, new ranker"]["mean"] > selection["current"]["mean"]
     assert report["importance"]["repeat"] + report["importance"]["repeat_raw"] > 0.2
     plain = EngineMethod(start, name="blend")
     ranked = EngineMethod(start, name="ranked", ranker=tuned.ranker)
@@ -150,6 +155,7 @@ def test_a_ranker_that_loses_to_the_blend_is_not_kept(
     tuned = tune(history, config, trials=1, ranker=True, current_ranker=wrong)
     report = tuned.ranker_report
     assert report is not None and report["choice"] != "current"
-    assert report["validation"]["mean"]["current"] < report["validation"]["mean"]["blend"]
+    selection = tuned.selection
+    assert selection["current, ranker in use"]["mean"] < selection["current"]["mean"]
     assert tuned.ranker is not wrong
     assert apply_setting(config.recommend, tuned.setting) == config.recommend
