@@ -414,6 +414,7 @@ def holdout(
     sources_of: str | None = None,
     seed: int = 0,
     rankers: Mapping[str, Scorer] | None = None,
+    fitted: dict[str, tuple[Split, EngineMethod, list[int]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score named settings of the engine, and baselines, on the end of ``history``.
 
@@ -421,7 +422,8 @@ def holdout(
     cut and is scored on what is after it. With ``sources_of`` (a label of ``settings``), each
     candidate source of that setting is also scored alone (``"source X"``; chat has no history
     to learn from and is left out). ``rankers``: the ranker of a setting that has one (by its
-    label). Returns protocol -> method -> metrics (as JSON).
+    label). Each protocol's split, fitted engine and visitors scored are put in ``fitted``,
+    where given. Returns protocol -> method -> metrics (as JSON).
     """
     rankers = rankers or {}
     out: dict[str, dict[str, Any]] = {}
@@ -432,6 +434,8 @@ def holdout(
         users = _sample(split, max_users, seed)
         engine = EngineMethod(config, index=index, category_of=category_of)
         engine.fit(split.train)
+        if fitted is not None:
+            fitted[name] = (split, engine, users)
         engines: list[Method] = [
             engine.retuned(
                 apply_setting(config.recommend, setting), name=label, ranker=rankers.get(label)
@@ -507,6 +511,7 @@ def tune_and_score(
         rankers["current"] = ranker
     if tuned.ranker is not None:
         rankers["tuned"] = tuned.ranker
+    fitted: dict[str, tuple[Split, EngineMethod, list[int]]] = {}
     evaluation = holdout(
         rows,
         current,
@@ -516,7 +521,23 @@ def tune_and_score(
         index=index,
         category_of=category_of,
         rankers=rankers,
+        fitted=fitted,
     )
+    deployed = tuned.ranker
+    if tuned.ranker is not None and tuned.ranker is not ranker and fitted:
+        # Chosen on validation and scored on the hold-outs above; what ranks from now on is
+        # the same recipe learned on the newest history (the hold-outs' splits).
+        retrained = learn_ranker(
+            _retuned({n: (sp, e) for n, (sp, e, _u) in fitted.items()}, current, tuned.setting),
+            {n: users for n, (_sp, _e, users) in fitted.items()},
+        )
+        if retrained is not None and tuned.ranker_report is not None:
+            deployed = retrained
+            tuned.ranker_report |= {
+                "trees": retrained.trees,
+                "importance": retrained.importance(),
+                "learned_on": "the newest history (the hold-outs)",
+            }
     return {
         "tuned_at": format_ts(int(started * 1000)),
         "interactions": len(rows),
@@ -524,8 +545,8 @@ def tune_and_score(
         "holdout": evaluation,
         "seconds": round(time.time() - started, 2),
         **(
-            {"ranker_model": tuned.ranker.to_text()}
-            if tuned.ranker is not None and tuned.ranker is not ranker
+            {"ranker_model": deployed.to_text()}
+            if deployed is not None and deployed is not ranker
             else {}
         ),
     }

@@ -205,6 +205,8 @@ async def run_engine(data: Dataset, split: Any, users: list[int]) -> dict[str, A
         "posted_events": len(events),
         "tuning": quality["tuning"]["setting"],
         "validation": quality["tuning"]["validation"],
+        "ranker": quality["tuning"]["ranker"],
+        "run": quality["tuning"]["runs"][-1],
     }
 
 
