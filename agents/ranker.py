@@ -8,20 +8,20 @@ ten times, a visitor with a long history, an item several sources agree on.
 
 Each candidate is described by `FEATURES` (`candidate_features`): every source's score of it,
 scaled so the source's best candidate for this visitor scores 1 (0 where the source does not
-propose it); buy-again's and best sellers' raw scores (log scale); its blend score; how many
-sources propose it; how many times the visitor bought it and how many days ago they last did;
-the visitor's history length and how long since they were last seen (`Visitor`): a visitor
-back after months wants other things than one in the middle of a visit.
+propose it); how many times the visitor bought it and how many visitors interacted with it
+(log scale); its blend score; how many sources propose it; the visitor's history length and
+how long since they were last seen (`Visitor`): a visitor back after months wants other things
+than one in the middle of a visit.
 
 The tuner (`personify.agents.tuning`) trains a ranker on its validation splits and keeps it only
-where it beats the blend on validation visitors it was not trained on.
+where it beats the tuned blend on visitors it was not trained on (`RankerReport`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -65,8 +65,6 @@ FEATURES = (
     "sources",
     "history",
     "idle",
-    "bought_times",
-    "bought_days",
 )
 Matrix = npt.NDArray[np.float32]
 Numbers = npt.NDArray[np.int64]
@@ -77,10 +75,6 @@ _BLEND = FEATURES.index("blend")
 _SOURCES = FEATURES.index("sources")
 _HISTORY = FEATURES.index("history")
 _IDLE = FEATURES.index("idle")
-_BOUGHT_TIMES = FEATURES.index("bought_times")
-_BOUGHT_DAYS = FEATURES.index("bought_days")
-_DAY_MS = 86_400_000.0
-_NO_PURCHASES: Mapping[str, Sequence[int]] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +84,10 @@ class Visitor:
     Attributes:
         history: their interactions on record.
         idle_h: hours since their last event, when their list is ranked.
-        bought: the products they bought: item id -> (times, when last, in ms).
-        now_ms: when their list is ranked.
     """
 
     history: float = 0.0
     idle_h: float = 0.0
-    bought: Mapping[str, Sequence[int]] = field(default_factory=lambda: _NO_PURCHASES)
-    now_ms: int = 0
 
 
 def _positions(numbers: Numbers, query: Numbers) -> npt.NDArray[np.intp]:
@@ -147,15 +137,6 @@ def candidate_features(
         out[:, _BLEND] = totals / best
     out[:, _HISTORY] = math.log1p(max(visitor.history, 0.0))
     out[:, _IDLE] = math.log1p(max(visitor.idle_h, 0.0))
-    out[:, _BOUGHT_DAYS] = np.nan  # never bought: missing, which the trees route apart
-    bought = visitor.bought
-    if bought and len(numbers):
-        names = next(iter(pools.values())).ids.names
-        for row, number in enumerate(numbers.tolist()):
-            entry = bought.get(names[number])
-            if entry is not None:
-                out[row, _BOUGHT_TIMES] = math.log1p(entry[0])
-                out[row, _BOUGHT_DAYS] = math.log1p(max(visitor.now_ms - entry[1], 0) / _DAY_MS)
     return out
 
 

@@ -325,8 +325,6 @@ def _visitor(profile: profiles.Profile | None, now_ms: int) -> Visitor:
     return Visitor(
         history=float(sum(profile.get("counts", {}).values())),
         idle_h=0.0 if last is None else max(now_ms - last, 0) / 3_600_000.0,
-        bought=profile.get("bought") or {},
-        now_ms=now_ms,
     )
 
 

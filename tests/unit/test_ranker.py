@@ -56,8 +56,7 @@ def test_features_scale_each_source_by_its_best_and_count_the_sources() -> None:
     }
     numbers = ids.of(["a", "b", "c"])
     totals = np.asarray([1.0, 2.0, 0.5])
-    visitor = Visitor(9, 23, bought={"b": [3, 0]}, now_ms=2 * 86_400_000)
-    x = candidate_features(pools, {"repeat": 0.5}, numbers, totals, visitor)
+    x = candidate_features(pools, {"repeat": 0.5}, numbers, totals, Visitor(9, 23))
     col = {name: FEATURES.index(name) for name in FEATURES}
     assert x[:, col["covisit"]].tolist() == [1.0, 0.5, 0.0]
     assert x[:, col["repeat"]].tolist() == [0.0, 0.5, 0.0]  # times the source's strength
@@ -67,9 +66,6 @@ def test_features_scale_each_source_by_its_best_and_count_the_sources() -> None:
     assert x[:, col["blend"]].tolist() == [0.5, 1.0, 0.25]
     assert x[:, col["history"]] == pytest.approx([np.log(10.0)] * 3)
     assert x[:, col["idle"]] == pytest.approx([np.log(24.0)] * 3)
-    assert x[:, col["bought_times"]] == pytest.approx([0.0, np.log(4.0), 0.0])
-    days = x[:, col["bought_days"]]
-    assert np.isnan(days[0]) and days[1] == pytest.approx(np.log(3.0)) and np.isnan(days[2])
 
 
 def test_a_ranker_reorders_the_blends_best_candidates_and_keeps_their_reasons() -> None:
