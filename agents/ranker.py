@@ -90,12 +90,13 @@ class Visitor:
     idle_h: float = 0.0
 
 
-def _positions(numbers: Numbers, query: Numbers) -> npt.NDArray[np.intp]:
-    """Where each of ``query`` is in ``numbers`` (distinct), or -1."""
-    if not len(numbers) or not len(query):
-        return np.full(len(query), -1, dtype=np.intp)
-    order = np.argsort(numbers, kind="stable")
-    ranked = numbers[order]
+def _positions(
+    order: npt.NDArray[np.intp], ranked: Numbers, query: Numbers
+) -> npt.NDArray[np.intp]:
+    """Where each of ``query`` is in the numbers whose sorting ``order`` gives ``ranked``.
+
+    -1 for those not there.
+    """
     at = np.minimum(np.searchsorted(ranked, query), len(ranked) - 1)
     return np.where(ranked[at] == query, order[at], -1)
 
@@ -113,14 +114,16 @@ def candidate_features(
     (chat fading, re-buying in the shop); ``visitor``: what is known of the visitor.
     """
     out = np.zeros((len(numbers), len(FEATURES)), dtype=np.float32)
+    order = np.argsort(numbers)  # distinct numbers: no ties to keep stable
+    ranked = numbers[order]
     for name, pool in pools.items():
         column = _SCALED.get(name)
         if column is None or not len(pool):
             continue
         top = float(pool.scores.max())
-        if not top > 0:
+        if not top > 0 or not len(numbers):
             continue
-        at = _positions(numbers, pool.numbers)
+        at = _positions(order, ranked, pool.numbers)
         hit = at >= 0
         if not hit.any():
             continue
