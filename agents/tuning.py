@@ -21,7 +21,7 @@ import os
 import random
 import time
 import traceback
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ from personify.agents.evaluation import (
     global_split,
     last_split,
 )
-from personify.agents.ranker import Matrix, Ranker, Scorer, fit_ranker
+from personify.agents.ranker import Ranker, Scorer, fit_ranker
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import TUNABLE, Config, RecommendConfig
@@ -164,10 +164,6 @@ class Tuned:
     selection: dict[str, Any] = field(default_factory=dict)
     #: The best setting's and the current one's NDCG@10 on the search visitors.
     search: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: What a new ranker that won learned from (every validation visitor's candidates).
-    ranker_groups: list[tuple[Matrix, npt.NDArray[np.float32]]] = field(
-        default_factory=list, repr=False
-    )
 
     def as_json(self) -> dict[str, Any]:
         """As JSON (the ranker's report, not the ranker)."""
@@ -333,11 +329,8 @@ def tune(
     chosen, chosen_ranker = contenders[choice]
     if chosen_ranker is learned and learned is not None:  # trained again on every visitor
         every = {name: sorted(set(search[name]) | set(select[name])) for name in splits}
-        groups = ranker_groups(_retuned(splits, config, chosen), every)
-        learned = learn_ranker({}, {}, seed=seed, more=groups)
+        learned = learn_ranker(_retuned(splits, config, chosen), every, seed=seed)
         chosen_ranker = learned
-    else:
-        groups = []
     improved = chosen is not current
     report: dict[str, Any] | None = None
     if ranker:
@@ -363,7 +356,6 @@ def tune(
         ranker_report=report,
         selection={"choice": choice, **selection},
         search={"best": best_scores, "current": baseline},
-        ranker_groups=groups,
     )
 
 
@@ -383,38 +375,23 @@ _SELECT_EVERY = 3
 _EARLY_EVERY = 5
 
 
-Group = tuple[Matrix, npt.NDArray[np.float32]]
-
-
-def ranker_groups(
-    splits: Mapping[str, tuple[Split, EngineMethod]], users: Mapping[str, list[int]]
-) -> list[Group]:
-    """What a ranker learns from, for the engines' setting.
-
-    Each split (protocol -> split, engine fitted on its training part) gives, for each of its
-    ``users``, the blend's best candidates (`personify.agents.ranker.DEPTH`) with their
-    features, labelled by the visitor's held-out items.
-    """
-    groups = []
-    for name, (split, engine) in splits.items():
-        for user in users.get(name, ()):
-            groups.append(engine.candidates(user, split.now_ms[user], split.targets[user]))
-    return groups
-
-
 def learn_ranker(
     splits: Mapping[str, tuple[Split, EngineMethod]],
     users: Mapping[str, list[int]],
     *,
     seed: int = 0,
-    more: Sequence[Group] = (),
 ) -> Ranker | None:
-    """A ranker learned on `ranker_groups` of the splits, and ``more`` groups.
+    """A ranker learned on validation splits, for the engines' setting.
 
-    One visitor in `_EARLY_EVERY` is kept aside to stop the training. None when no visitor's
-    candidates hold a held-out item.
+    Each split (protocol -> split, engine fitted on its training part) gives, for each of its
+    ``users``, the blend's best candidates (`personify.agents.ranker.DEPTH`) with their
+    features, labelled by the visitor's held-out items. One visitor in `_EARLY_EVERY` is kept
+    aside to stop the training. None when no visitor's candidates hold a held-out item.
     """
-    groups = [*ranker_groups(splits, users), *more]
+    groups = []
+    for name, (split, engine) in splits.items():
+        for user in users.get(name, ()):
+            groups.append(engine.candidates(user, split.now_ms[user], split.targets[user]))
     random.Random(seed).shuffle(groups)
     early = groups[::_EARLY_EVERY]
     main = [g for n, g in enumerate(groups) if n % _EARLY_EVERY]
@@ -549,18 +526,17 @@ def tune_and_score(
     deployed = tuned.ranker
     if tuned.ranker is not None and tuned.ranker is not ranker and fitted:
         # Chosen on validation and scored on the hold-outs above; what ranks from now on is
-        # the same recipe learned on the newest history (the hold-outs' splits) as well.
+        # the same recipe learned on the newest history (the hold-outs' splits).
         retrained = learn_ranker(
             _retuned({n: (sp, e) for n, (sp, e, _u) in fitted.items()}, current, tuned.setting),
             {n: users for n, (_sp, _e, users) in fitted.items()},
-            more=tuned.ranker_groups,
         )
         if retrained is not None and tuned.ranker_report is not None:
             deployed = retrained
             tuned.ranker_report |= {
                 "trees": retrained.trees,
                 "importance": retrained.importance(),
-                "learned_on": "the validation splits and the newest history (the hold-outs)",
+                "learned_on": "the newest history (the hold-outs)",
             }
     return {
         "tuned_at": format_ts(int(started * 1000)),
