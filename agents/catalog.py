@@ -87,10 +87,6 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             raise RuntimeError(f"the embedding model did not load: {self.error}")
         return self.model
 
-    async def encode_items(self, items: list[Item]) -> np.ndarray[Any, Any]:
-        """Vectors of the items' texts, cached by content (encoded in a worker thread)."""
-        return await self.encode_texts([catalog_table.item_text(item) for item in items])
-
     async def index_items(self, items: list[Item]) -> None:
         """Upsert the vectors of items whose text has words; drop the others from the index."""
         texts = [catalog_table.item_text(item) for item in items]
@@ -163,13 +159,14 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             _log.info("catalog empty")
             return
         _log.info("catalog loaded", items=len(items))
-        worded = [item for item in items if catalog_table.has_words(catalog_table.item_text(item))]
+        texts = [catalog_table.item_text(item) for item in items]
+        worded = [i for i, text in enumerate(texts) if catalog_table.has_words(text)]
         if len(worded) < len(items):
             _log.info(
                 "items without words in their text are not embedded", items=len(items) - len(worded)
             )
-        vectors = await self.encode_items(worded)
-        ids = [item["item_id"] for item in worded]
+        vectors = await self.encode_texts([texts[i] for i in worded])
+        ids = [items[i]["item_id"] for i in worded]
         info = read_snapshot_info(self.snapshot_dir)
         wanted = content_fingerprint(ids, vectors)
         if info is not None and info.fingerprint == wanted:

@@ -8,13 +8,13 @@ ten times, a visitor with a long history, an item several sources agree on.
 
 Each candidate is described by `FEATURES` (`candidate_features`): every source's score of it,
 scaled so the source's best candidate for this visitor scores 1 (0 where the source does not
-propose it); how many times the visitor bought it and how many visitors interacted with it
-(log scale); its blend score; how many sources propose it; the visitor's history length and
-how long since they were last seen (`Visitor`): a visitor back after months wants other things
-than one in the middle of a visit.
+propose it); buy-again's raw score (how often and how recently the visitor bought it) and the
+best sellers' (how many visitors interacted with it), on a log scale; its blend score; how many
+sources propose it; the visitor's history length and how long since they were last seen
+(`Visitor`): a visitor back after months wants other things than one in the middle of a visit.
 
 The tuner (`personify.agents.tuning`) trains a ranker on its validation splits and keeps it only
-where it beats the tuned blend on visitors it was not trained on (`RankerReport`).
+where it wins on validation visitors it was not trained on.
 """
 
 from __future__ import annotations

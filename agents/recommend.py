@@ -719,6 +719,7 @@ class Recommender:
         sources, strength = self.sources(
             profile, request, now_ms, exclude - rebuy.keys(), rebuy=rebuy
         )
+        scorer = self.ranker if ranker is None else ranker
         items = blend(
             sources,
             self.cfg.weights,
@@ -728,8 +729,8 @@ class Recommender:
             request.max_per_category,
             strength,
             explain=explain,
-            ranker=self.ranker if ranker is None else ranker,
-            visitor=_visitor(profile, now_ms),
+            ranker=scorer,
+            visitor=_NO_VISITOR if scorer is None else _visitor(profile, now_ms),
         )
         if len(items) < request.k:
             items += self._fill(request, exclude, items)
