@@ -37,11 +37,12 @@ from personify.engine.metrics import (
     ROUTED_END_OFFSET,
 )
 from personify.engine.models import Event, event_key, format_ts, internal_event
-from personify.engine.publisher import SEQ_HEADER
+from personify.engine.publisher import SEQ_HEADER, Publisher
 from personify.engine.retry import until_done
 from personify.plugins.manager import plugins
 from personify.tables import history, profiles, signals
 from personify.tables.catalog import catalog
+from personify.tables.positions import POSITION_KEY, Position
 
 __all__ = ["Folded", "fold_batch", "profile_agent"]
 
@@ -375,8 +376,14 @@ async def profile_agent(stream: Any) -> None:
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
         by_partition: dict[int, list[Event]] = {}
         dead: list[bytes] = []
+        fresh: list[Any] = []  # the messages not applied before
         for event in batch:
             message = event.message
+            if _applied_before(message):
+                _skip_applied(event.value)
+                continue
+            fresh.append(message)
+            by_partition.setdefault(message.partition, [])
             try:
                 events: list[Event] = orjson.loads(event.value)
                 if not isinstance(events, list):
@@ -393,18 +400,38 @@ async def profile_agent(stream: Any) -> None:
                     _dead_letter_record(f"cannot read routed message: {exc!r}", source, raw)
                 )
                 continue
-            by_partition.setdefault(message.partition, []).extend(events)
+            by_partition[message.partition].extend(events)
         vetoed = await _consent_gates(by_partition)
         received = [e for evs in by_partition.values() for e in evs]
         attach_categories(received)
         await attach_chat_vectors(received)
         folds = {p: fold_batch(_store, p, evs) for p, evs in by_partition.items()}
+        # What the round sends on goes first: if the process dies before the state below is
+        # written, the round is applied again and sends it again (harmless: event ids); sent
+        # after, it would be lost with a position that says the round was applied.
+        onward = [e for f in folds.values() for e in f.onward]
+        if onward:
+            await until_done("onward publish", functools.partial(pub.publish, onward))
+        for p, f in folds.items():
+            source = {"topic": _cfg.topics.routed, "partition": p}
+            dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
+        for record in dead:
+            await until_done("dead-letter send", functools.partial(send_dead_letter, record))
+        for f in folds.values():
+            for user, request_id in f.erased:
+                await until_done("audit record", functools.partial(_audit, user, request_id))
         changed = [key.decode() for f in folds.values() for key, _value in f.writes]
         profiles_changed(changed, done=False)
+        positions = _advance(fresh, pub)
         await asyncio.gather(
             *(
                 until_done(
-                    "profile write", functools.partial(_store.put_many, p, f.writes + f.history)
+                    "profile write",
+                    functools.partial(
+                        _store.put_many,
+                        p,
+                        [*f.writes, *f.history, (POSITION_KEY, positions[p].encode())],
+                    ),
                 )
                 for p, f in folds.items()
             )
@@ -412,9 +439,8 @@ async def profile_agent(stream: Any) -> None:
         latest = {k: v for f in folds.values() for k, v in f.states.items()}
         profiles_changed(changed, states=latest)
         for f in folds.values():
-            for user, request_id in f.erased:
+            for user, _request_id in f.erased:
                 hub().forget(user)
-                await until_done("audit record", functools.partial(_audit, user, request_id))
         applied = [e for f in folds.values() for e in f.events]
         note_interactions(
             sum(f.interactions for f in folds.values()),
@@ -422,12 +448,7 @@ async def profile_agent(stream: Any) -> None:
         )
         note_timers(applied)
         queue_events(latest, applied)
-        onward = [e for f in folds.values() for e in f.onward]
-        if onward:
-            await until_done("onward publish", functools.partial(pub.publish, onward))
-        for p, f in folds.items():
-            source = {"topic": _cfg.topics.routed, "partition": p}
-            dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
+        for f in folds.values():
             # The engine's own events (merges, timers, offers sent) are not visitors' events.
             EVENTS_APPLIED.inc(sum(1 for e in f.events if not e["type"].startswith("$")))
             if vetoed:
@@ -437,8 +458,6 @@ async def profile_agent(stream: Any) -> None:
                 EVENTS_VETOED.inc(f.vetoed)
             if f.skipped:
                 EVENTS_DUPLICATE.inc(f.skipped)
-        for record in dead:
-            await until_done("dead-letter send", functools.partial(send_dead_letter, record))
         for event in batch:
             seq = _seq_of(event.message.headers)
             if pub.journal is not None and seq is not None:
@@ -452,6 +471,58 @@ async def profile_agent(stream: Any) -> None:
         if hw is not None:
             AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
             _note_end_offset(last.partition, hw)
+
+
+#: Per partition held, its applied position as stored (read at the partition's first message).
+_positions: dict[int, Position] = {}
+#: Whether positions are journal sequence numbers (the embedded broker, whose topics start
+#: empty on every start) or else offsets of the routed topic (a Kafka cluster).
+_by_journal = _cfg.broker.embedded
+
+
+def _position(partition: int) -> Position:
+    position = _positions.get(partition)
+    if position is None:
+        [raw] = _store.get_many(partition, [POSITION_KEY])
+        position = _positions[partition] = Position.decode(raw)
+    return position
+
+
+def _applied_before(message: Any) -> bool:
+    """Whether the state already holds ``message`` (a replay or a redelivery)."""
+    position = _position(message.partition)
+    if _by_journal:
+        seq = _seq_of(message.headers)
+        return seq is not None and position.holds_record(seq)
+    return position.holds_offset(str(message.topic), int(message.offset))
+
+
+def _skip_applied(value: bytes | None) -> None:
+    with contextlib.suppress(Exception):  # unreadable: it went to the dead letters before
+        EVENTS_DUPLICATE.inc(len(orjson.loads(value or b"[]")))
+
+
+def _advance(messages: list[Any], pub: Publisher) -> dict[int, Position]:
+    """Each partition's position once ``messages`` are applied (before the journal hears)."""
+    floor = pub.journal.checkpoint if pub.journal is not None else 0
+    seqs: dict[int, list[int]] = defaultdict(list)
+    offsets: dict[int, dict[str, int]] = defaultdict(dict)
+    for message in messages:
+        seq = _seq_of(message.headers)
+        if _by_journal and seq is not None:
+            seqs[message.partition].append(seq)
+        elif not _by_journal:
+            last = offsets[message.partition]
+            last[message.topic] = max(last.get(message.topic, -1), message.offset)
+    out = {}
+    for partition in {m.partition for m in messages}:
+        position = _position(partition)
+        if _by_journal:
+            position.advance(seqs[partition], floor)
+        else:
+            position.advance(offsets=offsets[partition])
+        out[partition] = position
+    return out
 
 
 #: Partition -> the end offset that warns next (embedded broker).
@@ -528,8 +599,14 @@ async def _flush_when_idle() -> None:
 
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
-    """Write and forget the signal rows of partitions this worker gives up."""
+    """Write and forget the signal rows (and positions) of partitions this worker gives up.
+
+    Another worker may apply their events meanwhile: a position is read again from the store
+    (restored from the changelog) when the partition comes back.
+    """
     parts = {tp.partition for tp in revoked if tp.topic in _routed.topics}
+    for partition in parts:
+        _positions.pop(partition, None)
     if parts:
         await flush_signals(parts, drop=True)
 

@@ -224,3 +224,48 @@ def test_missing_checkpoint_is_refused_with_the_fix(engine_factory: Any) -> None
     shutil.rmtree(eng.data_dir / "faust")  # the documented fix: rebuild from the journal
     eng2 = engine_factory(eng.data_dir).start()  # healthy once the journal tail is applied
     assert eng2.profile("cp")[1]["counts"] == {"page_view": 1}
+
+
+def test_replay_from_an_old_checkpoint_counts_a_busy_visitor_once(engine_factory: Any) -> None:
+    """A visitor with more events than their window of event ids, all replayed after a kill -9.
+
+    The journal's checkpoint is put back to its start (as if it had not been saved for a long
+    time): every record is published again, and the stored positions, not the window, tell
+    what the profiles already hold.
+    """
+    eng = engine_factory().start()
+    busy, sent = "busy-1", 0
+    for n in range(24):  # 1,200 views of one visitor, more than the window of 1,000 ids
+        batch = [
+            {
+                "event_id": f"busy-{n}-{i}",
+                "type": "product_view",
+                "user_id": busy,
+                "item_id": f"sku-{i % 7}",
+            }
+            for i in range(50)
+        ] + [
+            {
+                "event_id": f"light-{n}",
+                "type": "product_view",
+                "user_id": f"light-{n}",
+                "item_id": "sku-0",
+            }
+        ]
+        assert eng.post_events(batch)[0] == 202
+        sent += 50
+    eng.wait_profile(busy, lambda p: p["counts"].get("product_view", 0) >= sent)
+    eng.wait_profile("light-23", lambda p: p["counts"].get("product_view", 0) >= 1)
+    os.kill(eng.proc.pid, signal.SIGKILL)
+    eng.stop()
+    (eng.data_dir / "journal" / "checkpoint").write_text("0")
+
+    eng2 = engine_factory(eng.data_dir).start()
+    marker = {"event_id": "after-replay", "type": "search", "user_id": busy}
+    assert eng2.post_events([{**marker, "properties": {"query": "x"}}])[0] == 202
+    profile = eng2.wait_profile(busy, lambda p: p["counts"].get("search") == 1)
+    # Every record was published again and skipped: the views of the light visitors too.
+    assert eng2.metric("personify_events_duplicate_total") >= sent + 24
+    assert profile["counts"]["product_view"] == sent
+    for n in range(24):
+        assert eng2.profile(f"light-{n}")[1]["counts"] == {"product_view": 1}
