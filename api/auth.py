@@ -23,9 +23,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from personify.api.routes import read_json
-from personify.api.schemas import json_error, json_response
+from personify.api.schemas import ROUTE_SCOPES, json_error, json_response
 from personify.engine.app import current_config
-from personify.engine.config import Scope
 from personify.engine.logging import get_logger
 
 __all__ = ["auth_middleware", "auth_routes", "make_token", "verify_token"]
@@ -33,21 +32,6 @@ __all__ = ["auth_middleware", "auth_routes", "make_token", "verify_token"]
 auth_routes = web.RouteTableDef()
 _log = get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-#: (method, route) -> the scope it needs; routes not listed need "admin".
-_SCOPES: dict[tuple[str, str], Scope | None] = {
-    ("GET", "/healthz"): None,
-    ("GET", "/v1/openapi.json"): None,
-    ("POST", "/v1/events"): "ingest",
-    ("PUT", "/v1/users/{user_id}/consent"): "ingest",
-    # Export and erasure (GET .../export, DELETE /v1/users/{id}) need "admin".
-    ("GET", "/v1/users/{user_id}"): "read",
-    ("GET", "/v1/users/{user_id}/recommendations"): "read",
-    ("GET", "/v1/items/{item_id}"): "read",
-    ("GET", "/v1/items/{item_id}/similar"): "read",
-    ("POST", "/v1/ws/tokens"): "read",
-    ("GET", "/v1/ws"): "read",  # or a visitor's token
-}
 
 
 @functools.cache
@@ -107,7 +91,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     route = request.match_info.route.resource
     name = route.canonical if route is not None else request.path
-    needed = _SCOPES.get((request.method, name), "admin")
+    needed = ROUTE_SCOPES.get((request.method, name), "admin")
     if needed is None:
         return await handler(request)
     if name == "/v1/ws" and "token" in request.query:

@@ -113,6 +113,13 @@ async def post_items(request: web.Request) -> web.Response:
                 "items",
                 'send {"items": [{...}, ...]}',
             )
+        if not entries:
+            return json_error(
+                422,
+                "the batch holds no item",
+                "items",
+                'send {"items": [{...}, ...]} with at least one item',
+            )
         if len(entries) > limit:
             return json_error(
                 413,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from personify.api.schemas import ROUTE_SCOPES
+
 __all__ = ["OPENAPI"]
 
 _ERROR = {
@@ -337,6 +339,23 @@ def _json(schema_ref: str, description: str) -> dict[str, Any]:
     }
 
 
+def _either(schema_ref: str, description: str) -> dict[str, Any]:
+    """A response that is ``schema_ref`` or an `Error`."""
+    return {
+        "description": description,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "anyOf": [
+                        {"$ref": f"#/components/schemas/{schema_ref}"},
+                        {"$ref": "#/components/schemas/Error"},
+                    ]
+                }
+            }
+        },
+    }
+
+
 _ITEMS_WRITE_RESPONSES = {
     "202": _json(
         "ItemsAccepted",
@@ -345,7 +364,11 @@ _ITEMS_WRITE_RESPONSES = {
     "400": _err("Malformed JSON."),
     "413": _err("Body larger than [events] max_body_bytes or more than [catalog] max_batch items."),
     "415": _err("Content-Type is not application/json."),
-    "422": _json("ItemsAccepted", "No item was valid; each rejection names the field."),
+    "422": _either(
+        "ItemsAccepted",
+        "No item was valid (each rejection names the field), or the body has the wrong shape "
+        "(an Error).",
+    ),
     "503": _err("The engine is starting or the broker did not acknowledge."),
 }
 
@@ -404,14 +427,11 @@ OPENAPI: dict[str, Any] = {
                         "[events] max_batch."
                     ),
                     "415": _err("Content-Type is not application/json."),
-                    "422": {
-                        "description": "No event was valid (or the body has the wrong shape).",
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/EventsAccepted"}
-                            }
-                        },
-                    },
+                    "422": _either(
+                        "EventsAccepted",
+                        "No event was valid (each rejection names the field), or the body has "
+                        "the wrong shape or no event (an Error).",
+                    ),
                     "503": _err("The engine is starting or the broker did not acknowledge."),
                 },
             }
@@ -783,3 +803,22 @@ OPENAPI: dict[str, Any] = {
         },
     },
 }
+
+
+def _document_keys(document: dict[str, Any]) -> None:
+    """Each operation's scope, and its 401 and 403 answers when API keys are configured."""
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            scope = ROUTE_SCOPES.get((method.upper(), path), "admin")
+            if scope is None:
+                operation["security"] = []
+                continue
+            operation["x-scope"] = scope
+            responses = operation.setdefault("responses", {})
+            responses.setdefault(
+                "401", _err("API keys are configured and the request has none that is known.")
+            )
+            responses.setdefault("403", _err(f"The key lacks the {scope!r} scope (or 'admin')."))
+
+
+_document_keys(OPENAPI)

@@ -119,6 +119,13 @@ async def post_events(request: web.Request) -> web.Response:
                 "events",
                 'send {"events": [{...}, ...]}',
             )
+        if not items:
+            return json_error(
+                422,
+                "the batch holds no event",
+                "events",
+                'send {"events": [{...}, ...]} with at least one event',
+            )
         if len(items) > cfg.max_batch:
             return json_error(
                 413,

@@ -7,7 +7,16 @@ from typing import Any, NotRequired, TypedDict
 import orjson
 from aiohttp import web
 
-__all__ = ["ErrorBody", "EventsAccepted", "Rejection", "json_error", "json_response"]
+from personify.engine.config import Scope
+
+__all__ = [
+    "ROUTE_SCOPES",
+    "ErrorBody",
+    "EventsAccepted",
+    "Rejection",
+    "json_error",
+    "json_response",
+]
 
 
 class Rejection(TypedDict):
@@ -44,3 +53,19 @@ def json_error(status: int, error: str, field: str = "", detail: str = "") -> we
     """A JSON error response ``{"error", "field", "detail"}``."""
     body: ErrorBody = {"error": error, "field": field, "detail": detail}
     return json_response(body, status)
+
+
+#: (method, route) -> the scope it needs; routes not listed need "admin".
+ROUTE_SCOPES: dict[tuple[str, str], Scope | None] = {
+    ("GET", "/healthz"): None,
+    ("GET", "/v1/openapi.json"): None,
+    ("POST", "/v1/events"): "ingest",
+    ("PUT", "/v1/users/{user_id}/consent"): "ingest",
+    # Export and erasure (GET .../export, DELETE /v1/users/{id}) need "admin".
+    ("GET", "/v1/users/{user_id}"): "read",
+    ("GET", "/v1/users/{user_id}/recommendations"): "read",
+    ("GET", "/v1/items/{item_id}"): "read",
+    ("GET", "/v1/items/{item_id}/similar"): "read",
+    ("POST", "/v1/ws/tokens"): "read",
+    ("GET", "/v1/ws"): "read",  # or a visitor's token
+}
