@@ -7,6 +7,7 @@ imports ``personify.agents`` and ``personify.api``; the engine knows them only b
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +151,7 @@ def check_journal(config: Config) -> None:
     if config.journal_enabled:
         for directory, table in _JOURNALS.items():
             Journal(config.data_path / directory).replay_start(
-                tables_exist(config, table), _tables_dir(config)
+                tables_exist(config, table), _tables_dir(config), config.storage.rebuild_partial
             )
 
 
@@ -255,22 +256,49 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
             await pub.topic.maybe_declare()
             if pub.journal is not None:
                 existed = app.personify_tables_existed.get(table, False)
-                start = pub.journal.replay_start(existed, _tables_dir(cfg))
+                start = pub.journal.replay_start(
+                    existed, _tables_dir(cfg), cfg.storage.rebuild_partial
+                )
                 count = await pub.replay(start)
                 _log.info(
                     "journal ready", table=table, replayed=count, next_seq=pub.journal.next_seq
                 )
                 journals.append(pub.journal)
             pub.ready.set()
+        compacted = time.monotonic()
         while not self.should_stop and journals:
             await self.sleep(1.0)
             for journal in journals:
                 journal.save_checkpoint()
+            if time.monotonic() - compacted >= _COMPACT_EVERY_S:
+                compacted = time.monotonic()
+                for journal in journals:
+                    _compact(journal, cfg.storage.journal_retention_s)
 
     async def on_stop(self) -> None:
         for pub, _table in _publishers():
             if pub.journal is not None:
                 pub.journal.close()
+
+
+#: How often applied journal segments past their retention are looked for.
+_COMPACT_EVERY_S = 60.0
+
+
+def _compact(journal: Journal, retention_s: float) -> None:
+    try:
+        removed = journal.compact(retention_s)
+    except OSError as exc:
+        _log.warning("journal segments could not be deleted", error=repr(exc))
+        return
+    if removed:
+        _log.info(
+            "journal segments deleted",
+            journal=str(journal.directory),
+            segments=len(removed),
+            first_seq=journal.first_seq,
+            bytes_kept=journal.size_bytes,
+        )
 
 
 def start_services() -> None:

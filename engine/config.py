@@ -148,6 +148,11 @@ class StorageConfig:
     journal_fsync: bool = True
     changelog: Literal["auto", "on", "off"] = "auto"
     journal_segment_bytes: int = 64 * 1024 * 1024
+    #: Journal segments applied to the tables and last written longer ago than this are
+    #: deleted (0: keep every event; the tables can then always be rebuilt from the journal).
+    journal_retention_s: float = 7 * 86400.0
+    #: Rebuild missing tables from what the journal holds even if older segments are gone.
+    rebuild_partial: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -628,6 +633,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
     if section == "broker" and not (obj.url == "embedded" or obj.url.startswith("kafka://")):
         raise ConfigError(
             f'{source}: [broker] url: expected "embedded" or "kafka://host:port", got {obj.url!r}'
+        )
+    if section == "storage" and obj.journal_retention_s < 0:
+        raise ConfigError(
+            f"{source}: [storage] journal_retention_s: expected >= 0 (0: keep every event), "
+            f"got {obj.journal_retention_s}"
         )
     if section == "broker":
         for name in ("embedded_compact_messages", "embedded_warn_messages"):

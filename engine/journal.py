@@ -5,15 +5,19 @@ stop (SIGTERM, kill -9, a crash of the broker), every message published to the r
 topic is first appended here: segment files of length-prefixed, CRC-checked records
 ``(seq, partition, payload)``. The profile agent reports each sequence number it has applied;
 the lowest sequence not yet applied is saved as the checkpoint. On start, every record from
-the checkpoint on is published again (tables drop what they already applied, by event id),
-and when the tables are missing altogether the whole journal is replayed to rebuild them.
+the checkpoint on is published again (the profile agent skips what its partition's stored
+position holds: `personify.tables.positions`), and when the tables are missing altogether the
+whole journal is replayed to rebuild them. Segments applied and older than a retention are
+deleted (`Journal.compact`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,8 +226,11 @@ class Journal:
                 f"journal: {self.directory / 'checkpoint'} is damaged ({exc})"
             ) from None
 
-    def replay_start(self, tables_exist: bool, tables_dir: Path) -> int:
+    def replay_start(self, tables_exist: bool, tables_dir: Path, partial: bool = False) -> int:
         """Where replay must start: 0 to rebuild missing tables, else the saved checkpoint.
+
+        With ``partial``, missing tables are rebuilt from what the journal still holds even
+        if its oldest segments were deleted (`compact`).
 
         Raises:
             JournalError: the tables exist but the checkpoint is missing or damaged, so it is
@@ -231,6 +238,15 @@ class Journal:
                 twice (only the last ``dedup_window`` ids per visitor are remembered).
         """
         if not tables_exist:
+            first = self.first_seq
+            if first > 0 and not partial:
+                raise JournalError(
+                    f"journal: the tables in {tables_dir} are missing and {self.directory} no "
+                    f"longer holds the events before record {first} (segments applied and "
+                    "older than [storage] journal_retention_s are deleted): a rebuild would "
+                    "lose them. Restore the tables from a backup, or set [storage] "
+                    "rebuild_partial = true to rebuild from the events the journal holds"
+                )
             return 0
         path = self.directory / "checkpoint"
         fix = (
@@ -247,6 +263,34 @@ class Journal:
             return self.load_checkpoint()
         except JournalError as exc:
             raise JournalError(f"{exc}; {fix}") from None
+
+    # -- retention ----------------------------------------------------------------------
+    def compact(self, retention_s: float, now: float | None = None) -> list[Path]:
+        """Delete the oldest segments whose records are all applied and saved as such.
+
+        A segment goes once the saved checkpoint has passed its last record and it was last
+        written more than ``retention_s`` ago (0: keep every segment). The segment being
+        appended to always stays. Returns the segments deleted, oldest first.
+        """
+        if retention_s <= 0 or self._saved_checkpoint < 0:
+            return []
+        now = time.time() if now is None else now
+        segments = self._segments()
+        removed: list[Path] = []
+        for path, following in itertools.pairwise(segments):
+            if int(following.stem) > self._saved_checkpoint:
+                break  # it holds a record not yet applied (or not known to be)
+            if now - path.stat().st_mtime < retention_s:
+                break
+            path.unlink()
+            removed.append(path)
+        return removed
+
+    @property
+    def first_seq(self) -> int:
+        """The sequence number of the oldest record kept (0 unless segments were deleted)."""
+        segments = self._segments()
+        return int(segments[0].stem) if segments else self.next_seq
 
     # -- replay -------------------------------------------------------------------------
     def records_from(self, start: int) -> list[Record]:

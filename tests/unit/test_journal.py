@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -318,3 +319,47 @@ async def test_concurrent_appends_share_fsyncs(journal_factory: JournalFactory) 
     assert [payload for _s, _p, payload in j.records_from(0)] == [
         f"r{i}".encode() for i in range(50)
     ]
+
+
+async def test_applied_segments_past_their_retention_are_deleted(
+    journal_factory: JournalFactory, journal_dir: Path
+) -> None:
+    """Only whole segments that are applied, saved as such and old enough go; replay still works."""
+    j = journal_factory(segment_bytes=50)
+    for i in range(5):  # one record per segment: segments 0-4 and an empty current one
+        await j.append([(0, b"r" * 40 + bytes([i]))])
+    for seq in (0, 1, 2):
+        j.mark_applied(seq)
+    assert j.compact(3600.0, now=1e12) == []  # applied, but the checkpoint is not saved yet
+    j.save_checkpoint()  # 3: records 0-2 are applied
+    old = time.time() - 7200
+    for path in segments(journal_dir)[:4]:
+        os.utime(path, (old, old))
+    assert j.compact(0.0) == []  # 0 keeps every event
+    assert j.compact(3600.0 * 3) == []  # not old enough
+    removed = j.compact(3600.0)
+    assert [p.name for p in removed] == [f"{i:020d}.log" for i in range(3)]
+    assert j.first_seq == 3
+    assert [seq for seq, _p, _d in j.records_from(j.load_checkpoint())] == [3, 4]
+    j.close()
+    j2 = journal_factory(segment_bytes=50)  # numbering goes on after a restart
+    assert await j2.append([(0, b"next")]) == [5]
+
+
+async def test_a_rebuild_from_a_compacted_journal_is_refused_unless_partial(
+    journal_factory: JournalFactory, journal_dir: Path
+) -> None:
+    j = journal_factory(segment_bytes=50)
+    for i in range(3):
+        await j.append([(0, b"r" * 40 + bytes([i]))])
+        j.mark_applied(i)
+    j.save_checkpoint()
+    assert j.replay_start(False, Path("/tables")) == 0  # nothing deleted: a full rebuild
+    old = time.time() - 7200
+    for path in segments(journal_dir):
+        os.utime(path, (old, old))
+    assert len(j.compact(60.0)) == 3
+    with pytest.raises(JournalError, match=r"record 3.*rebuild_partial = true"):
+        j.replay_start(False, Path("/tables"))
+    assert j.replay_start(False, Path("/tables"), partial=True) == 0
+    assert j.replay_start(True, Path("/tables")) == 3
