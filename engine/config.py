@@ -153,6 +153,10 @@ class StorageConfig:
     journal_retention_s: float = 7 * 86400.0
     #: Rebuild missing tables from what the journal holds even if older segments are gone.
     rebuild_partial: bool = False
+    #: RocksDB, per table and partition: memtable size and count, and block cache.
+    rocksdb_write_buffer_mib: int = 16
+    rocksdb_write_buffers: int = 2
+    rocksdb_block_cache_mib: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,6 +579,9 @@ _POSITIVE = {
     "worker.commit_interval_s",
     "worker.ingest_batch",
     "storage.journal_segment_bytes",
+    "storage.rocksdb_write_buffer_mib",
+    "storage.rocksdb_write_buffers",
+    "storage.rocksdb_block_cache_mib",
     "catalog.max_batch",
     "embeddings.batch_size",
     "embeddings.hnsw_threshold",

@@ -27,6 +27,7 @@ __all__ = [
     "QUALITY_NDCG",
     "REGISTRY",
     "REQUEST_LATENCY",
+    "ROCKSDB_MEMORY",
     "ROUTED_COMPACTIONS",
     "ROUTED_END_OFFSET",
     "TRIGGER_ACTIONS",
@@ -85,6 +86,13 @@ ROUTED_END_OFFSET = Gauge(
 CATALOG_ITEMS = Gauge(
     "personify_catalog_items",
     "Items in this worker's catalog view.",
+    registry=REGISTRY,
+)
+ROCKSDB_MEMORY = Gauge(
+    "personify_rocksdb_memory_bytes",
+    "Memory RocksDB holds for a table, over its partitions: memtables, block cache in use, "
+    "and index and filter blocks of open files.",
+    ["table", "kind"],
     registry=REGISTRY,
 )
 ITEMS_EMBEDDED = Gauge(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -27,6 +28,7 @@ from rocksdict import WriteBatch
 
 from personify.engine.app import app, current_config, routed_names
 from personify.engine.config import ProfilesConfig
+from personify.engine.metrics import ROCKSDB_MEMORY
 from personify.engine.models import PURPOSES, Event, format_ts
 from personify.tables import history
 
@@ -473,9 +475,22 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
     }
 
 
+#: RocksDB properties reported by `ROCKSDB_MEMORY` (kind -> property).
+_MEMORY_PROPERTIES = {
+    "memtables": "rocksdb.cur-size-all-mem-tables",
+    "block_cache": "rocksdb.block-cache-usage",
+    "table_readers": "rocksdb.estimate-table-readers-mem",
+}
+
+
 def bytes_table(name: str, help: str) -> Any:
-    """A RocksDB-backed Faust table of raw bytes, with the topics' partition count."""
+    """A RocksDB-backed Faust table of raw bytes, with the topics' partition count.
+
+    RocksDB is sized by ``[storage]`` (Faust's defaults hold up to 2 GiB of block cache and
+    192 MiB of memtables per partition) and reports its memory as `ROCKSDB_MEMORY`.
+    """
     cfg = current_config()
+    s = cfg.storage
     tbl = app.Table(
         name,
         default=None,
@@ -483,10 +498,28 @@ def bytes_table(name: str, help: str) -> Any:
         key_type=bytes,
         value_type=bytes,
         help=help,
+        options={
+            "write_buffer_size": s.rocksdb_write_buffer_mib << 20,
+            "max_write_buffer_number": s.rocksdb_write_buffers,
+            "block_cache_size": s.rocksdb_block_cache_mib << 20,
+        },
     )
     tbl.key_serializer = "raw"
     tbl.value_serializer = "raw"
+    for kind, prop in _MEMORY_PROPERTIES.items():
+        ROCKSDB_MEMORY.labels(name, kind).set_function(functools.partial(_memory, tbl, prop))
     return tbl
+
+
+def _memory(tbl: Any, prop: str) -> float:
+    """``prop`` summed over the table's open partitions (0 before the table is opened)."""
+    if tbl._data is None:
+        return 0.0
+    total = 0
+    for db in list(tbl.data._dbs.values()):
+        with contextlib.suppress(Exception):  # a store closing meanwhile
+            total += int(db.property_int_value(prop) or 0)
+    return float(total)
 
 
 @functools.cache

@@ -269,3 +269,25 @@ def test_replay_from_an_old_checkpoint_counts_a_busy_visitor_once(engine_factory
     assert profile["counts"]["product_view"] == sent
     for n in range(24):
         assert eng2.profile(f"light-{n}")[1]["counts"] == {"product_view": 1}
+
+
+def test_rocksdb_memory_is_reported_and_bounded_by_the_settings(engine_factory: Any) -> None:
+    """Memtables of 1 MiB: far more written than that, their memory stays within the bound."""
+    eng = engine_factory(
+        config="[storage]\nrocksdb_write_buffer_mib = 1\nrocksdb_write_buffers = 2\n"
+    ).start()
+    for n in range(20):
+        batch = [
+            {
+                "type": "product_view",
+                "user_id": f"mem-{i}",
+                "item_id": f"sku-{n}-{i % 50}",
+                "properties": {"category": f"c{i % 9}/d{n}", "blob": "x" * 200},
+            }
+            for i in range(500)
+        ]
+        assert eng.post_events(batch)[0] == 202
+    eng.wait_profile("mem-499", lambda p: p["counts"].get("product_view") == 20)
+    memtables = eng.metric('personify_rocksdb_memory_bytes{kind="memtables",table="profiles"}')
+    assert 0 < memtables <= 4 * 2 * (1 << 20) * 1.1  # partitions x buffers x size
+    assert eng.metric('personify_rocksdb_memory_bytes{kind="table_readers",table="profiles"}') > 0
