@@ -20,6 +20,7 @@ where it wins on validation visitors it was not trained on.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,6 +40,7 @@ __all__ = [
     "Scorer",
     "Visitor",
     "candidate_features",
+    "fit_bagged",
     "fit_ranker",
 ]
 
@@ -166,46 +168,57 @@ class Recorder:
         return -np.arange(len(matrix), dtype=np.float64)
 
 
+#: Between the models of a `Ranker` saved as text.
+_SEPARATOR = "\n=== personify ranker model ===\n"
+
+
 @dataclass
 class Ranker:
-    """A trained LambdaMART model over `FEATURES`."""
+    """Trained LambdaMART models over `FEATURES`; a candidate's score is their mean."""
 
-    booster: Any  # lightgbm.Booster (untyped)
+    boosters: tuple[Any, ...]  # lightgbm.Booster (untyped)
     features: tuple[str, ...] = FEATURES
 
     def predict(self, matrix: Matrix) -> npt.NDArray[np.float64]:
         """Each candidate's score (higher first)."""
         if not len(matrix):
             return np.empty(0, dtype=np.float64)
-        return np.asarray(self.booster.predict(matrix, num_threads=1), dtype=np.float64)
+        total = np.zeros(len(matrix), dtype=np.float64)
+        for booster in self.boosters:
+            total += np.asarray(booster.predict(matrix, num_threads=1), dtype=np.float64)
+        return total / len(self.boosters)
 
     @property
     def trees(self) -> int:
-        """Boosting rounds in the model."""
-        return int(self.booster.num_trees())
+        """Boosting rounds in all the models."""
+        return sum(int(b.num_trees()) for b in self.boosters)
 
     def importance(self) -> dict[str, float]:
-        """Each feature's share of the model's total gain."""
-        gain = np.asarray(self.booster.feature_importance("gain"), dtype=np.float64)
+        """Each feature's share of the models' total gain."""
+        gain = sum(
+            (np.asarray(b.feature_importance("gain"), dtype=np.float64) for b in self.boosters),
+            np.zeros(len(self.features)),
+        )
         total = float(gain.sum()) or 1.0
         return {
             name: round(float(g) / total, 4) for name, g in zip(self.features, gain, strict=True)
         }
 
     def to_text(self) -> str:
-        """The model as text (`from_text` reads it back)."""
-        return str(self.booster.model_to_string())
+        """The models as text (`from_text` reads them back)."""
+        return _SEPARATOR.join(str(b.model_to_string()) for b in self.boosters)
 
     @classmethod
     def from_text(cls, text: str) -> Ranker:
         """A ranker saved with `to_text`."""
         import lightgbm
 
-        booster = lightgbm.Booster(model_str=text)
-        names = tuple(booster.feature_name())
-        if names != FEATURES:
-            raise ValueError(f"the ranker's features {names} are not this version's {FEATURES}")
-        return cls(booster)
+        boosters = tuple(lightgbm.Booster(model_str=part) for part in text.split(_SEPARATOR))
+        for booster in boosters:
+            names = tuple(booster.feature_name())
+            if names != FEATURES:
+                raise ValueError(f"the ranker's features {names} are not this version's {FEATURES}")
+        return cls(boosters)
 
 
 #: LambdaMART's settings: small trees, many examples per leaf, one thread (the tuner's core).
@@ -226,6 +239,28 @@ PARAMS: dict[str, Any] = {
     "force_row_wise": True,
     "verbose": -1,
 }
+
+
+def fit_bagged(
+    groups: Sequence[tuple[Matrix, npt.NDArray[np.float32]]], *, folds: int = 5, seed: int = 0
+) -> Ranker | None:
+    """``folds`` rankers, each stopped early on its own fold of ``groups``, as one.
+
+    How many rounds help is measured on a few hundred visitors' candidates, and from one draw
+    of them to the next it varies from a handful to over a hundred: a single model is as good
+    as the draw. The mean of one model per fold (each trained on the other folds) keeps what
+    they agree on. None when no group has a relevant candidate.
+    """
+    shuffled = list(groups)
+    random.Random(seed).shuffle(shuffled)
+    models: list[Any] = []
+    for k in range(folds):
+        early = shuffled[k::folds]
+        main = [g for n, g in enumerate(shuffled) if n % folds != k]
+        ranker = fit_ranker(main, early=early, seed=seed + k)
+        if ranker is not None:
+            models.extend(ranker.boosters)
+    return Ranker(tuple(models)) if models else None
 
 
 def fit_ranker(
@@ -278,4 +313,4 @@ def fit_ranker(
         booster = lightgbm.Booster(
             model_str=booster.model_to_string(num_iteration=booster.best_iteration)
         )
-    return Ranker(booster)
+    return Ranker((booster,))

@@ -40,7 +40,7 @@ from personify.agents.evaluation import (
     global_split,
     last_split,
 )
-from personify.agents.ranker import Ranker, Scorer, fit_ranker
+from personify.agents.ranker import Ranker, Scorer, fit_bagged
 from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import TUNABLE, Config, RecommendConfig
@@ -371,8 +371,8 @@ def _retuned(
 
 #: One in this many validation visitors is kept aside to choose between the contenders.
 _SELECT_EVERY = 3
-#: Of a ranker's training visitors, every this-many-th is kept aside to stop its training.
-_EARLY_EVERY = 5
+#: A ranker is this many models, each stopped early on its own share of the visitors.
+_FOLDS = 5
 
 
 def learn_ranker(
@@ -385,17 +385,15 @@ def learn_ranker(
 
     Each split (protocol -> split, engine fitted on its training part) gives, for each of its
     ``users``, the blend's best candidates (`personify.agents.ranker.DEPTH`) with their
-    features, labelled by the visitor's held-out items. One visitor in `_EARLY_EVERY` is kept
-    aside to stop the training. None when no visitor's candidates hold a held-out item.
+    features, labelled by the visitor's held-out items; the ranker is `_FOLDS` models, each
+    stopped early on its own share of them (`fit_bagged`). None when no visitor's candidates
+    hold a held-out item.
     """
     groups = []
     for name, (split, engine) in splits.items():
         for user in users.get(name, ()):
             groups.append(engine.candidates(user, split.now_ms[user], split.targets[user]))
-    random.Random(seed).shuffle(groups)
-    early = groups[::_EARLY_EVERY]
-    main = [g for n, g in enumerate(groups) if n % _EARLY_EVERY]
-    return fit_ranker(main, early=early, seed=seed)
+    return fit_bagged(groups, folds=_FOLDS, seed=seed)
 
 
 def _beats(score: float, other: float) -> bool:

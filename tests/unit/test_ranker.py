@@ -16,6 +16,7 @@ from personify.agents.ranker import (
     Recorder,
     Visitor,
     candidate_features,
+    fit_bagged,
     fit_ranker,
 )
 from personify.agents.recommend import Pool, blend
@@ -42,7 +43,7 @@ def _trending_ranker(seed: int = 0) -> Ranker:
         x = rng.random((20, len(FEATURES))).astype(np.float32)
         y = np.floor(x[:, column] * 4).astype(np.float32)  # graded: 0-3
         groups.append((x, y))
-    ranker = fit_ranker(groups[:240], early=groups[240:], seed=seed)
+    ranker = fit_bagged(groups, folds=5, seed=seed)
     assert ranker is not None
     return ranker
 
@@ -106,6 +107,10 @@ def test_a_saved_ranker_ranks_the_same_and_a_foreign_one_is_refused() -> None:
     again = Ranker.from_text(ranker.to_text())
     assert again.predict(x).tolist() == ranker.predict(x).tolist()
     assert again.trees == ranker.trees > 0
+    assert len(again.boosters) == 5  # one model per fold, each stopped on its own fold
+    each = [Ranker((b,)).predict(x) for b in ranker.boosters]
+    assert ranker.predict(x) == pytest.approx(np.mean(each, axis=0))
+    assert np.corrcoef(ranker.predict(x), x[:, FEATURES.index("trending")])[0, 1] > 0.9
     assert sum(ranker.importance().values()) == pytest.approx(1.0, abs=1e-3)
     foreign = ranker.to_text().replace("feature_names=covisit", "feature_names=other")
     with pytest.raises(ValueError, match="features"):
