@@ -34,6 +34,7 @@ from personify.embeddings import (
 )
 from personify.engine.app import app, current_config, items_publisher, topic
 from personify.engine.errors import ValidationError
+from personify.engine.failpoints import failpoint
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
     AGENT_LAG,
@@ -292,6 +293,7 @@ async def _apply_chunk(changes: dict[str, Item | None]) -> None:
             for p, writes in by_partition.items()
         )
     )
+    failpoint("catalog_write")
     view = catalog_table.catalog()
     upserts = [item for item in changes.values() if item is not None]
     deletes = [item_id for item_id, item in changes.items() if item is None]

@@ -28,6 +28,7 @@ from personify.agents.push import hub
 from personify.agents.triggers import note_timers, queue_events
 from personify.engine.app import app, current_config, publisher, routed_names, topic
 from personify.engine.compaction import compaction
+from personify.engine.failpoints import failpoint
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
     AGENT_LAG,
@@ -285,6 +286,7 @@ async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float
                     "signal flush", functools.partial(_store.put_many, partition, writes)
                 )
             signals_changed(keys)
+            failpoint("signal_flush")
             if pause_s > 0 and not _hurry.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_hurry.wait(), pause_s)
@@ -406,6 +408,7 @@ async def profile_agent(stream: Any) -> None:
         attach_categories(received)
         await attach_chat_vectors(received)
         folds = {p: fold_batch(_store, p, evs) for p, evs in by_partition.items()}
+        failpoint("fold")
         # What the round sends on goes first: if the process dies before the state below is
         # written, the round is applied again and sends it again (harmless: event ids); sent
         # after, it would be lost with a position that says the round was applied.
@@ -420,6 +423,7 @@ async def profile_agent(stream: Any) -> None:
         for f in folds.values():
             for user, request_id in f.erased:
                 await until_done("audit record", functools.partial(_audit, user, request_id))
+                failpoint("erase")
         changed = [key.decode() for f in folds.values() for key, _value in f.writes]
         profiles_changed(changed, done=False)
         positions = _advance(fresh, pub)
@@ -436,6 +440,7 @@ async def profile_agent(stream: Any) -> None:
                 for p, f in folds.items()
             )
         )
+        failpoint("applied")
         latest = {k: v for f in folds.values() for k, v in f.states.items()}
         profiles_changed(changed, states=latest)
         for f in folds.values():

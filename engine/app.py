@@ -266,14 +266,16 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
                 journals.append(pub.journal)
             pub.ready.set()
         compacted = time.monotonic()
+        retention_s = cfg.storage.journal_retention_s
+        every_s = min(_COMPACT_EVERY_S, retention_s or _COMPACT_EVERY_S)
         while not self.should_stop and journals:
             await self.sleep(1.0)
             for journal in journals:
                 journal.save_checkpoint()
-            if time.monotonic() - compacted >= _COMPACT_EVERY_S:
+            if time.monotonic() - compacted >= every_s:
                 compacted = time.monotonic()
                 for journal in journals:
-                    _compact(journal, cfg.storage.journal_retention_s)
+                    _compact(journal, retention_s)
 
     async def on_stop(self) -> None:
         for pub, _table in _publishers():
@@ -281,7 +283,8 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
                 pub.journal.close()
 
 
-#: How often applied journal segments past their retention are looked for.
+#: How often applied journal segments past their retention are looked for (at most: a
+#: shorter retention is checked as often as it lasts).
 _COMPACT_EVERY_S = 60.0
 
 

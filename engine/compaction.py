@@ -33,6 +33,7 @@ from faust.transport.drivers.aiokafka import server_list
 from faust.types import TP
 
 from personify.engine.app import app, current_config, publisher, routed_names, topic
+from personify.engine.failpoints import failpoint
 from personify.engine.logging import get_logger
 from personify.engine.metrics import ROUTED_COMPACTIONS
 from personify.engine.publisher import Publisher
@@ -140,6 +141,7 @@ class RoutedCompaction:
             self.pub.ends.clear()
         paused_ms = (time.perf_counter() - t0) * 1000
         self._unready = old
+        failpoint("topic_switch")
         await self._recreate(old)
         self._unready = None
         ROUTED_COMPACTIONS.inc()

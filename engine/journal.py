@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from personify.engine.errors import JournalError
+from personify.engine.failpoints import failpoint
 
 __all__ = ["Journal", "Record"]
 
@@ -143,6 +144,7 @@ class Journal:
             self._fh.flush()
         except OSError as exc:
             raise JournalError(f"journal: cannot write {self.directory}: {exc}") from exc
+        failpoint("journal_append")
         self._pending.update(seqs)
         self._written += 1
         mine = self._written
@@ -284,6 +286,7 @@ class Journal:
                 break
             path.unlink()
             removed.append(path)
+            failpoint("journal_compact")
         return removed
 
     @property
