@@ -25,6 +25,7 @@ from pathlib import Path
 from _proc import run_record
 
 REPO = Path(__file__).resolve().parent.parent
+PYTEST = (sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider")
 _OUTCOME = re.compile(r"^(PASSED|FAILED|ERROR) tests/e2e/test_crash\.py::\S+\[(.+)\]", re.M)
 
 
@@ -41,8 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     while time.monotonic() - started < args.minutes * 60 or rounds == 0:
         rounds += 1
         done = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"]
-            + ["tests/e2e/test_crash.py"],
+            [*PYTEST, "tests/e2e/test_crash.py"],
             cwd=REPO,
             env=env,
             capture_output=True,
