@@ -1,8 +1,8 @@
 """Ranking benchmark: the CPU cost of one visitor's list, in-process (no HTTP, no broker).
 
 ``.venv/bin/python bench/rank.py [--items 2000] [--visitors 1000] [--warm-events 10000]
-[--lists 3000] [--repeat 3] [--encode] [--model] [--ranker-trees N] [--dump FILE]
-[--json FILE]``
+[--lists 3000] [--repeat 3] [--encode] [--model] [--ranker-trees N] [--ranker-models K]
+[--dump FILE] [--json FILE]``
 
 What the ranking thread does for each visitor whose profile changed, on the push
 benchmark's scale by default, measured alone:
@@ -209,12 +209,18 @@ def build(args: argparse.Namespace, cfg: Config, workdir: Path) -> tuple[State, 
     return state, index
 
 
-def synthetic_ranker(trees: int, seed: int) -> Ranker:
-    """A ranker of ``trees`` full trees (what it costs does not depend on what it learned).
+def synthetic_ranker(trees: int, seed: int, models: int = 1) -> Ranker:
+    """A ranker of ``models`` models (the tuner learns 5) of ``trees`` full trees each.
 
-    Trained on random candidates whose relevance follows a mix of their features, so that
-    every tree splits as deep as the tuner's rankers may.
+    What it costs does not depend on what it learned. Trained on random candidates whose
+    relevance follows a mix of their features, so that every tree splits as deep as the
+    tuner's rankers may.
     """
+    if models > 1:
+        boosters = tuple(
+            b for m in range(models) for b in synthetic_ranker(trees, seed + m).boosters
+        )
+        return Ranker(boosters)
     rng = np.random.default_rng(seed)
     groups = []
     for _ in range(400):
@@ -251,7 +257,9 @@ def measure(
         lambda p: profiles.consents(p, "personalization", cfg.profiles),
         model,
         cfg.profiles.engagement_weights,
-        ranker=synthetic_ranker(args.ranker_trees, args.seed) if args.ranker_trees else None,
+        ranker=synthetic_ranker(args.ranker_trees, args.seed, args.ranker_models)
+        if args.ranker_trees
+        else None,
     )
     now = T0_MS + args.warm_events + 1_000
     wall: list[float] = []
@@ -303,6 +311,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="re-order each list with a learned ranker of this many trees, as the tuning "
         "learns one (0: none, the default; the tuner's rankers stop at 400)",
+    )
+    ap.add_argument(
+        "--ranker-models",
+        type=int,
+        default=1,
+        help="the ranker's models, each of --ranker-trees trees (the tuner learns 5)",
     )
     ap.add_argument("--vectors", help=".npy file to keep the item vectors in between runs")
     ap.add_argument("--dump", help="write the lists of the first repeat here (JSON lines)")
