@@ -23,7 +23,7 @@ from schemathesis.specs.openapi.checks import (
 pytestmark = pytest.mark.e2e
 
 #: Generated requests per operation (fixed seed: the same ones on every run).
-EXAMPLES = 50
+EXAMPLES = 30
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
