@@ -158,6 +158,23 @@ async def _wait_applied(engine: Personify, session: aiohttp.ClientSession, n: in
         await asyncio.sleep(0.5)
 
 
+async def _lists_settled(engine: Personify, session: aiohttp.ClientSession) -> None:
+    """Wait until the lists computed ahead are computed again with what the tuning applied.
+
+    A tuning run that changes the setting or the ranker makes every list computed ahead stale
+    and queues it again; until the queue is empty, a visitor may still get the list computed
+    before (served from memory). Done when nothing is pending twice in a row.
+    """
+    zero = 0
+    while zero < 2:
+        metrics = await engine.metrics(session)
+        waiting = metrics.get("personify_lists_pending", 0.0) + metrics.get(
+            "personify_lists_refresh_pending", 0.0
+        )
+        zero = zero + 1 if waiting == 0 else 0
+        await asyncio.sleep(0.5)
+
+
 async def run_engine(data: Dataset, split: Any, users: list[int]) -> dict[str, Any]:
     """Backfill a fresh engine over HTTP, let it train and tune, score its lists."""
     events = _events(data, split.train)
@@ -179,6 +196,8 @@ async def run_engine(data: Dataset, split: Any, users: list[int]) -> dict[str, A
                 )
                 ready_s = time.perf_counter() - posted
                 _log(f"  trained and tuned {ready_s:.0f} s after the last POST")
+                await _lists_settled(engine, session)
+                _log(f"  lists computed again {time.perf_counter() - posted:.0f} s after it")
                 sums = np.zeros(4)
                 shown: set[str] = set()
                 for user in users:
