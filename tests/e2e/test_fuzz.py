@@ -24,6 +24,14 @@ pytestmark = pytest.mark.e2e
 
 #: Generated requests per operation (fixed seed: the same ones on every run).
 EXAMPLES = 30
+#: Hypothesis as the fuzz tests run it: the same generated cases on every run, no time limit.
+FIXED = settings(
+    max_examples=EXAMPLES,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 CHECKS = [
     not_a_server_error,
     status_code_conformance,
@@ -63,13 +71,7 @@ def _fuzz(engine: Any, key: str | None) -> None:
     for operation in operations:
 
         @given(case=operation.as_strategy())
-        @settings(
-            max_examples=EXAMPLES,
-            derandomize=True,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
+        @FIXED
         def fuzz(case: Any) -> None:
             case.call_and_validate(headers=headers, checks=CHECKS)
 
@@ -152,13 +154,7 @@ def test_generated_event_streams_count_exactly(fuzzed: Any) -> None:
     expected: Counter[tuple[str, str]] = Counter()
 
     @given(batch=st.lists(_event(), min_size=1, max_size=12), junk=st.lists(_JUNK, max_size=2))
-    @settings(
-        max_examples=EXAMPLES,
-        derandomize=True,
-        deadline=None,
-        database=None,
-        suppress_health_check=list(HealthCheck),
-    )
+    @FIXED
     def stream(batch: list[dict[str, Any]], junk: list[Any]) -> None:
         status, body = fuzzed.request("POST", "/v1/events", {"events": batch}, key=ADMIN)
         assert status in (202, 422), body
