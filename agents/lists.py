@@ -347,7 +347,10 @@ def _keep(rec: Recommender, cache: ListCache, key: str, entry: Entry) -> None:
 
 
 def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -> Entry | None:
-    """Rank the default list of ``user_id`` and keep it; None for a visitor never seen."""
+    """Rank the default list of ``user_id`` and keep it; None for a visitor never seen.
+
+    A visitor without personalization consent gets the shared list of visitors never seen.
+    """
     data = rec.data
     assert isinstance(data, TableData)
     # Generations are read before the profiles: a change meanwhile leaves the list stale.
@@ -360,6 +363,12 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
         owners.append(alias)
         gens.append(cache.generation(alias))
         profile = data.profile_of(alias) or profile
+    if rec.personal is not None and not rec.personal(profile):
+        # No consent to personalise: the list every visitor never seen shares, by construction.
+        shared = cache.get("")
+        if shared is not None and _fresh(shared, int(time.time() * 1000))[0]:
+            return shared
+        return _compute_new_visitor(rec, cache, size)
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
     rec_id, body, n = _rank_user(rec, user_id, Request(k=size), now_ms, profile)
