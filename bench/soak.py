@@ -18,7 +18,8 @@ repository's ``config.toml`` (``--set`` overrides a setting, as ``PERSONIFY_SECT
    events have their profile's counts compared with what was acknowledged.
 
 Each minute prints and saves: events sent, POST p99, event-to-push p50/p99, read p99, errors
-(answers other than 202/200, events that got no push within 10 s), the agents' lag, the resident
+(answers other than 202/200, events that got no push within 10 s), the agents' lag, the event
+loop's stalls (its 0.1 s timer woken over 0.1 s late) and seconds of delay in all, the resident
 memory of the engine and of its embedded broker, and the data directory's size on disk. The
 table goes to stdout, every figure to ``--json``, and a plot of them to ``--plot``. The verdict
 lines check the goals of a shop running for weeks: push p99 under 50 ms in every minute, the
@@ -176,8 +177,20 @@ class Traffic:
 
 async def lag(eng: Engine, session: aiohttp.ClientSession) -> float:
     """The agents' lag (messages behind, summed over partitions)."""
-    metrics = await eng.metrics(session)
+    return agent_lag(await eng.metrics(session))
+
+
+def agent_lag(metrics: dict[str, float]) -> float:
     return sum(v for k, v in metrics.items() if k.startswith("personify_agent_lag"))
+
+
+_LOOP = "personify_event_loop_delay_seconds"
+
+
+def loop_totals(metrics: dict[str, float]) -> tuple[float, float]:
+    """(timer wake-ups later than 0.1 s, seconds of delay in all) since the engine started."""
+    late = metrics.get(_LOOP + "_count", 0.0) - metrics.get(_LOOP + '_bucket{le="0.1"}', 0.0)
+    return late, metrics.get(_LOOP + "_sum", 0.0)
 
 
 async def load(
@@ -239,10 +252,12 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
         )
         header = (
             f"{'min':>3} {'events':>7} {'POST p99':>9} {'push p50':>9} {'push p99':>9} "
-            f"{'read p99':>9} {'errors':>6} {'lag':>5} {'RSS eng':>8} {'RSS brk':>8} {'disk':>7}"
+            f"{'read p99':>9} {'errors':>6} {'lag':>5} {'stalls':>6} {'stall s':>7} {'RSS eng':>8} "
+            f"{'RSS brk':>8} {'disk':>7}"
         )
         print(header + "\n" + "-" * len(header), flush=True)
         minutes: list[Json] = out["minutes"]
+        loop_seen = loop_totals(await eng.metrics(session))
         t0 = time.perf_counter()
         n = reads = 0
         for minute in range(1, args.minutes + 1):
@@ -267,19 +282,25 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
                     reads += 1
             row = traffic.take_minute()
             engine_rss, broker_rss = eng.rss_mib()
+            metrics = await eng.metrics(session)
+            late, delay_s = loop_totals(metrics)
             row |= {
                 "minute": minute,
-                "lag": await lag(eng, session),
+                "lag": agent_lag(metrics),
+                "loop_stalls": late - loop_seen[0],
+                "loop_delay_s": round(delay_s - loop_seen[1], 2),
                 "rss_engine_mib": engine_rss,
                 "rss_broker_mib": broker_rss,
                 "disk_mib": disk_mib(data_dir),
             }
+            loop_seen = (late, delay_s)
             minutes.append(row)
             print(
                 f"{minute:>3} {row['events']:>7,} {row['post_p99_ms']:>7.1f}ms "
                 f"{row['push_p50_ms']:>7.1f}ms {row['push_p99_ms']:>7.1f}ms "
                 f"{row['read_p99_ms']:>7.1f}ms {row['errors'] + row['no_push']:>6} "
-                f"{row['lag']:>5.0f} {engine_rss:>6.0f}Mi {broker_rss:>6.0f}Mi "
+                f"{row['lag']:>5.0f} {row['loop_stalls']:>6.0f} {row['loop_delay_s']:>7.2f} "
+                f"{engine_rss:>6.0f}Mi {broker_rss:>6.0f}Mi "
                 f"{row['disk_mib']:>5.0f}Mi",
                 flush=True,
             )

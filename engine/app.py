@@ -6,6 +6,7 @@ imports ``personify.agents`` and ``personify.api``; the engine knows them only b
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from personify.engine.config import Config
 from personify.engine.errors import ConfigError
 from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
+from personify.engine.metrics import EVENT_LOOP_DELAY
 from personify.engine.publisher import Publisher, partition_for
 from personify.engine.transport import Transport
 
@@ -277,11 +279,22 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
                 for journal in journals:
                     _compact(journal, retention_s)
 
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _loop_delay(self) -> None:
+        """Observe how late the event loop wakes a timer: a stalled loop delays everything."""
+        while not self.should_stop:
+            before = time.perf_counter()
+            await asyncio.sleep(_LOOP_TICK_S)
+            EVENT_LOOP_DELAY.observe(max(0.0, time.perf_counter() - before - _LOOP_TICK_S))
+
     async def on_stop(self) -> None:
         for pub, _table in _publishers():
             if pub.journal is not None:
                 pub.journal.close()
 
+
+#: The timer `_Lifecycle._loop_delay` sets to measure the event loop's delay.
+_LOOP_TICK_S = 0.1
 
 #: How often applied journal segments past their retention are looked for (at most: a
 #: shorter retention is checked as often as it lasts).

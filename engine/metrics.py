@@ -12,6 +12,7 @@ __all__ = [
     "EVENTS_DUPLICATE",
     "EVENTS_REJECTED",
     "EVENTS_VETOED",
+    "EVENT_LOOP_DELAY",
     "ITEMS_EMBEDDED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
@@ -171,6 +172,12 @@ WEBHOOK_CALLS = Counter(
     "personify_webhook_calls",
     "Webhook deliveries by outcome (ok, failed, dropped: the queue was full).",
     ["outcome"],
+    registry=REGISTRY,
+)
+EVENT_LOOP_DELAY = Histogram(
+    "personify_event_loop_delay_seconds",
+    "How late the event loop woke a 0.1 s timer: time every request and agent waited.",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

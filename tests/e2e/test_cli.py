@@ -51,7 +51,7 @@ def test_data_directory_in_use_is_refused(engine: Any, tmp_path: Path) -> None:
 
 
 def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
-    """/metrics has agent lag, request latency histograms and accepted events by source."""
+    """/metrics has agent lag, loop delay, request latency histograms, events by source."""
     assert engine.post_events([{"type": "page_view", "user_id": uid}])[0] == 202
     engine.wait_profile(uid, lambda p: p["counts"] == {"page_view": 1})
     status, text = engine.request("GET", "/metrics")
@@ -62,6 +62,8 @@ def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
     )
     assert 'personify_events_accepted_total{source="http"}' in text
     assert "personify_events_applied_total" in text
+    ticks = re.search(r"^personify_event_loop_delay_seconds_count (\S+)$", text, re.M)
+    assert ticks and float(ticks.group(1)) >= 1, "the event loop's delay is measured"
     ends = re.findall(r'^personify_routed_end_offset\{partition="\d+"\} (\S+)$', text, re.M)
     assert ends and max(float(e) for e in ends) >= 1
 
