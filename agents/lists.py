@@ -46,7 +46,14 @@ from personify.agents.recommend import Recommendation, Recommender, Request
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
-from personify.engine.metrics import LISTS_COMPUTED, LISTS_PENDING, LISTS_REFRESHING, LISTS_SERVED
+from personify.engine.metrics import (
+    LISTS_CACHED,
+    LISTS_COMPUTED,
+    LISTS_PENDING,
+    LISTS_REFRESHING,
+    LISTS_SERVED,
+    PUSH_STAGE,
+)
 from personify.engine.models import new_id
 from personify.plugins.manager import FAILED, plugins
 from personify.tables import catalog as catalog_table
@@ -119,6 +126,8 @@ class ListCache:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        #: The bytes of the lists' JSON bodies kept.
+        self.body_bytes = 0
         self._gen: dict[str, int] = {}
         self._counter = itertools.count(1)
         self._floor = 0
@@ -153,6 +162,7 @@ class ListCache:
         # Forgetting generations would make old lists look current: forget the lists too.
         self._gen.clear()
         self._entries.clear()
+        self.body_bytes = 0
         self._floor = next(self._counter)
 
     def clear(self) -> None:
@@ -239,10 +249,14 @@ class ListCache:
             if not self._current(entry):
                 return False
             self.pending.pop(key, None)
+            old = self._entries.get(key)
+            if old is not None:
+                self.body_bytes -= len(old.items)
             self._entries[key] = entry
+            self.body_bytes += len(entry.items)
             self._entries.move_to_end(key)
             while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+                self.body_bytes -= len(self._entries.popitem(last=False)[1].items)
             return True
 
 
@@ -526,6 +540,9 @@ def _builder_wake() -> asyncio.Event:
 #: Profiles just written by this worker's profile agent and not ranked since: the builder
 #: takes them as they are instead of reading and decoding them again.
 _just_written: dict[str, profiles.Profile] = {}
+#: When each visitor with a socket open changed and has not been pushed since (perf_counter):
+#: the start of the queue stage of `PUSH_STAGE`.
+_changed_at: dict[str, float] = {}
 #: Fresh profiles kept at most (visitors who are not ranked soon are read when they are).
 _JUST_WRITTEN_MAX = 50_000
 
@@ -559,6 +576,9 @@ def profiles_changed(
     live = hub()
     watched = [u for u in users if live.followed(u)]  # pushed first, with or without precompute
     if watched:
+        now = time.perf_counter()
+        for user in watched:
+            _changed_at.setdefault(user, now)
         cache.changed(watched, queue=True, urgent=True)
     if len(watched) < len(users):
         seen = set(watched)
@@ -630,8 +650,14 @@ def _build_slice(
         items = [] if users else items_cache.take(1)
         if not users and not items:
             return done
+        started = time.perf_counter()
         try:
             built = _build(rec, size, users, items)
+            for user in users:
+                changed = _changed_at.get(user)
+                if changed is not None:
+                    PUSH_STAGE.labels("queue").observe(max(0.0, started - changed))
+                    PUSH_STAGE.labels("rank").observe(time.perf_counter() - started)
         except Exception:
             _log.exception("list builder failed; the lists are computed on request")
             built = []
@@ -705,12 +731,19 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
     def _push(built: list[tuple[str, Entry]]) -> None:
         live = hub()
         for user_id, entry in built:
+            changed = _changed_at.pop(user_id, None)
             if live.followed(user_id):
+                started = time.perf_counter()
                 push_list(user_id, entry.rec_id, entry.items)
+                if changed is not None:
+                    PUSH_STAGE.labels("send").observe(time.perf_counter() - started)
 
 
 def _gauge() -> None:
     users, items = list_cache(), similar_cache()
+    for kind, cache in (("user", users), ("similar", items)):
+        LISTS_CACHED.labels(kind, "lists").set(len(cache))
+        LISTS_CACHED.labels(kind, "body_bytes").set(cache.body_bytes)
     LISTS_PENDING.set(users.changed_backlog() + items.changed_backlog())
     LISTS_REFRESHING.set(len(users.stale) + len(items.stale))
 

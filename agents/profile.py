@@ -35,6 +35,7 @@ from personify.engine.metrics import (
     EVENTS_APPLIED,
     EVENTS_DUPLICATE,
     EVENTS_VETOED,
+    PUSH_STAGE,
     ROUTED_END_OFFSET,
 )
 from personify.engine.models import Event, event_key, format_ts, internal_event
@@ -376,6 +377,7 @@ async def profile_agent(stream: Any) -> None:
     routed = compaction()
     flushed = time.monotonic()
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
+        taken = time.time()
         by_partition: dict[int, list[Event]] = {}
         dead: list[bytes] = []
         fresh: list[Any] = []  # the messages not applied before
@@ -385,6 +387,8 @@ async def profile_agent(stream: Any) -> None:
                 _skip_applied(event.value)
                 continue
             fresh.append(message)
+            if message.timestamp:
+                PUSH_STAGE.labels("broker").observe(max(0.0, taken - message.timestamp))
             by_partition.setdefault(message.partition, [])
             try:
                 events: list[Event] = orjson.loads(event.value)
@@ -443,6 +447,8 @@ async def profile_agent(stream: Any) -> None:
         failpoint("applied")
         latest = {k: v for f in folds.values() for k, v in f.states.items()}
         profiles_changed(changed, states=latest)
+        if fresh:
+            PUSH_STAGE.labels("fold").observe(time.time() - taken)
         for f in folds.values():
             for user, _request_id in f.erased:
                 hub().forget(user)

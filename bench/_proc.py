@@ -93,3 +93,33 @@ def settings_env(items: Iterable[str]) -> dict[str, str]:
         key, _, value = item.partition("=")
         env["PERSONIFY_" + key.upper()] = value
     return env
+
+
+#: The stages of `personify_push_stage_seconds`, in the order an event goes through them.
+PUSH_STAGES = ("broker", "fold", "queue", "rank", "send")
+
+
+def stage_means_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each push stage's mean milliseconds between two parsed ``/metrics`` readings."""
+    out = {}
+    for stage in PUSH_STAGES:
+        key = f'personify_push_stage_seconds_{{}}{{{{stage="{stage}"}}}}'
+        n = after.get(key.format("count"), 0.0) - before.get(key.format("count"), 0.0)
+        total = after.get(key.format("sum"), 0.0) - before.get(key.format("sum"), 0.0)
+        out[stage] = 1000.0 * total / n if n > 0 else 0.0
+    return out
+
+
+def stage_line(stages: dict[str, float], total_ms: float) -> str:
+    """The stages' means and shares of ``total_ms``, and what they leave of it.
+
+    ``total_ms``: the client's mean from sending the event to receiving the push. What the
+    stages leave is the HTTP request, the publish, and the socket's way to the client.
+    """
+    parts = [
+        f"{name} {ms:.1f} ms ({100 * ms / total_ms:.0f}%)" if total_ms > 0 else f"{name} {ms:.1f}"
+        for name, ms in stages.items()
+    ]
+    rest = total_ms - sum(stages.values())
+    share = f" ({100 * rest / total_ms:.0f}%)" if total_ms > 0 else ""
+    return ", ".join(parts) + f"; the rest {rest:.1f} ms{share} of a mean {total_ms:.1f} ms"

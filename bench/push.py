@@ -48,7 +48,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import run_record, settings_env
+from _proc import run_record, settings_env, stage_line, stage_means_ms
 from serve import (
     Engine,
     item_bodies,
@@ -241,6 +241,7 @@ async def run_rate(
         "personify_ws_dropped_total", 0
     )
     lists_key = 'personify_lists_computed_total{kind="user"}'
+    stages = stage_means_ms(metrics0, metrics1)
     lists = metrics1.get(lists_key, 0) - metrics0.get(lists_key, 0)
     return {
         "rate": rate,
@@ -253,6 +254,8 @@ async def run_rate(
         "p90_ms": percentile(lat, 0.90),
         "p99_ms": percentile(lat, 0.99),
         "max_ms": lat[-1] if lat else 0.0,
+        "mean_ms": sum(lat) / len(lat) if lat else 0.0,
+        "stages_ms": stages,
         "accept_p50_ms": percentile(accepted_ms, 0.50),
         "accept_p99_ms": percentile(accepted_ms, 0.99),
         "relayed": len(relayed),
@@ -385,6 +388,9 @@ def print_summary(out: Json) -> None:
             f"{r['rate']:>9g} POST /v1/events answered 202 in p50 {r['accept_p50_ms']:.1f} ms, "
             f"p99 {r['accept_p99_ms']:.1f} ms; {r['lists_computed']:,.0f} lists computed"
         )
+    for r in out.get("runs", []):
+        if r.get("stages_ms"):
+            print(f"{r['rate']:>9g} stages: {stage_line(r['stages_ms'], r['mean_ms'])}")
     for r in out.get("runs", []):
         if r.get("relayed"):
             print(

@@ -45,7 +45,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import run_record, settings_env
+from _proc import run_record, settings_env, stage_line, stage_means_ms
 from push import NO_PUSH_S, Sockets
 from serve import Engine, item_bodies, make_catalog, percentile, post_all
 
@@ -93,6 +93,7 @@ class Traffic:
             "post_p99_ms": percentile(post, 0.99),
             "push_p50_ms": percentile(push, 0.50),
             "push_p99_ms": percentile(push, 0.99),
+            "push_mean_ms": sum(push) / len(push) if push else 0.0,
             "pushes_timed": len(push),
             "read_p99_ms": percentile(read, 0.99),
             "reads": len(read),
@@ -257,7 +258,8 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
         )
         print(header + "\n" + "-" * len(header), flush=True)
         minutes: list[Json] = out["minutes"]
-        loop_seen = loop_totals(await eng.metrics(session))
+        stage_seen = await eng.metrics(session)
+        loop_seen = loop_totals(stage_seen)
         t0 = time.perf_counter()
         n = reads = 0
         for minute in range(1, args.minutes + 1):
@@ -284,11 +286,23 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
             engine_rss, broker_rss = eng.rss_mib()
             metrics = await eng.metrics(session)
             late, delay_s = loop_totals(metrics)
+            stages = stage_means_ms(stage_seen, metrics)
+            stage_seen = metrics
             row |= {
                 "minute": minute,
                 "lag": agent_lag(metrics),
                 "loop_stalls": late - loop_seen[0],
                 "loop_delay_s": round(delay_s - loop_seen[1], 2),
+                "stages_ms": stages,
+                "rocksdb_mib": sum(
+                    v for k, v in metrics.items() if k.startswith("personify_rocksdb_memory_bytes{")
+                )
+                / 2**20,
+                "lists_cached": metrics.get('personify_lists_cached{kind="user",what="lists"}', 0),
+                "list_bytes_mib": metrics.get(
+                    'personify_lists_cached{kind="user",what="body_bytes"}', 0
+                )
+                / 2**20,
                 "rss_engine_mib": engine_rss,
                 "rss_broker_mib": broker_rss,
                 "disk_mib": disk_mib(data_dir),
@@ -302,6 +316,12 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
                 f"{row['lag']:>5.0f} {row['loop_stalls']:>6.0f} {row['loop_delay_s']:>7.2f} "
                 f"{engine_rss:>6.0f}Mi {broker_rss:>6.0f}Mi "
                 f"{row['disk_mib']:>5.0f}Mi",
+                flush=True,
+            )
+            print(
+                f"    stages: {stage_line(stages, row['push_mean_ms'])}\n"
+                f"    RocksDB {row['rocksdb_mib']:.0f} MiB; {row['lists_cached']:,.0f} lists in "
+                f"memory ({row['list_bytes_mib']:.0f} MiB of JSON)",
                 flush=True,
             )
             if args.json:

@@ -16,6 +16,7 @@ __all__ = [
     "ITEMS_EMBEDDED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
+    "LISTS_CACHED",
     "LISTS_COMPUTED",
     "LISTS_PENDING",
     "LISTS_REFRESHING",
@@ -25,6 +26,7 @@ __all__ = [
     "MODEL_TRAININGS",
     "PLUGIN_CALLS",
     "PLUGIN_ERRORS",
+    "PUSH_STAGE",
     "QUALITY_NDCG",
     "REGISTRY",
     "REQUEST_LATENCY",
@@ -118,6 +120,14 @@ LISTS_COMPUTED = Counter(
     ["kind"],
     registry=REGISTRY,
 )
+LISTS_CACHED = Gauge(
+    "personify_lists_cached",
+    "Lists kept in memory, by kind (user: each visitor's and the one visitors never seen "
+    "share; similar: items like an item), and their bytes (at most [recommend] "
+    "list_cache_size lists of each kind).",
+    ["kind", "what"],
+    registry=REGISTRY,
+)
 LISTS_PENDING = Gauge(
     "personify_lists_pending",
     "Lists waiting to be recomputed in the background because what they rank changed.",
@@ -133,6 +143,16 @@ LISTS_SERVED = Counter(
     "personify_lists_served",
     "Recommendation answers, by how: memory (a stored list) or computed (ranked on request).",
     ["how"],
+    registry=REGISTRY,
+)
+PUSH_STAGE = Histogram(
+    "personify_push_stage_seconds",
+    "Where an event's way to its visitor's pushed list goes, stage by stage: broker (from "
+    "the routed message's publish to the profile agent taking it), fold (the agent's round, "
+    "from taking the messages to the profiles written), queue (from then to the visitor's "
+    "list being ranked), rank (ranking it), send (writing it to the visitor's sockets).",
+    ["stage"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
 WS_SOCKETS = Gauge(

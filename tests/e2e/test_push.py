@@ -71,7 +71,13 @@ def test_recommendations_are_pushed_after_each_event(live: Any, uid: str) -> Non
             assert body["recommendation_id"] == got["recommendation_id"]
             assert body["items"] == got["items"]
 
+    stages = ("broker", "fold", "queue", "rank", "send")
+    before = {s: live.metric(f'personify_push_stage_seconds_count{{stage="{s}"}}') for s in stages}
     asyncio.run(run())
+    # Each push is timed stage by stage (bench/push.py prints their shares).
+    for stage in stages:
+        count = live.metric(f'personify_push_stage_seconds_count{{stage="{stage}"}}')
+        assert count >= before[stage] + 2, stage
 
 
 def pushed(eng: Any) -> float:
