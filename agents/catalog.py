@@ -32,12 +32,11 @@ from personify.embeddings import (
     content_fingerprint,
     read_snapshot_info,
 )
-from personify.engine.app import app, current_config, items_publisher, topic
+from personify.engine.app import app, current_config, items_publisher, note_lag, topic
 from personify.engine.errors import ValidationError
 from personify.engine.failpoints import failpoint
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
-    AGENT_LAG,
     CATALOG_ITEMS,
     ITEMS_EMBEDDED,
     ITEMS_ENCODED,
@@ -337,7 +336,4 @@ async def catalog_agent(stream: Any) -> None:
             for name, value in event.message.headers or ():
                 if name == SEQ_HEADER and pub.journal is not None:
                     pub.journal.mark_applied(int(value))
-        last = batch[-1].message
-        hw = app.consumer.highwater(last.tp) if app.consumer else None
-        if hw is not None:
-            AGENT_LAG.labels("catalog", str(last.partition)).set(max(hw - last.offset - 1, 0))
+        note_lag("catalog", (event.message for event in batch))

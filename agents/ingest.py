@@ -14,10 +14,10 @@ from typing import Any
 
 import orjson
 
-from personify.engine.app import app, current_config, publisher, topic
+from personify.engine.app import app, current_config, note_lag, publisher, topic
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, EVENTS_ACCEPTED, EVENTS_REJECTED, rejection_reason
+from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, rejection_reason
 from personify.engine.models import Event, validate_event
 from personify.engine.retry import until_done
 
@@ -99,7 +99,4 @@ async def ingest_agent(stream: Any) -> None:
         for reason, record in dead:
             EVENTS_REJECTED.labels("topic", reason).inc()
             await until_done("dead-letter send", functools.partial(send_dead_letter, record))
-        last = batch[-1].message
-        hw = app.consumer.highwater(last.tp) if app.consumer else None
-        if hw is not None:
-            AGENT_LAG.labels("ingest", str(last.partition)).set(max(hw - last.offset - 1, 0))
+        note_lag("ingest", (event.message for event in batch))

@@ -26,12 +26,18 @@ from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.model import note_interactions
 from personify.agents.push import hub
 from personify.agents.triggers import note_timers, queue_events
-from personify.engine.app import app, current_config, publisher, routed_names, topic
+from personify.engine.app import (
+    app,
+    current_config,
+    note_lag,
+    publisher,
+    routed_names,
+    topic,
+)
 from personify.engine.compaction import compaction
 from personify.engine.failpoints import failpoint
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
-    AGENT_LAG,
     EVENTS_APPLIED,
     EVENTS_DUPLICATE,
     EVENTS_VETOED,
@@ -477,11 +483,8 @@ async def profile_agent(stream: Any) -> None:
         if time.monotonic() - flushed >= _cfg.recommend.signal_flush_interval_s:
             _flush_behind()
             flushed = time.monotonic()
-        last = batch[-1].message
-        hw = app.consumer.highwater(last.tp) if app.consumer else None
-        if hw is not None:
-            AGENT_LAG.labels("profile", str(last.partition)).set(max(hw - last.offset - 1, 0))
-            _note_end_offset(last.partition, hw)
+        for partition, end in note_lag("profile", (e.message for e in batch)).items():
+            _note_end_offset(partition, end)
 
 
 #: Per partition held, its applied position as stored (read at the partition's first message).

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from personify.engine.config import Config
 from personify.engine.errors import ConfigError
 from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
-from personify.engine.metrics import EVENT_LOOP_DELAY
+from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY
 from personify.engine.publisher import Publisher, partition_for
 from personify.engine.transport import Transport
 
@@ -31,6 +32,7 @@ __all__ = [
     "configure",
     "current_config",
     "items_publisher",
+    "note_lag",
     "one_blas_thread",
     "owns",
     "publisher",
@@ -320,3 +322,24 @@ def _compact(journal: Journal, retention_s: float) -> None:
 def start_services() -> None:
     """Register the engine's own services on the app (called once, after `configure`)."""
     app.service(_Lifecycle)
+
+
+def note_lag(agent: str, messages: Iterable[Any]) -> dict[int, int]:
+    """Set ``agent``'s lag for every partition among ``messages`` (a round's, in order).
+
+    Each partition's lag is its end offset (as last fetched) past its last message here.
+    Returns the end offsets found, by partition.
+    """
+    last: dict[Any, int] = {}
+    for message in messages:
+        last[message.tp] = message.offset
+    ends: dict[int, int] = {}
+    consumer = app.consumer
+    if consumer is None:
+        return ends
+    for tp, offset in last.items():
+        end = consumer.highwater(tp)
+        if end is not None:
+            AGENT_LAG.labels(agent, str(tp.partition)).set(max(end - offset - 1, 0))
+            ends[tp.partition] = end
+    return ends

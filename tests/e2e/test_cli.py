@@ -64,6 +64,15 @@ def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
     assert "personify_events_applied_total" in text
     ticks = re.search(r"^personify_event_loop_delay_seconds_count (\S+)$", text, re.M)
     assert ticks and float(ticks.group(1)) >= 1, "the event loop's delay is measured"
+    # Caught up, every partition's lag reads 0 (a round may hold several partitions).
+    assert engine.post_events([{"type": "page_view", "user_id": f"{uid}-{n}"} for n in range(40)])
+    engine.wait_profile(f"{uid}-39", lambda p: p["counts"] == {"page_view": 1})
+
+    def lags() -> list[float]:
+        text = str(engine.request("GET", "/metrics")[1])
+        return [float(v) for v in re.findall(r"^personify_agent_lag\{[^}]*\} (\S+)$", text, re.M)]
+
+    engine.wait_for(lambda: lags() and not any(lags()), what="every lag to read 0")
     ends = re.findall(r'^personify_routed_end_offset\{partition="\d+"\} (\S+)$', text, re.M)
     assert ends and max(float(e) for e in ends) >= 1
 

@@ -238,3 +238,33 @@ def test_a_slow_client_does_not_delay_a_fast_one(engine_factory: Any, uid: str) 
     assert eng.metric(dropped) > before
     stalled.close()
     assert eng.stop() == 0, eng.tail()
+
+
+def test_without_lists_computed_ahead_sockets_still_get_theirs(
+    engine_factory: Any, uid: str
+) -> None:
+    """With [recommend] precompute off, a socket gets its first list and one after each event."""
+    eng = engine_factory(config="[push]\ndebounce_ms = 0\n[recommend]\nprecompute = false\n")
+    eng.start()
+    eng.add_items([{"item_id": i, "title": t, "category": c} for i, t, c in CATALOG])
+    other = f"{uid}-no-socket"
+    assert eng.post_events([view(uid, "h-jacket"), view(other, "h-boots")])[0] == 202
+    eng.wait_profile(other, lambda p: len(p["recent_items"]) == 1)
+
+    async def run() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.ws_connect(eng.ws_url(f"user_id={uid}")) as ws,
+        ):
+            first = await eng.next_message(ws, "recommendations")
+            assert first["items"] and "h-jacket" not in [r["item_id"] for r in first["items"]]
+            await post(eng, [view(uid, "k-knife")])
+            got = await eng.next_message(ws, "recommendations")
+            assert got["seq"] == first["seq"] + 1
+            assert "k-knife" not in [r["item_id"] for r in got["items"]]
+
+    asyncio.run(run())
+    # The visitor without a socket gets a list when asked, ranked then.
+    status, body = eng.request("GET", f"/v1/users/{other}/recommendations?k=3")
+    assert status == 200 and len(body["items"]) == 3, body
+    assert "h-boots" not in [r["item_id"] for r in body["items"]]
