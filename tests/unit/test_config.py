@@ -214,6 +214,13 @@ def test_fetch_max_wait_may_be_zero_not_negative(config_file: ConfigFile) -> Non
         load_config(config_file("[worker]\nfetch_max_wait_ms = -1\n"), environ={})
 
 
+def test_malloc_arenas_may_be_zero_not_negative(config_file: ConfigFile) -> None:
+    """malloc_arenas accepts 0 (glibc's default) and rejects negatives."""
+    assert load_config(config_file("[worker]\nmalloc_arenas = 0\n"), environ={})
+    with pytest.raises(ConfigError, match="malloc_arenas: expected >= 0, got -1"):
+        load_config(config_file("[worker]\nmalloc_arenas = -1\n"), environ={})
+
+
 def test_embedded_warn_messages_may_be_zero_not_negative(config_file: ConfigFile) -> None:
     """embedded_warn_messages accepts 0 (never warn) and rejects negatives."""
     cfg = load_config(config_file("[broker]\nembedded_warn_messages = 0\n"), environ={})

@@ -1,0 +1,62 @@
+"""The engine caps glibc's malloc arenas, so that threads share freed memory."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="malloc arenas are glibc's",
+)
+
+#: Eight threads allocate at once, then the process counts its arena heaps: the anonymous
+#: mappings glibc aligns on 64 MiB for each arena besides the main one.
+_SCRIPT = """
+import sys, threading
+from personify.engine.cli import _limit_malloc_arenas
+_limit_malloc_arenas(int(sys.argv[1]))
+barrier = threading.Barrier(8)
+def work():
+    barrier.wait()
+    keep = [bytearray(1000) for _ in range(20000)]
+    barrier.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+heaps = 0
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    start = int(fields[0].split("-")[0], 16)
+    if start % (64 << 20) == 0 and len(fields) == 5:
+        heaps += 1
+print(heaps)
+"""
+
+
+def _arena_heaps(limit: int) -> int:
+    env = {"PATH": "/usr/bin:/bin"}  # no MALLOC_ARENA_MAX from the caller
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(limit)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        timeout=60,
+    )
+    return int(done.stdout.strip())
+
+
+def test_two_arenas_are_shared_by_eight_threads() -> None:
+    """With the default [worker] malloc_arenas = 2, one arena besides the main one."""
+    assert _arena_heaps(2) <= 1
+
+
+def test_zero_leaves_glibc_its_own_arenas() -> None:
+    """0 changes nothing: eight threads allocating at once get several arenas."""
+    assert _arena_heaps(0) > 1
