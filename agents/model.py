@@ -5,7 +5,8 @@ tells `note_interactions` how many it added. The trainer checks every ``[model]
 check_interval_s`` and trains a new model (`personify.embeddings.collab.train_als`) when:
 
 - there is no model yet and the history holds at least ``min_interactions``, or
-- ``retrain_interactions`` interactions arrived since the last model (a backfill), or
+- ``retrain_interactions`` interactions arrived since the last model (a backfill), and at
+  least ``retrain_growth`` of the history it learned from (`ModelConfig.enough_new`), or
 - ``retrain_interval_s`` passed since the last model and any interaction arrived.
 
 A tuning run (`personify.agents.tuning`) follows a training when one is due, but not while a
@@ -390,7 +391,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         burst_ended = grown <= 0.1 * GROWING * self.interactions
         if burst_ended and self.pending > GROWING * self.interactions:
             return True  # with a good share of it not learned yet
-        if self.pending >= m.retrain_interactions:
+        if m.enough_new(self.pending, self.interactions):
             return True
         age_s = now_s - self.model.trained_at_ms / 1000.0
         return self.pending > 0 and age_s >= m.retrain_interval_s

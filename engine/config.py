@@ -310,8 +310,11 @@ class ModelConfig:
     history_days: float = 730.0
     #: No model is trained before the history holds this many interactions.
     min_interactions: int = 1000
-    #: A new model is trained once this many interactions arrived since the last one ...
+    #: A new model is trained once this many interactions arrived since the last one, and
+    #: at least ``retrain_growth`` of what it learned from (training costs grow with the
+    #: history: this keeps its cost per new interaction flat) ...
     retrain_interactions: int = 20_000
+    retrain_growth: float = 0.1
     #: ... or this many seconds after it, if any arrived at all.
     retrain_interval_s: float = 3600.0
     #: How often the trainer checks whether to train (seconds).
@@ -321,6 +324,15 @@ class ModelConfig:
     regularization: float = 0.05
     alpha: float = 2.0
     iterations: int = 15
+
+    def enough_new(self, pending: int, interactions: int) -> bool:
+        """Whether ``pending`` new interactions call for a new model over ``interactions``.
+
+        At least ``retrain_interactions``, and ``retrain_growth`` of the history learned: a
+        training costs in proportion to the history, so its cost per new interaction stays
+        flat as the history grows.
+        """
+        return pending >= max(self.retrain_interactions, self.retrain_growth * interactions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -723,6 +735,10 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
                 f"{source}: [tune] pinned: unknown setting {unknown[0]!r}; "
                 f"known: {', '.join(TUNABLE)}"
             )
+    if section == "model" and obj.retrain_growth < 0:
+        raise ConfigError(
+            f"{source}: [model] retrain_growth: expected >= 0, got {obj.retrain_growth}"
+        )
     if section == "model" and obj.regularization < 0:
         raise ConfigError(
             f"{source}: [model] regularization: expected >= 0, got {obj.regularization}"

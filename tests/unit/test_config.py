@@ -15,6 +15,7 @@ from personify.engine.config import (
     BrokerConfig,
     Config,
     EventsConfig,
+    ModelConfig,
     ProfilesConfig,
     ServerConfig,
     StorageConfig,
@@ -468,3 +469,20 @@ def test_privacy_trigger_and_push_settings_are_checked(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(field)):
         load_config(config_file(text), environ={})
+
+
+def test_a_new_model_waits_for_a_share_of_the_history() -> None:
+    """retrain_interactions new interactions, and retrain_growth of those learned before."""
+    m = ModelConfig()  # 20,000 and 10%
+    assert m.enough_new(20_000, 100_000)
+    assert not m.enough_new(19_999, 100_000)
+    assert not m.enough_new(20_000, 1_000_000)  # a tenth of a large history is 100,000
+    assert m.enough_new(100_000, 1_000_000)
+    assert ModelConfig(retrain_growth=0.0).enough_new(20_000, 1_000_000)
+
+
+def test_retrain_growth_may_be_zero_not_negative(config_file: ConfigFile) -> None:
+    """retrain_growth accepts 0 (a fixed count) and rejects negatives."""
+    assert load_config(config_file("[model]\nretrain_growth = 0\n"), environ={})
+    with pytest.raises(ConfigError, match=r"retrain_growth: expected >= 0, got -0\.5"):
+        load_config(config_file("[model]\nretrain_growth = -0.5\n"), environ={})
