@@ -1,13 +1,16 @@
 """Faust's aiokafka transport, tuned for low latency and exact restores.
 
-Two changes to the stock driver, each measured against the embedded broker:
+Three changes to the stock driver, each measured against the embedded broker:
 
 * the worker consumer's ``fetch_max_wait_ms`` comes from ``[worker] fetch_max_wait_ms``
   (Faust hard-codes 1,500 ms, and a waiting fetch on this broker returns only when that time
   runs out: p50 POST -> profile was ~550 ms, ~10 ms with 10);
 * high-water marks (used to decide when a table restore is complete) are confirmed with a
   fetch, whose response carries the true high-water mark. ListOffsets on this broker answers
-  the last batch's base offset + 1, which made restores stop early and drop updates.
+  the last batch's base offset + 1, which made restores stop early and drop updates;
+* the producer never forgets a topic's partitions when it first sends to another topic
+  (`TopicKeepingClient`): a batch already queued for the first topic waited for its leader
+  until the request timeout (20 minutes), and every publish behind it with it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,19 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.client import AIOKafkaClient
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers import aiokafka as _driver
 
-__all__ = ["Transport", "commits_held", "confirmed_highwaters", "rewind"]
+__all__ = [
+    "TopicKeepingClient",
+    "Transport",
+    "commits_held",
+    "confirmed_highwaters",
+    "keep_topics",
+    "rewind",
+]
 
 
 async def confirmed_highwaters(
@@ -107,6 +118,36 @@ async def rewind(consumer: Any, tps: Iterable[Any]) -> None:
             book.pop(tp, None)
 
 
+class TopicKeepingClient(AIOKafkaClient):  # type: ignore[misc] # untyped base
+    """aiokafka's client, except that tracking one more topic never drops those already known.
+
+    A producer's client starts by tracking every topic (an empty set: metadata requests ask for
+    all). The first send to a topic missing from that metadata makes aiokafka track that topic
+    alone, and the next metadata answer drops every other topic's partitions: a batch queued
+    for another topic then has no leader, and waits for one until the request timeout. Here
+    the topics known at that moment stay tracked.
+    """
+
+    _topics: set[str]
+
+    def add_topic(self, topic: str) -> Any:
+        """Track ``topic`` as well (see the class); the future of the metadata update."""
+        if not self._topics:  # tracking all: keep what is known, as well as the new topic
+            self._topics = set(self.cluster.topics())
+        return super().add_topic(topic)
+
+
+def keep_topics(producer: AIOKafkaProducer) -> AIOKafkaProducer:
+    """``producer``, its client made a `TopicKeepingClient` (same state, fixed method)."""
+    producer.client.__class__ = TopicKeepingClient
+    return producer
+
+
+class _Producer(_driver.Producer):  # type: ignore[misc] # untyped base
+    def _new_producer(self, transactional_id: str | None = None) -> AIOKafkaProducer:
+        return keep_topics(super()._new_producer(transactional_id))
+
+
 class _ConsumerThread(_driver.AIOKafkaConsumerThread):  # type: ignore[misc] # untyped base
     def _create_worker_consumer(self, transport: Any) -> AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
@@ -126,6 +167,7 @@ class _Consumer(_driver.Consumer):  # type: ignore[misc] # untyped base
 
 
 class Transport(_driver.Transport):  # type: ignore[misc] # untyped base
-    """The stock aiokafka transport with the consumer above."""
+    """The stock aiokafka transport with the consumer and producer above."""
 
     Consumer = _Consumer
+    Producer = _Producer

@@ -121,8 +121,8 @@ class Engine:
         except urllib.error.HTTPError as exc:
             payload = exc.read()
             status = exc.code
-        except (urllib.error.URLError, OSError, http.client.HTTPException):
-            return 0, None  # the server is gone or went away mid-request
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            return 0, repr(exc)  # the server is gone or went away mid-request
         try:
             return status, json.loads(payload)
         except ValueError:

@@ -77,18 +77,33 @@ def _plan() -> list[tuple[str, Any]]:
     return plan
 
 
-def _send(eng: Any, action: str, body: Any) -> bool:
-    """Send one action; False when it was not acknowledged (the engine died, or no answer)."""
+def _answer(eng: Any, action: str, body: Any) -> tuple[int, Any]:
+    """Send one action; the status and body (status 0: the engine died, or no answer)."""
     if action == "events":
-        return bool(eng.post_events(body)[0] == 202)
-    if action == "erase":
-        return bool(eng.request("DELETE", f"/v1/users/{body}")[0] == 202)
-    return bool(eng.request("POST", "/v1/items", {"items": body})[0] == 202)
+        answer: tuple[int, Any] = eng.post_events(body)
+    elif action == "erase":
+        answer = eng.request("DELETE", f"/v1/users/{body}")
+    else:
+        answer = eng.request("POST", "/v1/items", {"items": body})
+    return answer
 
 
-def _retry(eng: Any, action: str, body: Any) -> bool:
-    """What a client does with what was not acknowledged: send it again, a few times."""
-    return any(_send(eng, action, body) for _attempt in range(3))
+def _send(eng: Any, action: str, body: Any) -> bool:
+    """Send one action; False when it was not acknowledged."""
+    return _answer(eng, action, body)[0] == 202
+
+
+def _retry(eng: Any, action: str, body: Any) -> list[tuple[int, Any]]:
+    """What a client does with what was not acknowledged: send it again, a few times.
+
+    Returns the answers, the last one 202 when it was acknowledged.
+    """
+    answers: list[tuple[int, Any]] = []
+    for _attempt in range(3):
+        answers.append(_answer(eng, action, body))
+        if answers[-1][0] == 202:
+            break
+    return answers
 
 
 def _expected(sent: list[tuple[str, Any]]) -> dict[str, Counter[str]]:
@@ -163,9 +178,11 @@ def test_killed_at_a_point_and_restarted_counts_exactly(
     assert f"failpoint {point}" in eng.tail(20000)
     eng.stop()
 
-    eng2 = engine_factory(eng.data_dir, config=CONFIG).start()
+    info = {"PERSONIFY_LOGGING__LEVEL": "info"}  # what the restarted engine did, if it fails
+    eng2 = engine_factory(eng.data_dir, config=CONFIG, env=info).start()
     for action, body in unacked:  # the client retries what was not acknowledged, in order
-        assert _retry(eng2, action, body), (action, eng2.tail())
+        answers = _retry(eng2, action, body)
+        assert answers[-1][0] == 202, (action, answers, eng2.tail())
     expected = _expected(acked + unacked)
     marker = {"event_id": "crash-marker", "type": "page_view", "user_id": BUSY}
     assert eng2.post_events([marker])[0] == 202
