@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -65,6 +67,7 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -120,8 +123,26 @@ class EmbeddedBroker:
                 f"(exit code {code}); see {self.log_path}"
             )
 
+    def watch(self, on_exit: Callable[[int], None]) -> None:
+        """Call ``on_exit(exit code)`` from a daemon thread if the broker exits before `stop`.
+
+        The broker keeps its topics in memory: once it is gone, the engine can only start
+        again (its journal makes the restart exact).
+        """
+        proc = self._proc
+        if proc is None:
+            raise BrokerError("embedded broker: watch() before start()")
+
+        def wait() -> None:
+            code = proc.wait()
+            if not self._stopping.is_set():
+                on_exit(code)
+
+        threading.Thread(target=wait, name="broker-watch", daemon=True).start()
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the broker: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        self._stopping.set()
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()

@@ -15,12 +15,15 @@ import argparse
 import ctypes
 import ctypes.util
 import fcntl
+import functools
 import gc
 import importlib
 import os
 import pkgutil
 import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,6 +218,32 @@ def _run_worker(config: Config, broker_url: str, broker_epoch: str) -> int:
     return 0
 
 
+#: Exit code of an engine that stopped because its embedded broker exited.
+BROKER_LOST_EXIT = 3
+#: How long an engine whose embedded broker exited may take to stop before it is ended.
+_BROKER_LOST_GRACE_S = 10.0
+_broker_lost = threading.Event()
+
+
+def _on_broker_exit(broker: EmbeddedBroker, code: int) -> None:
+    """The embedded broker exited under the engine: stop, and end the process if that hangs.
+
+    Every topic was in the broker's memory, so the worker cannot go on; a supervisor that
+    restarts the engine gets every acknowledged event back from the journal.
+    """
+    _broker_lost.set()
+    _log.error("embedded broker exited; stopping", exit_code=code, log=str(broker.log_path))
+    print(
+        f"personify: error: the embedded broker exited with code {code} (see "
+        f"{broker.log_path}); stopping. Start the engine again: nothing acknowledged is lost.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(_BROKER_LOST_GRACE_S)  # a stop that waits on the missing broker never ends
+    os._exit(BROKER_LOST_EXIT)
+
+
 def _cmd_run(config: Config, *, require_external: bool) -> int:
     url = config.broker.url
     if require_external and config.broker.embedded:
@@ -236,7 +265,9 @@ def _cmd_run(config: Config, *, require_external: bool) -> int:
             epoch = uuid.uuid4().hex[:8]
             print(f"Embedded broker listening on {broker.bootstrap}", flush=True)
             _log.info("embedded broker started", address=broker.bootstrap, pid=broker.pid)
-        return _run_worker(config, url, epoch)
+            broker.watch(functools.partial(_on_broker_exit, broker))
+        code = _run_worker(config, url, epoch)
+        return BROKER_LOST_EXIT if _broker_lost.is_set() else code
     finally:
         if broker is not None:
             broker.stop()

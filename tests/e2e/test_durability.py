@@ -141,6 +141,34 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(engine_factory
     eng2.wait_profile(USERS[0], lambda p: p["counts"].get("search") == 1)
 
 
+def test_engine_stops_when_its_broker_dies_and_restarts_exactly(engine_factory: Any) -> None:
+    """The embedded broker killed under the engine: it exits (code 3), says why, loses nothing."""
+    eng = engine_factory().start()
+    batch = [
+        {
+            "event_id": f"lost-broker-{i}",
+            "type": "product_view",
+            "user_id": USERS[i % 3],
+            "item_id": f"sku-{i}",
+        }
+        for i in range(30)
+    ]
+    assert eng.post_events(batch)[0] == 202
+    brokers = [
+        pid
+        for pid in _children(eng.proc.pid)
+        if b"--listener-url" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(brokers) == 1, brokers
+    os.kill(brokers[0], signal.SIGKILL)
+    assert eng.proc.wait(60) == 3  # it stops on its own
+    eng.stop()
+    assert "the embedded broker exited" in eng.log_path.read_text(errors="replace")
+
+    eng2 = engine_factory(eng.data_dir).start()
+    _wait_counts(eng2, _expected([batch]))
+
+
 def test_tables_rebuilt_exactly_from_the_journal(engine_factory: Any) -> None:
     """With the tables directory deleted, a restart rebuilds identical profiles from the journal."""
     eng = engine_factory().start()
