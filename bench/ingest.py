@@ -1,7 +1,7 @@
 """Ingestion benchmark: Personify against a naive Faust agent, measured in the same run.
 
 ``.venv/bin/python bench/ingest.py [--events 200000] [--users 20000] [--rate 1000,100]
-[--duration 30] [--changelog]`` runs, one after the other on this machine:
+[--duration 30] [--changelog] [--repeat N]`` runs, one after the other on this machine:
 
 1. the baseline: a minimal Faust worker (``bench/_naive_app.py``, a subprocess with its own
    embedded Tansu broker) that does one RocksDB table get + set per single-event message,
@@ -12,6 +12,11 @@
    through its public interfaces:
 
    a. the ``events`` topic, ``{"events": [...]}`` messages of ``--batch`` events (aiokafka);
+      with ``--repeat N``, N times in a row on the one engine (new events for the same
+      visitors each time), each run's rate printed against the first's. After each run the
+      engine's footprint is printed against the empty engine's (taken 10 s after /healthz):
+      resident memory and the data directory on disk, per 1M visitors seen (``--users``
+      sets how many);
    b. the ``events`` topic, one event per message;
    c. ``POST /v1/events`` with ``--batch`` events per request, ``--http-concurrency`` at once;
 
@@ -112,20 +117,29 @@ _ITEMS = 5000
 
 # -- events --------------------------------------------------------------------------------
 def make_events(
-    n: int, users: int, prefix: str, seed: int, *, unique_users: bool = False
+    n: int,
+    users: int,
+    prefix: str,
+    seed: int,
+    *,
+    unique_users: bool = False,
+    user_prefix: str | None = None,
 ) -> list[Event]:
     """``n`` valid wire events from ``users`` visitors (ids ``{prefix}u{k}``), oldest first.
 
     Visitors are drawn uniformly at random, so consecutive events rarely share a visitor. With
     ``unique_users`` every event has a visitor of its own and no timestamp (the server's now).
+    ``user_prefix`` (default ``prefix``) starts the visitor ids, so that several sets of events
+    can share visitors.
     """
+    uprefix = prefix if user_prefix is None else user_prefix
     rng = random.Random(seed)
     now_ms = int(time.time() * 1000)
     start_ms = now_ms - 600_000  # spread over the last ten minutes
     types = rng.choices(_TYPES, _TYPE_WEIGHTS, k=n)
     out: list[Event] = []
     for i, etype in enumerate(types):
-        user = f"{prefix}u{i}" if unique_users else f"{prefix}u{rng.randrange(users)}"
+        user = f"{uprefix}u{i}" if unique_users else f"{uprefix}u{rng.randrange(users)}"
         item = rng.randrange(_ITEMS)
         item_id = f"sku-{item}"
         price = float(5 + (item * 37) % 400)
@@ -1242,6 +1256,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--partitions", type=int, default=4, help="partitions of the naive topic")
     p.add_argument("--skip-naive", action="store_true", help="skip the naive baselines")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="(a) this many times on the same engine, new events for the same visitors each "
+        "time, each run's rate against the first's",
+    )
     p.add_argument("--only", default="abcl", help="Personify runs: a, b, c and/or l (latency)")
     p.add_argument(
         "--set",
@@ -1280,6 +1301,67 @@ class Row:
         """The row of a throughput run."""
         note = f"FAILED: {r.failure}" if r.failure else ""
         return cls(name, r.events, r.rate, base, fmt_cpu(r.cpu), note, goal and not r.failure)
+
+
+#: Seconds between /healthz and the empty engine's footprint (the model loads meanwhile).
+EMPTY_SETTLE_S = 10.0
+
+
+def _dir_mib(path: Path) -> float:
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+        if path.exists()
+        else 0.0
+    )
+
+
+@dataclass
+class Footprint:
+    """The engine's resident memory and its data directory on disk, at one moment."""
+
+    engine_mib: float
+    broker_mib: float
+    journal_mib: float
+    disk_mib: float
+
+    @classmethod
+    def of(cls, eng: Personify) -> Footprint:
+        """Measure ``eng`` now."""
+        assert eng.proc is not None
+        data = eng.workdir / "data"
+        return cls(
+            engine_mib=status_kb(eng.proc.pid, "VmRSS") / 1024,
+            broker_mib=status_kb(eng.broker_pid, "VmRSS") / 1024 if eng.broker_pid else 0.0,
+            journal_mib=_dir_mib(data / "journal") + _dir_mib(data / "journal-items"),
+            disk_mib=_dir_mib(data),
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"engine RSS {self.engine_mib:,.0f} MiB, broker {self.broker_mib:,.0f} MiB; "
+            f"data directory {self.disk_mib:,.0f} MiB (journal {self.journal_mib:,.0f} MiB)"
+        )
+
+    def against(self, empty: Footprint, visitors: int) -> str:
+        """This footprint, and what it adds to ``empty`` per 1M of ``visitors``."""
+        per = 1e6 / max(visitors, 1) / 1024
+        rss = self.engine_mib - empty.engine_mib
+        disk = self.disk_mib - empty.disk_mib
+        tables = disk - (self.journal_mib - empty.journal_mib)
+        return (
+            f"{self}; {visitors:,} visitors: engine +{rss:,.0f} MiB = {rss * per:.2f} GiB per "
+            f"1M visitors; disk +{disk:,.0f} MiB = {disk * per:.2f} GiB per 1M "
+            f"({tables * per:.2f} GiB without the journal)"
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        """The figures, for ``--json``."""
+        return {
+            "engine_rss_mib": self.engine_mib,
+            "broker_rss_mib": self.broker_mib,
+            "journal_mib": self.journal_mib,
+            "disk_mib": self.disk_mib,
+        }
 
 
 @dataclass
@@ -1365,15 +1447,48 @@ class PersonifyBench:
             await self.start_engine()
 
     async def topic_batched(self, eng: Personify) -> None:
-        """(a) ``{"events": [...]}`` messages on the events topic, all written at once."""
+        """(a) ``{"events": [...]}`` messages on the events topic, all written at once.
+
+        With ``--repeat N`` the run is done N times on the same engine, each with new events
+        for the same visitors (their profiles grow), and each run's rate is compared with the
+        first's: the rate must not fall as the engine holds more.
+        """
         a = self.args
-        evs = make_events(a.events, a.users, "a-", seed=2)
-        recs = batch_records(evs, a.batch, 4)
-        print(f"\n[a] events topic: {len(recs):,} messages of {a.batch} events, written at once")
-        r = await run_topic(eng, self.session, "a", recs, len(evs))
-        print_run(r, self.base)
-        self.out["a_topic_batched"] = r.as_dict()
-        self.rows.append(Row.of(f"(a) topic, {a.batch} events/msg", r, self.base, goal=True))
+        first: float | None = None
+        await asyncio.sleep(EMPTY_SETTLE_S)  # the embedding model loads after /healthz
+        empty = Footprint.of(eng)
+        print(f"\n[personify] empty: {empty}", flush=True)
+        visitors: set[str] = set()
+        for n in range(1, a.repeat + 1):
+            tag = "a" if a.repeat == 1 else f"a{n}"
+            seed = 2 if n == 1 else 100 + n
+            evs = make_events(a.events, a.users, f"{tag}-", seed=seed, user_prefix="a-")
+            visitors.update(e["user_id"] for e in evs)
+            recs = batch_records(evs, a.batch, 4)
+            run_of = "" if a.repeat == 1 else f", run {n} of {a.repeat}"
+            print(
+                f"\n[{tag}] events topic: {len(recs):,} messages of {a.batch} events, "
+                f"written at once{run_of}"
+            )
+            r = await run_topic(eng, self.session, tag, recs, len(evs))
+            print_run(r, self.base)
+            held = Footprint.of(eng)
+            print(f"  {held.against(empty, len(visitors))}", flush=True)
+            self.out.setdefault("a_footprint", []).append(
+                {"visitors": len(visitors), **held.as_dict(), "empty": empty.as_dict()}
+            )
+            if a.repeat > 1 and not r.failure:
+                first = first or r.applied.steady_rate
+                print(
+                    f"  run {n}: {r.applied.steady_rate:,.0f} events/s = "
+                    f"{ratio(r.applied.steady_rate, first)} run 1",
+                    flush=True,
+                )
+            self.out["a_topic_batched" if n == 1 else f"a_topic_batched_run{n}"] = r.as_dict()
+            name = f"(a) topic, {a.batch} events/msg{run_of}"
+            self.rows.append(Row.of(name, r, self.base, goal=True))
+            if r.failure:
+                break
         if not r.failure:
             return
         await self.after_failure(r)
