@@ -43,6 +43,7 @@ from personify.engine.metrics import (
     EVENTS_VETOED,
     PUSH_STAGE,
     ROUTED_END_OFFSET,
+    SIGNAL_ROWS_CACHED,
 )
 from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER, Publisher
@@ -303,6 +304,10 @@ async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float
             _live[partition].trim()
             if drop:
                 _live.pop(partition, None)
+        SIGNAL_ROWS_CACHED.labels("rows").set(sum(len(live.rows) for live in _live.values()))
+        SIGNAL_ROWS_CACHED.labels("neighbours").set(
+            sum(signals.entries(row) for live in _live.values() for row in live.rows.values())
+        )
 
 
 _flushing: set[asyncio.Task[None]] = set()

@@ -1323,22 +1323,34 @@ class Footprint:
     broker_mib: float
     journal_mib: float
     disk_mib: float
+    #: What the engine reports holding: RocksDB, the lists' JSON, decoded signal rows.
+    rocksdb_mib: float = 0.0
+    lists_mib: float = 0.0
+    signal_rows: int = 0
+    signal_neighbours: int = 0
 
     @classmethod
-    def of(cls, eng: Personify) -> Footprint:
+    async def of(cls, eng: Personify, session: aiohttp.ClientSession) -> Footprint:
         """Measure ``eng`` now."""
         assert eng.proc is not None
         data = eng.workdir / "data"
+        m = await eng.metrics(session)
         return cls(
             engine_mib=status_kb(eng.proc.pid, "VmRSS") / 1024,
             broker_mib=status_kb(eng.broker_pid, "VmRSS") / 1024 if eng.broker_pid else 0.0,
             journal_mib=_dir_mib(data / "journal") + _dir_mib(data / "journal-items"),
             disk_mib=_dir_mib(data),
+            rocksdb_mib=m.get("personify_rocksdb_memory_bytes", 0.0) / 2**20,
+            lists_mib=sum(v for k, v in m.items() if 'what="body_bytes"' in k) / 2**20,
+            signal_rows=int(m.get('personify_signal_rows_cached{what="rows"}', 0)),
+            signal_neighbours=int(m.get('personify_signal_rows_cached{what="neighbours"}', 0)),
         )
 
     def __str__(self) -> str:
         return (
-            f"engine RSS {self.engine_mib:,.0f} MiB, broker {self.broker_mib:,.0f} MiB; "
+            f"engine RSS {self.engine_mib:,.0f} MiB (RocksDB {self.rocksdb_mib:,.0f} MiB, "
+            f"lists {self.lists_mib:,.0f} MiB, {self.signal_rows:,} signal rows of "
+            f"{self.signal_neighbours:,} neighbours), broker {self.broker_mib:,.0f} MiB; "
             f"data directory {self.disk_mib:,.0f} MiB (journal {self.journal_mib:,.0f} MiB)"
         )
 
@@ -1361,6 +1373,10 @@ class Footprint:
             "broker_rss_mib": self.broker_mib,
             "journal_mib": self.journal_mib,
             "disk_mib": self.disk_mib,
+            "rocksdb_mib": self.rocksdb_mib,
+            "lists_mib": self.lists_mib,
+            "signal_rows": self.signal_rows,
+            "signal_neighbours": self.signal_neighbours,
         }
 
 
@@ -1456,7 +1472,7 @@ class PersonifyBench:
         a = self.args
         first: float | None = None
         await asyncio.sleep(EMPTY_SETTLE_S)  # the embedding model loads after /healthz
-        empty = Footprint.of(eng)
+        empty = await Footprint.of(eng, self.session)
         print(f"\n[personify] empty: {empty}", flush=True)
         visitors: set[str] = set()
         for n in range(1, a.repeat + 1):
@@ -1472,7 +1488,7 @@ class PersonifyBench:
             )
             r = await run_topic(eng, self.session, tag, recs, len(evs))
             print_run(r, self.base)
-            held = Footprint.of(eng)
+            held = await Footprint.of(eng, self.session)
             print(f"  {held.against(empty, len(visitors))}", flush=True)
             self.out.setdefault("a_footprint", []).append(
                 {"visitors": len(visitors), **held.as_dict(), "empty": empty.as_dict()}

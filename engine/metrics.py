@@ -33,6 +33,7 @@ __all__ = [
     "ROCKSDB_MEMORY",
     "ROUTED_COMPACTIONS",
     "ROUTED_END_OFFSET",
+    "SIGNAL_ROWS_CACHED",
     "TRIGGER_ACTIONS",
     "WEBHOOK_CALLS",
     "WS_DROPPED",
@@ -118,6 +119,13 @@ LISTS_COMPUTED = Counter(
     "personify_lists_computed",
     "Recommendation lists ranked and stored, by kind (user, new_visitor, similar).",
     ["kind"],
+    registry=REGISTRY,
+)
+SIGNAL_ROWS_CACHED = Gauge(
+    "personify_signal_rows_cached",
+    "Signal rows the profile agent keeps decoded (what: rows, or neighbours in all of them), "
+    "as of the last flush.",
+    ["what"],
     registry=REGISTRY,
 )
 LISTS_CACHED = Gauge(

@@ -333,6 +333,11 @@ class SignalBatch:
         return [(key, encode_row(rows[key])) for key in self.updates]
 
 
+def entries(row: Row) -> int:
+    """A decoded row's size in neighbours (its ``s`` and ``m`` counts), plus one for itself."""
+    return 1 + len(row["s"]) + len(row.get("m", ()))
+
+
 class LiveRows:
     """The writer's signal rows of one partition, decoded, and which changed since the flush.
 

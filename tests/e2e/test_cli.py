@@ -75,6 +75,14 @@ def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
     engine.wait_for(lambda: lags() and not any(lags()), what="every lag to read 0")
     ends = re.findall(r'^personify_routed_end_offset\{partition="\d+"\} (\S+)$', text, re.M)
     assert ends and max(float(e) for e in ends) >= 1
+    # A view makes signal rows (trending, at least); once flushed they are counted as held.
+    item = {"type": "product_view", "user_id": uid, "item_id": f"{uid}-item"}
+    assert engine.post_events([item])[0] == 202
+    engine.wait_for(
+        lambda: engine.metric('personify_signal_rows_cached{what="neighbours"}') > 0,
+        what="the signal rows held to be counted",
+    )
+    assert engine.metric('personify_signal_rows_cached{what="rows"}') >= 1
 
 
 def test_embedded_broker_warns_as_a_partition_fills(engine_factory: Any, uid: str) -> None:
