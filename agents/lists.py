@@ -537,14 +537,17 @@ def _builder_wake() -> asyncio.Event:
     return asyncio.Event()
 
 
-#: Profiles just written by this worker's profile agent and not ranked since: the builder
-#: takes them as they are instead of reading and decoding them again.
-_just_written: dict[str, profiles.Profile] = {}
+#: Profiles just written by this worker's profile agent and queued to be ranked: the builder
+#: takes them as they are instead of reading and decoding them again. Only those queued are
+#: kept, and at most `_JUST_WRITTEN_MAX`, the oldest dropped first (read back when ranked).
+_just_written: OrderedDict[str, profiles.Profile] = OrderedDict()
 #: When each visitor with a socket open changed and has not been pushed since (perf_counter):
 #: the start of the queue stage of `PUSH_STAGE`.
 _changed_at: dict[str, float] = {}
-#: Fresh profiles kept at most (visitors who are not ranked soon are read when they are).
-_JUST_WRITTEN_MAX = 50_000
+#: Fresh profiles kept at most. A decoded profile takes ~10 KB or more, and a backfill writes
+#: profiles far faster than lists are ranked (the former 50,000 held 130-290 MiB after
+#: `bench/ingest.py`'s 20,000 visitors).
+_JUST_WRITTEN_MAX = 4_096
 
 
 def profiles_changed(
@@ -568,13 +571,12 @@ def profiles_changed(
             _just_written.pop(user, None)
         cache.changed(users, queue=False)
         return
-    if states:
-        if len(_just_written) + len(states) > _JUST_WRITTEN_MAX:
-            _just_written.clear()
-        _just_written.update(states)
     users = list(user_ids)
     live = hub()
     watched = [u for u in users if live.followed(u)]  # pushed first, with or without precompute
+    precompute = current_config().recommend.precompute
+    if states:
+        _keep_written(states if precompute else {u: states[u] for u in watched if u in states})
     if watched:
         now = time.perf_counter()
         for user in watched:
@@ -583,10 +585,20 @@ def profiles_changed(
     if len(watched) < len(users):
         seen = set(watched)
         others = [u for u in users if u not in seen] if watched else users
-        cache.changed(others, queue=current_config().recommend.precompute)
-    if watched or current_config().recommend.precompute:
+        cache.changed(others, queue=precompute)
+    if watched or precompute:
         _gauge()
         _builder_wake().set()
+
+
+def _keep_written(states: Mapping[str, profiles.Profile]) -> None:
+    """Keep the profiles about to be ranked (see `_just_written`)."""
+    for user, state in states.items():
+        _just_written.pop(user, None)  # set again: the newest go last
+        _just_written[user] = state
+    while len(_just_written) > _JUST_WRITTEN_MAX:
+        with contextlib.suppress(KeyError):  # the builder took it meanwhile
+            _just_written.popitem(last=False)
 
 
 def signals_changed(keys: Iterable[bytes]) -> None:

@@ -167,3 +167,20 @@ def test_a_list_stored_on_request_is_not_computed_again() -> None:
     assert cache.take(5) == ["w"]  # a socket waits for its push
     got = cache.get("u")
     assert got is not None and got.rec_id == "asked"
+
+
+def test_fresh_profiles_kept_for_the_builder_are_bounded_newest_last() -> None:
+    """A backfill writes profiles faster than lists are ranked: only the newest are kept."""
+    from personify.agents import lists
+
+    lists._just_written.clear()
+    try:
+        cap = lists._JUST_WRITTEN_MAX
+        lists._keep_written({f"v{n}": {"user_id": f"v{n}"} for n in range(cap + 10)})
+        assert len(lists._just_written) == cap
+        assert "v9" not in lists._just_written and "v10" in lists._just_written
+        lists._keep_written({"v10": {"user_id": "v10", "again": True}})  # written again
+        assert next(reversed(lists._just_written)) == "v10"
+        assert lists._just_written["v10"]["again"]
+    finally:
+        lists._just_written.clear()
