@@ -28,6 +28,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -248,7 +249,8 @@ class SignalBatch:
     updates: dict[bytes, list[tuple[str, float, int]]] = field(default_factory=dict)
 
     def _put(self, kind: SignalKind, name: str, item: str, weight: float, ts: int) -> None:
-        self.updates.setdefault(row_key(kind, name), []).append((item, weight, ts))
+        # Interned: the rows held decoded (`LiveRows`) then share one string per item.
+        self.updates.setdefault(row_key(kind, name), []).append((sys.intern(item), weight, ts))
 
     def observe(self, profile: Mapping[str, Any], event: Mapping[str, Any]) -> None:
         """Record what ``event`` contributes, given the visitor's ``profile`` before it."""
@@ -361,8 +363,12 @@ class LiveRows:
         return [key for key in keys if key not in self.rows]
 
     def load(self, key: bytes, raw: bytes | None) -> None:
-        """Hold the stored row of ``key``."""
-        self.rows[key] = decode_row(raw)
+        """Hold the stored row of ``key`` (its item ids interned: rows share them)."""
+        row = decode_row(raw)
+        for part in ("s", "m"):
+            if row.get(part):
+                row[part] = {sys.intern(k): v for k, v in row[part].items()}
+        self.rows[key] = row
 
     def apply(self, batch: SignalBatch) -> None:
         """Fold a batch into the held rows (every row it touches must be held)."""

@@ -229,3 +229,22 @@ def test_live_rows_flushed_equal_rows_written_every_round(
     assert {k: orjson.loads(v) for k, v in direct.items()} == {
         k: orjson.loads(v) for k, v in flushed.items()
     }
+
+
+def test_rows_held_decoded_share_one_string_per_item() -> None:
+    """Item ids are interned as rows are loaded and folded: memory per neighbour, not per row."""
+    live = signals.LiveRows(CFG.recommend)
+    for key in (b"a", b"b"):
+        raw = orjson.dumps({"r": 0, "n": 1.0, "s": {"sku-" + "1": 1.0}, "m": {}})
+        live.load(key, raw)
+    (first,), (second,) = live.rows[b"a"]["s"], live.rows[b"b"]["s"]
+    assert first == second == "sku-1" and first is second
+    batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
+    profiles.apply_events(
+        profiles.new_profile("u"),
+        [_view("sku-" + "1", 1_000), _view("sku-" + "2", 2_000)],
+        CFG.profiles,
+        observe=batch.observe,
+    )
+    items = [item for updates in batch.updates.values() for item, _w, _ts in updates]
+    assert any(item is first for item in items)
