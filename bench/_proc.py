@@ -44,6 +44,16 @@ def status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def disk_mib(path: Path) -> float:
+    """Bytes under ``path`` in MiB (0 if it is missing; files vanishing meanwhile are skipped)."""
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                total += p.stat().st_size
+    return total / (1 << 20)
+
+
 def children(pid: int) -> list[int]:
     """The child process ids of ``pid``."""
     out: list[int] = []

@@ -67,6 +67,7 @@ import orjson
 from _proc import (
     children,
     cpu_seconds,
+    disk_mib,
     parse_metrics,
     run_record,
     settings_env,
@@ -1307,14 +1308,6 @@ class Row:
 EMPTY_SETTLE_S = 10.0
 
 
-def _dir_mib(path: Path) -> float:
-    return (
-        sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-        if path.exists()
-        else 0.0
-    )
-
-
 @dataclass
 class Footprint:
     """The engine's resident memory and its data directory on disk, at one moment."""
@@ -1338,8 +1331,8 @@ class Footprint:
         return cls(
             engine_mib=status_kb(eng.proc.pid, "VmRSS") / 1024,
             broker_mib=status_kb(eng.broker_pid, "VmRSS") / 1024 if eng.broker_pid else 0.0,
-            journal_mib=_dir_mib(data / "journal") + _dir_mib(data / "journal-items"),
-            disk_mib=_dir_mib(data),
+            journal_mib=disk_mib(data / "journal") + disk_mib(data / "journal-items"),
+            disk_mib=disk_mib(data),
             rocksdb_mib=m.get("personify_rocksdb_memory_bytes", 0.0) / 2**20,
             lists_mib=sum(v for k, v in m.items() if 'what="body_bytes"' in k) / 2**20,
             signal_rows=int(m.get('personify_signal_rows_cached{what="rows"}', 0)),

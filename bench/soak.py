@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import random
 import shutil
@@ -45,7 +44,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import run_record, settings_env, stage_line, stage_means_ms
+from _proc import disk_mib, run_record, settings_env, stage_line, stage_means_ms
 from push import NO_PUSH_S, Sockets
 from serve import Engine, item_bodies, make_catalog, percentile, post_all
 
@@ -54,16 +53,6 @@ Json = dict[str, Any]
 MIX = (("product_view", 0.55), ("search", 0.20), ("add_to_cart", 0.15), ("purchase", 0.10))
 QUERIES = ("lamp", "running shoes", "coffee", "desk", "blue shirt", "gift", "tent", "novel")
 SAMPLED = 500
-
-
-def disk_mib(path: Path) -> float:
-    """Bytes under ``path`` in MiB."""
-    total = 0
-    for p in path.rglob("*"):
-        with contextlib.suppress(OSError):
-            if p.is_file():
-                total += p.stat().st_size
-    return total / (1 << 20)
 
 
 class Traffic:
