@@ -14,7 +14,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: Eight threads allocate at once, then the process counts its arena heaps: the anonymous
-#: mappings glibc aligns on 64 MiB for each arena besides the main one.
+#: mappings glibc aligns on 64 MiB for each arena besides the main one. All eight threads
+#: together hold about 32 MiB, so that an arena shared by all of them still fits in one heap
+#: (a heap holds at most 64 MiB; an arena that outgrows it maps a second one).
 _SCRIPT = """
 import sys, threading
 from personify.engine.cli import _limit_malloc_arenas
@@ -22,7 +24,7 @@ _limit_malloc_arenas(int(sys.argv[1]))
 barrier = threading.Barrier(8)
 def work():
     barrier.wait()
-    keep = [bytearray(1000) for _ in range(20000)]
+    keep = [bytearray(1000) for _ in range(4000)]
     barrier.wait()
 threads = [threading.Thread(target=work) for _ in range(8)]
 for t in threads:
