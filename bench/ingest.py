@@ -1276,8 +1276,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--py-spy",
         metavar="DIR",
-        help="record a py-spy profile of Personify per run into DIR (raw folded stacks; "
-        "`pip install py-spy`; it takes some CPU)",
+        help="record a py-spy profile of Personify per run (each of --repeat's) into DIR "
+        "(raw folded stacks; `pip install py-spy`; it takes some CPU)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
@@ -1442,7 +1442,9 @@ class PersonifyBench:
                     await self.start_engine(changelog=True)
                 eng = self.eng or await self.start_engine()
                 assert eng.proc is not None
-                async with py_spy(eng.proc.pid, self.args.py_spy, phase.__name__):
+                # With --repeat, (a) records one profile per run instead.
+                whole = None if key == "a" and self.args.repeat > 1 else self.args.py_spy
+                async with py_spy(eng.proc.pid, whole, phase.__name__):
                     await phase(eng)
         finally:
             await self.stop_engine()
@@ -1479,7 +1481,10 @@ class PersonifyBench:
                 f"\n[{tag}] events topic: {len(recs):,} messages of {a.batch} events, "
                 f"written at once{run_of}"
             )
-            r = await run_topic(eng, self.session, tag, recs, len(evs))
+            spy_dir = a.py_spy if a.repeat > 1 else None
+            assert eng.proc is not None
+            async with py_spy(eng.proc.pid, spy_dir, f"topic_batched_run{n}"):
+                r = await run_topic(eng, self.session, tag, recs, len(evs))
             print_run(r, self.base)
             held = await Footprint.of(eng, self.session)
             print(f"  {held.against(empty, len(visitors))}", flush=True)

@@ -292,6 +292,8 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
                     'personify_lists_cached{kind="user",what="body_bytes"}', 0
                 )
                 / 2**20,
+                "trainings": metrics.get('personify_model_trainings_total{outcome="trained"}', 0),
+                "model_interactions": metrics.get("personify_model_interactions", 0),
                 "rss_engine_mib": engine_rss,
                 "rss_broker_mib": broker_rss,
                 "disk_mib": disk_mib(data_dir),
@@ -310,7 +312,9 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
             print(
                 f"    stages: {stage_line(stages, row['push_mean_ms'])}\n"
                 f"    RocksDB {row['rocksdb_mib']:.0f} MiB; {row['lists_cached']:,.0f} lists in "
-                f"memory ({row['list_bytes_mib']:.0f} MiB of JSON)",
+                f"memory ({row['list_bytes_mib']:.0f} MiB of JSON); model trained "
+                f"{row['trainings']:.0f} times so far (last on "
+                f"{row['model_interactions']:,.0f} interactions)",
                 flush=True,
             )
             if args.json:
