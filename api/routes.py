@@ -27,7 +27,7 @@ from personify.engine.models import (
     stored_id,
     validate_event,
 )
-from personify.engine.publisher import Publisher
+from personify.engine.publisher import Publisher, PublishTimeout
 from personify.tables import profiles
 
 __all__ = [
@@ -175,7 +175,11 @@ async def post_events(request: web.Request) -> web.Response:
             503,
             f"the broker did not acknowledge the events: {exc}",
             "",
-            "nothing was accepted; retry with the same event ids",
+            (
+                "they may still be applied; retry with the same event ids (never counted twice)"
+                if isinstance(exc, PublishTimeout)
+                else "nothing was accepted; retry with the same event ids"
+            ),
         )
     EVENTS_ACCEPTED.labels("http").inc(len(valid))
     result: EventsAccepted = {

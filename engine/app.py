@@ -228,14 +228,24 @@ def _journal(cfg: Config, directory: str) -> Journal | None:
 def publisher() -> Publisher:
     """The process's publisher of routed events (with the journal when it is enabled)."""
     cfg = current_config()
-    return Publisher(topic(cfg.topics.routed), cfg.broker.partitions, _journal(cfg, "journal"))
+    return Publisher(
+        topic(cfg.topics.routed),
+        cfg.broker.partitions,
+        _journal(cfg, "journal"),
+        cfg.server.publish_timeout_s,
+    )
 
 
 @functools.cache
 def items_publisher() -> Publisher:
     """The process's publisher of catalog changes (with their own journal when enabled)."""
     cfg = current_config()
-    return Publisher(topic(cfg.topics.items), cfg.broker.partitions, _journal(cfg, "journal-items"))
+    return Publisher(
+        topic(cfg.topics.items),
+        cfg.broker.partitions,
+        _journal(cfg, "journal-items"),
+        cfg.server.publish_timeout_s,
+    )
 
 
 def _publishers() -> list[tuple[Publisher, str]]:

@@ -129,6 +129,9 @@ class ServerConfig:
     #: How other workers reach this one (to forward reads of keys it owns);
     #: empty means http://host:port.
     public_url: str = ""
+    #: How long a write (events, items, consent, erasure) waits for the broker's acknowledgement
+    #: before it answers 503 (the write may still be applied; a retry with the same ids is safe).
+    publish_timeout_s: float = 30.0
 
     @property
     def url(self) -> str:
@@ -566,6 +569,7 @@ def _check(value: Any, tp: Any, where: str) -> Any:
 
 
 _POSITIVE = {
+    "server.publish_timeout_s",
     "tune.interval_s",
     "tune.trials",
     "tune.max_users",

@@ -21,12 +21,26 @@ from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
 from personify.engine.models import Event, event_key
 
-__all__ = ["SEQ_HEADER", "Publisher", "partition_for"]
+__all__ = ["SEQ_HEADER", "PublishTimeout", "Publisher", "partition_for"]
 
 SEQ_HEADER = "personify-seq"
 #: Routed messages carry at most this many events (keeps messages well under 1 MB).
 MAX_EVENTS_PER_MESSAGE = 500
 _log = get_logger(__name__)
+
+
+class PublishTimeout(TimeoutError):
+    """The broker did not acknowledge a publish in time.
+
+    The publish goes on: its events may still be applied. A retry with the same event ids is
+    safe (a profile skips an event id it has applied).
+    """
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Mark a publish's outcome as seen (its caller may have stopped waiting for it)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def partition_for(key: str, partitions: int) -> int:
@@ -42,12 +56,17 @@ class Publisher:
         topic: the Faust topic of routed events.
         partitions: its partition count.
         journal: the journal, or None when the broker is durable on its own.
+        timeout_s: how long `publish` and `publish_records` wait for the broker before they
+            raise `PublishTimeout` (None: as long as the producer's own timeout).
     """
 
-    def __init__(self, topic: Any, partitions: int, journal: Journal | None) -> None:
+    def __init__(
+        self, topic: Any, partitions: int, journal: Journal | None, timeout_s: float | None = None
+    ) -> None:
         self.topic = topic
         self.partitions = partitions
         self.journal = journal
+        self.timeout_s = timeout_s
         self.ready = asyncio.Event()
         #: Journal records below this were replayed at start.
         self.replayed_until = 0
@@ -82,7 +101,20 @@ class Publisher:
         self._queue.append((events, done))
         if self._flusher is None:
             self._flusher = asyncio.ensure_future(self._flush())
-        await done
+        await self._bounded(done)
+
+    async def _bounded(self, fut: asyncio.Future[None]) -> None:
+        """Wait for ``fut`` at most ``timeout_s``; it goes on if the wait ends first."""
+        if self.timeout_s is None:
+            await fut
+            return
+        fut.add_done_callback(_retrieve)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
+        except TimeoutError:
+            raise PublishTimeout(
+                f"not acknowledged within {self.timeout_s:g} s (it may still be applied)"
+            ) from None
 
     async def _flush(self) -> None:
         try:
@@ -111,10 +143,13 @@ class Publisher:
             for p, group in self.group(events).items()
             for i in range(0, len(group), MAX_EVENTS_PER_MESSAGE)
         ]
-        await self.publish_records(records)
+        await self._publish_when_open(records)
 
     async def publish_records(self, records: list[tuple[int, bytes]]) -> None:
         """Publish ready-made ``(partition, payload)`` messages (waits while `held`)."""
+        await self._bounded(asyncio.ensure_future(self._publish_when_open(records)))
+
+    async def _publish_when_open(self, records: list[tuple[int, bytes]]) -> None:
         while not self._open.is_set():
             await self._open.wait()
         self._in_flight += 1

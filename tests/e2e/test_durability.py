@@ -169,6 +169,43 @@ def test_engine_stops_when_its_broker_dies_and_restarts_exactly(engine_factory: 
     _wait_counts(eng2, _expected([batch]))
 
 
+def test_a_broker_that_does_not_answer_gets_a_503_and_a_retry_counts_once(
+    engine_factory: Any,
+) -> None:
+    """A publish the broker leaves unacknowledged answers 503 in time; retrying is exact."""
+    eng = engine_factory(env={"PERSONIFY_SERVER__PUBLISH_TIMEOUT_S": "2"}).start()
+    first = [
+        {"event_id": f"stall-a-{i}", "type": "product_view", "user_id": USERS[i % 3]}
+        | {"item_id": f"sku-{i}"}
+        for i in range(30)
+    ]
+    second = [{**e, "event_id": e["event_id"].replace("-a-", "-b-")} for e in first]
+    assert eng.post_events(first)[0] == 202
+    brokers = [
+        pid
+        for pid in _children(eng.proc.pid)
+        if b"--listener-url" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(brokers) == 1, brokers
+    os.kill(brokers[0], signal.SIGSTOP)
+    try:
+        status, body = eng.post_events(second)
+    finally:
+        os.kill(brokers[0], signal.SIGCONT)
+    assert status == 503, (status, body)
+    assert "within 2 s" in body["error"]
+    assert "same event ids" in body["detail"]
+    answers = []
+    for _ in range(30):  # a client retries until the broker acknowledges
+        answers.append(eng.post_events(second))
+        if answers[-1][0] == 202:
+            break
+        time.sleep(1.0)
+    assert answers[-1][0] == 202, answers
+    assert eng.post_events(second)[0] == 202  # once more: still counted once
+    _wait_counts(eng, _expected([first, second]))
+
+
 def test_tables_rebuilt_exactly_from_the_journal(engine_factory: Any) -> None:
     """With the tables directory deleted, a restart rebuilds identical profiles from the journal."""
     eng = engine_factory().start()
