@@ -46,14 +46,14 @@ from personify.engine.models import Item, validate_item
 from personify.engine.publisher import SEQ_HEADER, partition_for
 from personify.engine.retry import until_done
 from personify.tables import catalog as catalog_table
-from personify.tables import profiles
+from personify.tables import store
 
 __all__ = ["Embeddings", "catalog_agent", "embeddings", "parse_catalog_message"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
 _items_topic = topic(_cfg.topics.items)
-_store = profiles.ProfileStore(catalog_table.table(), changelog=_cfg.changelog_enabled)
+_store = store.TableStore(catalog_table.table(), changelog=_cfg.changelog_enabled)
 _ENCODE_CHUNK = 512
 
 

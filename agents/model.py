@@ -74,7 +74,7 @@ from personify.engine.metrics import (
 )
 from personify.engine.models import format_ts
 from personify.engine.retry import until_done
-from personify.tables import history, profiles
+from personify.tables import history, profiles, store
 from personify.tables.catalog import catalog
 
 __all__ = [
@@ -92,8 +92,20 @@ __all__ = [
 ]
 
 _log = get_logger(__name__)
-#: Training runs here: one run at a time, beside the event loop.
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (Linux: its own nice value) the tuning child's lower priority."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
+
+
+#: Training runs here: one run at a time, beside the event loop, at a lower priority, so that
+#: where the cores are busy ingestion and serving go first.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+    1, thread_name_prefix="model", initializer=_lower_priority
+)
 #: Expired history rows deleted per write.
 _DELETE_CHUNK = 5000
 
@@ -135,9 +147,7 @@ def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
     failed: list[BaseException] = []
 
     def start() -> None:
-        if sys.platform == "linux":
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
+        _lower_priority()
         try:
             child.start()
         except BaseException as exc:  # raised again in the caller's thread
@@ -427,9 +437,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self._pending_at_check = 0
         started = time.time()
         try:
-            store = profiles.ProfileStore(profiles.table(), changelog=cfg.changelog_enabled)
+            table_store = store.TableStore(profiles.table(), changelog=cfg.changelog_enabled)
             run: _Run = await asyncio.get_running_loop().run_in_executor(
-                _EXECUTOR, _train, store.dbs(), cfg
+                _EXECUTOR, _train, table_store.dbs(), cfg
             )
         except Exception as exc:
             self.pending += pending  # counted again at the next try
@@ -453,9 +463,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
                 chunk: list[tuple[bytes, bytes | None]] = [
                     (key, None) for key in keys[i : i + _DELETE_CHUNK]
                 ]
-                await until_done(
-                    "expired history delete", functools.partial(store.put_many, partition, chunk)
-                )
+                write = functools.partial(table_store.put_many, partition, chunk)
+                await until_done("expired history delete", write)
         if run.model is None:
             return None
         await asyncio.to_thread(_save, run.model, run.repeat, self.latest_ms, self.directory)

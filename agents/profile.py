@@ -49,7 +49,7 @@ from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER, Publisher
 from personify.engine.retry import until_done
 from personify.plugins.manager import plugins
-from personify.tables import history, profiles, signals
+from personify.tables import history, profiles, signals, store
 from personify.tables.catalog import catalog
 from personify.tables.positions import POSITION_KEY, Position
 
@@ -57,7 +57,7 @@ __all__ = ["Folded", "fold_batch", "profile_agent"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
-_store = profiles.ProfileStore(profiles.table(), changelog=_cfg.changelog_enabled)
+_store = store.TableStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(*routed_names(_cfg))
 _audit_topic = topic(_cfg.topics.audit)
 #: Whether item interactions are kept for the learned model ([model] enabled).
@@ -198,7 +198,7 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
     return True
 
 
-def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]) -> Folded:
+def fold_batch(table_store: store.TableStore, partition: int, events: list[Event]) -> Folded:
     """Apply ``events`` (all of one partition) to their profiles, in memory.
 
     Each profile is read once and its new value is returned in ``writes``, to be written once.
@@ -212,7 +212,7 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
     for e in events:
         by_user.setdefault(event_key(e), []).append(e)
     out = Folded()
-    stored = store.get_many(partition, [key.encode() for key in by_user])
+    stored = table_store.get_many(partition, [key.encode() for key in by_user])
     for (key, evs), raw in zip(by_user.items(), stored, strict=True):
         try:
             _fold_user(key, raw, evs, out)
@@ -236,11 +236,13 @@ def fold_batch(store: profiles.ProfileStore, partition: int, events: list[Event]
     # An erased visitor's interaction history goes with the profile (events applied after
     # the erasure in this round are not stored yet, and stay).
     for user, _request in out.erased:
-        out.history[:0] = [(row, None) for row in store.history_keys(partition, user)]
+        out.history[:0] = [
+            (row, None) for row in history.user_keys(table_store.db(partition), user)
+        ]
     if out.signals.updates:
         live = _live[partition]
         missing = live.missing(out.signals.updates)
-        for row_key, row_raw in zip(missing, store.get_many(partition, missing), strict=True):
+        for row_key, row_raw in zip(missing, table_store.get_many(partition, missing), strict=True):
             live.load(row_key, row_raw)
         live.apply(out.signals)
     return out

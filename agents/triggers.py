@@ -29,7 +29,7 @@ from personify.engine.models import Event, event_key, internal_event, new_id
 from personify.engine.retry import until_done
 from personify.plugins.manager import FAILED, plugins
 from personify.plugins.timers import Timers
-from personify.tables import profiles
+from personify.tables import profiles, store
 
 __all__ = ["act", "fire_due", "note_timers", "queue_events"]
 
@@ -199,8 +199,8 @@ async def fire_due(now_ms: int) -> int:
 def _scan_timers() -> list[tuple[str, str, int]]:
     """Every timer set in the profiles this worker holds (read from RocksDB)."""
     out: list[tuple[str, str, int]] = []
-    for db in list(profiles.table().data._dbs.values()):
-        for key, value in db.items():
+    for partition_db in store.open_dbs(profiles.table()):
+        for key, value in store.scan(partition_db):
             if key[:1] == b"\x00" or b'"timers":{"' not in value:
                 continue  # a signal row, or a profile without timers
             for timer, due_ms in profiles.decode(value).get("timers", {}).items():

@@ -22,8 +22,9 @@ from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import ITEMS_REJECTED
 from personify.engine.models import Item, stored_id, validate_item
-from personify.engine.publisher import MAX_EVENTS_PER_MESSAGE, partition_for
+from personify.engine.publisher import MAX_EVENTS_PER_MESSAGE, PublishTimeout, partition_for
 from personify.tables import catalog as catalog_table
+from personify.tables import store
 
 __all__ = ["item_routes"]
 
@@ -85,7 +86,11 @@ async def _accept(entries: list[Any], single: bool) -> web.Response:
             503,
             f"the broker did not acknowledge the items: {exc}",
             "",
-            "nothing was accepted; retry (an upsert is idempotent)",
+            (
+                "they may still be applied; retry (an upsert is idempotent)"
+                if isinstance(exc, PublishTimeout)
+                else "nothing was accepted; retry (an upsert is idempotent)"
+            ),
         )
     return json_response(
         {
@@ -179,11 +184,7 @@ async def get_item(request: web.Request) -> web.Response:
     """The stored item."""
     item_id = request.match_info["item_id"]
     tbl = catalog_table.table()
-    raw = None
-    for db in list(tbl.data._dbs.values()):
-        raw = db.get(item_id.encode())
-        if raw is not None:
-            break
+    raw = store.get_any(tbl, item_id.encode())
     if raw is None:
         return json_error(404, f"no item {item_id!r}", "item_id", "add it with PUT /v1/items/{id}")
     return json_response(catalog_table.decode_item(raw))

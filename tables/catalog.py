@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from personify.engine.models import Item
-from personify.tables.profiles import bytes_table
+from personify.tables.store import bytes_table, held_db, scan
 
 __all__ = [
     "Catalog",
@@ -169,11 +169,8 @@ def table() -> Any:
 def stored_items(tbl: Any, partitions: int) -> Iterator[Item]:
     """Every item held locally in the items table (all local partitions)."""
     for partition in range(partitions):
-        try:
-            db = tbl.data._db_for_partition(partition)
-        except Exception:  # a partition this worker has never held
+        partition_db = held_db(tbl, partition)
+        if partition_db is None:  # a partition this worker has never held
             continue
-        for key, value in db.items():
-            if key.startswith(b"__faust"):  # Faust's own bookkeeping keys
-                continue
+        for _key, value in scan(partition_db):
             yield decode_item(value)

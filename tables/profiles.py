@@ -4,16 +4,16 @@ The pure functions here (`new_profile`, `apply_events`, `view`) hold all profile
 know nothing of Faust; `table()` is the RocksDB-backed, changelog-backed Faust table that
 the profile agent writes (and the API reads). A profile is stored as one JSON document.
 
-Exactly-once effect: a profile remembers the ids of the last ``dedup_window`` events applied
-to it, and an event whose id is among them is skipped. Redelivery after a crash, a client's
-retry and a journal replay therefore never count an event twice.
+Exactly-once effect: replay and redelivery skip by the partition's applied position, stored
+in the same write batch (`personify.tables.positions`). For a client that sends an event
+twice (a retry after a timeout), a profile also remembers the ids of the last
+``dedup_window`` events applied to it, as fixed-size digests in one string, and skips an event
+whose id is among them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -23,14 +23,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import orjson
-from faust.types import TP
-from rocksdict import WriteBatch
 
-from personify.engine.app import app, current_config, routed_names
 from personify.engine.config import ProfilesConfig
-from personify.engine.metrics import ROCKSDB_MEMORY
 from personify.engine.models import PURPOSES, Event, format_ts
-from personify.tables import history
+from personify.tables.store import bytes_table
 
 __all__ = [
     "ERASE",
@@ -41,15 +37,14 @@ __all__ = [
     "SENT",
     "VECTOR_KEY",
     "Profile",
-    "ProfileStore",
     "apply_events",
-    "bytes_table",
     "chat_vector",
     "decode",
     "encode",
     "id_digest",
     "merge",
     "new_profile",
+    "seen_ids",
     "snapshot",
     "table",
     "view",
@@ -74,8 +69,6 @@ SENT = "$sent"
 _BOOKKEEPING = frozenset({SCHEDULE, FIRED, SENT})
 #: Offers remembered per visitor.
 _OFFERS_KEPT = 50
-#: Writes of up to this many rows are made on the event loop; larger ones on a thread.
-_SYNC_WRITE_ROWS = 16
 
 #: An event may carry its text's embedding under this key while it is folded (never stored).
 VECTOR_KEY = "_vector"
@@ -112,7 +105,7 @@ def new_profile(user_id: str) -> Profile:
         "searches": [],
         "affinity": {},
         "engagement": 0.0,
-        "seen": [],
+        "seen": "",
     }
 
 
@@ -310,13 +303,56 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig, chat_half_life_s: floa
         p["hours"] = {h: v for h, v in p["hours"].items() if int(h) >= horizon}
 
 
+def _digest(event_id: str) -> bytes:
+    return blake2b(event_id.encode(), digest_size=8).digest()
+
+
 def id_digest(event_id: str) -> int:
     """The 64-bit digest under which a profile remembers an applied event id.
 
     Fixed-size digests keep a profile's dedup memory small whatever the ids look like; with
     1,000 ids remembered, a collision is about as likely as 1 in 10^13.
     """
-    return int.from_bytes(blake2b(event_id.encode(), digest_size=8).digest(), "big", signed=True)
+    return int.from_bytes(_digest(event_id), "big", signed=True)
+
+
+#: Characters of one remembered event id: its 8-byte digest and a zero byte, in base64.
+_CODE = 12
+
+
+def _code(digest: bytes) -> str:
+    return base64.b64encode(digest + b"\0").decode("ascii")
+
+
+def _seen_codes(p: Profile) -> str:
+    """The profile's remembered event ids: `_CODE`-character codes, oldest first, end to end.
+
+    One string (12 KB for 1,000 ids) that is searched as it is stored, never decoded; profiles
+    written before kept a list of `id_digest` numbers, read here the same.
+    """
+    stored = p["seen"]
+    if isinstance(stored, str):
+        return stored
+    return "".join(_code(eid.to_bytes(8, "big", signed=True)) for eid in stored)
+
+
+def _remembers(seen: str, code: str) -> bool:
+    """Whether ``code`` is one of the codes in ``seen`` (not across two of them)."""
+    at = seen.find(code)
+    while at >= 0:
+        if at % _CODE == 0:
+            return True
+        at = seen.find(code, at + 1)
+    return False
+
+
+def seen_ids(p: Profile) -> list[int]:
+    """The event ids ``p`` remembers as applied (as `id_digest` numbers), oldest first."""
+    seen = _seen_codes(p)
+    return [
+        int.from_bytes(base64.b64decode(seen[i : i + _CODE])[:8], "big", signed=True)
+        for i in range(0, len(seen), _CODE)
+    ]
 
 
 def consents(p: Profile | None, purpose: str, cfg: ProfilesConfig) -> bool:
@@ -376,12 +412,12 @@ def apply_events(
         vetoed: receives the events left out for want of personalization consent.
         applied: receives the events applied (the new ones), in order.
     """
-    seen_list: list[int] = p["seen"]
-    seen = set(seen_list)
+    seen = _seen_codes(p)
+    added: list[str] = []
     count = 0
     for e in events:
-        eid = id_digest(e["event_id"])
-        if eid in seen:
+        code = _code(_digest(e["event_id"]))
+        if _remembers(seen, code) or code in added:
             continue
         if e["type"] == "consent":
             _set_consent(p, e)
@@ -397,13 +433,12 @@ def apply_events(
             if observe is not None:
                 observe(p, e)
             _apply_one(p, e, cfg, chat_half_life_s)
-        seen.add(eid)
-        seen_list.append(eid)
+        added.append(code)
         count += 1
         if applied is not None:
             applied.append(e)
-    if len(seen_list) > cfg.dedup_window:
-        del seen_list[: len(seen_list) - cfg.dedup_window]
+    if added:
+        p["seen"] = (seen + "".join(added))[-_CODE * cfg.dedup_window :]
     return count
 
 
@@ -475,164 +510,14 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
     }
 
 
-#: RocksDB properties reported by `ROCKSDB_MEMORY` (kind -> property).
-_MEMORY_PROPERTIES = {
-    "memtables": "rocksdb.cur-size-all-mem-tables",
-    "block_cache": "rocksdb.block-cache-usage",
-    "table_readers": "rocksdb.estimate-table-readers-mem",
-}
-
-
-def bytes_table(name: str, help: str) -> Any:
-    """A RocksDB-backed Faust table of raw bytes, with the topics' partition count.
-
-    RocksDB is sized by ``[storage]`` (Faust's defaults hold up to 2 GiB of block cache and
-    192 MiB of memtables per partition) and reports its memory as `ROCKSDB_MEMORY`.
-    """
-    cfg = current_config()
-    s = cfg.storage
-    tbl = app.Table(
-        name,
-        default=None,
-        partitions=cfg.broker.partitions,
-        key_type=bytes,
-        value_type=bytes,
-        help=help,
-        options={
-            "write_buffer_size": s.rocksdb_write_buffer_mib << 20,
-            "max_write_buffer_number": s.rocksdb_write_buffers,
-            "block_cache_size": s.rocksdb_block_cache_mib << 20,
-        },
-    )
-    tbl.key_serializer = "raw"
-    tbl.value_serializer = "raw"
-    for kind, prop in _MEMORY_PROPERTIES.items():
-        ROCKSDB_MEMORY.labels(name, kind).set_function(functools.partial(_memory, tbl, prop))
-    return tbl
-
-
-def _memory(tbl: Any, prop: str) -> float:
-    """``prop`` summed over the table's open partitions (0 before the table is opened)."""
-    if tbl._data is None:
-        return 0.0
-    total = 0
-    for db in list(tbl.data._dbs.values()):
-        with contextlib.suppress(Exception):  # a store closing meanwhile
-            total += int(db.property_int_value(prop) or 0)
-    return float(total)
-
-
 @functools.cache
 def table() -> Any:
     """The Faust profiles table, RocksDB- and changelog-backed.
 
     It is co-partitioned with the routed events topic: the profile agent is its only writer
-    (through `ProfileStore`); the API reads it.
+    (through `personify.tables.store.TableStore`); the API reads it.
     """
     return bytes_table("profiles", "Live visitor profiles, keyed by user id.")
-
-
-class ProfileStore:
-    """Batched access to the profiles table for its one writer, the profile agent.
-
-    Faust's per-key write (``table[key] = value``) sends one changelog record and rewrites
-    the partition's persisted offset for every key, which capped a worker at a few thousand
-    writes per second. `put_many` writes a whole batch the way Faust's own changelog restore
-    does: the changelog records go out as producer batches and are acknowledged first, then one
-    RocksDB write batch and one persisted-offset update per partition. The records and their
-    layout are Faust's, so restores, standbys and rebalancing work unchanged; and since the
-    changelog is written before the local store, a crash in between is repaired by redelivery.
-
-    Args:
-        tbl: the Faust table (`table()`).
-        changelog: whether writes go to the changelog topic too (see
-            `Config.changelog_enabled`).
-    """
-
-    def __init__(self, tbl: Any, *, changelog: bool = True) -> None:
-        self.table = tbl
-        self.changelog = changelog
-
-    def _db(self, partition: int) -> Any:
-        # The store keeps one RocksDB database per partition.
-        return self.table.data._db_for_partition(partition)
-
-    def get_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        """Read the profiles of ``keys`` (all of ``partition``) in one call."""
-        values: list[bytes | None] = self._db(partition).get(keys)
-        return values
-
-    def history_keys(self, partition: int, user_id: str) -> list[bytes]:
-        """The keys of ``user_id``'s interaction history rows (see `history`)."""
-        return history.user_keys(self._db(partition), user_id)
-
-    def dbs(self) -> dict[int, Any]:
-        """The store of each partition this worker holds (opened if it was not yet).
-
-        Faust opens a partition's store on its first use: after a restart, one whose visitors
-        were not read or written yet is not open, but its rows are this worker's all the same.
-        """
-        consumer = app.consumer
-        topics = set(routed_names(current_config()))
-        assigned = consumer.assignment() if consumer is not None else ()
-        held = {tp.partition for tp in assigned if tp.topic in topics}
-        held.update(self.table.data._dbs)
-        return {partition: self._db(partition) for partition in sorted(held)}
-
-    async def put_many(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> None:
-        """Write ``(key, value)`` pairs of ``partition``: changelog first, then RocksDB.
-
-        A value of None deletes the key (a tombstone in the changelog).
-        """
-        if not items:
-            return
-        last_offset = await self._send_changelog(partition, items) if self.changelog else None
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        store = self.table.data
-        db = self._db(partition)
-        if len(items) <= _SYNC_WRITE_ROWS:
-            db.write(batch)  # tens of microseconds: less than a hop to a thread and back
-        else:
-            # RocksDB releases the GIL: a large write overlaps with the event loop's work.
-            await asyncio.to_thread(db.write, batch)
-        for key, value in items:
-            if value is None:
-                store._key_index.pop(key, None)
-            elif key[:1] != b"\x00":  # lets reads outside the agent find the key
-                store._key_index[key] = partition
-        if last_offset is not None:
-            topic_name = self.table.changelog_topic.get_topic_name()
-            store.set_persisted_offset(TP(topic_name, partition), last_offset)
-
-    async def _send_changelog(self, partition: int, items: list[tuple[bytes, bytes | None]]) -> int:
-        """Send the changelog records; return the offset of the last one once acknowledged."""
-        producer = app.producer._ensure_producer()  # Faust's started aiokafka producer
-        topic_name = self.table.changelog_topic.get_topic_name()
-        futures = []
-        counts = []
-        builder = producer.create_batch()
-        n = 0
-        for key, value in items:
-            if builder.append(key=key, value=value, timestamp=None) is None:
-                if n == 0:
-                    raise ValueError(f"record {key!r} of {len(value or b'')} bytes exceeds a batch")
-                futures.append(await producer.send_batch(builder, topic_name, partition=partition))
-                counts.append(n)
-                builder = producer.create_batch()
-                n = 0
-                if builder.append(key=key, value=value, timestamp=None) is None:
-                    raise ValueError(f"record {key!r} of {len(value or b'')} bytes exceeds a batch")
-            n += 1
-        futures.append(await producer.send_batch(builder, topic_name, partition=partition))
-        counts.append(n)
-        metas = await asyncio.gather(*futures)
-        last: int = max(m.offset + c - 1 for m, c in zip(metas, counts, strict=True))
-        return last
 
 
 def snapshot(p: Profile) -> Profile:

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from personify.engine.config import RecommendConfig
-from personify.tables import profiles, signals
+from personify.tables import profiles, signals, store
 
 __all__ = [
     "DataSource",
@@ -188,7 +188,7 @@ class TableData:
         return self._epoch, self._writes.get(key, 0)
 
     def _dbs(self) -> list[Any]:
-        return list(self.table.data._dbs.values())
+        return store.open_dbs(self.table)
 
     def _get(self, key: bytes) -> bytes | None:
         for db in self._dbs():

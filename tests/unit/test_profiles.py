@@ -7,6 +7,7 @@ from collections.abc import Callable
 from itertools import count
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from personify.tables.profiles import (
     id_digest,
     merge,
     new_profile,
+    seen_ids,
     view,
 )
 
@@ -402,9 +404,25 @@ def test_dedup_window_bounds_memory(event_factory: EventFactory) -> None:
     cfg = ProfilesConfig(dedup_window=3)
     events = [event_factory("page_view") for _ in range(5)]
     p = fold(events, cfg)
-    assert p["seen"] == [id_digest(e["event_id"]) for e in events[-3:]]
+    assert seen_ids(p) == [id_digest(e["event_id"]) for e in events[-3:]]
     assert apply_events(p, events[-3:], cfg) == 0
     assert apply_events(p, events[:1], cfg) == 1  # forgotten, so counted again
+
+
+def test_remembered_ids_are_compact_and_read_from_the_old_list(
+    event_factory: EventFactory,
+) -> None:
+    """1,000 remembered ids take 12 KB; a profile stored with the old list still dedups."""
+    events = [event_factory("page_view") for _ in range(1200)]
+    p = fold(events, CFG)
+    assert len(seen_ids(p)) == CFG.dedup_window == 1000
+    assert len(orjson.dumps(p["seen"])) < 12_100
+    assert apply_events(p, events[-1000:], CFG) == 0
+    old = decode(encode(p))
+    old["seen"] = seen_ids(p)  # as profiles were stored before
+    assert apply_events(old, events[-5:], CFG) == 0
+    assert apply_events(old, [event_factory("page_view")], CFG) == 1
+    assert seen_ids(old)[:-1] == seen_ids(p)[1:]
 
 
 def test_encode_decode_round_trip(event_factory: EventFactory) -> None:
