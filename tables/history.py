@@ -15,6 +15,7 @@ takes it away) and is kept for ``[model] history_days`` before its newest intera
 
 from __future__ import annotations
 
+import array
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -99,6 +100,18 @@ def _keys_from(db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
         it.next()
 
 
+def _keys_before(dbs: Mapping[int, Any], cutoff_ms: int) -> dict[int, list[bytes]]:
+    """The keys of the rows older than ``cutoff_ms``, per partition (a second, rare pass)."""
+    old: dict[int, list[bytes]] = {}
+    for partition, db in dbs.items():
+        for n, (key, _value) in enumerate(_keys_from(db, ROW_PREFIX), start=1):
+            if _split(key)[1] < cutoff_ms:
+                old.setdefault(partition, []).append(key)
+            if not n & _YIELD_EVERY:
+                time.sleep(0)
+    return old
+
+
 def user_keys(db: Any, user_id: str) -> list[bytes]:
     """The keys of ``user_id``'s history rows in ``db`` (one partition's store)."""
     return [key for key, _value in _keys_from(db, user_prefix(user_id))]
@@ -156,36 +169,36 @@ def scan(
     kind_of = {kb: number[event] for kb, event in EVENT_OF_KIND.items()}
     users: dict[str, int] = {}
     items: dict[str, int] = {}
-    u: list[int] = []
-    i: list[int] = []
-    k: list[int] = []
-    t: list[int] = []
-    keys: list[tuple[int, bytes]] = []
-    for partition, db in dbs.items():
+    # Packed columns: a row leaves no Python object behind but its visitor's and item's names
+    # (a training runs while the engine serves: millions of small objects, freed at the end,
+    # would leave the interpreter's memory pools fragmented by what was allocated meanwhile).
+    u = array.array("q")
+    i = array.array("q")
+    k = array.array("b")
+    t = array.array("q")
+    for db in dbs.values():
         for key, value in _keys_from(db, ROW_PREFIX):
             user, ts = _split(key)
-            item = value[1:].decode()
             u.append(users.setdefault(user, len(users)))
-            i.append(items.setdefault(item, len(items)))
+            i.append(items.setdefault(value[1:].decode(), len(items)))
             k.append(kind_of.get(value[:1], 0))
             t.append(ts)
-            if keep_ms is not None:
-                keys.append((partition, key))
             if not len(t) & _YIELD_EVERY:
                 # Hand the interpreter lock to the event loop's thread, if it waits: else each
                 # of its socket calls waits a switch interval (5 ms) to have it back.
                 time.sleep(0)
-    ts_ms = np.asarray(t, dtype=np.int64)
-    user_no = np.asarray(u, dtype=np.int64)
-    item_no = np.asarray(i, dtype=np.int64)
-    kind = np.asarray(k, dtype=np.int8)
+    ts_ms = np.array(t, dtype=np.int64)
+    user_no = np.array(u, dtype=np.int64)
+    item_no = np.array(i, dtype=np.int64)
+    kind = np.array(k, dtype=np.int8)
+    del u, i, k, t
     user_names, item_names = list(users), list(items)
     old: dict[int, list[bytes]] = {}
     if keep_ms is not None and len(ts_ms):
-        keep = ts_ms >= int(ts_ms.max()) - keep_ms
-        for j in np.flatnonzero(~keep).tolist():
-            partition, key = keys[j]
-            old.setdefault(partition, []).append(key)
+        cutoff = int(ts_ms.max()) - keep_ms
+        keep = ts_ms >= cutoff
+        if not keep.all():
+            old = _keys_before(dbs, cutoff)
         if old:  # numbered again, without the visitors and items of expired rows only
             user_no, item_no = user_no[keep], item_no[keep]
             kind, ts_ms = kind[keep], ts_ms[keep]
