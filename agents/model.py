@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import multiprocessing
 import multiprocessing.process
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,10 +56,10 @@ from personify.agents.catalog import embeddings
 from personify.agents.evaluation import History
 from personify.agents.ranker import Ranker
 from personify.agents.tuning import (
+    CHILD_NICE,
     GROWING,
     apply_setting,
     fit_in_child,
-    lower_priority,
     setting_of,
     settled,
     tune_in_child,
@@ -92,6 +94,13 @@ __all__ = [
 ]
 
 _log = get_logger(__name__)
+
+
+def _lower_priority() -> None:
+    """Give the calling thread (Linux: its own nice value) the tuning child's lower priority."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
 
 
 #: A training's history is read here, one run at a time, beside the event loop (the model is
@@ -172,15 +181,14 @@ def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
     """Start ``child`` at a lower priority from its first instruction.
 
     Its interpreter's start and imports take most of a second of CPU, which at the usual
-    priority is taken from ingestion and serving. On Linux a thread's scheduling policy and
-    nice value are its own and a process started from it inherits them: a short-lived thread
-    lowers its own priority (`lower_priority`) and starts the child (a thread of the pool could
-    not raise its priority again).
+    priority is taken from ingestion and serving. On Linux a thread's nice value is its own
+    and a process started from it inherits it: a short-lived thread lowers its own priority
+    and starts the child (a thread of the pool could not raise its priority again).
     """
     failed: list[BaseException] = []
 
     def start() -> None:
-        lower_priority(threading.get_native_id())
+        _lower_priority()
         try:
             child.start()
         except BaseException as exc:  # raised again in the caller's thread

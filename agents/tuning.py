@@ -57,7 +57,6 @@ __all__ = [
     "fit_in_child",
     "holdout",
     "learn_ranker",
-    "lower_priority",
     "setting_of",
     "settled",
     "tune",
@@ -87,22 +86,8 @@ if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE
 GROWING = 0.05
 #: A tuning waits at most this long for the history to settle (a shop that never pauses).
 TUNE_WAIT_MAX_S = 600.0
-#: The nice value of the training and tuning processes: ingestion and serving go first.
+#: The nice value of the tuning process: ingestion and serving go first.
 CHILD_NICE = 10
-
-
-def lower_priority(tid: int = 0) -> None:
-    """Run thread ``tid`` (0: the caller) and what it starts only where a core is idle.
-
-    Linux's idle scheduling policy: any ingestion or serving work that wakes up takes the core
-    at once (a nice value alone still lets the other task finish its time slice, milliseconds
-    added to a push). Elsewhere, or where the policy is refused, a nice value of `CHILD_NICE`.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        return
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, max(CHILD_NICE, os.getpriority(os.PRIO_PROCESS, tid)))
 
 
 def settled(grown: int, interactions: int, waited_s: float | None) -> bool:
@@ -585,7 +570,8 @@ def tune_in_child(
     """
     from threadpoolctl import threadpool_limits
 
-    lower_priority()  # where it was not started at that priority already
+    with contextlib.suppress(OSError):  # where it was not started at that priority already
+        os.nice(max(0, CHILD_NICE - os.nice(0)))
     try:
         with threadpool_limits(1):
             index = None
@@ -621,7 +607,8 @@ def fit_in_child(
     """
     from threadpoolctl import threadpool_limits
 
-    lower_priority()  # where it was not started at that priority already
+    with contextlib.suppress(OSError):  # where it was not started at that priority already
+        os.nice(max(0, CHILD_NICE - os.nice(0)))
     try:
         with threadpool_limits(1):
             model = train_model(rows, settings, weights, threads=1)

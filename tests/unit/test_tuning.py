@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
-import threading
 from collections.abc import Callable
 
 import pytest
 
 from personify.agents.evaluation import EngineMethod, History, evaluate, last_split
-from personify.agents.tuning import (
-    SPACE,
-    apply_setting,
-    holdout,
-    lower_priority,
-    setting_of,
-    tune,
-)
+from personify.agents.tuning import SPACE, apply_setting, holdout, setting_of, tune
 from personify.engine.config import TUNABLE, Config, ConfigError, load_config
 
 
@@ -105,27 +94,3 @@ def test_a_due_tuning_waits_while_a_backfill_pours_in() -> None:
     assert settled(int(GROWING * 20_000), 20_000, None)  # a live shop's trickle
     assert settled(0, 1_000, 0.0)
     assert settled(5_000, 20_000, TUNE_WAIT_MAX_S)  # a shop that never pauses is tuned too
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's idle scheduling policy")
-def test_training_and_tuning_start_on_the_idle_policy_and_the_caller_keeps_its_own() -> None:
-    """The thread that starts a child lowers itself; the child inherits it; others do not."""
-    before = os.sched_getscheduler(0)
-    seen: list[int] = []
-
-    def starter() -> None:
-        lower_priority(threading.get_native_id())
-        seen.append(os.sched_getscheduler(0))
-        child = subprocess.run(
-            [sys.executable, "-c", "import os; print(os.sched_getscheduler(0))"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        seen.append(int(child.stdout))
-
-    thread = threading.Thread(target=starter)
-    thread.start()
-    thread.join()
-    assert seen == [os.SCHED_IDLE, os.SCHED_IDLE]
-    assert os.sched_getscheduler(0) == before
