@@ -17,12 +17,11 @@ tuning run at once. A burst that ends with more than that share not yet learned 
 at the next quiet check. So a bulk backfill is tuned on once, on the whole of it, minutes after
 it ends, without a command.
 
-A training reads the history (from a RocksDB snapshot) on a thread of its own, then fits the
-model in a child process at a lower priority on one thread (`_fit_elsewhere`), as tuning runs
-(`_tune_elsewhere`): ingestion and serving keep the interpreter lock and go first for the cores,
-and what the fit allocates goes back to the system when the child exits. The new model is
-saved under ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use
-it, and lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
+Training runs on a thread of its own with one BLAS/OpenMP thread, so ingestion and serving keep
+the other core (tuning, a minute or more of Python, runs in a child process instead:
+`_tune_elsewhere`); the history is read from a RocksDB snapshot. The new model is saved under
+``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
+lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
 the same model at once. Rows more than ``history_days`` older than the newest interaction are
 deleted as training finds them.
 
@@ -53,13 +52,12 @@ import numpy.typing as npt
 import orjson
 
 from personify.agents.catalog import embeddings
-from personify.agents.evaluation import History
+from personify.agents.evaluation import History, train_model
 from personify.agents.ranker import Ranker
 from personify.agents.tuning import (
     CHILD_NICE,
     GROWING,
     apply_setting,
-    fit_in_child,
     setting_of,
     settled,
     tune_in_child,
@@ -103,9 +101,11 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
 
 
-#: A training's history is read here, one run at a time, beside the event loop (the model is
-#: fitted in a child process: `_fit_elsewhere`).
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+#: Training runs here: one run at a time, beside the event loop, at a lower priority, so that
+#: where the cores are busy ingestion and serving go first.
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+    1, thread_name_prefix="model", initializer=_lower_priority
+)
 #: Expired history rows deleted per write.
 _DELETE_CHUNK = 5000
 
@@ -122,59 +122,18 @@ class _Run:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
-    """A training's history, read on the model thread (rows None: too little of it)."""
-
-    interactions: int
-    rows: History | None
-    repeat: history.RepeatStats | None
-    expired: dict[int, list[bytes]]
-
-
-def _read(dbs: dict[int, Any], cfg: Config) -> _Read:
-    """Read the history a training learns from. Runs on the model thread."""
+def _train(dbs: dict[int, Any], cfg: Config) -> _Run:
+    """Read the history and fit a model (None: too little history). Runs on the thread."""
+    started = time.perf_counter()
     m = cfg.model
-    found, expired = history.scan(dbs, keep_ms=int(m.history_days * 86_400_000))
-    if len(found) < m.min_interactions:
-        return _Read(len(found), None, None, expired)
-    repeat = history.repeat_stats(found.user, found.item, found.kind, found.ts_ms)
-    return _Read(len(found), History.from_interactions(found), repeat, expired)
-
-
-async def _fit_elsewhere(
-    rows: History, settings: AlsSettings, weights: dict[str, float]
-) -> CollabModel | None:
-    """`train_model` in a child process at a lower priority, killed if this is cancelled.
-
-    On a thread of the engine, the fit's Python parts would hold the interpreter lock against
-    ingestion and serving, and a thread at a lower priority holding it would stall them (it
-    runs only when a core is free). Raises RuntimeError if the child failed or died.
-    """
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(
-        target=fit_in_child,
-        args=(send, rows, settings, weights),
-        name="personify-training",
-        daemon=True,
-    )
-    await asyncio.to_thread(_start_niced, child)
-    send.close()
-    try:
-        try:
-            kind, value = await asyncio.to_thread(receive.recv)
-        except EOFError:
-            raise RuntimeError(f"the training process died (exit code {child.exitcode})") from None
-        if kind != "done":
-            raise RuntimeError(f"training failed: {value}")
-        model: CollabModel | None = value
-        return model
-    finally:
-        if child.is_alive():
-            child.kill()
-        await asyncio.to_thread(child.join, 10.0)
-        receive.close()
+    rows, expired = history.scan(dbs, keep_ms=int(m.history_days * 86_400_000))
+    if len(rows) < m.min_interactions:
+        return _Run(None, None, len(rows), None, expired, time.perf_counter() - started)
+    repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
+    settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
+    arrays = History.from_interactions(rows)
+    model = train_model(arrays, settings, cfg.profiles.engagement_weights, threads=1)
+    return _Run(model, repeat, len(rows), arrays, expired, time.perf_counter() - started)
 
 
 def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
@@ -479,22 +438,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         started = time.time()
         try:
             table_store = store.TableStore(profiles.table(), changelog=cfg.changelog_enabled)
-            read: _Read = await asyncio.get_running_loop().run_in_executor(
-                _EXECUTOR, _read, table_store.dbs(), cfg
-            )
-            model = None
-            if read.rows is not None:
-                m = cfg.model
-                settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
-                weights = dict(cfg.profiles.engagement_weights)
-                model = await _fit_elsewhere(read.rows, settings, weights)
-            run = _Run(
-                model,
-                read.repeat,
-                read.interactions,
-                read.rows,
-                read.expired,
-                time.time() - started,
+            run: _Run = await asyncio.get_running_loop().run_in_executor(
+                _EXECUTOR, _train, table_store.dbs(), cfg
             )
         except Exception as exc:
             self.pending += pending  # counted again at the next try

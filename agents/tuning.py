@@ -39,7 +39,6 @@ from personify.agents.evaluation import (
     evaluate,
     global_split,
     last_split,
-    train_model,
 )
 from personify.agents.ranker import Ranker, Scorer, fit_bagged
 from personify.embeddings import VectorIndex
@@ -54,7 +53,6 @@ __all__ = [
     "TUNE_WAIT_MAX_S",
     "Tuned",
     "apply_setting",
-    "fit_in_child",
     "holdout",
     "learn_ranker",
     "setting_of",
@@ -592,27 +590,6 @@ def tune_in_child(
         conn.send(("done", record))
     except ValueError as exc:
         conn.send(("too little history", str(exc)))
-    except Exception:  # reported to the parent, which logs it, with where it happened
-        conn.send(("error", traceback.format_exc(limit=-8)))
-    finally:
-        conn.close()
-
-
-def fit_in_child(
-    conn: Any, rows: History, settings: AlsSettings, weights: Mapping[str, float]
-) -> None:
-    """`train_model` in a child process, on one thread at a lower priority.
-
-    Sends ``("done", model)`` (None: nothing to learn) or ``("error", reason)`` on ``conn``.
-    """
-    from threadpoolctl import threadpool_limits
-
-    with contextlib.suppress(OSError):  # where it was not started at that priority already
-        os.nice(max(0, CHILD_NICE - os.nice(0)))
-    try:
-        with threadpool_limits(1):
-            model = train_model(rows, settings, weights, threads=1)
-        conn.send(("done", model))
     except Exception:  # reported to the parent, which logs it, with where it happened
         conn.send(("error", traceback.format_exc(limit=-8)))
     finally:
