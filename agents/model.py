@@ -101,11 +101,9 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
 
 
-#: Training runs here: one run at a time, beside the event loop, at a lower priority, so that
-#: where the cores are busy ingestion and serving go first.
-_EXECUTOR = concurrent.futures.ThreadPoolExecutor(
-    1, thread_name_prefix="model", initializer=_lower_priority
-)
+#: Training runs here: one run at a time, beside the event loop. (Not at a lower priority: a
+#: thread that holds the interpreter lock while it waits for a core stalls the event loop.)
+_EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 #: Expired history rows deleted per write.
 _DELETE_CHUNK = 5000
 
