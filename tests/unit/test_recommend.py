@@ -181,7 +181,8 @@ def test_table_rows_are_reread_when_written_or_reset(tmp_path: Path) -> None:
     """Ranked rows come from memory until a write of the row is reported (or a reset)."""
     db = Rdict(str(tmp_path / "p0"))
     try:
-        table = SimpleNamespace(data=SimpleNamespace(_dbs={0: db}))
+        data = SimpleNamespace(_dbs={0: db})
+        table = SimpleNamespace(_data=data, data=data)  # a Faust table's store, opened
         tracked = TableData(table, CFG.recommend, track_writes=True)
         compared = TableData(table, CFG.recommend)
         key = signals.row_key("covisit", "a")
