@@ -162,7 +162,8 @@ class State:
 
     def table(self) -> Any:
         """What `TableData` reads: a Faust table's store with one database per partition."""
-        return SimpleNamespace(data=SimpleNamespace(_dbs=dict(self.dbs)))
+        store = SimpleNamespace(_dbs=dict(self.dbs))
+        return SimpleNamespace(_data=store, data=store)
 
 
 def compute_user(rec: Recommender, data: TableData, user: str, size: int, now_ms: int) -> Json:
