@@ -92,15 +92,6 @@ __all__ = [
 ]
 
 _log = get_logger(__name__)
-
-
-def _lower_priority() -> None:
-    """Give the calling thread (Linux: its own nice value) the tuning child's lower priority."""
-    if sys.platform == "linux":
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
-
-
 #: Training runs here: one run at a time, beside the event loop. (Not at a lower priority: a
 #: thread that holds the interpreter lock while it waits for a core stalls the event loop.)
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -145,7 +136,9 @@ def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
     failed: list[BaseException] = []
 
     def start() -> None:
-        _lower_priority()
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
         try:
             child.start()
         except BaseException as exc:  # raised again in the caller's thread

@@ -78,6 +78,17 @@ class Streamer(threading.Thread):
                 return
 
 
+def _broker_pid(engine: Any) -> int:
+    """The pid of the engine's embedded broker (its one child with a listener)."""
+    brokers = [
+        pid
+        for pid in _children(engine.proc.pid)
+        if b"--listener-url" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(brokers) == 1, brokers
+    return brokers[0]
+
+
 def _expected(batches: list[list[dict[str, Any]]]) -> dict[str, int]:
     counts = dict.fromkeys(USERS, 0)
     for batch in batches:
@@ -154,13 +165,7 @@ def test_engine_stops_when_its_broker_dies_and_restarts_exactly(engine_factory: 
         for i in range(30)
     ]
     assert eng.post_events(batch)[0] == 202
-    brokers = [
-        pid
-        for pid in _children(eng.proc.pid)
-        if b"--listener-url" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    assert len(brokers) == 1, brokers
-    os.kill(brokers[0], signal.SIGKILL)
+    os.kill(_broker_pid(eng), signal.SIGKILL)
     assert eng.proc.wait(60) == 3  # it stops on its own
     eng.stop()
     assert "the embedded broker exited" in eng.log_path.read_text(errors="replace")
@@ -175,23 +180,22 @@ def test_a_broker_that_does_not_answer_gets_a_503_and_a_retry_counts_once(
     """A publish the broker leaves unacknowledged answers 503 in time; retrying is exact."""
     eng = engine_factory(env={"PERSONIFY_SERVER__PUBLISH_TIMEOUT_S": "2"}).start()
     first = [
-        {"event_id": f"stall-a-{i}", "type": "product_view", "user_id": USERS[i % 3]}
-        | {"item_id": f"sku-{i}"}
+        {
+            "event_id": f"stall-a-{i}",
+            "type": "product_view",
+            "user_id": USERS[i % 3],
+            "item_id": f"sku-{i}",
+        }
         for i in range(30)
     ]
     second = [{**e, "event_id": e["event_id"].replace("-a-", "-b-")} for e in first]
     assert eng.post_events(first)[0] == 202
-    brokers = [
-        pid
-        for pid in _children(eng.proc.pid)
-        if b"--listener-url" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    assert len(brokers) == 1, brokers
-    os.kill(brokers[0], signal.SIGSTOP)
+    broker = _broker_pid(eng)
+    os.kill(broker, signal.SIGSTOP)
     try:
         status, body = eng.post_events(second)
     finally:
-        os.kill(brokers[0], signal.SIGCONT)
+        os.kill(broker, signal.SIGCONT)
     assert status == 503, (status, body)
     assert "within 2 s" in body["error"]
     assert "same event ids" in body["detail"]
