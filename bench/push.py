@@ -83,6 +83,8 @@ class Sockets:
         self.users = users
         self.waiting: dict[str, float] = {}  # visitor -> when their event was posted
         self.latencies_ms: list[float] = []
+        #: When each of ``latencies_ms`` arrived (Unix time), for a trace.
+        self.arrived_at: list[float] = []
         #: Visitors whose socket is on a worker that does not own them (several workers).
         self.relayed: set[str] = set()
         self.relayed_ms: list[float] = []
@@ -104,6 +106,7 @@ class Sockets:
                 sent = self.waiting.pop(user, None)
                 if sent is not None:
                     self.latencies_ms.append((now - sent) * 1000)
+                    self.arrived_at.append(time.time())
                     if user in self.relayed:
                         self.relayed_ms.append((now - sent) * 1000)
 

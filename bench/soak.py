@@ -76,6 +76,12 @@ class Traffic:
     def take_minute(self) -> Json:
         """This minute's figures; starts the next minute."""
         post, read = sorted(self.post_ms), sorted(self.read_ms)
+        if self.args.trace:  # each timed push: when it arrived, and its latency
+            with (self.args.trace / "pushes.tsv").open("a") as f:
+                f.writelines(
+                    f"{at:.3f}\t{ms:.2f}\n"
+                    for at, ms in zip(self.socks.arrived_at, self.socks.latencies_ms, strict=True)
+                )
         push = sorted(self.socks.latencies_ms)
         out = {
             "events": self.events,
@@ -92,6 +98,7 @@ class Traffic:
         self.post_ms.clear()
         self.read_ms.clear()
         self.socks.latencies_ms.clear()
+        self.socks.arrived_at.clear()
         self.errors = self.no_push = self.events = 0
         return out
 
@@ -455,6 +462,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION__KEY=VALUE")
     parser.add_argument("--json", type=Path, metavar="FILE")
     parser.add_argument("--plot", type=Path, metavar="FILE", help="a PNG of the minutes")
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="keep each push's arrival time and latency (pushes.tsv) and the engine's log at "
+        "info level (personify.log) in DIR",
+    )
     args = parser.parse_args(argv)
     if args.minutes < 1 or args.rate <= 0 or args.sockets < 0 or args.visitors < 1:
         parser.error("--minutes, --rate and --visitors must be positive, --sockets >= 0")
@@ -466,7 +480,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="personify-soak-"))
-    eng = Engine(workdir, extra_env=settings_env(args.set))
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
+        (args.trace / "pushes.tsv").write_text("")
+    eng = Engine(
+        workdir, log_level="info" if args.trace else "warning", extra_env=settings_env(args.set)
+    )
     out: Json = run_record(args) | {"minutes": []}
     try:
         asyncio.run(soak(args, eng, out))
@@ -477,6 +496,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         out["engine_exit_code"] = code
         if code not in (0, None):
             print(eng.log_tail(), file=sys.stderr)
+        if args.trace:
+            shutil.copy(eng.log_path, args.trace / "personify.log")
         shutil.rmtree(workdir, ignore_errors=True)
     print()
     for line in verdict(out):
