@@ -85,10 +85,10 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="recomme
 _BUILD_SLICE_S = 0.001
 #: How long a slice on the ranking thread goes on (while a catalog write holds the index).
 _THREAD_SLICE_S = 0.02
-#: Aged lists refreshed per turn (on the ranking thread), and the pause after each such turn:
-#: refreshes take at most a small share of the process (about 2 lists per 20 ms).
-_REFRESH_BATCH = 2
-_REFRESH_PAUSE_S = 0.02
+#: Aged lists refreshed per turn (on the event loop, as the slices), and the pause after each
+#: such turn: refreshes take at most a small share of the loop (about 1 list per 10 ms).
+_REFRESH_BATCH = 1
+_REFRESH_PAUSE_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -722,16 +722,27 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 _gauge()
                 await asyncio.sleep(0)  # the loop's other work runs between slices
                 continue
-            # Nothing changed waits: refresh a few aged lists, a small share of the loop.
+            # Nothing changed waits: refresh an aged list, a small share of the loop.
             users = users_cache.take_stale(_REFRESH_BATCH)
             items = items_cache.take_stale(_REFRESH_BATCH - len(users))
             if users or items:
+                rec = recommender()
                 try:
-                    await run_ranking(_build, recommender(), size, users, items)
+                    if _must_wait(rec):
+                        await run_ranking(_build, rec, size, users, items)
+                    else:  # on the loop, as the slices above: no wait for the interpreter lock
+                        _build(rec, size, users, items)
                 except Exception:
                     _log.exception("list refresh failed; the lists are computed on request")
                 _gauge()
-                await asyncio.sleep(_REFRESH_PAUSE_S)
+                if users_cache.queued() or items_cache.queued():
+                    continue
+                # The pause ends early when a list changes: its visitor waits for no refresh.
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), _REFRESH_PAUSE_S)
+                    if debounce_s > 0:
+                        await asyncio.sleep(debounce_s)
                 continue
             _gauge()
             wake.clear()
