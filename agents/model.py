@@ -17,9 +17,12 @@ tuning run at once. A burst that ends with more than that share not yet learned 
 at the next quiet check. So a bulk backfill is tuned on once, on the whole of it, minutes after
 it ends, without a command.
 
-Training runs on a thread of its own with one BLAS/OpenMP thread, so ingestion and serving keep
-the other core (tuning, a minute or more of Python, runs in a child process instead:
-`_tune_elsewhere`); the history is read from a RocksDB snapshot. The new model is saved under
+The history is read from a RocksDB snapshot on the event loop itself, 512 rows (about a
+millisecond) between two turns of its other work: read on a thread, it made every socket call
+of the loop wait for the interpreter lock, and pushes waited 100 ms and more at the start of
+each training. The fit then runs on a thread of its own with one BLAS/OpenMP thread (implicit
+releases the interpreter lock), so ingestion and serving keep the other core (tuning, a minute
+or more of Python, runs in a child process instead: `_tune_elsewhere`). The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
 lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
 the same model at once. Rows more than ``history_days`` older than the newest interaction are
@@ -99,6 +102,10 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 _DELETE_CHUNK = 5000
 
 
+#: History rows read per slice of the event loop (about a millisecond).
+_SCAN_SLICE = 512
+
+
 @dataclass(frozen=True, slots=True)
 class _Run:
     """What one training run found and made."""
@@ -111,11 +118,10 @@ class _Run:
     seconds: float
 
 
-def _train(dbs: dict[int, Any], cfg: Config) -> _Run:
-    """Read the history and fit a model (None: too little history). Runs on the thread."""
-    started = time.perf_counter()
+def _train(scan: history.Scan, cfg: Config, started: float) -> _Run:
+    """Fit a model on the history read (None: too little history). Runs on the thread."""
     m = cfg.model
-    rows, expired = history.scan(dbs, keep_ms=int(m.history_days * 86_400_000))
+    rows, expired = scan.result()
     if len(rows) < m.min_interactions:
         return _Run(None, None, len(rows), None, expired, time.perf_counter() - started)
     repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
@@ -429,8 +435,13 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         started = time.time()
         try:
             table_store = store.TableStore(profiles.table(), changelog=cfg.changelog_enabled)
+            begun = time.perf_counter()
+            scan = history.Scan(table_store.dbs(), keep_ms=int(cfg.model.history_days * 86_400_000))
+            # Read on the event loop, a slice at a time between its other work (a turn each).
+            while not scan.step(_SCAN_SLICE):  # noqa: ASYNC110 - nothing to wait for
+                await asyncio.sleep(0)
             run: _Run = await asyncio.get_running_loop().run_in_executor(
-                _EXECUTOR, _train, table_store.dbs(), cfg
+                _EXECUTOR, _train, scan, cfg, begun
             )
         except Exception as exc:
             self.pending += pending  # counted again at the next try

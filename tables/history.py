@@ -16,6 +16,7 @@ takes it away) and is kept for ``[model] history_days`` before its newest intera
 from __future__ import annotations
 
 import array
+import itertools
 import struct
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -34,6 +35,7 @@ __all__ = [
     "ROW_PREFIX",
     "Interactions",
     "RepeatStats",
+    "Scan",
     "repeat_stats",
     "rows_of",
     "scan",
@@ -151,70 +153,103 @@ class Interactions:
         return len(self.user)
 
 
-#: The scan yields the interpreter lock every this many rows plus one (about a millisecond).
+#: The second pass yields the interpreter lock every this many rows plus one (about a ms).
 _YIELD_EVERY = 511
 
 
-def scan(
-    dbs: Mapping[int, Any], keep_ms: int | None = None
-) -> tuple[Interactions, dict[int, list[bytes]]]:
-    """Every history row in ``dbs`` (partition -> its store), and the expired keys.
+class Scan:
+    """Every history row in ``dbs`` (partition -> its store), read a few rows at a time.
+
+    ``step`` reads on the caller's thread, so an event loop can read the history in slices
+    between its other work (on a thread beside the loop, every socket call of the loop waited
+    for the reading thread to hand back the interpreter lock: pushes waited 100 ms and more at
+    the start of each training). ``result`` then builds the arrays. RocksDB iterators read a
+    consistent snapshot: writes meanwhile are not seen, nor harmed.
 
     Rows more than ``keep_ms`` older than the newest row are left out of the result (the
     window follows the history, so a backfill of old events keeps its last ``keep_ms``);
-    their keys come back per partition, for the caller to delete. RocksDB iterators read a
-    consistent snapshot: writes meanwhile are not seen, nor harmed.
+    their keys come back per partition, for the caller to delete.
     """
-    number = {event: n for n, event in enumerate(Interactions.KINDS)}
-    kind_of = {kb: number[event] for kb, event in EVENT_OF_KIND.items()}
-    users: dict[str, int] = {}
-    items: dict[str, int] = {}
-    # Packed columns: a row leaves no Python object behind but its visitor's and item's names
-    # (a training runs while the engine serves: millions of small objects, freed at the end,
-    # would leave the interpreter's memory pools fragmented by what was allocated meanwhile).
-    u = array.array("q")
-    i = array.array("q")
-    k = array.array("b")
-    t = array.array("q")
-    for db in dbs.values():
-        for key, value in _keys_from(db, ROW_PREFIX):
+
+    def __init__(self, dbs: Mapping[int, Any], keep_ms: int | None = None) -> None:
+        self._dbs = dbs
+        self._keep_ms = keep_ms
+        number = {event: n for n, event in enumerate(Interactions.KINDS)}
+        self._kind_of = {kb: number[event] for kb, event in EVENT_OF_KIND.items()}
+        self._users: dict[str, int] = {}
+        self._items: dict[str, int] = {}
+        # Packed columns: a row leaves no Python object behind but its visitor's and item's
+        # names (millions of small objects, freed at the end, would leave the interpreter's
+        # memory pools fragmented by what was allocated meanwhile).
+        self._u = array.array("q")
+        self._i = array.array("q")
+        self._k = array.array("b")
+        self._t = array.array("q")
+        self._rows: Iterator[tuple[bytes, bytes]] = (
+            row for db in dbs.values() for row in _keys_from(db, ROW_PREFIX)
+        )
+        self.done = False
+
+    def __len__(self) -> int:
+        """Rows read so far."""
+        return len(self._t)
+
+    def step(self, rows: int) -> bool:
+        """Read up to ``rows`` more rows; True once every row is read."""
+        users, items, kind_of = self._users, self._items, self._kind_of
+        u, i, k, t = self._u, self._i, self._k, self._t
+        before = len(t)
+        for key, value in itertools.islice(self._rows, rows):
             user, ts = _split(key)
             u.append(users.setdefault(user, len(users)))
             i.append(items.setdefault(value[1:].decode(), len(items)))
             k.append(kind_of.get(value[:1], 0))
             t.append(ts)
-            if not len(t) & _YIELD_EVERY:
-                # Hand the interpreter lock to the event loop's thread, if it waits: else each
-                # of its socket calls waits a switch interval (5 ms) to have it back.
-                time.sleep(0)
-    ts_ms = np.array(t, dtype=np.int64)
-    user_no = np.array(u, dtype=np.int64)
-    item_no = np.array(i, dtype=np.int64)
-    kind = np.array(k, dtype=np.int8)
-    del u, i, k, t
-    user_names, item_names = list(users), list(items)
-    old: dict[int, list[bytes]] = {}
-    if keep_ms is not None and len(ts_ms):
-        cutoff = int(ts_ms.max()) - keep_ms
-        keep = ts_ms >= cutoff
-        if not keep.all():
-            old = _keys_before(dbs, cutoff)
-        if old:  # numbered again, without the visitors and items of expired rows only
-            user_no, item_no = user_no[keep], item_no[keep]
-            kind, ts_ms = kind[keep], ts_ms[keep]
-            user_nums, user_no = np.unique(user_no, return_inverse=True)
-            item_nums, item_no = np.unique(item_no, return_inverse=True)
-            user_names = [user_names[n] for n in user_nums.tolist()]
-            item_names = [item_names[n] for n in item_nums.tolist()]
-    interactions = Interactions(
-        users=user_names,
-        items=item_names,
-        user=user_no.astype(np.int32),
-        item=item_no.astype(np.int32),
-        kind=kind,
-        ts_ms=ts_ms,
-    )
-    return interactions, old
+        if len(t) - before < rows:
+            self.done = True
+        return self.done
+
+    def result(self) -> tuple[Interactions, dict[int, list[bytes]]]:
+        """The rows read, as arrays, and the expired keys (read every row first)."""
+        while not self.done:
+            self.step(1 << 20)
+        ts_ms = np.array(self._t, dtype=np.int64)
+        user_no = np.array(self._u, dtype=np.int64)
+        item_no = np.array(self._i, dtype=np.int64)
+        kind = np.array(self._k, dtype=np.int8)
+        self._u, self._i, self._k, self._t = (array.array(c) for c in "qqbq")
+        user_names, item_names = list(self._users), list(self._items)
+        self._users, self._items = {}, {}
+        old: dict[int, list[bytes]] = {}
+        keep_ms = self._keep_ms
+        if keep_ms is not None and len(ts_ms):
+            cutoff = int(ts_ms.max()) - keep_ms
+            keep = ts_ms >= cutoff
+            if not keep.all():
+                old = _keys_before(self._dbs, cutoff)
+            if old:  # numbered again, without the visitors and items of expired rows only
+                user_no, item_no = user_no[keep], item_no[keep]
+                kind, ts_ms = kind[keep], ts_ms[keep]
+                user_nums, user_no = np.unique(user_no, return_inverse=True)
+                item_nums, item_no = np.unique(item_no, return_inverse=True)
+                user_names = [user_names[n] for n in user_nums.tolist()]
+                item_names = [item_names[n] for n in item_nums.tolist()]
+        interactions = Interactions(
+            users=user_names,
+            items=item_names,
+            user=user_no.astype(np.int32),
+            item=item_no.astype(np.int32),
+            kind=kind,
+            ts_ms=ts_ms,
+        )
+        return interactions, old
+
+
+def scan(
+    dbs: Mapping[int, Any], keep_ms: int | None = None
+) -> tuple[Interactions, dict[int, list[bytes]]]:
+    """Every history row in ``dbs``, and the expired keys, in one go (see `Scan`)."""
+    return Scan(dbs, keep_ms).result()
 
 
 @dataclass(frozen=True, slots=True)

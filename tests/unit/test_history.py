@@ -99,6 +99,16 @@ def test_a_scan_reads_every_partition_and_numbers_visitors_and_items(
         assert expired == {0: [old[0][0]]}
         everything, none = history.scan({0: db, 1: other})
         assert len(everything) == 4 and none == {}
+        sliced = history.Scan({0: db, 1: other}, keep_ms=30_000)
+        steps = 1
+        while not sliced.step(1):  # a row at a time, as the trainer reads between its turns
+            steps += 1
+        assert steps == 5 and len(sliced) == 4  # the last step finds nothing more
+        again, expired_again = sliced.result()
+        assert (again.users, again.items) == (rows.users, rows.items)
+        for column in ("user", "item", "kind", "ts_ms"):
+            assert getattr(again, column).tolist() == getattr(rows, column).tolist()
+        assert expired_again == expired
     finally:
         other.close()
 
