@@ -662,6 +662,14 @@ def kind_of(path: str) -> str:
 # -- the engine --------------------------------------------------------------------------------
 
 
+def _is_broker(pid: int) -> bool:
+    """Whether process ``pid`` is the embedded broker (Tansu)."""
+    try:
+        return b"tansu" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 class Engine:
     """A ``personify run`` subprocess on a fresh data directory, on a port it picks."""
 
@@ -705,14 +713,19 @@ class Engine:
         """CPU seconds used so far by the engine and its children."""
         return sum(cpu_seconds(p) for p in self.pids())
 
+    def broker_pids(self) -> list[int]:
+        """The embedded broker's processes (not the engine's other children, e.g. a tuning)."""
+        return [p for p in self.pids()[1:] if _is_broker(p)]
+
     def broker_cpu(self) -> float:
-        """CPU seconds used so far by the engine's children (the embedded broker)."""
-        return sum(cpu_seconds(p) for p in self.pids()[1:])
+        """CPU seconds used so far by the embedded broker."""
+        return sum(cpu_seconds(p) for p in self.broker_pids())
 
     def rss_mib(self) -> tuple[float, float]:
-        """Resident memory now of (the engine, its broker), MiB."""
-        kids = children(self.pid) if self.proc is not None else []
-        broker = sum(status_kb(p, "VmRSS") for p in kids)
+        """Resident memory now of (the engine, its embedded broker), MiB."""
+        if self.proc is None:
+            return 0.0, 0.0
+        broker = sum(status_kb(p, "VmRSS") for p in self.broker_pids())
         return status_kb(self.pid, "VmRSS") / 1024, broker / 1024
 
     async def start(self, session: aiohttp.ClientSession, limit_s: float = 120.0) -> None:
