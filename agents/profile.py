@@ -63,7 +63,10 @@ _audit_topic = topic(_cfg.topics.audit)
 #: Whether item interactions are kept for the learned model ([model] enabled).
 _keep_history = _cfg.model.enabled
 #: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
-_live: defaultdict[int, signals.LiveRows] = defaultdict(lambda: signals.LiveRows(_cfg.recommend))
+_numbers = signals.ItemNumbers()
+_live: defaultdict[int, signals.LiveRows] = defaultdict(
+    lambda: signals.LiveRows(_cfg.recommend, numbers=_numbers)
+)
 _flush_lock = asyncio.Lock()
 #: Set while a flush that must not wait (partitions moving, stopping) waits for the lock.
 _hurry = asyncio.Event()
@@ -308,7 +311,7 @@ async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float
                 _live.pop(partition, None)
         SIGNAL_ROWS_CACHED.labels("rows").set(sum(len(live.rows) for live in _live.values()))
         SIGNAL_ROWS_CACHED.labels("neighbours").set(
-            sum(signals.entries(row) for live in _live.values() for row in live.rows.values())
+            sum(live.neighbours() for live in _live.values())
         )
 
 

@@ -2,7 +2,7 @@
 
 The profile agent derives these from the events it applies (only from events new to the
 profile, so a redelivered or replayed event is never counted twice), keeps its partitions'
-rows decoded in memory (`LiveRows`) and writes the changed ones to the profiles table, under
+rows in memory, compactly (`LiveRows`) and writes the changed ones to the profiles table, under
 reserved keys (a visitor id never starts with NUL), every ``signal_flush_interval_s`` and on
 stop. A crash can lose at most that interval of signal updates (never a profile change).
 
@@ -30,10 +30,11 @@ import itertools
 import math
 import sys
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 
 from personify.engine.config import ProfilesConfig, RecommendConfig
@@ -41,6 +42,8 @@ from personify.engine.config import ProfilesConfig, RecommendConfig
 __all__ = [
     "PREFIX",
     "SELF",
+    "Held",
+    "ItemNumbers",
     "LiveRows",
     "Row",
     "SignalBatch",
@@ -308,9 +311,7 @@ class SignalBatch:
 
     def cap_of(self, key: bytes) -> int:
         """How many entries the row under ``key`` keeps."""
-        if key[1:2] == _KIND_BYTE["trending"]:
-            return self.cfg.trending_size
-        return self.cfg.neighbours
+        return _cap_of(key, self.cfg)
 
     def fold_rows(self, rows: dict[bytes, Row], *, refresh: bool = True) -> None:
         """Apply the batch to decoded rows (a missing row starts empty), in place.
@@ -335,26 +336,158 @@ class SignalBatch:
         return [(key, encode_row(rows[key])) for key in self.updates]
 
 
-def entries(row: Row) -> int:
-    """A decoded row's size in neighbours (its ``s`` and ``m`` counts), plus one for itself."""
-    return 1 + len(row["s"]) + len(row.get("m", ()))
+class ItemNumbers:
+    """One number per item id, shared by the rows held compactly (`LiveRows`)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._number: dict[str, int] = {}
+
+    def number(self, name: str) -> int:
+        """The number of ``name`` (a new one for an id not seen before)."""
+        n = self._number.get(name)
+        if n is None:
+            n = self._number[name] = len(self.names)
+            self.names.append(sys.intern(name))
+        return n
+
+    def numbers(self, names: Collection[str]) -> np.ndarray:
+        """`number` of each of ``names``, as an int32 array."""
+        return np.fromiter((self.number(name) for name in names), np.int32, len(names))
+
+    def names_of(self, numbers: np.ndarray) -> list[str]:
+        """The item ids of ``numbers``."""
+        names = self.names
+        return [names[i] for i in numbers.tolist()]
+
+
+_NO_COUNT = math.nan  # a neighbour whose own count was never copied in (``m`` lacks it)
+
+
+class Held:
+    """A signal row held compactly: neighbours as sorted item numbers and float arrays.
+
+    A decoded row costs about 150 bytes a neighbour (two dict entries and two float objects);
+    this one 20, plus the contributions added since it was last merged (``add``: item ->
+    amount, in the row's decay frame), which `merge` folds into the arrays.
+    """
+
+    __slots__ = ("add", "ids", "m", "n", "r", "s")
+
+    def __init__(self) -> None:
+        self.r = 0
+        self.n = 0.0
+        self.ids = np.empty(0, np.int32)
+        self.s = np.empty(0, np.float64)
+        self.m = np.empty(0, np.float64)
+        self.add: dict[str, float] = {}
+
+    @classmethod
+    def of(cls, row: Row, numbers: ItemNumbers) -> Held:
+        """The compact form of a decoded row."""
+        held = cls()
+        held.r = row["r"]
+        held.n = row.get("n", 0.0)
+        scores: dict[str, float] = row["s"]
+        if scores:
+            counts: dict[str, float] = row.get("m") or {}
+            ids = numbers.numbers(scores)
+            order = np.argsort(ids, kind="stable")
+            held.ids = ids[order]
+            held.s = np.fromiter(scores.values(), np.float64, len(scores))[order]
+            held.m = np.fromiter(
+                (counts.get(name, _NO_COUNT) for name in scores), np.float64, len(scores)
+            )[order]
+        return held
+
+    def __len__(self) -> int:
+        return len(self.ids) + len(self.add)
+
+    def fold(self, updates: Iterable[tuple[str, float, int]], half_life_ms: float) -> None:
+        """`apply_updates` for a held row: new contributions wait in ``add`` for `merge`."""
+        last_ts: int | None = None
+        factor = 1.0
+        add = self.add
+        for item, weight, ts in updates:
+            if ts != last_ts:
+                if self.n == 0.0 and not len(self.ids) and not add:
+                    self.r = ts
+                exponent = (ts - self.r) / half_life_ms
+                if exponent > _MAX_EXPONENT:
+                    self._rescale(ts, half_life_ms)
+                    exponent = 0.0
+                factor = math.pow(2.0, exponent)
+                last_ts = ts
+            if item == SELF:
+                self.n += weight * factor
+            else:
+                add[item] = add.get(item, 0.0) + weight * factor
+
+    def _rescale(self, ref: int, half_life_ms: float) -> None:
+        factor = math.pow(2.0, (self.r - ref) / half_life_ms)
+        self.s *= factor
+        self.m *= factor
+        self.add = {k: v * factor for k, v in self.add.items()}
+        self.n *= factor
+        self.r = ref
+
+    def merge(self, numbers: ItemNumbers, cap: int) -> None:
+        """Fold the waiting contributions into the arrays and prune to ``cap``."""
+        if self.add:
+            ids = numbers.numbers(self.add)
+            amounts = np.fromiter(self.add.values(), np.float64, len(self.add))
+            self.add = {}
+            if len(self.ids):
+                pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
+                found = self.ids[pos] == ids
+                self.s[pos[found]] += amounts[found]
+                new = ~found
+                ids, amounts = ids[new], amounts[new]
+            if len(ids):
+                all_ids = np.concatenate((self.ids, ids))
+                order = np.argsort(all_ids, kind="stable")
+                self.ids = all_ids[order]
+                self.s = np.concatenate((self.s, amounts))[order]
+                self.m = np.concatenate((self.m, np.full(len(ids), _NO_COUNT)))[order]
+        if len(self.ids) > cap * _SLACK:
+            keep = np.sort(np.argpartition(self.s, len(self.s) - cap)[-cap:])
+            self.ids, self.s, self.m = self.ids[keep], self.s[keep], self.m[keep]
+
+    def row(self, numbers: ItemNumbers) -> Row:
+        """The decoded form (merge first: waiting contributions are not in it)."""
+        names = numbers.names_of(self.ids)
+        known = ~np.isnan(self.m)
+        return {
+            "r": self.r,
+            "n": self.n,
+            "s": dict(zip(names, self.s.tolist(), strict=True)),
+            "m": dict(
+                zip(itertools.compress(names, known.tolist()), self.m[known].tolist(), strict=True)
+            ),
+        }
 
 
 class LiveRows:
-    """The writer's signal rows of one partition, decoded, and which changed since the flush.
+    """The writer's signal rows of one partition, held compactly, and which changed since the flush.
 
-    Hot rows change in nearly every round; keeping them decoded and writing each changed row
-    once per flush interval (instead of once per round) is what keeps ingestion fast. Clean
-    rows beyond ``capacity`` are forgotten, least recently used first; changed rows never are.
+    Hot rows change in nearly every round; keeping them in memory and writing each changed
+    row once per flush interval (instead of once per round) is what keeps ingestion fast.
+    Rows are held as `Held` (about 20 bytes a neighbour): a catalog's rows stay in memory
+    at full size. Clean rows beyond ``capacity`` are forgotten, least recently used first;
+    changed rows never are.
 
     Args:
-        capacity: clean rows kept decoded.
+        capacity: clean rows kept.
+        numbers: the item numbering (shared by every partition's rows).
     """
 
-    def __init__(self, cfg: RecommendConfig, capacity: int = 10_000) -> None:
+    def __init__(
+        self, cfg: RecommendConfig, capacity: int = 10_000, numbers: ItemNumbers | None = None
+    ) -> None:
         self.cfg = cfg
         self.capacity = capacity
-        self.rows: OrderedDict[bytes, Row] = OrderedDict()
+        self.numbers = ItemNumbers() if numbers is None else numbers
+        self.rows: OrderedDict[bytes, Held] = OrderedDict()
         #: Changed rows -> neighbours whose own counts are to be copied in at the flush.
         self.dirty: dict[bytes, set[str]] = {}
 
@@ -363,17 +496,27 @@ class LiveRows:
         return [key for key in keys if key not in self.rows]
 
     def load(self, key: bytes, raw: bytes | None) -> None:
-        """Hold the stored row of ``key`` (its item ids interned: rows share them)."""
-        row = decode_row(raw)
-        for part in ("s", "m"):
-            if row.get(part):
-                row[part] = {sys.intern(k): v for k, v in row[part].items()}
-        self.rows[key] = row
+        """Hold the stored row of ``key``."""
+        self.rows[key] = Held.of(decode_row(raw), self.numbers)
+
+    def row(self, key: bytes) -> Row:
+        """The held row of ``key``, decoded (its waiting contributions merged first)."""
+        held = self.rows[key]
+        held.merge(self.numbers, _cap_of(key, self.cfg))
+        return held.row(self.numbers)
+
+    def neighbours(self) -> int:
+        """Neighbours held, over all rows (plus one per row for itself)."""
+        return sum(1 + len(held) for held in self.rows.values())
 
     def apply(self, batch: SignalBatch) -> None:
         """Fold a batch into the held rows (every row it touches must be held)."""
-        batch.fold_rows(self.rows, refresh=False)
         for key, updates in batch.updates.items():
+            held = self.rows[key]
+            held.fold(updates, half_life_of(key, self.cfg) * 1000.0)
+            cap = _cap_of(key, self.cfg)
+            if len(held.add) > cap * _SLACK:  # bounds what waits for the flush
+                held.merge(self.numbers, cap)
             self.rows.move_to_end(key)
             self.dirty.setdefault(key, set()).update(item for item, _w, _ts in updates)
 
@@ -396,10 +539,35 @@ class LiveRows:
     def encode(self, dirty: Iterable[tuple[bytes, set[str]]]) -> list[tuple[bytes, bytes]]:
         """Rows from `take_dirty_keys`, with their neighbours' counts refreshed, encoded."""
         out = []
+        numbers = self.numbers
         for key, items in dirty:
-            refresh_counts(self.rows, key, items, self.cfg)
-            out.append((key, encode_row(self.rows[key])))
+            held = self.rows[key]
+            held.merge(numbers, _cap_of(key, self.cfg))
+            if key[1:2] != _KIND_BYTE["trending"]:
+                self._refresh(key, held, items)
+            out.append((key, encode_row(held.row(numbers))))
         return out
+
+    def _refresh(self, key: bytes, held: Held, items: Iterable[str]) -> None:
+        """`refresh_counts` for a held row (merged)."""
+        if not len(held.ids):
+            return
+        half_life_ms = half_life_of(key, self.cfg) * 1000.0
+        prefix = key[:2]
+        rows = self.rows
+        number = self.numbers.number
+        found: list[int] = []
+        counts: list[float] = []
+        for item in items:
+            other = rows.get(prefix + item.encode()) if item != SELF else None
+            if other is not None:
+                found.append(number(item))
+                counts.append(other.n * math.pow(2.0, (other.r - held.r) / half_life_ms))
+        if found:
+            ids = np.array(found, np.int32)
+            pos = np.minimum(np.searchsorted(held.ids, ids), len(held.ids) - 1)
+            present = held.ids[pos] == ids
+            held.m[pos[present]] = np.array(counts)[present]
 
     def trim(self) -> None:
         """Forget the least recently used clean rows beyond the capacity."""
@@ -412,3 +580,7 @@ class LiveRows:
             if key not in self.dirty:
                 del self.rows[key]
                 excess -= 1
+
+
+def _cap_of(key: bytes, cfg: RecommendConfig) -> int:
+    return cfg.trending_size if key[1:2] == _KIND_BYTE["trending"] else cfg.neighbours

@@ -226,25 +226,48 @@ def test_live_rows_flushed_equal_rows_written_every_round(
     if pending is not None:
         flushed.update(live.encode(pending))
     flushed.update(live.take_dirty())
-    assert {k: orjson.loads(v) for k, v in direct.items()} == {
-        k: orjson.loads(v) for k, v in flushed.items()
-    }
+    want = {k: orjson.loads(v) for k, v in direct.items()}
+    got = {k: orjson.loads(v) for k, v in flushed.items()}
+    assert want.keys() == got.keys()
+    for key, row in want.items():
+        # Held rows add a round's contributions together before adding them to the row.
+        assert got[key]["r"] == row["r"] and got[key]["n"] == row["n"]
+        for part in ("s", "m"):
+            assert got[key][part].keys() == row[part].keys(), (key, part)
+            for item, value in row[part].items():
+                assert math.isclose(got[key][part][item], value, rel_tol=1e-12), (key, item)
 
 
-def test_rows_held_decoded_share_one_string_per_item() -> None:
-    """Item ids are interned as rows are loaded and folded: memory per neighbour, not per row."""
+def test_held_rows_merge_prune_and_decode_like_decoded_rows() -> None:
+    """A held row folds, prunes to its cap and decodes as `apply_updates` does (ties aside)."""
+    numbers = signals.ItemNumbers()
+    updates = [(f"i{k % 37}", 1.0 + (k * 7919) % 101, 1_000 * (k // 10)) for k in range(400)]
+    want = signals.decode_row(None)
+    held = signals.Held()
+    for start in range(0, 400, 50):  # in eight rounds, each pruned to the cap at its end
+        signals.apply_updates(want, updates[start : start + 50], 3600.0, cap=10)
+        held.fold(updates[start : start + 50], 3600.0 * 1000.0)
+        held.merge(numbers, 10)
+    got = held.row(numbers)
+    assert got["r"] == want["r"] and got["s"].keys() == want["s"].keys()
+    assert 10 <= len(got["s"]) <= 20
+    for item, score in want["s"].items():
+        assert math.isclose(got["s"][item], score, rel_tol=1e-9)
+    again = signals.Held.of(orjson.loads(signals.encode_row(got)), numbers).row(numbers)
+    assert again == got
+
+
+def test_held_rows_cost_far_less_than_decoded_rows() -> None:
+    """A full catalog's rows fit in memory: 20 bytes a neighbour in arrays, not dicts."""
     live = signals.LiveRows(CFG.recommend)
-    for key in (b"a", b"b"):
-        raw = orjson.dumps({"r": 0, "n": 1.0, "s": {"sku-" + "1": 1.0}, "m": {}})
-        live.load(key, raw)
-    (first,), (second,) = live.rows[b"a"]["s"], live.rows[b"b"]["s"]
-    assert first == second == "sku-1" and first is second
-    batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
-    profiles.apply_events(
-        profiles.new_profile("u"),
-        [_view("sku-" + "1", 1_000), _view("sku-" + "2", 2_000)],
-        CFG.profiles,
-        observe=batch.observe,
-    )
-    items = [item for updates in batch.updates.values() for item, _w, _ts in updates]
-    assert any(item is first for item in items)
+    neighbours = {f"sku-{k}": float(k) for k in range(200)}
+    for k in range(50):
+        live.load(
+            signals.row_key("covisit", f"sku-{k}"),
+            orjson.dumps({"r": 0, "n": 1.0, "s": neighbours, "m": neighbours}),
+        )
+    held = live.rows[signals.row_key("covisit", "sku-0")]
+    assert held.ids.nbytes + held.s.nbytes + held.m.nbytes == 200 * 20
+    assert live.neighbours() == 50 * 201
+    assert live.row(signals.row_key("covisit", "sku-3"))["s"] == neighbours
+    assert len(live.numbers.names) == 200  # one number (and one string) per item
