@@ -266,7 +266,8 @@ class TableData:
             for i, key, stamp, raws in zip(todo, wanted, stamps, self._raw(wanted), strict=True):
                 slot = (key, alpha, n)
                 hit = cache.get(slot)
-                if hit is not None and hit.raws == raws:
+                digest = hash(raws)
+                if hit is not None and hit.digest == digest:
                     hit.stamp = stamp
                     out[i] = self._numbered(hit, ids)
                     continue
@@ -275,7 +276,7 @@ class TableData:
                 with self._lock:
                     if len(cache) >= self.cache_size:
                         cache.clear()  # simple and rare: hot rows come back at once
-                    cache[slot] = _Cached(stamp, raws, top)
+                    cache[slot] = _Cached(stamp, digest, top)
                 out[i] = top
         return [top for top in out if top is not None]
 
@@ -288,10 +289,14 @@ class TableData:
 
 @dataclass(slots=True)
 class _Cached:
-    """A ranked row, the stored bytes it came from, and the write stamp they were read at."""
+    """A ranked row, a digest of the stored bytes it came from, and the write stamp then.
+
+    A digest, not the bytes: full rows of every partition, held for each cached row, came to
+    hundreds of megabytes once the rows filled.
+    """
 
     stamp: tuple[int, int] | None
-    raws: tuple[bytes | None, ...]
+    digest: int
     top: Top
 
 
