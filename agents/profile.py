@@ -276,7 +276,7 @@ async def flush_signals(
 async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float) -> None:
     async with _flush_lock:  # one flush at a time: an older row never overwrites a newer one
         held = list(_live if partitions is None else partitions)
-        dirty = {p: dict(_live[p].take_dirty_keys()) for p in held if p in _live}
+        dirty = {p: dict.fromkeys(_live[p].take_dirty_keys()) for p in held if p in _live}
         # Slices go by row key, each key with its rows of every partition: readers then hear
         # of a row once per flush (and rank it again once), right after all of it is written.
         slices: list[list[bytes]] = [[]]
@@ -291,7 +291,7 @@ async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float
         pause_s = min(spread_s / count, _MAX_FLUSH_PAUSE_S) if count and spread_s > 0 else 0.0
         for keys in slices[:count]:
             for partition, rows in dirty.items():
-                mine = [(key, rows[key]) for key in keys if key in rows]
+                mine = [key for key in keys if key in rows]
                 if not mine:
                     continue
                 writes: list[tuple[bytes, bytes | None]] = list(_live[partition].encode(mine))

@@ -372,7 +372,7 @@ class Held:
     amount, in the row's decay frame), which `merge` folds into the arrays.
     """
 
-    __slots__ = ("add", "ids", "m", "n", "r", "s")
+    __slots__ = ("add", "ids", "m", "n", "r", "s", "touched")
 
     def __init__(self) -> None:
         self.r = 0
@@ -381,6 +381,8 @@ class Held:
         self.s = np.empty(0, np.float64)
         self.m = np.empty(0, np.float64)
         self.add: dict[str, float] = {}
+        #: Neighbours merged before the flush (``add`` grew large): their counts are due.
+        self.touched: set[str] | None = None
 
     @classmethod
     def of(cls, row: Row, numbers: ItemNumbers) -> Held:
@@ -488,8 +490,9 @@ class LiveRows:
         self.capacity = capacity
         self.numbers = ItemNumbers() if numbers is None else numbers
         self.rows: OrderedDict[bytes, Held] = OrderedDict()
-        #: Changed rows -> neighbours whose own counts are to be copied in at the flush.
-        self.dirty: dict[bytes, set[str]] = {}
+        #: Changed rows (the neighbours whose own counts are to be copied in at the flush
+        #: are those waiting in each row's ``add``, and its ``touched``).
+        self.dirty: dict[bytes, None] = {}
 
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
         """Those of ``keys`` not held (to be read from the table and given to `load`)."""
@@ -516,9 +519,10 @@ class LiveRows:
             held.fold(updates, half_life_of(key, self.cfg) * 1000.0)
             cap = _cap_of(key, self.cfg)
             if len(held.add) > cap * _SLACK:  # bounds what waits for the flush
+                held.touched = held.add.keys() | (held.touched or ())
                 held.merge(self.numbers, cap)
             self.rows.move_to_end(key)
-            self.dirty.setdefault(key, set()).update(item for item, _w, _ts in updates)
+            self.dirty[key] = None
 
     def take_dirty(self) -> list[tuple[bytes, bytes]]:
         """The changed rows, encoded, to write now; they count as clean from here on."""
@@ -526,22 +530,24 @@ class LiveRows:
         self.trim()
         return out
 
-    def take_dirty_keys(self) -> list[tuple[bytes, set[str]]]:
-        """The changed rows (with the neighbours to refresh), to `encode` and write now.
+    def take_dirty_keys(self) -> list[bytes]:
+        """The changed rows, to `encode` and write now.
 
         They count as clean from here on: a row changed again before it is encoded is
         encoded with its change, and written again at the next flush.
         """
-        out = list(self.dirty.items())
+        out = list(self.dirty)
         self.dirty = {}
         return out
 
-    def encode(self, dirty: Iterable[tuple[bytes, set[str]]]) -> list[tuple[bytes, bytes]]:
-        """Rows from `take_dirty_keys`, with their neighbours' counts refreshed, encoded."""
+    def encode(self, keys: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+        """Rows from `take_dirty_keys`, with their new neighbours' counts refreshed, encoded."""
         out = []
         numbers = self.numbers
-        for key, items in dirty:
+        for key in keys:
             held = self.rows[key]
+            items = held.add.keys() | (held.touched or ())
+            held.touched = None
             held.merge(numbers, _cap_of(key, self.cfg))
             if key[1:2] != _KIND_BYTE["trending"]:
                 self._refresh(key, held, items)

@@ -202,7 +202,7 @@ def test_live_rows_flushed_equal_rows_written_every_round(
         CFG.recommend, capacity=2
     )  # small: clean rows are forgotten along the way
     p1, p2 = profiles.new_profile("u"), profiles.new_profile("u")
-    pending: list[tuple[bytes, set[str]]] | None = None
+    pending: list[bytes] | None = None
     for n, views in enumerate(rounds):
         events = [_view(item, ts + n * 10_000) for item, ts in views]
         batch = signals.SignalBatch(CFG.recommend, CFG.profiles)
