@@ -62,7 +62,8 @@ _routed = topic(*routed_names(_cfg))
 _audit_topic = topic(_cfg.topics.audit)
 #: Whether item interactions are kept for the learned model ([model] enabled).
 _keep_history = _cfg.model.enabled
-#: Per partition, this agent's signal rows, decoded, and which changed since the last flush.
+#: Per partition, this agent's signal rows (held compactly), and which changed since the
+#: last flush.
 _numbers = signals.ItemNumbers()
 _live: defaultdict[int, signals.LiveRows] = defaultdict(
     lambda: signals.LiveRows(_cfg.recommend, numbers=_numbers)

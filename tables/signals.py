@@ -381,7 +381,7 @@ class Held:
         self.s = np.empty(0, np.float64)
         self.m = np.empty(0, np.float64)
         self.add: dict[str, float] = {}
-        #: Neighbours merged before the flush (``add`` grew large): their counts are due.
+        #: Neighbours merged since the row was last encoded: their counts are due.
         self.touched: set[str] | None = None
 
     @classmethod
@@ -434,8 +434,12 @@ class Held:
         self.r = ref
 
     def merge(self, numbers: ItemNumbers, cap: int) -> None:
-        """Fold the waiting contributions into the arrays and prune to ``cap``."""
+        """Fold the waiting contributions into the arrays and prune to ``cap``.
+
+        The neighbours merged are noted in ``touched`` (their counts are due at the flush).
+        """
         if self.add:
+            self.touched = self.add.keys() | (self.touched or ())
             ids = numbers.numbers(self.add)
             amounts = np.fromiter(self.add.values(), np.float64, len(self.add))
             self.add = {}
@@ -491,7 +495,7 @@ class LiveRows:
         self.numbers = ItemNumbers() if numbers is None else numbers
         self.rows: OrderedDict[bytes, Held] = OrderedDict()
         #: Changed rows (the neighbours whose own counts are to be copied in at the flush
-        #: are those waiting in each row's ``add``, and its ``touched``).
+        #: are each row's ``touched`` once merged).
         self.dirty: dict[bytes, None] = {}
 
     def missing(self, keys: Iterable[bytes]) -> list[bytes]:
@@ -519,7 +523,6 @@ class LiveRows:
             held.fold(updates, half_life_of(key, self.cfg) * 1000.0)
             cap = _cap_of(key, self.cfg)
             if len(held.add) > cap * _SLACK:  # bounds what waits for the flush
-                held.touched = held.add.keys() | (held.touched or ())
                 held.merge(self.numbers, cap)
             self.rows.move_to_end(key)
             self.dirty[key] = None
@@ -546,9 +549,8 @@ class LiveRows:
         numbers = self.numbers
         for key in keys:
             held = self.rows[key]
-            items = held.add.keys() | (held.touched or ())
-            held.touched = None
             held.merge(numbers, _cap_of(key, self.cfg))
+            items, held.touched = held.touched or (), None
             if key[1:2] != _KIND_BYTE["trending"]:
                 self._refresh(key, held, items)
             out.append((key, encode_row(held.row(numbers))))
