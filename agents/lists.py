@@ -33,6 +33,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
+from personify.agents.exposures import recorder
 from personify.agents.model import (
     current_model,
     current_ranker,
@@ -640,6 +641,7 @@ def push_list(user_id: str, rec_id: str, items: bytes, *, here_only: bool = Fals
 
     The message also goes to the visitor's sockets on other workers unless ``here_only``.
     """
+    recorder().served(user_id, rec_id, items, "ws")
     body = recommendations_message(rec_id, items)
     if here_only:
         return hub().publish(user_id, "recommendations", body)

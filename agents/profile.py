@@ -21,6 +21,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
+from personify.agents.exposures import recorder
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.model import note_interactions
@@ -41,6 +42,8 @@ from personify.engine.metrics import (
     EVENTS_APPLIED,
     EVENTS_DUPLICATE,
     EVENTS_VETOED,
+    KPI_SOURCE,
+    KPI_VARIANT,
     PUSH_STAGE,
     ROUTED_END_OFFSET,
     SIGNAL_ROWS_CACHED,
@@ -49,7 +52,7 @@ from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER, Publisher
 from personify.engine.retry import until_done
 from personify.plugins.manager import plugins
-from personify.tables import history, profiles, signals, store
+from personify.tables import attribution, history, profiles, signals, store
 from personify.tables.catalog import catalog
 from personify.tables.positions import POSITION_KEY, Position
 
@@ -62,6 +65,18 @@ _routed = topic(*routed_names(_cfg))
 _audit_topic = topic(_cfg.topics.audit)
 #: Whether item interactions are kept for the learned model ([model] enabled).
 _keep_history = _cfg.model.enabled
+#: Whether lists served are joined to what visitors do next ([attribution] enabled).
+_attributing = _cfg.attribution.enabled
+#: A visitor's attribution row is read for a round with one of these events.
+_ATTRIBUTED = attribution.OUTCOMES | {
+    attribution.EXPOSURE,
+    profiles.MERGE,
+    profiles.LINK,
+    profiles.ERASE,
+    "consent",
+}
+#: Per partition, the newest day whose KPI row it wrote (older rows expire as days start).
+_kpi_day: dict[int, str] = {}
 #: Per partition, this agent's signal rows (held compactly), and which changed since the
 #: last flush.
 _numbers = signals.ItemNumbers()
@@ -106,6 +121,10 @@ class Folded:
     history: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: Item interactions applied (rows added to the history).
     interactions: int = 0
+    #: Attribution rows and KPI rows written with the profiles (no list depends on them).
+    attributions: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    #: The KPI counts this round adds.
+    tally: attribution.Tally = field(default_factory=attribution.Tally)
     signals: signals.SignalBatch = field(
         default_factory=lambda: signals.SignalBatch(
             _cfg.recommend, _cfg.profiles, catalog().category_of
@@ -113,9 +132,40 @@ class Folded:
     )
 
 
-def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bool:
-    """Fold one visitor's events; append to ``out``. Raises if an event cannot be applied."""
+def _attributor(attr: attribution.Attribution) -> Any:
+    """What `profiles.apply_events` calls to join ``attr``'s visitor's events to exposures."""
+
+    def attribute(p: profiles.Profile, e: Event) -> None:
+        if not profiles.consents(p, "analytics", _cfg.profiles):
+            attr.clear()  # without analytics consent nothing is kept and nothing counts
+        elif e["type"] == profiles.MERGE:
+            attr.merged(e["properties"].get("attribution") or {})
+        else:
+            attr.observe(e)
+
+    return attribute
+
+
+def _fold_user(
+    key: str,
+    raw: bytes | None,
+    evs: list[Event],
+    out: Folded,
+    attr_raw: bytes | None = None,
+    *,
+    attributed: bool = False,
+) -> bool:
+    """Fold one visitor's events; append to ``out``. Raises if an event cannot be applied.
+
+    With ``attributed``, their attribution row (stored as ``attr_raw``) is kept too.
+    """
     state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
+    tally = attribution.Tally()
+    attr = (
+        attribution.Attribution(attr_raw, _cfg.attribution, tally, _cfg.events.default_currency)
+        if attributed
+        else None
+    )
     changed = False
     todo: list[Event] = []
     onward: list[Event] = []
@@ -136,6 +186,8 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
                 )
             out.erased.append((key, e["properties"].get("request_id", "")))
             state = profiles.new_profile(key)
+            if attr is not None:
+                attr.clear()
             todo = []
             changed = True
             continue
@@ -144,7 +196,9 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
             if state.get("alias_of") is None:
                 state["alias_of"] = target
                 changed = True
-            merge = {"profile": profiles.snapshot(state)}
+            merge: dict[str, Any] = {"profile": profiles.snapshot(state)}
+            if attr is not None and attr.exposures:
+                merge["attribution"] = attr.snapshot()
             onward.append(
                 internal_event(
                     profiles.MERGE,
@@ -185,6 +239,7 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
         chat_half_life_s=_cfg.recommend.chat_half_life_s,
         vetoed=vetoed,
         applied=out.events,
+        attribute=None if attr is None else _attributor(attr),
     )
     if out.erased and out.erased[-1][0] == key and not n:
         out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
@@ -195,6 +250,10 @@ def _fold_user(key: str, raw: bytes | None, evs: list[Event], out: Folded) -> bo
         rows = history.rows_of(key, out.events[start:])
         out.history.extend(rows)
         out.interactions += len(rows)
+    if attr is not None:
+        if attr.changed:
+            out.attributions.append((attribution.row_key(key), attr.encode()))
+        out.tally.merge(tally)
     out.applied += n
     out.vetoed += len(vetoed)
     out.skipped += len(todo) - n - len(vetoed)
@@ -217,15 +276,28 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
         by_user.setdefault(event_key(e), []).append(e)
     out = Folded()
     stored = table_store.get_many(partition, [key.encode() for key in by_user])
+    attributed = (
+        {key for key, evs in by_user.items() if any(e["type"] in _ATTRIBUTED for e in evs)}
+        if _attributing
+        else set()
+    )
+    attr_rows = dict(
+        zip(
+            attributed,
+            table_store.get_many(partition, [attribution.row_key(key) for key in attributed]),
+            strict=True,
+        )
+    )
     for (key, evs), raw in zip(by_user.items(), stored, strict=True):
+        attr_raw, attr_on = attr_rows.get(key), key in attributed
         try:
-            _fold_user(key, raw, evs, out)
+            _fold_user(key, raw, evs, out, attr_raw, attributed=attr_on)
         except Exception:
             # Find the culprits one by one; the state is rebuilt from the stored value.
             good: list[Event] = []
             for e in evs:
                 try:
-                    _fold_user(key, raw, [*good, e], Folded())
+                    _fold_user(key, raw, [*good, e], Folded(), attr_raw, attributed=attr_on)
                 except Exception as exc:
                     _log.warning(
                         "event cannot be applied",
@@ -236,13 +308,15 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
                     out.failed.append((profiles.wire(e), f"cannot apply event: {exc!r}"))
                 else:
                     good.append(e)
-            _fold_user(key, raw, good, out)
+            _fold_user(key, raw, good, out, attr_raw, attributed=attr_on)
     # An erased visitor's interaction history goes with the profile (events applied after
     # the erasure in this round are not stored yet, and stay).
     for user, _request in out.erased:
         out.history[:0] = [
             (row, None) for row in history.user_keys(table_store.db(partition), user)
         ]
+    if out.tally:
+        out.attributions.extend(_kpi_rows(table_store, partition, out.tally))
     if out.signals.updates:
         live = _live[partition]
         missing = live.missing(out.signals.updates)
@@ -250,6 +324,26 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
             live.load(row_key, row_raw)
         live.apply(out.signals)
     return out
+
+
+def _kpi_rows(
+    table_store: store.TableStore, partition: int, tally: attribution.Tally
+) -> list[tuple[bytes, bytes | None]]:
+    """The partition's KPI rows with ``tally`` added; as a new day starts, expired ones deleted."""
+    days = sorted(tally.days)
+    keys = [attribution.kpi_key(day) for day in days]
+    rows: list[tuple[bytes, bytes | None]] = [
+        (key, tally.added_to(day, raw))
+        for day, key, raw in zip(days, keys, table_store.get_many(partition, keys), strict=True)
+    ]
+    if days[-1] > _kpi_day.get(partition, ""):
+        _kpi_day[partition] = days[-1]
+        held = (k for k, _v in store.prefixed(table_store.db(partition), attribution.KPI_PREFIX))
+        rows.extend(
+            (key, None)
+            for key in attribution.expired_kpi_keys(held, days[-1], _cfg.attribution.kpi_days)
+        )
+    return rows
 
 
 async def flush_signals(
@@ -455,7 +549,12 @@ async def profile_agent(stream: Any) -> None:
                     functools.partial(
                         _store.put_many,
                         p,
-                        [*f.writes, *f.history, (POSITION_KEY, positions[p].encode())],
+                        [
+                            *f.writes,
+                            *f.history,
+                            *f.attributions,
+                            (POSITION_KEY, positions[p].encode()),
+                        ],
                     ),
                 )
                 for p, f in folds.items()
@@ -467,8 +566,11 @@ async def profile_agent(stream: Any) -> None:
         if fresh:
             PUSH_STAGE.labels("fold").observe(time.time() - taken)
         for f in folds.values():
+            _count_kpis(f.tally)
+        for f in folds.values():
             for user, _request_id in f.erased:
                 hub().forget(user)
+                recorder().forget(user)
         applied = [e for f in folds.values() for e in f.events]
         note_interactions(
             sum(f.interactions for f in folds.values()),
@@ -496,6 +598,11 @@ async def profile_agent(stream: Any) -> None:
             flushed = time.monotonic()
         for partition, end in note_lag("profile", (e.message for e in batch)).items():
             _note_end_offset(partition, end)
+
+
+def _count_kpis(tally: attribution.Tally) -> None:
+    for by, name, kpi, amount in tally.totals():
+        (KPI_VARIANT if by == "variant" else KPI_SOURCE).labels(name, kpi).inc(amount)
 
 
 #: Per partition held, its applied position as stored (read at the partition's first message).

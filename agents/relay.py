@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import server_list
 
+from personify.agents.exposures import recorder
 from personify.agents.lists import serve_recommendations
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import Request
@@ -148,6 +149,7 @@ class Relay:
         except Exception:
             _log.exception("list for a socket on another worker failed", user_id=user_id)
             return
+        recorder().served(user_id, served.rec_id, served.items, "ws")
         body = recommendations_message(served.rec_id, served.items)
         head = {"op": "msg", "to": [worker], "user": user_id, "kind": "recommendations"}
         self._send(user_id, head, body)

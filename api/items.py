@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from personify.agents.exposures import recorder
 from personify.agents.lists import Served, recommender, serve_recommendations, serve_similar
 from personify.agents.recommend import Request
 from personify.api.routes import not_ready, read_json, to_owner
@@ -229,7 +230,9 @@ async def get_recommendations(request: web.Request) -> web.Response:
     remote = await to_owner(request, key)
     if remote is not None:
         return remote
-    return _answer("user_id", user_id, await serve_recommendations(key, req))
+    served = await serve_recommendations(key, req)
+    recorder().served(key, served.rec_id, served.items, "http")
+    return _answer("user_id", user_id, served)
 
 
 def _answer(key: str, value: str, served: Served) -> web.Response:

@@ -302,6 +302,44 @@ _RECOMMENDATIONS = {
 }
 
 
+_RATE = {"type": ["number", "null"]}
+_KPI_ROW = {
+    "type": "object",
+    "description": "Counts, and rates where their denominator is not 0.",
+    "properties": {
+        "variant": {"type": "string"},
+        "source": {"type": "string", "description": "An item's strongest reason (kind)."},
+        "day": {"type": "string", "format": "date"},
+        "exposures": {"type": "number", "description": "Lists served."},
+        "visitors": {"type": "number", "description": "Distinct visitors served, per day."},
+        "shown": {"type": "number", "description": "Items shown (per source)."},
+        "impressions": {"type": "number"},
+        "clicks": {"type": "number"},
+        "add_to_carts": {"type": "number"},
+        "orders": {"type": "number", "description": "Orders with a line attributed."},
+        "converters": {"type": "number", "description": "Distinct buyers, per day."},
+        "revenue": {"type": "number", "description": "Of the attributed lines."},
+        "order_revenue": {"type": "number", "description": "Of the orders attributed."},
+        "ctr": _RATE,
+        "add_to_cart_rate": _RATE,
+        "conversion": _RATE,
+        "revenue_per_visitor": _RATE,
+        "average_order_value": _RATE,
+    },
+}
+_KPIS = {
+    "type": "object",
+    "required": ["from", "to", "by", "rows", "totals"],
+    "properties": {
+        "from": {"type": "string", "format": "date"},
+        "to": {"type": "string", "format": "date"},
+        "by": {"type": "string", "enum": ["variant", "source", "day"]},
+        "rows": {"type": "array", "items": _KPI_ROW},
+        "totals": _KPI_ROW,
+    },
+}
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -608,7 +646,11 @@ OPENAPI: dict[str, Any] = {
                 "Needs the admin scope.",
                 "parameters": [_path("user_id")],
                 "responses": {
-                    "200": {"description": "{user_id, exported_at, profile, stored}."},
+                    "200": {
+                        "description": "{user_id, exported_at, profile, stored, exposures}: "
+                        "exposures are the lists served that clicks and purchases can still "
+                        "be joined to (GET /v1/kpis)."
+                    },
                     "404": _err("Nothing is held about this visitor."),
                 },
             }
@@ -695,6 +737,38 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/kpis": {
+            "get": {
+                "summary": "What recommendations earn: exposures joined to outcomes (admin)",
+                "description": "Counts per UTC day from the lists served (exposures) and the "
+                "impression, click, add_to_cart and purchase events joined to them (the "
+                "attribution rules are in the README). visitors and converters are distinct "
+                "per day and variant. Rates are null where their denominator is 0.",
+                "parameters": [
+                    _query(
+                        "from",
+                        {"type": "string", "format": "date"},
+                        "First day, YYYY-MM-DD (default: 6 days before to).",
+                    ),
+                    _query(
+                        "to",
+                        {"type": "string", "format": "date"},
+                        "Last day, YYYY-MM-DD (default: today, UTC).",
+                    ),
+                    _query(
+                        "by",
+                        {"type": "string", "enum": ["variant", "source", "day"]},
+                        "Group per variant (default), per candidate source or per day.",
+                    ),
+                ],
+                "responses": {
+                    "200": _json("Kpis", "The KPIs of each group and the totals."),
+                    "400": _err("A bad parameter (named in field)."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                },
+            }
+        },
         "/v1/quality": {
             "get": {
                 "summary": "The learned model's state and the engine's measured quality (admin)",
@@ -756,6 +830,7 @@ OPENAPI: dict[str, Any] = {
             "Reason": _REASON,
             "Recommendations": _RECOMMENDATIONS,
             "Quality": _QUALITY,
+            "Kpis": _KPIS,
             "ItemsAccepted": {
                 "type": "object",
                 "required": ["accepted", "rejected", "item_ids"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -11,6 +12,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from personify.agents.exposures import kpis, recorder
 from personify.agents.model import quality_status, request_run
 from personify.api.openapi import OPENAPI
 from personify.api.schemas import EventsAccepted, Rejection, json_error, json_response
@@ -28,7 +30,8 @@ from personify.engine.models import (
     validate_event,
 )
 from personify.engine.publisher import Publisher, PublishTimeout
-from personify.tables import profiles
+from personify.tables import attribution, profiles, store
+from personify.tables.attribution import Grouping
 
 __all__ = [
     "FORWARDED",
@@ -274,16 +277,23 @@ async def export_user(request: web.Request) -> web.Response:
     if isinstance(found, web.Response):
         return found
     user_id, raw = found
-    if raw is None:
+    cfg = current_config()
+    key = stored_id(user_id, cfg.events)
+    attr_raw = store.get_any(profiles.table(), attribution.row_key(key))
+    if raw is None and attr_raw is None:
         return json_error(404, f"nothing held about {user_id!r}", "user_id", "")
-    state = profiles.decode(raw)
+    state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
     now_ms = int(time.time() * 1000)
+    exposures = attribution.Attribution(
+        attr_raw, cfg.attribution, attribution.Tally(), cfg.events.default_currency
+    ).export()
     return json_response(
         {
             "user_id": user_id,
             "exported_at": format_ts(now_ms),
-            "profile": profiles.view(state, current_config().profiles, now_ms),
+            "profile": profiles.view(state, cfg.profiles, now_ms),
             "stored": state,
+            "exposures": exposures,
         }
     )
 
@@ -297,10 +307,12 @@ async def erase_user(request: web.Request) -> web.Response:
         return starting
     now_ms = int(time.time() * 1000)
     request_id = new_id()
+    key = stored_id(user_id, current_config().events)
+    recorder().forget(key)  # lists served before and not yet recorded are never recorded
     event = internal_event(
         profiles.ERASE,
         f"$erase:{request_id}",
-        user_id=stored_id(user_id, current_config().events),
+        user_id=key,
         ts_ms=now_ms,
         properties={"request_id": request_id},
     )
@@ -373,6 +385,41 @@ async def healthz(request: web.Request) -> web.Response:
         "partitions": {t: sorted(ps) for t, ps in sorted(assignment.items())},
     }
     return json_response(body, 200 if ok else 503)
+
+
+def _day_param(request: web.Request, name: str) -> date | None:
+    text = request.query.get(name)
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise ValidationError(name, f"expected a day as YYYY-MM-DD, got {text!r}") from None
+
+
+@routes.get("/v1/kpis")
+async def get_kpis(request: web.Request) -> web.Response:
+    """What recommendations earn, per variant, candidate source or day (attribution)."""
+    by = request.query.get("by", "variant")
+    try:
+        first, last = _day_param(request, "from"), _day_param(request, "to")
+        if by not in ("variant", "source", "day"):
+            raise ValidationError("by", f"expected variant, source or day, got {by!r}")
+        today = datetime.now(UTC).date()
+        last = last or (max(today, first) if first is not None else today)
+        if first is None:
+            first = last - timedelta(days=6) if last > date.min + timedelta(days=6) else date.min
+        if first > last:
+            raise ValidationError("from", f"{first} is after to={last}")
+        limit = current_config().attribution.kpi_days
+        if (last - first).days >= limit:
+            raise ValidationError(
+                "from", f"expected a span of at most {limit} days ([attribution] kpi_days)"
+            )
+    except ValidationError as exc:
+        return json_error(400, exc.reason, exc.field, "see GET /v1/openapi.json")
+    grouping: Grouping = by  # type: ignore[assignment] # checked above
+    return json_response(kpis(first, last, grouping))
 
 
 @routes.get("/v1/quality")

@@ -26,6 +26,7 @@ from personify.engine.errors import ConfigError
 __all__ = [
     "TUNABLE",
     "ApiKey",
+    "AttributionConfig",
     "AuthConfig",
     "BrokerConfig",
     "CatalogConfig",
@@ -422,6 +423,24 @@ class TriggersConfig:
     webhook_timeout_s: float = 5.0
 
 
+@dataclass(frozen=True, slots=True)
+class AttributionConfig:
+    """What recommendations earn: lists served (exposures) joined to what visitors do next."""
+
+    #: Record exposures and attribute outcomes at all (off: no exposure is recorded and the
+    #: KPIs stay empty).
+    enabled: bool = True
+    #: An outcome without a recommendation id counts for a list that showed its item at most
+    #: this long before it.
+    window_s: float = 86400.0
+    #: Exposures kept per visitor (the newest); an older one can no longer be joined to.
+    exposures_kept: int = 20
+    #: Served lists are sent on to be recorded in batches, this often.
+    flush_interval_s: float = 0.2
+    #: Days of KPIs kept (older days are deleted as new ones start).
+    kpi_days: int = 400
+
+
 Scope = Literal["ingest", "read", "admin"]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -477,6 +496,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -632,6 +652,10 @@ _POSITIVE = {
     "push.max_channels",
     "push.announce_s",
     "triggers.offer_window_s",
+    "attribution.window_s",
+    "attribution.exposures_kept",
+    "attribution.flush_interval_s",
+    "attribution.kpi_days",
     "triggers.tick_s",
     "triggers.webhook_timeout_s",
     "auth.token_ttl_s",

@@ -13,9 +13,12 @@ __all__ = [
     "EVENTS_REJECTED",
     "EVENTS_VETOED",
     "EVENT_LOOP_DELAY",
+    "EXPOSURES_SENT",
     "ITEMS_EMBEDDED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
+    "KPI_SOURCE",
+    "KPI_VARIANT",
     "LISTS_CACHED",
     "LISTS_COMPUTED",
     "LISTS_PENDING",
@@ -62,6 +65,24 @@ EVENTS_APPLIED = Counter(
 EVENTS_DUPLICATE = Counter(
     "personify_events_duplicate",
     "Events skipped because their event id was already applied (retries, redelivery, replay).",
+    registry=REGISTRY,
+)
+EXPOSURES_SENT = Counter(
+    "personify_exposures_sent",
+    "Lists served (HTTP and WebSocket) sent on to be recorded as exposures.",
+    registry=REGISTRY,
+)
+KPI_VARIANT = Counter(
+    "personify_kpi_variant",
+    "What lists earn, per variant (see GET /v1/kpis): exposures, visitors, impressions, "
+    "clicks, add_to_carts, orders, converters, revenue, order_revenue",
+    ["variant", "kpi"],
+    registry=REGISTRY,
+)
+KPI_SOURCE = Counter(
+    "personify_kpi_source",
+    "What lists earn, per candidate source: shown, clicks, add_to_carts, orders, revenue",
+    ["source", "kpi"],
     registry=REGISTRY,
 )
 EVENTS_VETOED = Counter(

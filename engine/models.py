@@ -334,8 +334,10 @@ def validate_event(obj: Any, cfg: EventsConfig, now_ms: int) -> Event:
     elif etype in ("add_to_cart", "remove_from_cart"):
         props["quantity"] = _quantity(props, "properties.quantity", props.get("quantity"))
         _number(props, "price")
+        _text(props, "recommendation_id", cfg.max_id_length, required=False)
     elif etype == "purchase":
         _purchase(props, item_id, cfg)
+        _text(props, "recommendation_id", cfg.max_id_length, required=False)
     elif etype == "chat_message":
         _text(props, "text", cfg.max_string_length, required=True)
     elif etype == "consent":

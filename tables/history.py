@@ -29,6 +29,7 @@ import numpy.typing as npt
 
 from personify.engine.models import Event
 from personify.tables.signals import PREFIX
+from personify.tables.store import prefixed
 
 __all__ = [
     "KIND_OF_EVENT",
@@ -90,23 +91,11 @@ def rows_of(user_id: str, events: Iterable[Event]) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _keys_from(db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) of ``db`` from ``start`` on, while keys start with ``start``."""
-    it = db.iter()
-    it.seek(start)
-    while it.valid():
-        key: bytes = it.key()
-        if not key.startswith(start):
-            return
-        yield key, it.value()
-        it.next()
-
-
 def _keys_before(dbs: Mapping[int, Any], cutoff_ms: int) -> dict[int, list[bytes]]:
     """The keys of the rows older than ``cutoff_ms``, per partition (a second, rare pass)."""
     old: dict[int, list[bytes]] = {}
     for partition, db in dbs.items():
-        for n, (key, _value) in enumerate(_keys_from(db, ROW_PREFIX), start=1):
+        for n, (key, _value) in enumerate(prefixed(db, ROW_PREFIX), start=1):
             if _split(key)[1] < cutoff_ms:
                 old.setdefault(partition, []).append(key)
             if not n & _YIELD_EVERY:
@@ -116,7 +105,7 @@ def _keys_before(dbs: Mapping[int, Any], cutoff_ms: int) -> dict[int, list[bytes
 
 def user_keys(db: Any, user_id: str) -> list[bytes]:
     """The keys of ``user_id``'s history rows in ``db`` (one partition's store)."""
-    return [key for key, _value in _keys_from(db, user_prefix(user_id))]
+    return [key for key, _value in prefixed(db, user_prefix(user_id))]
 
 
 def _split(key: bytes) -> tuple[str, int]:
@@ -186,7 +175,7 @@ class Scan:
         self._k = array.array("b")
         self._t = array.array("q")
         self._rows: Iterator[tuple[bytes, bytes]] = (
-            row for db in dbs.values() for row in _keys_from(db, ROW_PREFIX)
+            row for db in dbs.values() for row in prefixed(db, ROW_PREFIX)
         )
         self.done = False
 

@@ -26,6 +26,7 @@ import orjson
 
 from personify.engine.config import ProfilesConfig
 from personify.engine.models import PURPOSES, Event, format_ts
+from personify.tables.attribution import EXPOSURE
 from personify.tables.store import bytes_table
 
 __all__ = [
@@ -395,6 +396,7 @@ def apply_events(
     chat_half_life_s: float = 3600.0,
     vetoed: list[Event] | None = None,
     applied: list[Event] | None = None,
+    attribute: Callable[[Profile, Event], None] | None = None,
 ) -> int:
     """Fold ``events`` into profile ``p`` in place; return how many were new (not duplicates).
 
@@ -411,11 +413,18 @@ def apply_events(
             `VECTOR_KEY`).
         vetoed: receives the events left out for want of personalization consent.
         applied: receives the events applied (the new ones), in order.
+        attribute: called with the profile after each event applied, and with each
+            `EXPOSURE` (which changes nothing else, counts as no event and is not remembered:
+            replay skips it by position).
     """
     seen = _seen_codes(p)
     added: list[str] = []
     count = 0
     for e in events:
+        if e["type"] == EXPOSURE:
+            if attribute is not None:
+                attribute(p, e)
+            continue
         code = _code(_digest(e["event_id"]))
         if _remembers(seen, code) or code in added:
             continue
@@ -433,6 +442,8 @@ def apply_events(
             if observe is not None:
                 observe(p, e)
             _apply_one(p, e, cfg, chat_half_life_s)
+        if attribute is not None:
+            attribute(p, e)
         added.append(code)
         count += 1
         if applied is not None:

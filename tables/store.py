@@ -23,7 +23,7 @@ from rocksdict import WriteBatch
 from personify.engine.app import app, current_config, routed_names
 from personify.engine.metrics import ROCKSDB_MEMORY
 
-__all__ = ["TableStore", "bytes_table", "db", "get_any", "held_db", "open_dbs", "scan"]
+__all__ = ["TableStore", "bytes_table", "db", "get_any", "held_db", "open_dbs", "prefixed", "scan"]
 
 #: Writes of up to this many rows are made on the event loop; larger ones on a thread.
 _SYNC_WRITE_ROWS = 16
@@ -110,6 +110,18 @@ def scan(partition_db: Any) -> Iterator[tuple[bytes, bytes]]:
     for key, value in partition_db.items():
         if not key.startswith(_FAUST_PREFIX):
             yield key, value
+
+
+def prefixed(partition_db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of one partition's database from ``start`` on, while keys start with it."""
+    it = partition_db.iter()
+    it.seek(start)
+    while it.valid():
+        key: bytes = it.key()
+        if not key.startswith(start):
+            return
+        yield key, it.value()
+        it.next()
 
 
 class TableStore:
