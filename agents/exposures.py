@@ -26,7 +26,7 @@ from personify.engine.models import Event, internal_event, new_id
 from personify.engine.retry import until_done
 from personify.tables import attribution, profiles, store
 
-__all__ = ["Recorder", "kpis", "recorder"]
+__all__ = ["Recorder", "experiment_counts", "kpis", "recorder"]
 
 _log = get_logger(__name__)
 
@@ -158,3 +158,14 @@ def kpis(first: date, last: date, by: attribution.Grouping) -> dict[str, Any]:
     return {"from": first.isoformat(), "to": last.isoformat(), "by": by} | attribution.report(
         rows, by
     )
+
+
+def experiment_counts(experiment: str) -> dict[str, dict[str, float]]:
+    """``experiment``'s counts per variant since it started, over the partitions held here."""
+    key = attribution.experiment_key(experiment)
+    rows = [
+        raw
+        for partition_db in store.TableStore(profiles.table()).dbs().values()
+        if (raw := partition_db.get(key)) is not None
+    ]
+    return attribution.experiment_counts(rows)

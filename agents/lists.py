@@ -33,6 +33,7 @@ import mode
 import orjson
 
 from personify.agents.catalog import embeddings
+from personify.agents.experiments import Variant, experiments
 from personify.agents.exposures import recorder
 from personify.agents.model import (
     current_model,
@@ -44,6 +45,7 @@ from personify.agents.model import (
 )
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import Recommendation, Recommender, Request
+from personify.agents.tuning import apply_setting
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
@@ -57,8 +59,8 @@ from personify.engine.metrics import (
 )
 from personify.engine.models import new_id
 from personify.plugins.manager import FAILED, plugins
+from personify.tables import attribution, profiles, signals
 from personify.tables import catalog as catalog_table
-from personify.tables import profiles, signals
 from personify.tables.reader import TableData
 
 __all__ = [
@@ -105,6 +107,8 @@ class Entry:
         rec_id: its recommendation id.
         items: the JSON array of its items, in the wire form.
         size: how many items.
+        variant: the experiment's variant it was ranked for (`attribution.label`).
+        trial: the experiments' version then (`Registry.version`).
     """
 
     computed_ms: int
@@ -115,6 +119,8 @@ class Entry:
     rec_id: str
     items: bytes
     size: int
+    variant: str = attribution.DEFAULT_VARIANT
+    trial: int = 0
 
 
 class ListCache:
@@ -286,12 +292,19 @@ def _table_data() -> TableData:
     return TableData(profiles.table(), cfg.recommend, track_writes=track)
 
 
-def recommender() -> Recommender:
-    """A recommender over this worker's tables and index (cheap to build per request)."""
+def recommender(variant: Variant | None = None) -> Recommender:
+    """A recommender over this worker's tables and index (cheap to build per request).
+
+    With ``variant``, an experiment's: its settings over the current ones, and the learned
+    ranker only if it keeps it.
+    """
     cfg = current_config()
     service = embeddings()
+    setting = current_recommend()
+    if variant is not None and variant.setting:
+        setting = apply_setting(setting, variant.setting)
     return Recommender(
-        current_recommend(),
+        setting,
         _table_data(),
         catalog_table.catalog(),
         service.index if service.index_ready.is_set() else None,
@@ -300,8 +313,25 @@ def recommender() -> Recommender:
         current_model(),
         cfg.profiles.engagement_weights,
         current_repeat(),
-        ranker=current_ranker(),
+        ranker=current_ranker() if variant is None or variant.ranker else None,
     )
+
+
+def _variant_of(rec: Recommender, visitor: str, now_ms: int) -> tuple[Recommender, str, bool]:
+    """The recommender of ``visitor``'s experiment variant, its name, and whether plugins re-rank.
+
+    A visitor in no running experiment gets ``rec``, `attribution.DEFAULT_VARIANT` and True.
+    """
+    data = rec.data
+    assert isinstance(data, TableData)
+    registry = experiments()
+    if not registry.running(now_ms):
+        return rec, attribution.DEFAULT_VARIANT, True
+    chosen = registry.assign(visitor, data.variants(visitor), now_ms)
+    if chosen is None:
+        return rec, attribution.DEFAULT_VARIANT, True
+    experiment, variant = chosen
+    return recommender(variant), attribution.label(experiment.id, variant.name), variant.rerank
 
 
 def _personal(cfg: ProfilesConfig, profile: profiles.Profile) -> bool:
@@ -316,12 +346,17 @@ def _wider(req: Request) -> Request:
 
 
 def _finish(
-    items: list[Recommendation], k: int, user_id: str | None, context: dict[str, Any]
+    items: list[Recommendation],
+    k: int,
+    user_id: str | None,
+    context: dict[str, Any],
+    *,
+    rerank: bool = True,
 ) -> tuple[bytes, int]:
     """The JSON array of the list's first ``k`` items, after the re-ranking plugins; its size."""
     rows = [r.as_json() for r in items]
     gates = plugins()
-    if gates.has("personify_rerank"):
+    if rerank and gates.has("personify_rerank"):
         for name, order in gates.call_sync(
             "personify_rerank", user_id=user_id, items=rows, context=context
         ):
@@ -342,11 +377,13 @@ def _rank_user(
     req: Request,
     now_ms: int,
     profile: profiles.Profile | None = None,
+    *,
+    rerank: bool = True,
 ) -> tuple[str, bytes, int]:
     """Rank ``user_id``'s list for ``req`` (None: a visitor never seen): (id, JSON, size)."""
     rec_id, items = rec.recommend(user_id, _wider(req), shop_clock(now_ms), profile=profile)
     kind = "user" if user_id is not None else "new_visitor"
-    data, size = _finish(items, req.k, user_id, {"kind": kind})
+    data, size = _finish(items, req.k, user_id, {"kind": kind}, rerank=rerank)
     return rec_id, data, size
 
 
@@ -385,9 +422,12 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
             return shared
         return _compute_new_visitor(rec, cache, size)
     now_ms = int(time.time() * 1000)
-    removals, version = rec.catalog.removals, rec.catalog.version
-    rec_id, body, n = _rank_user(rec, user_id, Request(k=size), now_ms, profile)
-    entry = Entry(now_ms, tuple(owners), tuple(gens), removals, version, rec_id, body, n)
+    removals, version, trial = rec.catalog.removals, rec.catalog.version, experiments().version
+    rec, variant, rerank = _variant_of(rec, alias or user_id, now_ms)
+    rec_id, body, n = _rank_user(rec, user_id, Request(k=size), now_ms, profile, rerank=rerank)
+    entry = Entry(
+        now_ms, tuple(owners), tuple(gens), removals, version, rec_id, body, n, variant, trial
+    )
     _keep(rec, cache, user_id, entry)
     LISTS_COMPUTED.labels("user").inc()
     return entry
@@ -399,7 +439,8 @@ def _compute_new_visitor(rec: Recommender, cache: ListCache, size: int) -> Entry
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
     rec_id, data, n = _rank_user(rec, None, Request(k=size), now_ms)
-    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, data, n)
+    trial = experiments().version
+    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, data, n, trial=trial)
     _keep(rec, cache, "", entry)
     LISTS_COMPUTED.labels("new_visitor").inc()
     return entry
@@ -419,18 +460,19 @@ def _compute_similar(rec: Recommender, cache: ListCache, item_id: str, size: int
 
 @dataclass(frozen=True, slots=True)
 class Served:
-    """An answer: its recommendation id and the JSON array of its items."""
+    """An answer: its recommendation id, the JSON array of its items, and its variant."""
 
     rec_id: str
     items: bytes
+    variant: str = attribution.DEFAULT_VARIANT
 
 
 def _from_entry(entry: Entry, k: int, rec: Recommender) -> Served | None:
     """``entry`` cut to ``k`` items, without the items removed since; None if too few remain."""
     if entry.removals == rec.catalog.removals:
         if k >= entry.size:
-            return Served(entry.rec_id, entry.items)
-        return Served(entry.rec_id, orjson.dumps(orjson.loads(entry.items)[:k]))
+            return Served(entry.rec_id, entry.items, entry.variant)
+        return Served(entry.rec_id, orjson.dumps(orjson.loads(entry.items)[:k]), entry.variant)
     cat = rec.catalog
     kept = []
     for item in orjson.loads(entry.items):
@@ -440,7 +482,7 @@ def _from_entry(entry: Entry, k: int, rec: Recommender) -> Served | None:
         kept.append(item)
     if len(kept) < min(k, entry.size):
         return None
-    return Served(entry.rec_id, orjson.dumps(kept[:k]))
+    return Served(entry.rec_id, orjson.dumps(kept[:k]), entry.variant)
 
 
 def _is_default(req: Request) -> bool:
@@ -464,6 +506,7 @@ def _from_memory(
 ) -> Served | None:
     """``key``'s stored ``entry`` cut to ``k`` if still servable (refreshed behind when due)."""
     servable, due = _fresh(entry, now_ms)
+    servable = servable and entry.trial == experiments().version  # experiments changed since
     served = _from_entry(entry, k, rec) if servable else None
     if served is not None:
         if due:
@@ -478,9 +521,12 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     rec = recommender()
     if not _is_default(req) or req.k > cfg.list_size:
         now_ms = int(time.time() * 1000)
-        rec_id, data, _n = await run_ranking(_rank_user, rec, user_id, req, now_ms)
+        rec, variant, rerank = _variant_of(rec, user_id, now_ms)
+        rec_id, data, _n = await run_ranking(
+            functools.partial(_rank_user, rerank=rerank), rec, user_id, req, now_ms
+        )
         LISTS_SERVED.labels("computed").inc()
-        return Served(rec_id, data)
+        return Served(rec_id, data, variant)
     cache = list_cache()
     now_ms = int(time.time() * 1000)
     entry = cache.get(user_id)
@@ -500,8 +546,11 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     LISTS_SERVED.labels("computed").inc()
     served = _from_entry(entry, req.k, rec)
     if served is None:  # removed items everywhere: rank with the catalog as it is now
-        rec_id, data, _n = await run_ranking(_rank_user, rec, user_id, req, now_ms)
-        return Served(rec_id, data)
+        rec, variant, rerank = _variant_of(rec, user_id, now_ms)
+        rec_id, data, _n = await run_ranking(
+            functools.partial(_rank_user, rerank=rerank), rec, user_id, req, now_ms
+        )
+        return Served(rec_id, data, variant)
     return served
 
 
@@ -636,13 +685,21 @@ def _build(
     return out
 
 
-def push_list(user_id: str, rec_id: str, items: bytes, *, here_only: bool = False) -> int:
+def push_list(
+    user_id: str,
+    rec_id: str,
+    items: bytes,
+    *,
+    here_only: bool = False,
+    variant: str = attribution.DEFAULT_VARIANT,
+) -> int:
     """Push a ``recommendations`` message to the visitor's sockets; its seq here (0: none).
 
     The message also goes to the visitor's sockets on other workers unless ``here_only``.
+    ``variant``: the experiment variant the list was ranked for (recorded with it).
     """
-    recorder().served(user_id, rec_id, items, "ws")
-    body = recommendations_message(rec_id, items)
+    recorder().served(user_id, rec_id, items, "ws", variant)
+    body = recommendations_message(rec_id, items, variant)
     if here_only:
         return hub().publish(user_id, "recommendations", body)
     return hub().send(user_id, "recommendations", body)
@@ -759,7 +816,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
             changed = _changed_at.pop(user_id, None)
             if live.followed(user_id):
                 started = time.perf_counter()
-                push_list(user_id, entry.rec_id, entry.items)
+                push_list(user_id, entry.rec_id, entry.items, variant=entry.variant)
                 if changed is not None:
                     PUSH_STAGE.labels("send").observe(time.perf_counter() - started)
 

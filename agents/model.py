@@ -43,7 +43,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -68,6 +68,7 @@ from personify.agents.tuning import (
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config, RecommendConfig
+from personify.engine.files import write_json
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
     MODEL_INTERACTIONS,
@@ -88,6 +89,7 @@ __all__ = [
     "current_repeat",
     "note_interactions",
     "on_swap",
+    "promote",
     "quality_status",
     "request_run",
     "shop_clock",
@@ -297,6 +299,19 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         if self.model is not None:
             for listener in _listeners:
                 listener(self.model)
+
+    def promote(self, setting: Mapping[str, float], ranker: bool) -> None:
+        """Rank with ``setting`` applied over the current one from now on (kept on disk).
+
+        ``ranker``: keep re-ordering with the learned ranker (False: the blend's order).
+        """
+        self._apply({**self.setting, **setting}, self.ranker if ranker else None)
+        _save_tuning(
+            self.setting,
+            self.tunings,
+            self.directory,
+            None if self.ranker is None else self.ranker.to_text(),
+        )
 
     def tune_due(self, interactions: int) -> bool:
         """Whether a tuning run is due after a training on ``interactions``."""
@@ -579,6 +594,11 @@ def request_run() -> bool:
     return trainer().request_run()
 
 
+def promote(setting: Mapping[str, float], *, ranker: bool = True) -> None:
+    """See `Trainer.promote`."""
+    trainer().promote(setting, ranker)
+
+
 def current_ranker() -> Ranker | None:
     """The learned ranker in use, or None (the blend's order)."""
     return trainer().ranker
@@ -600,17 +620,10 @@ def _epoch_s(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps(value))
-    os.replace(tmp, path)
-
-
 def _save_tuning(
     setting: dict[str, float], runs: list[dict[str, Any]], directory: Path, ranker: str | None
 ) -> None:
-    _write_json(directory / _TUNING_FILE, {"setting": setting, "runs": runs, "ranker": ranker})
+    write_json(directory / _TUNING_FILE, {"setting": setting, "runs": runs, "ranker": ranker})
 
 
 def _load_tuning(directory: Path) -> dict[str, Any] | None:
@@ -629,8 +642,8 @@ def _save(
 ) -> None:
     """Save the model and what was learned with it (the repeat stats and clock first)."""
     if repeat is not None:
-        _write_json(directory / _REPEAT_FILE, repeat.as_json())
-    _write_json(directory / _CLOCK_FILE, {"latest_ms": latest_ms})
+        write_json(directory / _REPEAT_FILE, repeat.as_json())
+    write_json(directory / _CLOCK_FILE, {"latest_ms": latest_ms})
     model.save(directory)
 
 

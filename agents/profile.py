@@ -197,7 +197,7 @@ def _fold_user(
                 state["alias_of"] = target
                 changed = True
             merge: dict[str, Any] = {"profile": profiles.snapshot(state)}
-            if attr is not None and attr.exposures:
+            if attr is not None and (attr.exposures or attr.assigned):
                 merge["attribution"] = attr.snapshot()
             onward.append(
                 internal_event(
@@ -336,7 +336,15 @@ def _kpi_rows(
         (key, tally.added_to(day, raw))
         for day, key, raw in zip(days, keys, table_store.get_many(partition, keys), strict=True)
     ]
-    if days[-1] > _kpi_day.get(partition, ""):
+    tested = list(tally.experiments)
+    keys = [attribution.experiment_key(experiment) for experiment in tested]
+    rows.extend(
+        (key, tally.experiment_added_to(experiment, raw))
+        for experiment, key, raw in zip(
+            tested, keys, table_store.get_many(partition, keys), strict=True
+        )
+    )
+    if days and days[-1] > _kpi_day.get(partition, ""):
         _kpi_day[partition] = days[-1]
         held = (k for k, _v in store.prefixed(table_store.db(partition), attribution.KPI_PREFIX))
         rows.extend(

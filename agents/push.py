@@ -253,9 +253,16 @@ class Hub:
                 sub.close()
 
 
-def recommendations_message(rec_id: str, items: bytes) -> bytes:
+def recommendations_message(rec_id: str, items: bytes, variant: str = "default") -> bytes:
     """The body of a ``recommendations`` message (see `Hub.publish`)."""
-    return b'"recommendation_id":' + orjson.dumps(rec_id) + b',"items":' + items
+    return (
+        b'"recommendation_id":'
+        + orjson.dumps(rec_id)
+        + b',"variant":'
+        + orjson.dumps(variant)
+        + b',"items":'
+        + items
+    )
 
 
 async def deliver(user_id: str, plugin: str, action: Any) -> bool:

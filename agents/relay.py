@@ -149,8 +149,8 @@ class Relay:
         except Exception:
             _log.exception("list for a socket on another worker failed", user_id=user_id)
             return
-        recorder().served(user_id, served.rec_id, served.items, "ws")
-        body = recommendations_message(served.rec_id, served.items)
+        recorder().served(user_id, served.rec_id, served.items, "ws", served.variant)
+        body = recommendations_message(served.rec_id, served.items, served.variant)
         head = {"op": "msg", "to": [worker], "user": user_id, "kind": "recommendations"}
         self._send(user_id, head, body)
 

@@ -231,7 +231,7 @@ async def get_recommendations(request: web.Request) -> web.Response:
     if remote is not None:
         return remote
     served = await serve_recommendations(key, req)
-    recorder().served(key, served.rec_id, served.items, "http")
+    recorder().served(key, served.rec_id, served.items, "http", served.variant)
     return _answer("user_id", user_id, served)
 
 
@@ -243,6 +243,8 @@ def _answer(key: str, value: str, served: Served) -> web.Response:
             orjson.dumps(served.rec_id),
             b',"' + key.encode() + b'":',
             orjson.dumps(value),
+            b',"variant":',
+            orjson.dumps(served.variant),
             b',"items":',
             served.items,
             b"}",

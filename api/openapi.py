@@ -282,7 +282,13 @@ _RECOMMENDATIONS = {
     "properties": {
         "recommendation_id": {
             "type": "string",
-            "description": "Send it back with impression and click events to attribute them.",
+            "description": "Send it back with impression, click, add_to_cart and purchase "
+            "events to attribute them (GET /v1/kpis).",
+        },
+        "variant": {
+            "type": "string",
+            "description": "The experiment variant it was ranked for (experiment/variant), "
+            "or default.",
         },
         "user_id": {"type": "string"},
         "item_id": {"type": "string"},
@@ -336,6 +342,56 @@ _KPIS = {
         "by": {"type": "string", "enum": ["variant", "source", "day"]},
         "rows": {"type": "array", "items": _KPI_ROW},
         "totals": _KPI_ROW,
+    },
+}
+
+
+_VARIANT = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+        "share": {"type": "number", "minimum": 0, "description": "Of the experiment's traffic."},
+        "setting": {
+            "type": "object",
+            "description": "Ranking settings it overrides, named as GET /v1/quality's "
+            "tuning.setting (weights.covisit, ..., seed_half_life).",
+            "additionalProperties": {"type": "number", "minimum": 0},
+        },
+        "ranker": {"type": "boolean", "description": "The learned ranker re-orders its lists."},
+        "rerank": {"type": "boolean", "description": "Re-ranking plugins re-order its lists."},
+    },
+}
+_EXPERIMENT_REQUEST = {
+    "type": "object",
+    "required": ["variants"],
+    "properties": {
+        "variants": {"type": "array", "minItems": 2, "maxItems": 10, "items": _VARIANT},
+        "control": {"type": "string", "description": "Default: the first variant."},
+        "traffic": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "Share of all visitors in it (default 1).",
+        },
+        "start": {"type": ["string", "null"], "format": "date-time"},
+        "stop": {"type": ["string", "null"], "format": "date-time"},
+    },
+}
+_EXPERIMENT = {
+    "type": "object",
+    "required": ["id", "variants", "control", "traffic", "running"],
+    "properties": {
+        "id": {"type": "string"},
+        "variants": {"type": "array", "items": _VARIANT},
+        "control": {"type": "string"},
+        "traffic": {"type": "number"},
+        "offset": {"type": "number", "description": "Where its slice of the visitors starts."},
+        "start": {"type": ["string", "null"]},
+        "stop": {"type": ["string", "null"]},
+        "created": {"type": "string"},
+        "promoted": {"type": ["string", "null"]},
+        "running": {"type": "boolean"},
     },
 }
 
@@ -769,6 +825,151 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/experiments": {
+            "get": {
+                "summary": "Every experiment, oldest first (admin)",
+                "responses": {
+                    "200": {
+                        "description": "{experiments: [Experiment]}.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "experiments": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Experiment"},
+                                        }
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                },
+            }
+        },
+        "/v1/experiments/{experiment_id}": {
+            "put": {
+                "summary": "Create or replace an experiment (admin)",
+                "description": "Variants are named overrides of the ranking settings; the "
+                "experiment takes a share (traffic) of all visitors, never shared with another "
+                "experiment, split by the variants' shares. It applies to the next list ranked.",
+                "parameters": [_path("experiment_id")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/ExperimentRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json("Experiment", "Replaced."),
+                    "201": _json("Experiment", "Created."),
+                    "400": _err("Malformed JSON."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "413": _err("Body too large."),
+                    "415": _err("Not JSON."),
+                    "422": _err("A bad field (named in field), or not enough free traffic."),
+                },
+            },
+            "get": {
+                "summary": "One experiment (admin)",
+                "parameters": [_path("experiment_id")],
+                "responses": {
+                    "200": _json("Experiment", "The experiment."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such experiment."),
+                },
+            },
+            "delete": {
+                "summary": "Forget an experiment (admin); its counts stay",
+                "parameters": [_path("experiment_id")],
+                "responses": {
+                    "200": {
+                        "description": "{id, deleted: true}.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "id": {"type": "string"},
+                                        "deleted": {"type": "boolean"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such experiment."),
+                },
+            },
+        },
+        "/v1/experiments/{experiment_id}/results": {
+            "get": {
+                "summary": "Per-variant results with always-valid intervals and tests (admin)",
+                "description": "Each visitor counts once, in the variant first served. "
+                "click_rate, conversion and revenue_per_visitor with intervals that stay valid "
+                "however often they are looked at, and each variant's lift over the control "
+                "with an always-valid p-value ([experiments] alpha, effect).",
+                "parameters": [_path("experiment_id")],
+                "responses": {
+                    "200": {
+                        "description": "{experiment, alpha, test, variants: [...]}.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["experiment", "alpha", "variants"],
+                                    "properties": {
+                                        "experiment": {"$ref": "#/components/schemas/Experiment"},
+                                        "alpha": {"type": "number"},
+                                        "test": {"type": "string"},
+                                        "variants": {"type": "array", "items": {"type": "object"}},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such experiment."),
+                },
+            }
+        },
+        "/v1/experiments/{experiment_id}/promote": {
+            "post": {
+                "summary": "Make a variant the default setting now; the experiment stops (admin)",
+                "parameters": [_path("experiment_id")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["variant"],
+                                "properties": {"variant": {"type": "string"}},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json("Experiment", "Promoted; the experiment as stopped."),
+                    "400": _err("Malformed JSON."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such experiment."),
+                    "413": _err("Body too large."),
+                    "415": _err("Not JSON."),
+                    "422": _err("No such variant, or one that cannot become the default."),
+                },
+            }
+        },
         "/v1/quality": {
             "get": {
                 "summary": "The learned model's state and the engine's measured quality (admin)",
@@ -831,6 +1032,8 @@ OPENAPI: dict[str, Any] = {
             "Recommendations": _RECOMMENDATIONS,
             "Quality": _QUALITY,
             "Kpis": _KPIS,
+            "Experiment": _EXPERIMENT,
+            "ExperimentRequest": _EXPERIMENT_REQUEST,
             "ItemsAccepted": {
                 "type": "object",
                 "required": ["accepted", "rejected", "item_ids"],

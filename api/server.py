@@ -11,6 +11,7 @@ import mode
 from aiohttp import web
 
 from personify.api.auth import auth_middleware, auth_routes
+from personify.api.experiments import experiment_routes
 from personify.api.items import item_routes
 from personify.api.routes import HTTP_CLIENT, routes
 from personify.api.schemas import json_error
@@ -55,6 +56,7 @@ def build_app() -> web.Application:
     web_app.add_routes(item_routes)
     web_app.add_routes(ws_routes)
     web_app.add_routes(auth_routes)
+    web_app.add_routes(experiment_routes)
     web_app.cleanup_ctx.append(_http_client)
     web_app.on_shutdown.append(close_sockets)
     return web_app

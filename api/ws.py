@@ -96,7 +96,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         if fresh and not remote:
             size = current_config().recommend.list_size
             served = await serve_recommendations(key, Request(k=size))
-            push_list(key, served.rec_id, served.items, here_only=True)
+            push_list(key, served.rec_id, served.items, here_only=True, variant=served.variant)
         async for msg in ws:
             if msg.type == WSMsgType.ERROR:
                 break

@@ -33,6 +33,7 @@ __all__ = [
     "Config",
     "EmbeddingsConfig",
     "EventsConfig",
+    "ExperimentsConfig",
     "LoggingConfig",
     "ModelConfig",
     "PluginsConfig",
@@ -441,6 +442,16 @@ class AttributionConfig:
     kpi_days: int = 400
 
 
+@dataclass(frozen=True, slots=True)
+class ExperimentsConfig:
+    """How experiment results are tested (see the README)."""
+
+    #: The error rate of the intervals and tests, however often results are looked at.
+    alpha: float = 0.05
+    #: The relative difference from the control the test is most sensitive to.
+    effect: float = 0.1
+
+
 Scope = Literal["ingest", "read", "admin"]
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -497,6 +508,7 @@ class Config:
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
+    experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -656,6 +668,8 @@ _POSITIVE = {
     "attribution.exposures_kept",
     "attribution.flush_interval_s",
     "attribution.kpi_days",
+    "experiments.alpha",
+    "experiments.effect",
     "triggers.tick_s",
     "triggers.webhook_timeout_s",
     "auth.token_ttl_s",
@@ -702,6 +716,8 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
             f"characters (got {len(obj.id_secret)}); set one, the same on every worker and "
             "for good: another secret makes other pseudonyms, and the profiles are lost"
         )
+    if section == "experiments" and not obj.alpha < 1:
+        raise ConfigError(f"{source}: [experiments] alpha: expected below 1, got {obj.alpha}")
     if section == "triggers":
         for name in (
             "cart_abandonment_s",

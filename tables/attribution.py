@@ -32,6 +32,8 @@ from personify.tables.signals import PREFIX
 
 __all__ = [
     "DEFAULT_VARIANT",
+    "EXPERIMENT_COUNTS",
+    "EXPERIMENT_PREFIX",
     "EXPOSURE",
     "KPI_PREFIX",
     "OUTCOMES",
@@ -41,8 +43,11 @@ __all__ = [
     "Grouping",
     "Tally",
     "day_of",
+    "experiment_counts",
+    "experiment_key",
     "expired_kpi_keys",
     "kpi_key",
+    "label",
     "report",
     "row_key",
 ]
@@ -58,6 +63,10 @@ DEFAULT_VARIANT: Final = "default"
 ROW_PREFIX: Final = PREFIX + b"x"
 #: A partition's KPI row of one day: key prefix (then the day, YYYY-MM-DD).
 KPI_PREFIX: Final = PREFIX + b"k"
+#: A partition's counts of one experiment since it started: key prefix (then its id).
+EXPERIMENT_PREFIX: Final = PREFIX + b"e"
+#: Experiments a visitor's row remembers their variant in, at most (the oldest go first).
+_EXPERIMENTS_KEPT: Final = 20
 #: How far an outcome's time may precede the exposure it is joined to (device clocks drift).
 _SKEW_MS: Final = 300_000
 _DAY_MS: Final = 86_400_000
@@ -79,6 +88,17 @@ VARIANT_COUNTS: Final = (
 #: Counted per candidate source (an item's strongest reason): items shown, and the outcomes
 #: and revenue of the items it brought.
 SOURCE_COUNTS: Final = ("shown", "clicks", "add_to_carts", "orders", "revenue")
+#: Counted per variant of an experiment since it started, each visitor in the variant they were
+#: first served: visitors, visitors who clicked, visitors who placed an attributed order, and
+#: the sum and the sum of squares of each visitor's attributed revenue.
+EXPERIMENT_COUNTS: Final = (
+    "visitors",
+    "exposures",
+    "clickers",
+    "converters",
+    "revenue",
+    "revenue_squares",
+)
 
 By = Literal["variant", "source"]
 Counts = dict[str, float]
@@ -92,6 +112,21 @@ def row_key(visitor: str) -> bytes:
 def kpi_key(day: str) -> bytes:
     """The table key of a partition's KPI row of ``day`` (YYYY-MM-DD)."""
     return KPI_PREFIX + day.encode()
+
+
+def experiment_key(experiment: str) -> bytes:
+    """The table key of a partition's counts of ``experiment``."""
+    return EXPERIMENT_PREFIX + experiment.encode()
+
+
+def label(experiment: str | None, variant: str) -> str:
+    """The name KPIs count a variant under: ``experiment/variant``, or `DEFAULT_VARIANT`."""
+    return f"{experiment}/{variant}" if experiment else DEFAULT_VARIANT
+
+
+def _experiment_of(name: str) -> str | None:
+    experiment, slash, _variant = name.partition("/")
+    return experiment if slash else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -109,9 +144,27 @@ class Tally:
 
     def __init__(self) -> None:
         self.days: dict[str, dict[str, dict[str, Counts]]] = {}
+        #: Experiment -> variant -> counts since it started.
+        self.experiments: dict[str, dict[str, Counts]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.days)
+        return bool(self.days) or bool(self.experiments)
+
+    def add_experiment(
+        self, experiment: str, variant: str, count: str, amount: float = 1.0
+    ) -> None:
+        """Add ``amount`` to ``count`` of ``variant`` of ``experiment``."""
+        counts = self.experiments.setdefault(experiment, {}).setdefault(variant, {})
+        counts[count] = counts.get(count, 0.0) + amount
+
+    def experiment_added_to(self, experiment: str, raw: bytes | None) -> bytes:
+        """The counts of ``experiment`` (stored as ``raw``) with this round's added."""
+        row: dict[str, Counts] = orjson.loads(raw) if raw else {}
+        for variant, counts in self.experiments.get(experiment, {}).items():
+            into = row.setdefault(variant, {})
+            for count, amount in counts.items():
+                into[count] = into.get(count, 0.0) + amount
+        return orjson.dumps(row)
 
     def add(self, day: str, by: By, name: str, count: str, amount: float = 1.0) -> None:
         """Add ``amount`` to ``count`` of ``name`` (a variant or a source) on ``day``."""
@@ -125,6 +178,10 @@ class Tally:
                 for name, counts in names.items():
                     for count, amount in counts.items():
                         self.add(day, by, name, count, amount)  # type: ignore[arg-type]
+        for experiment, variants in other.experiments.items():
+            for variant, counts in variants.items():
+                for count, amount in counts.items():
+                    self.add_experiment(experiment, variant, count, amount)
 
     def added_to(self, day: str, raw: bytes | None) -> bytes:
         """The KPI row of ``day`` (stored as ``raw``) with this round's counts added."""
@@ -159,8 +216,11 @@ class Attribution:
     """One visitor's attribution row while their events are folded.
 
     The row holds the visitor's newest exposures, oldest first, each
-    ``[ts_ms, recommendation_id, variant, items, sources]``, and per variant the last day on
-    which they counted as a visitor served and as a converter (so each counts once a day).
+    ``[ts_ms, recommendation_id, variant, items, sources]`` (the variant as `label` names it),
+    per variant the last day on which they counted as a visitor served and as a converter (so
+    each counts once a day), and per experiment they were served in, their variant, whether
+    they clicked and bought, and their attributed revenue: ``{experiment: [variant, clicked,
+    bought, revenue]}``.
 
     Args:
         raw: the stored row (None: none yet).
@@ -177,6 +237,7 @@ class Attribution:
         self.exposures: list[list[Any]] = doc.get("e", [])
         self.served_on: dict[str, str] = doc.get("d", {})
         self.converted_on: dict[str, str] = doc.get("c", {})
+        self.assigned: dict[str, list[Any]] = doc.get("a", {})
         self.changed = False
         self._cfg = cfg
         self._tally = tally
@@ -184,22 +245,35 @@ class Attribution:
 
     def encode(self) -> bytes | None:
         """The row to store; None when nothing is held (the row is deleted)."""
-        if not self.exposures and not self.served_on and not self.converted_on:
+        doc = {"e": self.exposures, "d": self.served_on, "c": self.converted_on, "a": self.assigned}
+        if not any(doc.values()):
             return None
-        return orjson.dumps({"e": self.exposures, "d": self.served_on, "c": self.converted_on})
+        return orjson.dumps(doc)
 
     def clear(self) -> None:
         """Forget everything (consent withdrawn, the visitor erased)."""
-        if self.exposures or self.served_on or self.converted_on:
+        if self.exposures or self.served_on or self.converted_on or self.assigned:
             self.exposures, self.served_on, self.converted_on = [], {}, {}
+            self.assigned = {}
             self.changed = True
 
     def snapshot(self) -> dict[str, Any]:
         """What a merge into the visitor's other profile takes along (session stitching)."""
-        return {"e": self.exposures}
+        return {"e": self.exposures, "a": self.assigned}
+
+    def variants(self) -> dict[str, str]:
+        """Experiment -> the variant the visitor was first served in it."""
+        return {experiment: state[0] for experiment, state in self.assigned.items()}
 
     def merged(self, other: Mapping[str, Any]) -> None:
-        """Take the exposures of an anonymous visitor linked to this one."""
+        """Take the exposures and variants of an anonymous visitor linked to this one.
+
+        In an experiment both were served in, the visitor's own variant stays.
+        """
+        for experiment, state in (other.get("a") or {}).items():
+            if experiment not in self.assigned:
+                self.assigned[experiment] = list(state)
+                self.changed = True
         theirs = other.get("e") or []
         if not theirs:
             return
@@ -221,6 +295,25 @@ class Attribution:
             }
             for ts, rec_id, variant, items, sources in self.exposures
         ]
+
+    def _experiment(self, name: str, served: str | None = None) -> tuple[str, list[Any]] | None:
+        """The experiment of the variant ``name`` and the visitor's state in it.
+
+        With ``served`` (the variant of a list just served in it), a visitor served in the
+        experiment for the first time joins it, in that variant.
+        """
+        experiment = _experiment_of(name)
+        if experiment is None:
+            return None
+        state = self.assigned.get(experiment)
+        if state is None:
+            if served is None:
+                return None
+            state = self.assigned[experiment] = [served, 0, 0, 0.0]
+            while len(self.assigned) > _EXPERIMENTS_KEPT:
+                del self.assigned[next(iter(self.assigned))]
+            self._tally.add_experiment(experiment, served, "visitors")
+        return experiment, state
 
     def observe(self, e: Event) -> None:
         """Record an exposure, or join an outcome to one (the visitor consents to analytics)."""
@@ -247,6 +340,9 @@ class Attribution:
         self.changed = True
         day = day_of(ts)
         tally = self._tally
+        joined = self._experiment(variant, variant.partition("/")[2])
+        if joined is not None:
+            tally.add_experiment(joined[0], joined[1][0], "exposures")
         tally.add(day, "variant", variant, "exposures")
         if self.served_on.get(variant) != day:
             self.served_on = {v: d for v, d in self.served_on.items() if d >= day}
@@ -289,6 +385,11 @@ class Attribution:
             item = items[position]
         if item in items:
             self._tally.add(day, "source", sources[items.index(item)], count)
+        joined = self._experiment(variant)
+        if etype == "click" and joined is not None and not joined[1][1]:
+            joined[1][1] = 1
+            self.changed = True
+            self._tally.add_experiment(joined[0], joined[1][0], "clickers")
 
     def _purchase(self, e: Event) -> None:
         props = e["properties"]
@@ -318,9 +419,33 @@ class Attribution:
                 self.converted_on[variant] = day
                 self.changed = True
                 tally.add(day, "variant", variant, "converters")
+            joined = self._experiment(variant)
+            if joined is not None:
+                experiment, state = joined
+                if not state[2]:
+                    state[2] = 1
+                    tally.add_experiment(experiment, state[0], "converters")
+                before, state[3] = state[3], state[3] + amount
+                tally.add_experiment(experiment, state[0], "revenue", amount)
+                tally.add_experiment(
+                    experiment, state[0], "revenue_squares", state[3] ** 2 - before**2
+                )
+                self.changed = True
         for source, amount in by_source.items():
             tally.add(day, "source", source, "orders")
             tally.add(day, "source", source, "revenue", amount)
+
+
+def experiment_counts(rows: Iterable[bytes]) -> dict[str, Counts]:
+    """An experiment's counts per variant, summed over the partitions' ``rows``."""
+    out: dict[str, Counts] = {}
+    for raw in rows:
+        row: dict[str, Counts] = orjson.loads(raw)
+        for variant, counts in row.items():
+            into = out.setdefault(variant, {})
+            for count, amount in counts.items():
+                into[count] = into.get(count, 0.0) + amount
+    return out
 
 
 def expired_kpi_keys(keys: Iterable[bytes], today: str, days: int) -> list[bytes]:

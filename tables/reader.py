@@ -16,9 +16,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from personify.engine.config import RecommendConfig
-from personify.tables import profiles, signals, store
+from personify.tables import attribution, profiles, signals, store
 
 __all__ = [
     "DataSource",
@@ -200,6 +201,13 @@ class TableData:
     def known(self, user_id: str) -> bool:
         """Whether this worker holds a profile of ``user_id``."""
         return self._get(user_id.encode()) is not None
+
+    def variants(self, user_id: str) -> dict[str, str]:
+        """Experiment -> the variant ``user_id`` was first served in it (none: never served)."""
+        raw = self._get(attribution.row_key(user_id))
+        if raw is None:
+            return {}
+        return {e: state[0] for e, state in orjson.loads(raw).get("a", {}).items()}
 
     def profile_of(self, user_id: str) -> profiles.Profile | None:
         """The stored profile of ``user_id`` itself (an alias is not followed), or None."""
