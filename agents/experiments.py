@@ -10,6 +10,12 @@ Both are the same on every worker and after a restart. The variant a visitor is 
 in is kept with their exposures (`personify.tables.attribution`) and wins from then on: an
 anonymous visitor who logs in keeps their variant.
 
+An experiment can instead allocate its visitors by Thompson sampling (``allocation =
+"thompson"``): each visitor new to it goes to the variant that wins a draw from each variant's
+Beta posterior of its ``goal`` (the share of its visitors who clicked, or who bought), the
+counts read live (at most a second old), except that a ``floor`` share of the visitors is dealt
+evenly, so every variant keeps learning. A visitor keeps the variant drawn.
+
 Results per variant count each visitor once, in the variant they were first served: visitors,
 visitors who clicked a list's item, visitors who bought one, and their attributed revenue.
 Confidence intervals and the test against the control are *always valid* (a mixture
@@ -23,9 +29,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import random
 import re
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import blake2b
@@ -53,6 +61,10 @@ __all__ = [
 _log = get_logger(__name__)
 
 _ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: Thompson sampling reads the counts again once they are this old.
+_COUNTS_MAX_AGE_MS: Final = 1000
+#: Variants drawn and remembered at most (their exposures keep them once applied).
+_DRAWN_KEPT: Final = 100_000
 _MAX_VARIANTS: Final = 10
 #: The hash that gives each visitor their place among the experiments' slices.
 _SLICE_SALT: Final = "personify-experiments"
@@ -119,6 +131,9 @@ class Experiment:
     stop_ms: int | None
     created: str
     promoted: str | None = None
+    allocation: str = "split"
+    goal: str = "conversion"
+    floor: float = 0.05
 
     def running(self, now_ms: int) -> bool:
         """Whether visitors are served its variants at ``now_ms``."""
@@ -139,6 +154,24 @@ class Experiment:
                 return v
         return self.variants[-1]
 
+    def draw(self, visitor: str, counts: Mapping[str, Mapping[str, float]], now_ms: int) -> Variant:
+        """A Thompson draw for ``visitor`` new to the experiment (see the module)."""
+        digest = blake2b(f"{self.id}\0{visitor}\0{now_ms}".encode(), digest_size=8).digest()
+        rng = random.Random(int.from_bytes(digest, "big"))
+        arms = len(self.variants)
+        if rng.random() < self.floor * arms:
+            return self.variants[rng.randrange(arms)]
+        success = "clickers" if self.goal == "click" else "converters"
+        best, best_draw = self.variants[0], -1.0
+        for v in self.variants:
+            mine = counts.get(v.name, {})
+            wins = mine.get(success, 0.0)
+            losses = max(mine.get("visitors", 0.0) - wins, 0.0)
+            value = rng.betavariate(1.0 + wins, 1.0 + losses)
+            if value > best_draw:
+                best, best_draw = v, value
+        return best
+
     def as_json(self, now_ms: int | None = None) -> dict[str, Any]:
         """The wire form."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
@@ -153,6 +186,9 @@ class Experiment:
             "created": self.created,
             "promoted": self.promoted,
             "running": self.running(now_ms),
+            "allocation": self.allocation,
+            "goal": self.goal,
+            "floor": self.floor,
         }
 
     @classmethod
@@ -171,6 +207,9 @@ class Experiment:
             stop_ms=_ms(doc["stop"]),
             created=doc["created"],
             promoted=doc.get("promoted"),
+            allocation=doc.get("allocation", "split"),
+            goal=doc.get("goal", "conversion"),
+            floor=doc.get("floor", 0.05),
         )
 
 
@@ -242,10 +281,20 @@ class Registry:
 
     Args:
         path: the file (read at once if it exists).
+        counts: an experiment's counts per variant (for Thompson sampling; None: none yet).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        counts: Callable[[str], Mapping[str, Mapping[str, float]]] | None = None,
+    ) -> None:
         self.path = path
+        self._counts = counts
+        #: Counts read for Thompson sampling: experiment -> (when, in ms; counts).
+        self._read: dict[str, tuple[int, Mapping[str, Mapping[str, float]]]] = {}
+        #: Variants drawn lately, until the exposure that keeps them is applied.
+        self._drawn: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._all: dict[str, Experiment] = {}
         #: Goes up with every change: lists ranked before one are ranked again.
         self.version = 0
@@ -299,7 +348,16 @@ class Registry:
             raise ValidationError("id", "expected 1-64 letters, digits, '_', '.' or '-'")
         if not isinstance(doc, dict):
             raise ValidationError("body", f"expected an object, got {type(doc).__name__}")
-        unknown = set(doc) - {"variants", "control", "traffic", "start", "stop"}
+        unknown = set(doc) - {
+            "variants",
+            "control",
+            "traffic",
+            "start",
+            "stop",
+            "allocation",
+            "goal",
+            "floor",
+        }
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         raw_variants = doc.get("variants")
@@ -319,6 +377,13 @@ class Registry:
         stop_ms = _parse_time(doc.get("stop"), "stop")
         if start_ms is not None and stop_ms is not None and stop_ms <= start_ms:
             raise ValidationError("stop", "expected a time after start")
+        allocation = doc.get("allocation", "split")
+        if allocation not in ("split", "thompson"):
+            raise ValidationError("allocation", f"expected split or thompson, got {allocation!r}")
+        goal = doc.get("goal", "conversion")
+        if goal not in ("click", "conversion"):
+            raise ValidationError("goal", f"expected click or conversion, got {goal!r}")
+        floor = _number(doc.get("floor", 0.05), "floor", 0.0, 1.0 / len(variants))
         old = self._all.get(experiment_id)
         experiment = Experiment(
             id=experiment_id,
@@ -329,6 +394,9 @@ class Registry:
             start_ms=start_ms,
             stop_ms=stop_ms,
             created=old.created if old is not None else str(_iso(now_ms)),
+            allocation=allocation,
+            goal=goal,
+            floor=floor,
         )
         self._all[experiment_id] = experiment
         self._save()
@@ -373,14 +441,35 @@ class Registry:
         point = bucket(_SLICE_SALT, visitor)
         for experiment in running:
             if experiment.offset <= point < experiment.offset + experiment.traffic:
+                if experiment.allocation == "thompson":
+                    return experiment, self._thompson(experiment, visitor, now_ms)
                 return experiment, experiment.pick(visitor)
         return None
+
+    def _thompson(self, experiment: Experiment, visitor: str, now_ms: int) -> Variant:
+        key = (experiment.id, visitor)
+        drawn = self._drawn.get(key)
+        chosen = None if drawn is None else experiment.variant(drawn)
+        if chosen is not None:
+            return chosen
+        read = self._read.get(experiment.id)
+        if read is None or now_ms - read[0] >= _COUNTS_MAX_AGE_MS:
+            counts = {} if self._counts is None else self._counts(experiment.id)
+            read = self._read[experiment.id] = (now_ms, counts)
+        chosen = experiment.draw(visitor, read[1], now_ms)
+        self._drawn[key] = chosen.name
+        while len(self._drawn) > _DRAWN_KEPT:
+            self._drawn.popitem(last=False)
+        return chosen
 
 
 @functools.cache
 def experiments() -> Registry:
     """This worker's experiments."""
-    return Registry(current_config().data_path / "experiments.json")
+    # Imported here: the recorder's module starts a timer of the app (the engine's, not a test's).
+    from personify.agents.exposures import experiment_counts
+
+    return Registry(current_config().data_path / "experiments.json", experiment_counts)
 
 
 # -- results ------------------------------------------------------------------------------

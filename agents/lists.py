@@ -433,15 +433,29 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
     return entry
 
 
-def _compute_new_visitor(rec: Recommender, cache: ListCache, size: int) -> Entry:
-    """The list of every visitor never seen (trending items), kept under the key ``""``."""
+def _shared_key(variant: str) -> str:
+    """The key of the list visitors never seen share in ``variant`` (no visitor id is it)."""
+    return "" if variant == attribution.DEFAULT_VARIANT else "\x00" + variant
+
+
+def _compute_new_visitor(
+    rec: Recommender,
+    cache: ListCache,
+    size: int,
+    variant: str = attribution.DEFAULT_VARIANT,
+    rerank: bool = True,
+) -> Entry:
+    """The list of every visitor never seen (trending items), kept under `_shared_key`.
+
+    It changes with the trending counts: whatever its variant, it depends on the key ``""``.
+    """
     gen = cache.generation("")
     now_ms = int(time.time() * 1000)
     removals, version = rec.catalog.removals, rec.catalog.version
-    rec_id, data, n = _rank_user(rec, None, Request(k=size), now_ms)
+    rec_id, data, n = _rank_user(rec, None, Request(k=size), now_ms, rerank=rerank)
     trial = experiments().version
-    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, data, n, trial=trial)
-    _keep(rec, cache, "", entry)
+    entry = Entry(now_ms, ("",), (gen,), removals, version, rec_id, data, n, variant, trial)
+    _keep(rec, cache, _shared_key(variant), entry)
     LISTS_COMPUTED.labels("new_visitor").inc()
     return entry
 
@@ -531,14 +545,20 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     now_ms = int(time.time() * 1000)
     entry = cache.get(user_id)
     key = user_id
+    shared: tuple[Recommender, str, bool] | None = None
     if entry is None and not _table_data().known(user_id):
-        key = ""  # a visitor never seen: the list they all share
+        # A visitor never seen: the list they all share (one per experiment variant).
+        shared = _variant_of(rec, user_id, now_ms)
+        key = _shared_key(shared[1])
         entry = cache.get(key)
     served = None if entry is None else _from_memory(cache, key, entry, req.k, rec, now_ms)
     if served is not None:
         return served
-    if key == "":
-        entry = await run_ranking(_compute_new_visitor, rec, cache, cfg.list_size)
+    if shared is not None:
+        variant_rec, variant, rerank = shared
+        entry = await run_ranking(
+            _compute_new_visitor, variant_rec, cache, cfg.list_size, variant, rerank
+        )
     else:
         entry = await run_ranking(_compute_user, rec, cache, user_id, cfg.list_size)
         if entry is None:  # never seen after all
@@ -676,6 +696,8 @@ def _build(
     for key in users:
         if key == "":
             _compute_new_visitor(rec, users_cache, size)
+        elif key.startswith("\x00"):
+            continue  # a variant's shared list: ranked again when next asked for
         else:
             entry = _compute_user(rec, users_cache, key, size)
             if entry is not None:

@@ -142,6 +142,8 @@ def test_a_promoted_variant_becomes_the_default(live: Any, uid: str) -> None:
     )
     live.wait_profile(uid, lambda p: p["counts"].get("product_view") == 1)
     assert recommendations(live, uid)["variant"].startswith(f"{experiment_id}/")
+    # A visitor never seen is in the experiment too (the list its variant's new visitors share).
+    assert recommendations(live, f"{uid}-new")["variant"].startswith(f"{experiment_id}/")
 
     status, body = live.request(
         "POST", f"/v1/experiments/{experiment_id}/promote", {"variant": "Z"}

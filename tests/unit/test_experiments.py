@@ -124,3 +124,19 @@ def test_a_real_difference_is_found(tmp_path: Path) -> None:
     assert lift["significant"] and lift["interval"][0] > 0
     low, high = b["conversion"]["interval"]
     assert low < b["conversion"]["value"] < high
+
+
+def test_thompson_sampling_favours_the_better_variant_above_a_floor(tmp_path: Path) -> None:
+    counts = {
+        "A": {"visitors": 1000, "converters": 50},
+        "B": {"visitors": 1000, "converters": 90},
+    }
+    registry = Registry(tmp_path / "experiments.json", lambda _experiment: counts)
+    registry.put("bandit", ab(allocation="thompson", floor=0.1), NOW)
+    drawn = [registry.assign(f"v{n}", {}, NOW) for n in range(2000)]
+    share_a = sum(1 for d in drawn if d is not None and d[1].name == "A") / len(drawn)
+    assert 0.08 < share_a < 0.2  # the floor's even deal gives A about 10%, the draws almost none
+    assert registry.assign("v1", {}, NOW + 5000) == drawn[1]  # a visitor keeps the draw
+    with pytest.raises(ValidationError) as exc:
+        registry.put("bandit2", ab(allocation="thompson", floor=0.6, traffic=0.0), NOW)
+    assert exc.value.field == "floor"
