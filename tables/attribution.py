@@ -5,7 +5,8 @@ the profile agent applies like the visitor's own events. A visitor's newest expo
 in their attribution row beside the profile (`row_key`); their outcome events (`OUTCOMES`) are
 joined to one of them:
 
-- an event carrying a ``recommendation_id`` to the exposure of that id, while it is kept;
+- an event carrying a ``recommendation_id`` to the exposure of that id, while it is kept (one
+  that arrives before the exposure, which is sent on in batches, waits for it);
 - else a click, a cart addition and each line of a purchase to the newest exposure that showed
   its item at most ``[attribution] window_s`` before the event (`_SKEW_MS` after it is allowed
   too: the event's time comes from the visitor's device, the exposure's from the server).
@@ -67,6 +68,9 @@ KPI_PREFIX: Final = PREFIX + b"k"
 EXPERIMENT_PREFIX: Final = PREFIX + b"e"
 #: Experiments a visitor's row remembers their variant in, at most (the oldest go first).
 _EXPERIMENTS_KEPT: Final = 20
+#: Outcomes naming a list not recorded yet, kept at most (the oldest go first): a click can
+#: arrive before the exposure of the list it was on (exposures are sent on in batches).
+_WAITING_KEPT: Final = 20
 #: How far an outcome's time may precede the exposure it is joined to (device clocks drift).
 _SKEW_MS: Final = 300_000
 _DAY_MS: Final = 86_400_000
@@ -220,7 +224,7 @@ class Attribution:
     per variant the last day on which they counted as a visitor served and as a converter (so
     each counts once a day), and per experiment they were served in, their variant, whether
     they clicked and bought, and their attributed revenue: ``{experiment: [variant, clicked,
-    bought, revenue]}``.
+    bought, revenue]}``; and the outcomes waiting for the exposure of the list they name.
 
     Args:
         raw: the stored row (None: none yet).
@@ -238,6 +242,8 @@ class Attribution:
         self.served_on: dict[str, str] = doc.get("d", {})
         self.converted_on: dict[str, str] = doc.get("c", {})
         self.assigned: dict[str, list[Any]] = doc.get("a", {})
+        #: Outcomes whose list is not recorded yet (see `_WAITING_KEPT`), oldest first.
+        self.waiting: list[Event] = doc.get("w", [])
         self.changed = False
         self._cfg = cfg
         self._tally = tally
@@ -245,16 +251,22 @@ class Attribution:
 
     def encode(self) -> bytes | None:
         """The row to store; None when nothing is held (the row is deleted)."""
-        doc = {"e": self.exposures, "d": self.served_on, "c": self.converted_on, "a": self.assigned}
+        doc = {
+            "e": self.exposures,
+            "d": self.served_on,
+            "c": self.converted_on,
+            "a": self.assigned,
+            "w": self.waiting,
+        }
         if not any(doc.values()):
             return None
         return orjson.dumps(doc)
 
     def clear(self) -> None:
         """Forget everything (consent withdrawn, the visitor erased)."""
-        if self.exposures or self.served_on or self.converted_on or self.assigned:
+        if self.exposures or self.served_on or self.converted_on or self.assigned or self.waiting:
             self.exposures, self.served_on, self.converted_on = [], {}, {}
-            self.assigned = {}
+            self.assigned, self.waiting = {}, []
             self.changed = True
 
     def snapshot(self) -> dict[str, Any]:
@@ -320,11 +332,39 @@ class Attribution:
         etype = e["type"]
         if etype == EXPOSURE:
             self._expose(e)
-        elif etype in OUTCOMES and self.exposures:
-            if etype == "purchase":
-                self._purchase(e)
-            else:
-                self._outcome(e)
+            self._join_waiting(e["properties"]["recommendation_id"])
+        elif etype in OUTCOMES:
+            rec_id = e["properties"].get("recommendation_id")
+            if rec_id and not any(x[1] == rec_id for x in self.exposures):
+                self._wait(e)
+            elif self.exposures:
+                self._join(e)
+
+    def _join(self, e: Event) -> None:
+        if e["type"] == "purchase":
+            self._purchase(e)
+        else:
+            self._outcome(e)
+
+    def _wait(self, e: Event) -> None:
+        """Keep an outcome whose list is not recorded yet, to join it when it is."""
+        horizon = e["ts_ms"] - self._cfg.window_s * 1000
+        kept = [w for w in self.waiting if w["ts_ms"] >= horizon]
+        kept.append(
+            {k: e[k] for k in ("event_id", "type", "item_id", "ts_ms", "properties") if k in e}
+        )
+        self.waiting = kept[-_WAITING_KEPT:]
+        self.changed = True
+
+    def _join_waiting(self, rec_id: str) -> None:
+        """Join the outcomes that waited for the list ``rec_id``, in their order."""
+        if not self.waiting:
+            return
+        ready = [w for w in self.waiting if w["properties"].get("recommendation_id") == rec_id]
+        if ready:
+            self.waiting = [w for w in self.waiting if w not in ready]
+            for w in ready:
+                self._join(w)
 
     def _expose(self, e: Event) -> None:
         props = e["properties"]

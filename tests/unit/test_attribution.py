@@ -196,3 +196,16 @@ def test_kpi_rows_add_up_and_report_rates() -> None:
 def test_kpi_rows_expire_after_the_days_kept() -> None:
     keys = [kpi_key(d) for d in ("2025-01-01", "2025-06-01", "2025-12-05", "2025-12-06")]
     assert expired_kpi_keys(keys, "2025-12-06", 30) == keys[:2]
+
+
+def test_an_outcome_before_its_exposure_waits_for_it() -> None:
+    """Exposures are sent on in batches: a quick click can arrive before its list is recorded."""
+    attr, tally = visitor()
+    attr.observe(event("click", T0 + 100, "b", recommendation_id="r1"))
+    attr.observe(purchase(T0 + 200, [("b", 5.0, 1)], recommendation_id="r1"))
+    assert not tally  # nothing counted yet
+    again, tally = visitor(raw=attr.encode())  # kept in the row meanwhile
+    again.observe(exposure("r1", ["a", "b"], ["covisit", "popular"], T0))
+    assert counts(tally)["clicks"] == 1 and counts(tally)["orders"] == 1
+    assert counts(tally, "source", "popular")["revenue"] == pytest.approx(5.0)
+    assert again.waiting == []
