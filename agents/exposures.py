@@ -119,14 +119,23 @@ def recorder() -> Recorder:
     return Recorder(current_config().attribution.enabled)
 
 
-@app.timer(current_config().attribution.flush_interval_s)  # type: ignore[untyped-decorator]
-async def _send_exposures() -> None:
-    await recorder().send()
-
-
 @app.service
-class _LastExposures(mode.Service):  # type: ignore[misc] # mode is untyped
-    """Sends the exposures still noted on stop."""
+class _ExposureSender(mode.Service):  # type: ignore[misc] # mode is untyped
+    """Sends the lists noted every ``[attribution] flush_interval_s``, and the last on stop.
+
+    A send may take longer than the interval under load (the journal, the broker): the next one
+    starts after it, with whatever was noted meanwhile.
+    """
+
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _run(self) -> None:
+        interval = current_config().attribution.flush_interval_s
+        while not self.should_stop:
+            await self.sleep(interval)
+            try:
+                await recorder().send()
+            except Exception:  # never stop recording: the next turn sends what is noted
+                _log.exception("exposures not sent; retried")
 
     async def on_stop(self) -> None:
         with contextlib.suppress(Exception):  # the broker is already gone: nothing to do

@@ -1279,6 +1279,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="record a py-spy profile of Personify per run (each of --repeat's) into DIR "
         "(raw folded stacks; `pip install py-spy`; it takes some CPU)",
     )
+    p.add_argument(
+        "--experiments",
+        type=int,
+        default=0,
+        help="run this many experiments (PUT /v1/experiments) on every engine, sharing the "
+        "visitors, each variant B with other blend weights",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return p.parse_args(argv)
@@ -1404,6 +1411,15 @@ class PersonifyBench:
         self.eng = eng
         await eng.start(self.session)
         print(f"  healthy after {eng.startup_s:.1f} s (broker {eng.bootstrap})", flush=True)
+        for n in range(self.args.experiments):  # each in its own slice of the visitors
+            doc = {
+                "variants": [{"name": "A"}, {"name": "B", "setting": {"weights.trending": 2.0}}],
+                "traffic": 1.0 / self.args.experiments,
+            }
+            async with self.session.put(f"{eng.url}/v1/experiments/bench-{n}", json=doc) as resp:
+                assert resp.status == 201, await resp.text()
+        if self.args.experiments:
+            print(f"  {self.args.experiments} experiments running", flush=True)
         return eng
 
     async def stop_engine(self) -> None:
