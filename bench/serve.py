@@ -60,7 +60,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import children, cpu_seconds, parse_metrics, run_record, status_kb
+from _proc import children, cpu_seconds, parse_metrics, run_record, settings_env, status_kb
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONIFY = str(Path(sys.executable).with_name("personify"))
@@ -1473,6 +1473,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory (engine log)")
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION__KEY=VALUE",
+        help="a Personify setting for this run (PERSONIFY_SECTION__KEY), repeatable; "
+        "e.g. --set attribution__enabled=false",
+    )
+    p.add_argument(
         "--embeddings-cache",
         metavar="DIR",
         help="reuse the engine's vector cache from DIR (saved there after the run when DIR does "
@@ -1499,7 +1507,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the benchmark, print the figures, and stop the engine whatever happens."""
     args = parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="personify-serve-"))
-    eng = Engine(workdir, args.log_level)
+    eng = Engine(workdir, args.log_level, extra_env=settings_env(args.set))
     out: Json = run_record(args)
 
     def on_term(signum: int, frame: Any) -> None:
