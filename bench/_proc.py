@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "add_settings_argument",
     "children",
     "cpu_model",
     "cpu_seconds",
@@ -94,6 +96,18 @@ def run_record(args: Any) -> dict[str, Any]:
         "python": platform.python_version(),
         "args": vars(args),
     }
+
+
+def add_settings_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set SECTION__KEY=VALUE``, repeatable: Personify settings for the run (`settings_env`)."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION__KEY=VALUE",
+        help="a Personify setting for this run (PERSONIFY_SECTION__KEY), repeatable; "
+        "e.g. --set storage__journal_fsync=false",
+    )
 
 
 def settings_env(items: Iterable[str]) -> dict[str, str]:

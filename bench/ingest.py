@@ -65,6 +65,7 @@ from typing import Any
 import aiohttp
 import orjson
 from _proc import (
+    add_settings_argument,
     children,
     cpu_seconds,
     disk_mib,
@@ -1265,14 +1266,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "time, each run's rate against the first's",
     )
     p.add_argument("--only", default="abcl", help="Personify runs: a, b, c and/or l (latency)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION__KEY=VALUE",
-        help="a Personify setting for this run (PERSONIFY_SECTION__KEY), repeatable; "
-        "e.g. --set storage__journal_fsync=false",
-    )
+    add_settings_argument(p)
     p.add_argument(
         "--py-spy",
         metavar="DIR",

@@ -48,7 +48,7 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import run_record, settings_env, stage_line, stage_means_ms
+from _proc import add_settings_argument, run_record, settings_env, stage_line, stage_means_ms
 from serve import (
     Engine,
     item_bodies,
@@ -430,14 +430,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="1: one `personify run`; more: that many `personify worker` on one broker, the "
         "sockets and POSTs spread over them (default 1)",
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION__KEY=VALUE",
-        help="a Personify setting for the engines (PERSONIFY_SECTION__KEY), repeatable; "
-        "e.g. --set broker__embedded_compact_messages=0",
-    )
+    add_settings_argument(p)
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--log-level", default="warning")
     p.add_argument("--keep", action="store_true", help="keep the work directory")

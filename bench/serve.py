@@ -60,7 +60,15 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import children, cpu_seconds, parse_metrics, run_record, settings_env, status_kb
+from _proc import (
+    add_settings_argument,
+    children,
+    cpu_seconds,
+    parse_metrics,
+    run_record,
+    settings_env,
+    status_kb,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PERSONIFY = str(Path(sys.executable).with_name("personify"))
@@ -1472,14 +1480,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke run: 2,000 items and users, 10 s")
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE as JSON")
     p.add_argument("--keep", action="store_true", help="keep the work directory (engine log)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION__KEY=VALUE",
-        help="a Personify setting for this run (PERSONIFY_SECTION__KEY), repeatable; "
-        "e.g. --set attribution__enabled=false",
-    )
+    add_settings_argument(p)
     p.add_argument(
         "--embeddings-cache",
         metavar="DIR",

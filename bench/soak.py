@@ -45,7 +45,14 @@ from typing import Any
 
 import aiohttp
 import orjson
-from _proc import disk_mib, run_record, settings_env, stage_line, stage_means_ms
+from _proc import (
+    add_settings_argument,
+    disk_mib,
+    run_record,
+    settings_env,
+    stage_line,
+    stage_means_ms,
+)
 from push import NO_PUSH_S, Sockets
 from serve import Engine, item_bodies, make_catalog, percentile, post_all
 
@@ -482,7 +489,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--visitors", type=int, default=100_000)
     parser.add_argument("--reads", type=float, default=50.0, help="list reads per second")
     parser.add_argument("--items", type=int, default=3000)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION__KEY=VALUE")
+    add_settings_argument(parser)
     parser.add_argument("--json", type=Path, metavar="FILE")
     parser.add_argument("--plot", type=Path, metavar="FILE", help="a PNG of the minutes")
     parser.add_argument(
