@@ -66,6 +66,8 @@ _COUNTS_MAX_AGE_MS: Final = 1000
 #: Variants drawn and remembered at most (their exposures keep them once applied).
 _DRAWN_KEPT: Final = 100_000
 _MAX_VARIANTS: Final = 10
+#: The largest list size a variant may ask for.
+_MAX_SIZE: Final = 100
 #: The hash that gives each visitor their place among the experiments' slices.
 _SLICE_SALT: Final = "personify-experiments"
 
@@ -87,6 +89,8 @@ class Variant:
             ``weights.collab`` or ``seed_half_life``).
         ranker: whether the learned ranker re-orders its lists (where there is one).
         rerank: whether the re-ranking plugins re-order its lists.
+        size: how many items its lists show where the request names no ``k``, and on the
+            WebSocket (None: as configured; at most ``[recommend] list_size``).
     """
 
     name: str
@@ -94,6 +98,7 @@ class Variant:
     setting: dict[str, float] = field(default_factory=dict)
     ranker: bool = True
     rerank: bool = True
+    size: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The wire form."""
@@ -103,6 +108,7 @@ class Variant:
             "setting": self.setting,
             "ranker": self.ranker,
             "rerank": self.rerank,
+            "size": self.size,
         }
 
 
@@ -197,7 +203,14 @@ class Experiment:
         return cls(
             id=doc["id"],
             variants=tuple(
-                Variant(v["name"], v["share"], dict(v["setting"]), v["ranker"], v["rerank"])
+                Variant(
+                    v["name"],
+                    v["share"],
+                    dict(v["setting"]),
+                    v["ranker"],
+                    v["rerank"],
+                    v.get("size"),
+                )
                 for v in doc["variants"]
             ),
             control=doc["control"],
@@ -255,7 +268,7 @@ def _flag(doc: Mapping[str, Any], name: str, where: str) -> bool:
 def _variant(doc: Any, where: str) -> Variant:
     if not isinstance(doc, dict):
         raise ValidationError(where, f"expected an object, got {doc!r}")
-    unknown = set(doc) - {"name", "share", "setting", "ranker", "rerank"}
+    unknown = set(doc) - {"name", "share", "setting", "ranker", "rerank", "size"}
     if unknown:
         raise ValidationError(f"{where}.{sorted(unknown)[0]}", "unknown field")
     name = doc.get("name")
@@ -273,7 +286,14 @@ def _variant(doc: Any, where: str) -> Variant:
             )
         _low, high, _log_scale = SPACE[key]
         setting[key] = _number(value, f"{where}.setting.{key}", 0.0, high)
-    return Variant(name, share, setting, _flag(doc, "ranker", where), _flag(doc, "rerank", where))
+    size = doc.get("size")
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= _MAX_SIZE
+    ):
+        raise ValidationError(f"{where}.size", f"expected an integer 1-{_MAX_SIZE}, got {size!r}")
+    return Variant(
+        name, share, setting, _flag(doc, "ranker", where), _flag(doc, "rerank", where), size
+    )
 
 
 class Registry:
@@ -417,6 +437,13 @@ class Registry:
         self._all[experiment_id] = stopped
         self._save()
         return stopped
+
+    def size_of(self, variant: str) -> int | None:
+        """The list size of the variant named ``variant`` (`attribution.label`), if it sets one."""
+        experiment_id, _, name = variant.partition("/")
+        experiment = self._all.get(experiment_id) if name else None
+        chosen = None if experiment is None else experiment.variant(name)
+        return None if chosen is None else chosen.size
 
     def running(self, now_ms: int) -> list[Experiment]:
         """The experiments running at ``now_ms``."""

@@ -76,6 +76,7 @@ __all__ = [
     "serve_similar",
     "signals_changed",
     "similar_cache",
+    "sized",
 ]
 
 _log = get_logger(__name__)
@@ -707,6 +708,15 @@ def _build(
     return out
 
 
+def sized(items: bytes, variant: str) -> bytes:
+    """A list's items cut to its experiment variant's list size, where it sets one."""
+    size = experiments().size_of(variant) if variant != attribution.DEFAULT_VARIANT else None
+    if size is None:
+        return items
+    listed = orjson.loads(items)
+    return items if len(listed) <= size else orjson.dumps(listed[:size])
+
+
 def push_list(
     user_id: str,
     rec_id: str,
@@ -720,6 +730,7 @@ def push_list(
     The message also goes to the visitor's sockets on other workers unless ``here_only``.
     ``variant``: the experiment variant the list was ranked for (recorded with it).
     """
+    items = sized(items, variant)
     recorder().served(user_id, rec_id, items, "ws", variant)
     body = recommendations_message(rec_id, items, variant)
     if here_only:

@@ -100,12 +100,14 @@ async def promote_variant(request: web.Request) -> web.Response:
         return json_error(
             422, f"expected one of {names}, got {name!r}", "variant", '{"variant": "NAME"}'
         )
-    if not variant.rerank:
+    if not variant.rerank or variant.size is not None:
         return json_error(
             422,
-            "a variant without the re-ranking plugins cannot become the default here",
+            "a variant without the re-ranking plugins, or with its own list size, cannot "
+            "become the default here",
             "variant",
-            "leave the plugins out with [plugins] deny in config.toml instead",
+            "leave the plugins out with [plugins] deny, or set [recommend] default_k, in "
+            "config.toml instead",
         )
     promote(variant.setting, ranker=variant.ranker)
     stopped = registry.stop(experiment_id, int(time.time() * 1000), promoted=variant.name)

@@ -8,13 +8,20 @@ process, from the lists kept in memory or ranked from the local tables and the v
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from personify.agents.exposures import recorder
-from personify.agents.lists import Served, recommender, serve_recommendations, serve_similar
+from personify.agents.lists import (
+    Served,
+    recommender,
+    serve_recommendations,
+    serve_similar,
+    sized,
+)
 from personify.agents.recommend import Request
 from personify.api.routes import not_ready, read_json, to_owner
 from personify.api.schemas import Rejection, json_error, json_response
@@ -231,6 +238,8 @@ async def get_recommendations(request: web.Request) -> web.Response:
     if remote is not None:
         return remote
     served = await serve_recommendations(key, req)
+    if "k" not in request.query:  # the variant's list size, where an experiment sets one
+        served = dataclasses.replace(served, items=sized(served.items, served.variant))
     recorder().served(key, served.rec_id, served.items, "http", served.variant)
     return _answer("user_id", user_id, served)
 

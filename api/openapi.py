@@ -360,6 +360,13 @@ _VARIANT = {
         },
         "ranker": {"type": "boolean", "description": "The learned ranker re-orders its lists."},
         "rerank": {"type": "boolean", "description": "Re-ranking plugins re-order its lists."},
+        "size": {
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "maximum": 100,
+            "description": "Items its lists show where the request names no k, and on the "
+            "WebSocket (at most [recommend] list_size).",
+        },
     },
 }
 _EXPERIMENT_REQUEST = {

@@ -135,13 +135,19 @@ def test_a_visitor_keeps_their_variant_across_a_login_and_a_restart(
 def test_a_promoted_variant_becomes_the_default(live: Any, uid: str) -> None:
     experiment_id = f"promote-{short(uid)}"
     winner = {"name": "B", "setting": {"weights.trending": 7.5}}
-    doc = {"variants": [{"name": "A"}, winner]}
+    doc = {"variants": [{"name": "A", "size": 1}, winner]}
     assert live.request("PUT", f"/v1/experiments/{experiment_id}", doc)[0] == 201
     assert (
         live.post_events([{"type": "product_view", "user_id": uid, "item_id": "k-pan"}])[0] == 202
     )
     live.wait_profile(uid, lambda p: p["counts"].get("product_view") == 1)
-    assert recommendations(live, uid)["variant"].startswith(f"{experiment_id}/")
+    served = recommendations(live, uid)
+    assert served["variant"] in (f"{experiment_id}/A", f"{experiment_id}/B")
+    # A shows one item where the request names no k; B as many as there are (3 of 4 items).
+    assert len(served["items"]) == (1 if served["variant"].endswith("/A") else 3)
+    promote_path = f"/v1/experiments/{experiment_id}/promote"
+    status, body = live.request("POST", promote_path, {"variant": "A"})
+    assert status == 422 and body["field"] == "variant"  # its own list size is not a setting
     # A visitor never seen is in the experiment too (the list its variant's new visitors share).
     assert recommendations(live, f"{uid}-new")["variant"].startswith(f"{experiment_id}/")
 
