@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import re
 import time
 from collections import defaultdict
 from collections.abc import Collection
@@ -146,6 +147,14 @@ def _attributor(attr: attribution.Attribution) -> Any:
     return attribute
 
 
+#: What an exposure's fold reads of a stored profile.
+_EXPOSURE_READS = re.compile(rb'"(?:consent|alias_of)"')
+
+
+def _only_exposures(evs: list[Event]) -> bool:
+    return all(e["type"] == attribution.EXPOSURE for e in evs)
+
+
 def _fold_user(
     key: str,
     raw: bytes | None,
@@ -159,7 +168,13 @@ def _fold_user(
 
     With ``attributed``, their attribution row (stored as ``attr_raw``) is kept too.
     """
-    state = profiles.decode(raw) if raw is not None else profiles.new_profile(key)
+    if raw is None or (attributed and _only_exposures(evs) and not _EXPOSURE_READS.search(raw)):
+        # Exposures read nothing of the profile but the consent and the link to a user, and
+        # neither is recorded here: it folds like a new profile (decoding a large profile costs
+        # more than the rest of an exposure's fold). Nothing of the profile is written.
+        state = profiles.new_profile(key)
+    else:
+        state = profiles.decode(raw)
     tally = attribution.Tally()
     attr = (
         attribution.Attribution(attr_raw, _cfg.attribution, tally, _cfg.events.default_currency)

@@ -110,6 +110,19 @@ def test_a_visitor_keeps_their_variant_across_a_login_and_a_restart(
     assert live.post_events([identify])[0] == 202
     live.wait_profile(user, lambda p: anon in p.get("anonymous_ids", []))
     assert recommendations(live, user)["variant"] == f"{experiment_id}/{anon_variant}"
+    # A list served to the anonymous id since is the user's exposure.
+    as_anon = recommendations(live, anon)
+    assert as_anon["variant"] == f"{experiment_id}/{anon_variant}"
+    live.wait_for(
+        lambda: (
+            as_anon["recommendation_id"]
+            in [
+                x["recommendation_id"]
+                for x in live.request("GET", f"/v1/users/{user}/export")[1]["exposures"]
+            ]
+        ),
+        what="the anonymous id's exposure kept with the user",
+    )
 
     results_path = f"/v1/experiments/{experiment_id}/results"
 
