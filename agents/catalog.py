@@ -6,10 +6,11 @@ writes the items table, updates the in-memory catalog view, embeds the new item 
 in a worker thread, cached by content hash so an unchanged item is never encoded again) and
 upserts or removes their vectors in the FAISS index.
 
-`Embeddings` (a Faust service) loads the model at start, loads the catalog view from the items
-table, and loads the index snapshot when its fingerprint matches the catalog's vectors; else it
-rebuilds the index from the table. It saves a snapshot periodically while the catalog changes
-and on stop.
+`Embeddings` (a Faust service) loads the catalog view from the items table at start (the agent
+applies changes from then on), loads the model meanwhile, and loads the index snapshot when its
+fingerprint matches the catalog's vectors; else it rebuilds the index from the table. Changes
+applied before the index is built are indexed by the build. It saves a snapshot periodically
+while the catalog changes and on stop.
 """
 
 from __future__ import annotations
@@ -74,7 +75,13 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             ),
         )
         self.model_ready = asyncio.Event()
+        #: Set once the catalog view holds the items table (after recovery): the catalog agent
+        #: applies changes from then on, without waiting for the text model.
+        self.view_ready = asyncio.Event()
         self.index_ready = asyncio.Event()
+        #: Item changes applied before the index was built (id -> item, None: deleted): the
+        #: build embeds (or removes) them before the index is ready.
+        self.unindexed: dict[str, Item | None] = {}
         self.dirty = False
         self.error: str | None = None
         self.snapshot_dir = cfg.data_path / "index"
@@ -112,8 +119,7 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             return np.empty((0, 384), dtype=np.float32)
         return np.concatenate(out)
 
-    @mode.Service.task  # type: ignore[untyped-decorator]
-    async def _load(self) -> None:
+    async def _load_model(self) -> None:
         cfg = current_config()
         try:
             model = await SentenceEncoder.load_async(batch_size=cfg.embeddings.batch_size)
@@ -125,12 +131,24 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             _log.exception("embedding model failed to load")
         finally:
             self.model_ready.set()
+
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _load(self) -> None:
+        cfg = current_config()
+        loading = asyncio.ensure_future(self._load_model())
         await app.tables.recovery.completed.wait()
+        # The view first: items (and their categories) are known to the profile agent while
+        # the text model still loads. Events folded before their item is in the view lose
+        # its category (category affinity, trending), and a backfill posts its catalog and
+        # then its history at once.
+        items = await self._load_view()
+        self.view_ready.set()
+        await loading
         if self.model is None:
             # Without the model the catalog still works; lists go without content and chat.
-            await self._load_view()
+            self.unindexed.clear()
         else:
-            await self._build_index()
+            await self._build_index(items)
             ITEMS_EMBEDDED.set(len(self.index))
         self.index_ready.set()
         if self.model is None:
@@ -152,9 +170,29 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
         CATALOG_ITEMS.set(len(view))
         return items
 
-    async def _build_index(self) -> None:
+    async def _build_index(self, items: list[Item]) -> None:
+        """Index ``items`` (the table at start), then what the agent applied meanwhile."""
         started = time.perf_counter()
-        items = await self._load_view()
+        await self._build_from(items)
+        # Changes the catalog agent applied while the model loaded or the index was built
+        # (no await between the last look and index_ready: none is missed).
+        while self.unindexed:
+            changes, self.unindexed = self.unindexed, {}
+            upserts = [item for item in changes.values() if item is not None]
+            deletes = [i for i, item in changes.items() if item is None and i in self.index]
+            if upserts:
+                await self.index_items(upserts)
+            if deletes:
+                await self.index.remove_async(deletes)
+            self.dirty = True
+            _log.info(
+                "items applied during the index build indexed",
+                items=len(changes),
+                seconds=round(time.perf_counter() - started, 1),
+            )
+
+    async def _build_from(self, items: list[Item]) -> None:
+        started = time.perf_counter()
         if not items:
             _log.info("catalog empty")
             return
@@ -300,10 +338,14 @@ async def _apply_chunk(changes: dict[str, Item | None]) -> None:
         view.put(item)
     for item_id in deletes:
         view.remove(item_id)
-    if upserts and service.model is not None:
-        await service.index_items(upserts)
-    if deletes:
-        await service.index.remove_async(deletes)
+    if not service.index_ready.is_set():
+        # The index is being built: it takes these changes before it is ready.
+        service.unindexed.update(changes)
+    else:
+        if upserts and service.model is not None:
+            await service.index_items(upserts)
+        if deletes:
+            await service.index.remove_async(deletes)
     view.touch()  # lists computed before the vectors were indexed are stale
     service.dirty = True
     CATALOG_ITEMS.set(len(view))
@@ -316,7 +358,7 @@ async def catalog_agent(stream: Any) -> None:
     pub = items_publisher()
     service = embeddings()
     async for batch in stream.take_events(500, within=0.01):
-        await service.index_ready.wait()
+        await service.view_ready.wait()
         changes: dict[str, Item | None] = {}
         dead: list[bytes] = []
         for event in batch:

@@ -60,6 +60,7 @@ from personify.agents.ranker import Ranker
 from personify.agents.tuning import (
     CHILD_NICE,
     GROWING,
+    TUNE_WAIT_MAX_S,
     apply_setting,
     setting_of,
     settled,
@@ -328,6 +329,11 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         """Run one tuning now (in a process of its own); apply its setting if it won."""
         cfg = current_config()
         service = embeddings()
+        if not service.index_ready.is_set():
+            # The item text vectors are still being built (the text model loads at start): a
+            # tuning without them would choose for lists ranked without the content source.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(service.index_ready.wait(), TUNE_WAIT_MAX_S)
         vectors = (
             await asyncio.to_thread(service.index.vectors, rows.items)
             if service.index_ready.is_set()

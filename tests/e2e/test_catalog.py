@@ -49,6 +49,29 @@ async def test_items_from_the_topic_and_dead_letters(engine_factory: Callable[..
     assert eng.stop() == 0
 
 
+def test_events_right_after_their_items_get_the_category(
+    engine_factory: Callable[..., Any],
+) -> None:
+    """Events posted right after their items get the items' categories.
+
+    A backfill posts its catalog, then its history at once, while the text model may still be
+    loading: the catalog view takes the items without waiting for it, so the events get the
+    items' categories (category affinity, trending), as the tuning sees them.
+    """
+    eng = engine_factory().start()
+    assert eng.request("POST", "/v1/items", {"items": ITEMS})[0] == 202
+    views = [
+        {"event_id": f"v{n}", "type": "product_view", "user_id": "camper", "item_id": item}
+        for n, item in enumerate(["tent", "stove", "mug"])
+    ]
+    status, body = eng.post_events(views)
+    assert status == 202, body
+    profile = eng.wait_profile("camper", lambda p: sum(p["counts"].values()) == 3)
+    assert "outdoor/camping" in profile["category_affinity"], profile
+    eng.wait_for(lambda: len(similar(eng, "kettle")) == 3, what="the items indexed after")
+    assert eng.stop() == 0
+
+
 def test_catalog_and_index_survive_a_restart(engine_factory: Callable[..., Any]) -> None:
     """After a restart the catalog is back and the index is loaded from its snapshot."""
     eng = engine_factory().start()
