@@ -49,10 +49,12 @@ class Recorder:
         self.enabled = enabled
         #: (visitor, recommendation id, items JSON, surface, variant, when in ms)
         self._pending: list[tuple[str, str, bytes, str, str, int]] = []
+        #: Exposure events a send did not get onto the broker: sent first on the next turn.
+        self._unsent: list[Event] = []
         self.dropped = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._unsent)
 
     def served(
         self,
@@ -74,6 +76,7 @@ class Recorder:
     def forget(self, visitor: str) -> None:
         """Drop what is noted for ``visitor`` (an erasure)."""
         self._pending = [p for p in self._pending if p[0] != visitor]
+        self._unsent = [e for e in self._unsent if e.get("anonymous_id") != visitor]
 
     def take(self) -> list[Event]:
         """The lists noted so far, as exposure events; they are no longer noted."""
@@ -101,11 +104,27 @@ class Recorder:
             )
         return events
 
+    def drain(self) -> list[Event]:
+        """What is still to send: the events a send left over, then the lists noted since."""
+        events, self._unsent = self._unsent + self.take(), []
+        return events
+
     async def send(self) -> int:
-        """Publish the exposures noted so far (retried until the broker takes them)."""
-        events = self.take()
+        """Publish the exposures noted so far (retried until the broker takes them).
+
+        Should the publishing fail all the same (or be cancelled), the events are kept and
+        sent first on the next call.
+        """
+        events = self.drain()
         if events:
-            await until_done("exposures publish", functools.partial(publisher().publish, events))
+            try:
+                await until_done(
+                    "exposures publish", functools.partial(publisher().publish, events)
+                )
+            except BaseException:
+                self._unsent = events[-_MAX_PENDING:]
+                self.dropped += len(events) - len(self._unsent)
+                raise
             EXPOSURES_SENT.inc(len(events))
         if self.dropped:
             _log.warning("exposures dropped: the broker did not take them", count=self.dropped)
@@ -134,12 +153,12 @@ class _ExposureSender(mode.Service):  # type: ignore[misc] # mode is untyped
             await self.sleep(interval)
             try:
                 await recorder().send()
-            except Exception:  # never stop recording: the next turn sends what is noted
-                _log.exception("exposures not sent; retried")
+            except Exception:  # never stop recording: the next turn sends them again
+                _log.exception("exposures not sent; kept for the next turn")
 
     async def on_stop(self) -> None:
         with contextlib.suppress(Exception):  # the broker is already gone: nothing to do
-            events = recorder().take()
+            events = recorder().drain()
             if events:
                 await publisher().publish(events)
 
@@ -157,13 +176,8 @@ def kpis(first: date, last: date, by: attribution.Grouping) -> dict[str, Any]:
     Summed over the partitions this worker holds (with several workers, each answers for its
     own visitors).
     """
-    days = list(_days(first, last))
-    keys = [attribution.kpi_key(day) for day in days]
-    rows: list[tuple[str, bytes]] = []
-    for partition_db in store.TableStore(profiles.table()).dbs().values():
-        for day, raw in zip(days, partition_db.get(keys), strict=True):
-            if raw is not None:
-                rows.append((day, raw))
+    dbs = store.TableStore(profiles.table()).dbs().values()
+    rows = attribution.kpi_rows(dbs, list(_days(first, last)))
     return {"from": first.isoformat(), "to": last.isoformat(), "by": by} | attribution.report(
         rows, by
     )
@@ -171,10 +185,6 @@ def kpis(first: date, last: date, by: attribution.Grouping) -> dict[str, Any]:
 
 def experiment_counts(experiment: str) -> dict[str, dict[str, float]]:
     """``experiment``'s counts per variant since it started, over the partitions held here."""
-    key = attribution.experiment_key(experiment)
-    rows = [
-        raw
-        for partition_db in store.TableStore(profiles.table()).dbs().values()
-        if (raw := partition_db.get(key)) is not None
-    ]
-    return attribution.experiment_counts(rows)
+    return attribution.experiment_counts(
+        store.TableStore(profiles.table()).dbs().values(), experiment
+    )

@@ -476,16 +476,31 @@ class Attribution:
             tally.add(day, "source", source, "revenue", amount)
 
 
-def experiment_counts(rows: Iterable[bytes]) -> dict[str, Counts]:
-    """An experiment's counts per variant, summed over the partitions' ``rows``."""
+def experiment_counts(partition_dbs: Iterable[Any], experiment: str) -> dict[str, Counts]:
+    """``experiment``'s counts per variant, summed over the partitions' databases."""
+    key = experiment_key(experiment)
     out: dict[str, Counts] = {}
-    for raw in rows:
+    for partition_db in partition_dbs:
+        raw = partition_db.get(key)
+        if raw is None:
+            continue
         row: dict[str, Counts] = orjson.loads(raw)
         for variant, counts in row.items():
             into = out.setdefault(variant, {})
             for count, amount in counts.items():
                 into[count] = into.get(count, 0.0) + amount
     return out
+
+
+def kpi_rows(partition_dbs: Iterable[Any], days: list[str]) -> list[tuple[str, bytes]]:
+    """(day, row) of each of ``days`` that has a KPI row, over the partitions' databases."""
+    keys = [kpi_key(day) for day in days]
+    return [
+        (day, raw)
+        for partition_db in partition_dbs
+        for day, raw in zip(days, partition_db.get(keys), strict=True)
+        if raw is not None
+    ]
 
 
 def expired_kpi_keys(keys: Iterable[bytes], today: str, days: int) -> list[bytes]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from rocksdict import Rdict
 
 from personify.engine.config import AttributionConfig
 from personify.engine.models import Event, internal_event
@@ -14,8 +16,11 @@ from personify.tables.attribution import (
     Attribution,
     Tally,
     day_of,
+    experiment_counts,
+    experiment_key,
     expired_kpi_keys,
     kpi_key,
+    kpi_rows,
     report,
 )
 
@@ -191,6 +196,27 @@ def test_kpi_rows_add_up_and_report_rates() -> None:
     assert per_day["day"] == day and per_day["exposures"] == 13
     assert report(rows, "day")["totals"]["exposures"] == 13
     assert orjson.loads(stored)["variant"]["A"]["exposures"] == 8
+
+
+def test_kpi_and_experiment_rows_are_read_from_every_partition(tmp_path: Path) -> None:
+    day, other_day = day_of(T0), day_of(T0 + 86_400_000)
+    dbs = [Rdict(str(tmp_path / f"p{n}")) for n in range(3)]
+    try:
+        for n, partition_db in enumerate(dbs[:2]):
+            tally = Tally()
+            tally.add(day, "variant", "A", "exposures", n + 1)
+            tally.add_experiment("exp", "B", "visitors", 2 * (n + 1))
+            partition_db[kpi_key(day)] = tally.added_to(day, None)
+            partition_db[experiment_key("exp")] = tally.experiment_added_to("exp", None)
+        rows = kpi_rows(dbs, [day, other_day])
+        assert [d for d, _raw in rows] == [day, day]
+        [a] = report(rows, "variant")["rows"]
+        assert a["variant"] == "A" and a["exposures"] == 3
+        assert experiment_counts(dbs, "exp") == {"B": {"visitors": 6.0}}
+        assert experiment_counts(dbs, "other") == {}
+    finally:
+        for partition_db in dbs:
+            partition_db.close()
 
 
 def test_kpi_rows_expire_after_the_days_kept() -> None:
