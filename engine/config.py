@@ -40,6 +40,7 @@ __all__ = [
     "ProfilesConfig",
     "PushConfig",
     "RecommendConfig",
+    "SegmentsConfig",
     "ServerConfig",
     "StorageConfig",
     "TopicsConfig",
@@ -443,6 +444,18 @@ class AttributionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentsConfig:
+    """Rule segments (PUT /v1/segments/{id}) and RFM scores."""
+
+    #: Every profile is evaluated again this often (seconds): rules that depend on the time
+    #: (days since, events in the last days) and RFM scores change without an event. The RFM
+    #: cut points are computed again on the same schedule.
+    sweep_interval_s: float = 3600.0
+    #: Segments defined at most.
+    max_segments: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class ExperimentsConfig:
     """How experiment results are tested (see the README)."""
 
@@ -509,6 +522,7 @@ class Config:
     triggers: TriggersConfig = field(default_factory=TriggersConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     experiments: ExperimentsConfig = field(default_factory=ExperimentsConfig)
+    segments: SegmentsConfig = field(default_factory=SegmentsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     source: str = "<defaults>"
 
@@ -670,6 +684,8 @@ _POSITIVE = {
     "attribution.kpi_days",
     "experiments.alpha",
     "experiments.effect",
+    "segments.sweep_interval_s",
+    "segments.max_segments",
     "triggers.tick_s",
     "triggers.webhook_timeout_s",
     "auth.token_ttl_s",

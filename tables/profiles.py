@@ -281,6 +281,7 @@ def _apply_one(p: Profile, e: Event, cfg: ProfilesConfig, chat_half_life_s: floa
         currency = props["currency"]
         p["orders"] += 1
         p["spend"] += revenue
+        p["last_order"] = max(p.get("last_order") or ts, ts)
         p["spend_by_currency"][currency] = p["spend_by_currency"].get(currency, 0.0) + revenue
         bought = p.setdefault("bought", {})
         for line in props["items"]:
@@ -518,6 +519,8 @@ def view(p: Profile, cfg: ProfilesConfig, now_ms: int) -> dict[str, Any]:
         "consent": {purpose: consents(p, purpose, cfg) for purpose in PURPOSES},
         "offers_sent": [{"trigger": t, "at": _iso(ts)} for ts, t in p.get("offers", [])],
         "timers": {name: _iso(due) for name, due in sorted(p.get("timers", {}).items())},
+        "segments": p.get("segments", []),
+        "last_order": _iso(p.get("last_order")),
     }
 
 
@@ -550,6 +553,9 @@ def merge(into: Profile, other: Profile, cfg: ProfilesConfig) -> None:
     for hour, events in other["hours"].items():
         into["hours"][hour] = into["hours"].get(hour, 0) + events
     into["orders"] += other["orders"]
+    orders = [t for t in (into.get("last_order"), other.get("last_order")) if t is not None]
+    if orders:
+        into["last_order"] = max(orders)
     into["spend"] += other["spend"]
     for cur, amount in other["spend_by_currency"].items():
         into["spend_by_currency"][cur] = into["spend_by_currency"].get(cur, 0.0) + amount

@@ -1,0 +1,436 @@
+"""Rule segments: a small language over a visitor's profile, and the rows of their members.
+
+A segment is a named rule, an expression in a small subset of Python's syntax over the
+visitor's profile (`FIELDS`, `FUNCTIONS`)::
+
+    orders >= 2 and spend > 100 and days_since_order > 30
+    affinity("outdoor") > 0.5 and orders == 0
+    cart_value > 50 and consent("marketing")
+    events_in(7) >= 20 or sessions_in(30) >= 4
+    monetary == 5 and recency <= 2
+
+Only what is listed parses: numbers, strings, ``True``/``False``, the fields, the functions
+(with literal arguments), ``and``/``or``/``not``, comparisons (chained too), ``+ - * /`` and
+parentheses. Anything else (attributes, indexing, other names, lambdas) is refused with the
+position and the reason, so a rule can never run code.
+
+All the rules are compiled together into one function of a visitor's `Facts`, which computes
+each field once, when a rule first asks for it: evaluating fifty rules for a visitor costs a
+few microseconds.
+
+Membership is kept in the profile (``segments``: the ids, sorted) and, for listing members, as
+one row per member in the partition's database (`member_key`), with a count per segment
+(`size_key`), written in the same batch as the profile.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+
+from personify.engine.config import ProfilesConfig
+from personify.engine.errors import ValidationError
+from personify.engine.models import PURPOSES
+from personify.tables.signals import PREFIX
+
+__all__ = [
+    "FIELDS",
+    "FUNCTIONS",
+    "MEMBER_PREFIX",
+    "Cuts",
+    "Facts",
+    "Rules",
+    "check_rule",
+    "member_key",
+    "members",
+    "rfm_cuts",
+    "size_key",
+    "sizes",
+]
+
+#: One row per member: ``MEMBER_PREFIX`` + segment + NUL + visitor.
+MEMBER_PREFIX: Final = PREFIX + b"m"
+#: A segment's member count in the partition: ``SIZE_PREFIX`` + segment.
+SIZE_PREFIX: Final = PREFIX + b"n"
+
+_DAY_MS: Final = 86_400_000
+_HOUR_MS: Final = 3_600_000
+#: Days since something that never happened (a comparison like ``> 30`` holds).
+NEVER: Final = math.inf
+
+#: The fields a rule can name, with what each means (the README's table is made from this).
+FIELDS: Final[dict[str, str]] = {
+    "views": "product views, ever",
+    "clicks": "clicks, ever",
+    "cart_adds": "items added to the cart, ever",
+    "searches": "searches, ever",
+    "events": "events of any kind, ever",
+    "orders": "purchases (orders), ever",
+    "spend": "lifetime spend (all currencies as sent)",
+    "aov": "average order value (0 without orders)",
+    "cart_value": "value of the cart now",
+    "cart_items": "items in the cart now (quantities added up)",
+    "sessions": "sessions, ever",
+    "engagement": "engagement score (weighted events)",
+    "days_since_seen": "days since the last event (infinite if none)",
+    "days_since_order": "days since the last order (infinite if none)",
+    "days_since_first_seen": "days since the first event (the visitor's age)",
+    "recency": "RFM recency score, 1-5 (5: ordered most recently; 0 without orders or before "
+    "the first scoring)",
+    "frequency": "RFM frequency score, 1-5 (5: most orders)",
+    "monetary": "RFM monetary score, 1-5 (5: highest spend)",
+}
+#: The functions a rule can call (with literal arguments).
+FUNCTIONS: Final[dict[str, str]] = {
+    "affinity": 'affinity("cat") or affinity("cat/sub"): the category affinity now (decayed; '
+    "0 if none)",
+    "consent": 'consent("marketing"): whether the visitor consents to the purpose',
+    "count": 'count("product_view"): events of that type, ever',
+    "events_in": "events_in(7): events in the last 7 days (up to the profile's frequency window)",
+    "sessions_in": "sessions_in(30): sessions started in the last 30 days (of those kept)",
+}
+_COUNTED: Final = {
+    "views": "product_view",
+    "clicks": "click",
+    "cart_adds": "add_to_cart",
+    "searches": "search",
+}
+_MAX_RULE: Final = 2000
+_COMPARE: Final = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
+_ARITHMETIC: Final = (ast.Add, ast.Sub, ast.Mult, ast.Div)
+
+
+def _refuse(node: ast.AST, reason: str) -> ValidationError:
+    column = getattr(node, "col_offset", None)
+    where = "" if column is None else f" at character {column + 1}"
+    return ValidationError("rule", f"{reason}{where}")
+
+
+def _check(node: ast.AST) -> None:
+    """Refuse anything outside the language (see the module)."""
+    if isinstance(node, ast.Expression):
+        _check(node.body)
+    elif isinstance(node, ast.BoolOp):
+        for value in node.values:
+            _check(value)
+    elif isinstance(node, ast.UnaryOp):
+        if not isinstance(node.op, ast.Not | ast.USub):
+            raise _refuse(node, "only 'not' and '-' go before a value")
+        _check(node.operand)
+    elif isinstance(node, ast.Compare):
+        if not all(isinstance(op, _COMPARE) for op in node.ops):
+            raise _refuse(node, "compare with ==, !=, <, <=, > or >=")
+        _check(node.left)
+        for value in node.comparators:
+            _check(value)
+    elif isinstance(node, ast.BinOp):
+        if not isinstance(node.op, _ARITHMETIC):
+            raise _refuse(node, "only + - * / are allowed")
+        _check(node.left)
+        _check(node.right)
+    elif isinstance(node, ast.Constant):
+        if not isinstance(node.value, bool | int | float | str):
+            raise _refuse(node, "expected a number, a string, True or False")
+    elif isinstance(node, ast.Name):
+        if node.id not in FIELDS:
+            raise _refuse(node, f"unknown field {node.id!r}; known: {', '.join(FIELDS)}")
+    elif isinstance(node, ast.Call):
+        name = node.func.id if isinstance(node.func, ast.Name) else None
+        if name not in FUNCTIONS:
+            raise _refuse(node, f"unknown function; known: {', '.join(FUNCTIONS)}")
+        if node.keywords or len(node.args) != 1:
+            raise _refuse(node, f"{name}() takes one argument")
+        [arg] = node.args
+        expected = int if name in ("events_in", "sessions_in") else str
+        if not isinstance(arg, ast.Constant) or not isinstance(arg.value, expected):
+            kind = "a whole number of days" if expected is int else "a string"
+            raise _refuse(arg, f"{name}() takes {kind}")
+        if name == "consent" and arg.value not in PURPOSES:
+            raise _refuse(arg, f"consent() takes one of {', '.join(PURPOSES)}")
+    else:
+        raise _refuse(node, f"{type(node).__name__.lower()} is not part of the rule language")
+
+
+def check_rule(rule: Any) -> str:
+    """``rule`` if it parses and stays within the language; else a `ValidationError`."""
+    if not isinstance(rule, str) or not rule.strip():
+        raise ValidationError("rule", 'expected an expression, e.g. "orders >= 2 and spend > 100"')
+    if len(rule) > _MAX_RULE:
+        raise ValidationError("rule", f"at most {_MAX_RULE} characters")
+    try:
+        tree = ast.parse(rule.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise ValidationError(
+            "rule", f"not an expression: {exc.msg} at character {exc.offset or 0}"
+        ) from None
+    _check(tree)
+    return rule.strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Cuts:
+    """RFM quintile cut points over the visitors who ordered (`rfm_cuts`).
+
+    Attributes:
+        recency: days since the last order at the four cut points, ascending.
+        frequency: orders at the four cut points, ascending.
+        monetary: spend at the four cut points, ascending.
+        at_ms: when recency was measured (a visitor's days since their order are compared
+            as of then, shifted by the time since).
+    """
+
+    recency: tuple[float, ...] = ()
+    frequency: tuple[float, ...] = ()
+    monetary: tuple[float, ...] = ()
+    at_ms: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        """The wire form."""
+        return {
+            "recency": list(self.recency),
+            "frequency": list(self.frequency),
+            "monetary": list(self.monetary),
+            "at_ms": self.at_ms,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Cuts:
+        """From `as_json`'s form."""
+        return cls(
+            tuple(doc.get("recency", ())),
+            tuple(doc.get("frequency", ())),
+            tuple(doc.get("monetary", ())),
+            int(doc.get("at_ms", 0)),
+        )
+
+
+def _quintile(value: float, cuts: tuple[float, ...]) -> int:
+    """1-5: how many of the four ``cuts`` ``value`` exceeds, plus one."""
+    return 1 + sum(1 for c in cuts if value > c)
+
+
+def rfm_cuts(values: Sequence[float], at_ms: int) -> Cuts:
+    """The quintile cut points of the visitors who ordered.
+
+    ``values``: (days since their last order, orders, spend) of each, one after the other.
+    """
+    rows = np.asarray(values, dtype=np.float64).reshape(-1, 3)
+    if not len(rows):
+        return Cuts(at_ms=at_ms)
+    quantiles = (0.2, 0.4, 0.6, 0.8)
+
+    def cut(column: int) -> tuple[float, ...]:
+        return tuple(float(x) for x in np.quantile(rows[:, column], quantiles))
+
+    return Cuts(cut(0), cut(1), cut(2), at_ms)
+
+
+class Facts(dict[str, Any]):
+    """A visitor's fields for the rules, each computed when first asked for."""
+
+    __slots__ = ("_cfg", "_cuts", "_now", "_p", "calls")
+
+    def __init__(
+        self, p: Mapping[str, Any], cfg: ProfilesConfig, now_ms: int, cuts: Cuts | None = None
+    ) -> None:
+        super().__init__()
+        self._p, self._cfg, self._now, self._cuts = p, cfg, now_ms, cuts or Cuts()
+        #: Name -> (function, argument) of the calls in the rules (see `Rules`).
+        self.calls: Mapping[str, tuple[str, Any]] = {}
+
+    def __missing__(self, name: str) -> Any:
+        value = self._compute(name)
+        self[name] = value
+        return value
+
+    def _days_since(self, ts: int | None) -> float:
+        return NEVER if ts is None else max(self._now - ts, 0) / _DAY_MS
+
+    def _rfm(self, name: str) -> int:
+        cuts = self._cuts
+        if not self._p.get("orders") or not cuts.recency:
+            return 0
+        if name == "recency":  # fewer days since the order scores higher
+            shift = max(self._now - cuts.at_ms, 0) / _DAY_MS
+            return 6 - _quintile(self["days_since_order"] - shift, cuts.recency)
+        if name == "frequency":
+            return _quintile(float(self._p.get("orders", 0)), cuts.frequency)
+        return _quintile(float(self._p.get("spend", 0.0)), cuts.monetary)
+
+    def _compute(self, name: str) -> Any:
+        p = self._p
+        call = self.calls.get(name)
+        if call is not None:
+            function, argument = call
+            return self._functions[function](self, argument)
+        if name in _COUNTED:
+            return p["counts"].get(_COUNTED[name], 0)
+        if name == "events":
+            return sum(p["counts"].values())
+        if name == "orders":
+            return p["orders"]
+        if name == "spend":
+            return p["spend"]
+        if name == "aov":
+            return p["spend"] / p["orders"] if p["orders"] else 0.0
+        if name == "cart_value":
+            return sum((line["price"] or 0.0) * line["quantity"] for line in p["cart"].values())
+        if name == "cart_items":
+            return sum(line["quantity"] for line in p["cart"].values())
+        if name == "sessions":
+            return p["sessions_closed"] + len(p["session_list"])
+        if name == "engagement":
+            return p["engagement"]
+        if name == "days_since_seen":
+            return self._days_since(p["last_seen"])
+        if name == "days_since_order":
+            return self._days_since(p.get("last_order"))
+        if name == "days_since_first_seen":
+            return self._days_since(p["first_seen"])
+        if name in ("recency", "frequency", "monetary"):
+            return self._rfm(name)
+        raise KeyError(name)
+
+    def _affinity(self, category: str) -> float:
+        entry = self._p["affinity"].get(category.strip("/"))
+        if entry is None:
+            return 0.0
+        score, ref = entry
+        half_life_ms = self._cfg.affinity_half_life_s * 1000
+        return float(score * math.pow(0.5, max(self._now - ref, 0) / half_life_ms))
+
+    def _consent(self, purpose: str) -> bool:
+        record = self._p.get("consent", {}).get(purpose)
+        return self._cfg.consent == "opt-out" if record is None else bool(record[0])
+
+    def _count(self, event_type: str) -> int:
+        return int(self._p["counts"].get(event_type, 0))
+
+    def _events_in(self, days: int) -> int:
+        since = (self._now - days * _DAY_MS) // _HOUR_MS
+        return sum(n for hour, n in self._p["hours"].items() if int(hour) >= since)
+
+    def _sessions_in(self, days: int) -> int:
+        since = self._now - days * _DAY_MS
+        return sum(1 for start, _end, _n in self._p["session_list"] if start >= since)
+
+    _functions: Final[dict[str, Callable[[Facts, Any], Any]]] = {
+        "affinity": _affinity,
+        "consent": _consent,
+        "count": _count,
+        "events_in": _events_in,
+        "sessions_in": _sessions_in,
+    }
+
+
+#: What a compiled rule sees besides the visitor's facts: nothing of Python's built-ins.
+_GLOBALS: Final[dict[str, Any]] = {"__builtins__": {}}
+
+
+class _Calls(ast.NodeTransformer):
+    """Replaces each function call by a name of its own, so it is computed once per visitor."""
+
+    def __init__(self) -> None:
+        self.names: dict[tuple[str, Any], str] = {}
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        assert isinstance(node.func, ast.Name) and isinstance(node.args[0], ast.Constant)
+        call = (node.func.id, node.args[0].value)
+        name = self.names.setdefault(call, f"_call{len(self.names)}")
+        return ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node)
+
+
+class Rules:
+    """Rules compiled together: `members` evaluates them all for one visitor."""
+
+    def __init__(self, rules: Mapping[str, str]) -> None:
+        self.ids = tuple(sorted(rules))
+        calls = _Calls()
+        bodies = [calls.visit(ast.parse(check_rule(rules[i]), mode="eval")).body for i in self.ids]
+        self._calls = {name: call for call, name in calls.names.items()}
+
+        def compiled(node: ast.expr, name: str) -> Any:
+            tree = ast.fix_missing_locations(ast.Expression(body=node))
+            return compile(tree, name, "eval")
+
+        self._code = compiled(ast.Tuple(elts=bodies, ctx=ast.Load()), "<segments>")
+        #: Each rule alone, for a visitor one rule fails on.
+        self._each = {
+            i: compiled(body, f"<segment {i}>") for i, body in zip(self.ids, bodies, strict=True)
+        }
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def members(self, facts: Facts) -> tuple[str, ...]:
+        """The ids of the segments whose rule holds for ``facts``' visitor (sorted).
+
+        A rule that fails for this visitor (a division by zero) holds for no one.
+        """
+        if not self.ids:
+            return ()
+        facts.calls = self._calls
+        try:
+            held = eval(self._code, _GLOBALS, facts)  # checked by `check_rule`
+        except (ArithmeticError, TypeError, ValueError):
+            return tuple(i for i in self.ids if self._holds(i, facts))
+        return tuple(i for i, h in zip(self.ids, held, strict=True) if h)
+
+    def _holds(self, segment: str, facts: Facts) -> bool:
+        try:
+            return bool(eval(self._each[segment], _GLOBALS, facts))  # checked by `check_rule`
+        except (ArithmeticError, TypeError, ValueError):
+            return False
+
+
+def member_key(segment: str, visitor: str) -> bytes:
+    """The row that says ``visitor`` is in ``segment``."""
+    return MEMBER_PREFIX + segment.encode() + b"\x00" + visitor.encode()
+
+
+def size_key(segment: str) -> bytes:
+    """The partition's count of ``segment``'s members."""
+    return SIZE_PREFIX + segment.encode()
+
+
+def sizes(partition_dbs: Iterable[Any], segments: Iterable[str]) -> dict[str, int]:
+    """Each of ``segments``' members, over the partitions' databases."""
+    ids = list(segments)
+    keys = [size_key(s) for s in ids]
+    out = dict.fromkeys(ids, 0)
+    for partition_db in partition_dbs:
+        for segment, raw in zip(ids, partition_db.get(keys), strict=True):
+            if raw is not None:
+                out[segment] += int(raw)
+    return out
+
+
+def members(
+    partition_dbs: Iterable[Any], segment: str, after: str = "", limit: int = 100
+) -> list[str]:
+    """Up to ``limit`` of ``segment``'s members after ``after``, in id order (all partitions)."""
+    prefix = MEMBER_PREFIX + segment.encode() + b"\x00"
+    found: list[str] = []
+    for partition_db in partition_dbs:
+        found.extend(_visitors(partition_db, prefix, after, limit))
+    return sorted(found)[:limit]
+
+
+def _visitors(partition_db: Any, prefix: bytes, after: str, limit: int) -> Iterator[str]:
+    it = partition_db.iter()
+    it.seek(prefix + after.encode())
+    n = 0
+    while it.valid() and n < limit:
+        key: bytes = it.key()
+        if not key.startswith(prefix):
+            break
+        visitor = key[len(prefix) :].decode()
+        if visitor != after:
+            yield visitor
+            n += 1
+        it.next()
