@@ -26,7 +26,9 @@ from personify.agents.exposures import recorder
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.model import note_interactions
-from personify.agents.push import hub
+from personify.agents.push import deliver, hub
+from personify.agents.segments import RESEGMENT
+from personify.agents.segments import registry as segment_registry
 from personify.agents.triggers import note_timers, queue_events
 from personify.engine.app import (
     app,
@@ -47,13 +49,15 @@ from personify.engine.metrics import (
     KPI_VARIANT,
     PUSH_STAGE,
     ROUTED_END_OFFSET,
+    SEGMENT_CHANGES,
+    SEGMENT_SIZE,
     SIGNAL_ROWS_CACHED,
 )
 from personify.engine.models import Event, event_key, format_ts, internal_event
 from personify.engine.publisher import SEQ_HEADER, Publisher
 from personify.engine.retry import until_done
 from personify.plugins.manager import plugins
-from personify.tables import attribution, history, profiles, signals, store
+from personify.tables import attribution, history, profiles, segments, signals, store
 from personify.tables.catalog import catalog
 from personify.tables.positions import POSITION_KEY, Position
 
@@ -78,6 +82,8 @@ _ATTRIBUTED = attribution.OUTCOMES | {
 }
 #: Per partition, the newest day whose KPI row it wrote (older rows expire as days start).
 _kpi_day: dict[int, str] = {}
+#: The segments defined on this worker (`personify.agents.segments`).
+_segments = segment_registry()
 #: Per partition, this agent's signal rows (held compactly), and which changed since the
 #: last flush.
 _numbers = signals.ItemNumbers()
@@ -126,6 +132,10 @@ class Folded:
     attributions: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: The KPI counts this round adds.
     tally: attribution.Tally = field(default_factory=attribution.Tally)
+    #: (visitor, segments before, segments after) of each visitor whose membership changed.
+    memberships: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
+    #: Member rows and segment sizes written with the profiles.
+    segment_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     signals: signals.SignalBatch = field(
         default_factory=lambda: signals.SignalBatch(
             _cfg.recommend, _cfg.profiles, catalog().category_of
@@ -175,6 +185,8 @@ def _fold_user(
         state = profiles.new_profile(key)
     else:
         state = profiles.decode(raw)
+    member_of: list[str] = state.get("segments", [])
+    reevaluate = False
     tally = attribution.Tally()
     attr = (
         attribution.Attribution(attr_raw, _cfg.attribution, tally, _cfg.events.default_currency)
@@ -186,6 +198,9 @@ def _fold_user(
     onward: list[Event] = []
     for e in evs:
         etype = e["type"]
+        if etype == RESEGMENT:  # a sweep found the membership out of date
+            reevaluate = True
+            continue
         if etype == profiles.ERASE:
             # Everything held goes; linked anonymous ids are erased too (on their partitions).
             for anon in state.get("anonymous_ids", []):
@@ -256,7 +271,17 @@ def _fold_user(
         applied=out.events,
         attribute=None if attr is None else _attributor(attr),
     )
-    if out.erased and out.erased[-1][0] == key and not n:
+    tombstone = bool(out.erased and out.erased[-1][0] == key and not n)
+    if (member_of or _segments.compiled.ids) and (tombstone or n or changed or reevaluate):
+        now = [] if tombstone else _segments.members(state, _cfg.profiles, int(time.time() * 1000))
+        if now != member_of:
+            out.memberships.append((key, member_of, now))
+            if now:
+                state["segments"] = now
+            else:
+                state.pop("segments", None)
+            changed = True
+    if tombstone:
         out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
     elif n or changed:
         out.writes.append((key.encode(), profiles.encode(state)))
@@ -332,6 +357,8 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
         ]
     if out.tally:
         out.attributions.extend(_kpi_rows(table_store, partition, out.tally))
+    if out.memberships:
+        out.segment_rows = _segment_rows(table_store, partition, out.memberships)
     if out.signals.updates:
         live = _live[partition]
         missing = live.missing(out.signals.updates)
@@ -339,6 +366,29 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
             live.load(row_key, row_raw)
         live.apply(out.signals)
     return out
+
+
+def _segment_rows(
+    table_store: store.TableStore,
+    partition: int,
+    changes: list[tuple[str, list[str], list[str]]],
+) -> list[tuple[bytes, bytes | None]]:
+    """Member rows added and deleted for ``changes``, and the segments' new sizes."""
+    rows: list[tuple[bytes, bytes | None]] = []
+    delta: defaultdict[str, int] = defaultdict(int)
+    for visitor, before, after in changes:
+        for segment in set(after).difference(before):
+            rows.append((segments.member_key(segment, visitor), b""))
+            delta[segment] += 1
+        for segment in set(before).difference(after):
+            rows.append((segments.member_key(segment, visitor), None))
+            delta[segment] -= 1
+    names = sorted(delta)
+    keys = [segments.size_key(name) for name in names]
+    for name, key, raw in zip(names, keys, table_store.get_many(partition, keys), strict=True):
+        size = max((0 if raw is None else int(raw)) + delta[name], 0)
+        rows.append((key, str(size).encode() if size else None))
+    return rows
 
 
 def _kpi_rows(
@@ -576,6 +626,7 @@ async def profile_agent(stream: Any) -> None:
                             *f.writes,
                             *f.history,
                             *f.attributions,
+                            *f.segment_rows,
                             (POSITION_KEY, positions[p].encode()),
                         ],
                     ),
@@ -590,6 +641,8 @@ async def profile_agent(stream: Any) -> None:
             PUSH_STAGE.labels("fold").observe(time.time() - taken)
         for f in folds.values():
             _count_kpis(f.tally)
+            if f.memberships:
+                _announce(f.memberships)
         for f in folds.values():
             for user, _request_id in f.erased:
                 hub().forget(user)
@@ -621,6 +674,39 @@ async def profile_agent(stream: Any) -> None:
             flushed = time.monotonic()
         for partition, end in note_lag("profile", (e.message for e in batch)).items():
             _note_end_offset(partition, end)
+
+
+_announcing: set[asyncio.Future[None]] = set()
+
+
+def _announce(changes: list[tuple[str, list[str], list[str]]]) -> None:
+    """Push each membership change (a ``segments`` message) and hand it to the action hooks.
+
+    In the background: the agent goes on with the next batch meanwhile.
+    """
+    actions: list[tuple[str, dict[str, Any]]] = []
+    for visitor, before, after in changes:
+        added = sorted(set(after).difference(before))
+        removed = sorted(set(before).difference(after))
+        for segment in added:
+            SEGMENT_SIZE.labels(segment).inc()
+            SEGMENT_CHANGES.labels(segment, "entered").inc()
+        for segment in removed:
+            SEGMENT_SIZE.labels(segment).dec()
+            SEGMENT_CHANGES.labels(segment, "left").inc()
+        action = {"type": "segments", "segments": after, "added": added, "removed": removed}
+        actions.append((visitor, action))
+
+    async def send() -> None:
+        for visitor, action in actions:
+            try:
+                await deliver(visitor, "segments", action)
+            except Exception:  # one visitor's hook failing never holds back the others
+                _log.exception("segment change not delivered", user_id=visitor)
+
+    task = asyncio.ensure_future(send())
+    _announcing.add(task)
+    task.add_done_callback(_announcing.discard)
 
 
 def _count_kpis(tally: attribution.Tally) -> None:

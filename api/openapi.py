@@ -128,6 +128,12 @@ _PROFILE = {
             "description": "Decayed with [profiles] affinity_half_life_s.",
         },
         "engagement_score": {"type": "number"},
+        "segments": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "The rule segments the visitor is in (GET /v1/segments).",
+        },
+        "last_order": {"type": ["string", "null"], "format": "date-time"},
         "consent": {
             "type": "object",
             "additionalProperties": {"type": "boolean"},
@@ -399,6 +405,34 @@ _EXPERIMENT = {
         "created": {"type": "string"},
         "promoted": {"type": ["string", "null"]},
         "running": {"type": "boolean"},
+    },
+}
+
+
+_SEGMENT = {
+    "type": "object",
+    "required": ["id", "rule", "description", "created", "updated"],
+    "properties": {
+        "id": {"type": "string"},
+        "rule": {"type": "string", "description": "The rule (the language: see the README)."},
+        "description": {"type": "string"},
+        "created": {"type": "string", "format": "date-time"},
+        "updated": {"type": "string", "format": "date-time"},
+        "size": {"type": "integer", "description": "Its members now."},
+    },
+}
+_SEGMENT_REQUEST = {
+    "type": "object",
+    "required": ["rule"],
+    "additionalProperties": False,
+    "properties": {
+        "rule": {
+            "type": "string",
+            "maxLength": 2000,
+            "description": 'An expression over the profile, e.g. "orders >= 2 and '
+            'days_since_order > 30" or \'affinity("outdoor") > 0.5 and orders == 0\'.',
+        },
+        "description": {"type": "string", "maxLength": 500},
     },
 }
 
@@ -977,6 +1011,134 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/segments": {
+            "get": {
+                "summary": "Every rule segment with its size, and the RFM cut points (admin)",
+                "responses": {
+                    "200": {
+                        "description": "{segments: [Segment], rfm: {recency, frequency, "
+                        "monetary, at_ms}}.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["segments", "rfm"],
+                                    "properties": {
+                                        "segments": {
+                                            "type": "array",
+                                            "items": {"$ref": "#/components/schemas/Segment"},
+                                        },
+                                        "rfm": {"type": "object"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                },
+            }
+        },
+        "/v1/segments/{segment_id}": {
+            "put": {
+                "summary": "Create or replace a rule segment (admin)",
+                "description": "Visitors enter and leave it on the events that change what "
+                "the rule says (a segments message on their WebSocket each time); those seen "
+                "before are evaluated in the background right after.",
+                "parameters": [_path("segment_id")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/SegmentRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json("Segment", "Replaced."),
+                    "201": _json("Segment", "Created."),
+                    "400": _err("Malformed JSON."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "413": _err("Body too large."),
+                    "415": _err("Not JSON."),
+                    "422": _err("A bad field (named in field): a rule outside the language."),
+                },
+            },
+            "get": {
+                "summary": "One rule segment, with its size (admin)",
+                "parameters": [_path("segment_id")],
+                "responses": {
+                    "200": _json("Segment", "The segment."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such segment."),
+                },
+            },
+            "delete": {
+                "summary": "Forget a rule segment (admin); its members leave it",
+                "parameters": [_path("segment_id")],
+                "responses": {
+                    "200": {
+                        "description": "{id, deleted: true}.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {
+                                        "id": {"type": "string"},
+                                        "deleted": {"type": "boolean"},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such segment."),
+                },
+            },
+        },
+        "/v1/segments/{segment_id}/members": {
+            "get": {
+                "summary": "A page of a segment's members, by id (admin)",
+                "parameters": [
+                    _path("segment_id"),
+                    _query(
+                        "after",
+                        {"type": "string"},
+                        "Members after this id (the next of the page before).",
+                    ),
+                    _query(
+                        "limit",
+                        {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "Members per page (default 100).",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "{segment, members: [id], next: id or null}.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "required": ["segment", "members", "next"],
+                                    "properties": {
+                                        "segment": {"type": "string"},
+                                        "members": {"type": "array", "items": {"type": "string"}},
+                                        "next": {"type": ["string", "null"]},
+                                    },
+                                }
+                            }
+                        },
+                    },
+                    "400": _err("A bad limit."),
+                    "401": _err("No valid API key."),
+                    "403": _err("The key lacks the admin scope."),
+                    "404": _err("No such segment."),
+                },
+            }
+        },
         "/v1/quality": {
             "get": {
                 "summary": "The learned model's state and the engine's measured quality (admin)",
@@ -1041,6 +1203,8 @@ OPENAPI: dict[str, Any] = {
             "Kpis": _KPIS,
             "Experiment": _EXPERIMENT,
             "ExperimentRequest": _EXPERIMENT_REQUEST,
+            "Segment": _SEGMENT,
+            "SegmentRequest": _SEGMENT_REQUEST,
             "ItemsAccepted": {
                 "type": "object",
                 "required": ["accepted", "rejected", "item_ids"],

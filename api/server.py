@@ -15,6 +15,7 @@ from personify.api.experiments import experiment_routes
 from personify.api.items import item_routes
 from personify.api.routes import HTTP_CLIENT, routes
 from personify.api.schemas import json_error
+from personify.api.segments import segment_routes
 from personify.api.ws import close_sockets, ws_routes
 from personify.engine.app import app as faust_app
 from personify.engine.app import current_config
@@ -57,6 +58,7 @@ def build_app() -> web.Application:
     web_app.add_routes(ws_routes)
     web_app.add_routes(auth_routes)
     web_app.add_routes(experiment_routes)
+    web_app.add_routes(segment_routes)
     web_app.cleanup_ctx.append(_http_client)
     web_app.on_shutdown.append(close_sockets)
     return web_app

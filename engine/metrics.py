@@ -36,6 +36,8 @@ __all__ = [
     "ROCKSDB_MEMORY",
     "ROUTED_COMPACTIONS",
     "ROUTED_END_OFFSET",
+    "SEGMENT_CHANGES",
+    "SEGMENT_SIZE",
     "SIGNAL_ROWS_CACHED",
     "TRIGGER_ACTIONS",
     "WEBHOOK_CALLS",
@@ -77,6 +79,18 @@ KPI_VARIANT = Counter(
     "What lists earn, per variant (see GET /v1/kpis): exposures, visitors, impressions, "
     "clicks, add_to_carts, orders, converters, revenue, order_revenue",
     ["variant", "kpi"],
+    registry=REGISTRY,
+)
+SEGMENT_SIZE = Gauge(
+    "personify_segment_size",
+    "Visitors in each rule segment (this worker's partitions; exact after each sweep)",
+    ["segment"],
+    registry=REGISTRY,
+)
+SEGMENT_CHANGES = Counter(
+    "personify_segment_changes",
+    "Visitors who entered or left each rule segment",
+    ["segment", "change"],
     registry=REGISTRY,
 )
 KPI_SOURCE = Counter(
