@@ -1280,9 +1280,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="run this many experiments (PUT /v1/experiments) on every engine, sharing the "
         "visitors, each variant B with other blend weights",
     )
+    p.add_argument(
+        "--segments",
+        type=int,
+        default=0,
+        help="define this many rule segments (PUT /v1/segments) on every engine: a mix of "
+        "counts, spend, recency, affinity, cart, consent and RFM rules",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return p.parse_args(argv)
+
+
+#: Rule segments --segments cycles through (each with its own threshold).
+_SEGMENT_RULES = (
+    "views >= {n}",
+    "orders >= 1 and spend > {n}0",
+    "days_since_order > {n} and orders > 0",
+    'affinity("outdoor") > 0.{n} and orders == 0',
+    "cart_value > {n}0 and days_since_seen < 1",
+    'events_in(7) >= {n} and consent("marketing")',
+    "monetary >= 4 and recency <= 2 or frequency == 5 and {n} > 0",
+    "searches >= {n} or cart_items >= {n}",
+)
 
 
 @dataclass
@@ -1414,6 +1434,14 @@ class PersonifyBench:
                 assert resp.status == 201, await resp.text()
         if self.args.experiments:
             print(f"  {self.args.experiments} experiments running", flush=True)
+        for n in range(self.args.segments):
+            rule = _SEGMENT_RULES[n % len(_SEGMENT_RULES)].format(n=n // len(_SEGMENT_RULES) + 1)
+            async with self.session.put(
+                f"{eng.url}/v1/segments/bench-{n}", json={"rule": rule}
+            ) as resp:
+                assert resp.status == 201, await resp.text()
+        if self.args.segments:
+            print(f"  {self.args.segments} rule segments defined", flush=True)
         return eng
 
     async def stop_engine(self) -> None:

@@ -71,7 +71,7 @@ def holds(rule: str, p: dict[str, Any] | None = None) -> bool:
         "cart_value == 30 and cart_items == 2",
         'affinity("outdoor") > 0 and affinity("outdoor/hiking") > 0',
         'count("product_view") == 2 and views == 2',
-        "events_in(7) == 1 and events_in(45) == 5",
+        "events_in(2) == 1 and events_in(7) == 1",
         'consent("marketing")',
         "aov == 60",
         "0 < spend / orders < 100 or orders == 0",
