@@ -132,8 +132,9 @@ class Folded:
     attributions: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: The KPI counts this round adds.
     tally: attribution.Tally = field(default_factory=attribution.Tally)
-    #: (visitor, segments before, segments after) of each visitor whose membership changed.
-    memberships: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
+    #: (visitor, segments before, segments after, marketing consent) of each visitor whose
+    #: membership changed.
+    memberships: list[tuple[str, list[str], list[str], bool]] = field(default_factory=list)
     #: Member rows and segment sizes written with the profiles.
     segment_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     signals: signals.SignalBatch = field(
@@ -275,7 +276,8 @@ def _fold_user(
     if (member_of or _segments.compiled.ids) and (tombstone or n or changed or reevaluate):
         now = [] if tombstone else _segments.members(state, _cfg.profiles, int(time.time() * 1000))
         if now != member_of:
-            out.memberships.append((key, member_of, now))
+            marketing = profiles.consents(state, "marketing", _cfg.profiles)
+            out.memberships.append((key, member_of, now, marketing))
             if now:
                 state["segments"] = now
             else:
@@ -371,12 +373,12 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
 def _segment_rows(
     table_store: store.TableStore,
     partition: int,
-    changes: list[tuple[str, list[str], list[str]]],
+    changes: list[tuple[str, list[str], list[str], bool]],
 ) -> list[tuple[bytes, bytes | None]]:
     """Member rows added and deleted for ``changes``, and the segments' new sizes."""
     rows: list[tuple[bytes, bytes | None]] = []
     delta: defaultdict[str, int] = defaultdict(int)
-    for visitor, before, after in changes:
+    for visitor, before, after, _marketing in changes:
         for segment in set(after).difference(before):
             rows.append((segments.member_key(segment, visitor), b""))
             delta[segment] += 1
@@ -679,13 +681,14 @@ async def profile_agent(stream: Any) -> None:
 _announcing: set[asyncio.Future[None]] = set()
 
 
-def _announce(changes: list[tuple[str, list[str], list[str]]]) -> None:
-    """Push each membership change (a ``segments`` message) and hand it to the action hooks.
+def _announce(changes: list[tuple[str, list[str], list[str], bool]]) -> None:
+    """Push each membership change (a ``segments`` message) to the visitor's sockets.
 
-    In the background: the agent goes on with the next batch meanwhile.
+    The action hooks (and so the webhook) hear of it only for a visitor who consents to
+    marketing. In the background: the agent goes on with the next batch meanwhile.
     """
-    actions: list[tuple[str, dict[str, Any]]] = []
-    for visitor, before, after in changes:
+    actions: list[tuple[str, dict[str, Any], bool]] = []
+    for visitor, before, after, marketing in changes:
         added = sorted(set(after).difference(before))
         removed = sorted(set(before).difference(after))
         for segment in added:
@@ -695,12 +698,12 @@ def _announce(changes: list[tuple[str, list[str], list[str]]]) -> None:
             SEGMENT_SIZE.labels(segment).dec()
             SEGMENT_CHANGES.labels(segment, "left").inc()
         action = {"type": "segments", "segments": after, "added": added, "removed": removed}
-        actions.append((visitor, action))
+        actions.append((visitor, action, marketing))
 
     async def send() -> None:
-        for visitor, action in actions:
+        for visitor, action, marketing in actions:
             try:
-                await deliver(visitor, "segments", action)
+                await deliver(visitor, "segments", action, hooks=marketing)
             except Exception:  # one visitor's hook failing never holds back the others
                 _log.exception("segment change not delivered", user_id=visitor)
 

@@ -265,11 +265,12 @@ def recommendations_message(rec_id: str, items: bytes, variant: str = "default")
     )
 
 
-async def deliver(user_id: str, plugin: str, action: Any) -> bool:
+async def deliver(user_id: str, plugin: str, action: Any, *, hooks: bool = True) -> bool:
     """Send a trigger's action to the visitor's sockets and to the outbound-action hooks.
 
     An action is a dict with a string ``type`` (e.g. ``offer``); anything else is logged and
-    dropped. Returns whether it was sent.
+    dropped. Without ``hooks`` it only goes to the visitor's sockets. Returns whether it was
+    sent.
     """
     if not isinstance(action, dict) or not isinstance(action.get("type"), str):
         _log.warning(
@@ -285,7 +286,8 @@ async def deliver(user_id: str, plugin: str, action: Any) -> bool:
         _log.warning("plugin action is not JSON; dropped", plugin=plugin, error=str(exc))
         return False
     hub().send(user_id, kind, body)
-    await plugins().call("personify_action", user_id=user_id, action=action)
+    if hooks:
+        await plugins().call("personify_action", user_id=user_id, action=action)
     return True
 
 

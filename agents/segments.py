@@ -45,6 +45,7 @@ from personify.tables import segments as rules
 from personify.tables.signals import PREFIX
 
 __all__ = [
+    "HIGH_VALUE",
     "RESEGMENT",
     "Registry",
     "Segment",
@@ -58,6 +59,8 @@ __all__ = [
 _log = get_logger(__name__)
 
 _ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+#: The segment ``[triggers] high_value_spend`` sets up.
+HIGH_VALUE: Final = "high_value"
 #: An internal event: evaluate the visitor's segments again (a sweep found them out of date).
 RESEGMENT: Final = "$segments"
 _RFM_FIELDS: Final = frozenset({"recency", "frequency", "monetary"})
@@ -234,7 +237,16 @@ def differing(
 def registry() -> Registry:
     """This worker's segments."""
     cfg = current_config()
-    return Registry(cfg.data_path / "segments.json", cfg.segments.max_segments)
+    found = Registry(cfg.data_path / "segments.json", cfg.segments.max_segments)
+    threshold = cfg.triggers.high_value_spend
+    if threshold > 0:  # the built-in segment is an ordinary one, kept to the configured spend
+        rule = f"spend >= {threshold!r}"
+        held = found.get(HIGH_VALUE)
+        if held is None or held.rule != rule:
+            reached = "lifetime spend reached [triggers] high_value_spend"
+            doc = {"rule": rule, "description": reached}
+            found.put(HIGH_VALUE, doc, int(time.time() * 1000))
+    return found
 
 
 #: Profiles read per turn of the event loop in a sweep.

@@ -404,8 +404,8 @@ class TriggersConfig:
     #: cart_abandonment: an offer when an item added to the cart is not bought within this
     #: (0: off).
     cart_abandonment_s: float = 0.0
-    #: high_value: a visitor whose lifetime spend reaches this enters the high_value segment
-    #: (0: off).
+    #: high_value: the rule segment "high_value" (``spend >= high_value_spend``) is set up
+    #: (0: none).
     high_value_spend: float = 0.0
     #: browse_without_buy: a nudge after this many products viewed in a session, none added
     #: (0: off).

@@ -9,8 +9,6 @@ when it has a URL. ``[plugins] deny = ["name"]`` leaves any of them out.
   fires, an item added since moves it to ``cart_abandonment_s`` after that addition, and if
   the cart still holds items (a purchase empties the cart of what was bought) the visitor gets
   an offer naming them.
-- ``high_value``: a purchase that brings lifetime spend to ``high_value_spend`` or past it puts
-  the visitor in the ``high_value`` segment (a ``segments`` message).
 - ``browse_without_buy`` (it looks at every product view, which costs ingestion time): the
   ``browse_views``-th product viewed in one session with nothing added to the cart in it
   brings an offer of help (once per session).
@@ -43,7 +41,6 @@ __all__ = [
     "BrowseWithoutBuy",
     "CartAbandonment",
     "FrequencyCap",
-    "HighValue",
     "Webhook",
     "builtin_plugins",
 ]
@@ -100,34 +97,6 @@ class CartAbandonment:
                     "items": [line["item_id"] for line in lines],
                     "cart_total": profile["cart"]["total"],
                 },
-            }
-        ]
-
-
-class HighValue:
-    """The ``high_value`` segment for visitors whose lifetime spend reaches ``threshold``."""
-
-    SEGMENT = "high_value"
-    event_types = frozenset({"purchase"})
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-
-    @hookimpl
-    def personify_on_event(self, event: dict[str, Any], profile: dict[str, Any]) -> list[Action]:
-        """A ``segments`` message on the purchase that crosses the threshold."""
-        if event["type"] != "purchase":
-            return []
-        spend = float(profile["lifetime_spend"])
-        before = spend - float(event["properties"]["revenue"])
-        if not before < self.threshold <= spend:
-            return []
-        return [
-            {
-                "type": "segments",
-                "segments": [self.SEGMENT],
-                "added": [self.SEGMENT],
-                "lifetime_spend": spend,
             }
         ]
 
@@ -278,8 +247,6 @@ def builtin_plugins(cfg: TriggersConfig) -> list[tuple[str, object]]:
     out: list[tuple[str, object]] = []
     if cfg.cart_abandonment_s > 0:
         out.append(("cart_abandonment", CartAbandonment(cfg.cart_abandonment_s)))
-    if cfg.high_value_spend > 0:
-        out.append(("high_value", HighValue(cfg.high_value_spend)))
     if cfg.browse_views > 0:
         out.append(("browse_without_buy", BrowseWithoutBuy(cfg.browse_views)))
     out.append(

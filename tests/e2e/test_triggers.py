@@ -174,8 +174,12 @@ def test_crossing_the_spend_threshold_pushes_the_high_value_segment(shop: Any, u
             return await shop.next_message(ws, "segments")
 
     segments = asyncio.run(run())
-    assert segments["added"] == ["high_value"] and segments["lifetime_spend"] == 120.0
+    assert segments["added"] == ["high_value"] and segments["segments"] == ["high_value"]
     assert segments["user_id"] == uid
+    # An ordinary rule segment, set up by [triggers] high_value_spend.
+    status, body = shop.request("GET", "/v1/segments/high_value")
+    assert status == 200 and body["rule"] == "spend >= 100.0", body
+    assert uid in shop.request("GET", "/v1/segments/high_value/members?limit=1000")[1]["members"]
 
 
 def test_browsing_without_buying_gets_one_nudge(shop: Any, uid: str) -> None:

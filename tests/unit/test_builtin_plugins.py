@@ -15,7 +15,6 @@ from personify.plugins.builtin import (
     BrowseWithoutBuy,
     CartAbandonment,
     FrequencyCap,
-    HighValue,
     Webhook,
     builtin_plugins,
 )
@@ -72,26 +71,6 @@ def test_cart_abandonment_schedules_on_add_and_offers_only_for_a_cart_still_full
 
     bought = profile_after([added, purchase(["boots"], 20.0, T0 + 2000)])
     assert plugin.personify_on_timer("cart_abandonment", "u", bought, T0 + 900_000) == []
-
-
-def test_high_value_fires_once_on_the_purchase_that_crosses_the_threshold() -> None:
-    plugin = HighValue(threshold=100.0)
-    first, second, third = (
-        purchase(["a"], 60.0, T0),
-        purchase(["b"], 60.0, T0 + 1),
-        purchase(["c"], 60.0, T0 + 2),
-    )
-    assert plugin.personify_on_event(first, profile_after([first])) == []
-    crossed = plugin.personify_on_event(second, profile_after([first, second]))
-    assert crossed == [
-        {
-            "type": "segments",
-            "segments": ["high_value"],
-            "added": ["high_value"],
-            "lifetime_spend": 120.0,
-        }
-    ]
-    assert plugin.personify_on_event(third, profile_after([first, second, third])) == []
 
 
 def test_browse_without_buy_nudges_once_per_session_and_never_after_an_add() -> None:
@@ -214,7 +193,6 @@ def test_builtins_follow_the_config() -> None:
     )
     assert [name for name, _plugin in builtin_plugins(on)] == [
         "cart_abandonment",
-        "high_value",
         "browse_without_buy",
         "frequency_cap",
         "webhook",
