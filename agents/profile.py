@@ -45,6 +45,7 @@ from personify.engine.metrics import (
     EVENTS_APPLIED,
     EVENTS_DUPLICATE,
     EVENTS_VETOED,
+    KPI_SEGMENT,
     KPI_SOURCE,
     KPI_VARIANT,
     PUSH_STAGE,
@@ -153,6 +154,7 @@ def _attributor(attr: attribution.Attribution) -> Any:
         elif e["type"] == profiles.MERGE:
             attr.merged(e["properties"].get("attribution") or {})
         else:
+            attr.segments = p.get("segments", [])
             attr.observe(e)
 
     return attribute
@@ -160,6 +162,8 @@ def _attributor(attr: attribution.Attribution) -> Any:
 
 #: What an exposure's fold reads of a stored profile.
 _EXPOSURE_READS = re.compile(rb'"(?:consent|alias_of)"')
+#: The visitor's segments in a stored profile (ids never hold quotes or brackets).
+_SEGMENTS_RAW = re.compile(rb'"segments":(\[[^\]]*\])')
 
 
 def _only_exposures(evs: list[Event]) -> bool:
@@ -182,8 +186,12 @@ def _fold_user(
     if raw is None or (attributed and _only_exposures(evs) and not _EXPOSURE_READS.search(raw)):
         # Exposures read nothing of the profile but the consent and the link to a user, and
         # neither is recorded here: it folds like a new profile (decoding a large profile costs
-        # more than the rest of an exposure's fold). Nothing of the profile is written.
+        # more than the rest of an exposure's fold). Nothing of the profile is written. Its
+        # segments count its KPIs: they are read alone.
         state = profiles.new_profile(key)
+        held = None if raw is None else _SEGMENTS_RAW.search(raw)
+        if held is not None:
+            state["segments"] = orjson.loads(held.group(1))
     else:
         state = profiles.decode(raw)
     member_of: list[str] = state.get("segments", [])
@@ -712,9 +720,12 @@ def _announce(changes: list[tuple[str, list[str], list[str], bool]]) -> None:
     task.add_done_callback(_announcing.discard)
 
 
+_KPI_METRICS = {"variant": KPI_VARIANT, "source": KPI_SOURCE, "segment": KPI_SEGMENT}
+
+
 def _count_kpis(tally: attribution.Tally) -> None:
     for by, name, kpi, amount in tally.totals():
-        (KPI_VARIANT if by == "variant" else KPI_SOURCE).labels(name, kpi).inc(amount)
+        _KPI_METRICS[by].labels(name, kpi).inc(amount)
 
 
 #: Per partition held, its applied position as stored (read at the partition's first message).

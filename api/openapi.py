@@ -854,8 +854,9 @@ OPENAPI: dict[str, Any] = {
                     ),
                     _query(
                         "by",
-                        {"type": "string", "enum": ["variant", "source", "day"]},
-                        "Group per variant (default), per candidate source or per day.",
+                        {"type": "string", "enum": ["variant", "source", "segment", "day"]},
+                        "Group per variant (default), per candidate source, per rule segment "
+                        "the visitor was in, or per day.",
                     ),
                 ],
                 "responses": {

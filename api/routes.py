@@ -403,8 +403,8 @@ async def get_kpis(request: web.Request) -> web.Response:
     by = request.query.get("by", "variant")
     try:
         first, last = _day_param(request, "from"), _day_param(request, "to")
-        if by not in ("variant", "source", "day"):
-            raise ValidationError("by", f"expected variant, source or day, got {by!r}")
+        if by not in ("variant", "source", "segment", "day"):
+            raise ValidationError("by", f"expected variant, source, segment or day, got {by!r}")
         today = datetime.now(UTC).date()
         last = last or (max(today, first) if first is not None else today)
         if first is None:

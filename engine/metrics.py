@@ -17,6 +17,7 @@ __all__ = [
     "ITEMS_EMBEDDED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
+    "KPI_SEGMENT",
     "KPI_SOURCE",
     "KPI_VARIANT",
     "LISTS_CACHED",
@@ -79,6 +80,13 @@ KPI_VARIANT = Counter(
     "What lists earn, per variant (see GET /v1/kpis): exposures, visitors, impressions, "
     "clicks, add_to_carts, orders, converters, revenue, order_revenue",
     ["variant", "kpi"],
+    registry=REGISTRY,
+)
+KPI_SEGMENT = Counter(
+    "personify_kpi_segment",
+    "What lists earn, per rule segment the visitor was in: exposures, visitors, impressions, "
+    "clicks, add_to_carts, orders, converters, revenue, order_revenue",
+    ["segment", "kpi"],
     registry=REGISTRY,
 )
 SEGMENT_SIZE = Gauge(

@@ -73,6 +73,8 @@ _EXPERIMENTS_KEPT: Final = 20
 _WAITING_KEPT: Final = 20
 #: How far an outcome's time may precede the exposure it is joined to (device clocks drift).
 _SKEW_MS: Final = 300_000
+#: In a visitor's days served and converted: the last day they counted for any variant.
+_ANY_VARIANT: Final = "*"
 _DAY_MS: Final = 86_400_000
 
 #: Counted per variant: lists served, distinct visitors served (per day), outcomes joined,
@@ -104,7 +106,7 @@ EXPERIMENT_COUNTS: Final = (
     "revenue_squares",
 )
 
-By = Literal["variant", "source"]
+By = Literal["variant", "source", "segment"]
 Counts = dict[str, float]
 
 
@@ -171,7 +173,7 @@ class Tally:
         return orjson.dumps(row)
 
     def add(self, day: str, by: By, name: str, count: str, amount: float = 1.0) -> None:
-        """Add ``amount`` to ``count`` of ``name`` (a variant or a source) on ``day``."""
+        """Add ``amount`` to ``count`` of ``name`` (a variant, a source or a segment) on ``day``."""
         counts = self.days.setdefault(day, {}).setdefault(by, {}).setdefault(name, {})
         counts[count] = counts.get(count, 0.0) + amount
 
@@ -245,6 +247,8 @@ class Attribution:
         #: Outcomes whose list is not recorded yet (see `_WAITING_KEPT`), oldest first.
         self.waiting: list[Event] = doc.get("w", [])
         self.changed = False
+        #: The rule segments the visitor is in as the event is folded (their KPIs count there).
+        self.segments: list[str] = []
         self._cfg = cfg
         self._tally = tally
         self._currency = currency
@@ -383,13 +387,36 @@ class Attribution:
         joined = self._experiment(variant, variant.partition("/")[2])
         if joined is not None:
             tally.add_experiment(joined[0], joined[1][0], "exposures")
-        tally.add(day, "variant", variant, "exposures")
-        if self.served_on.get(variant) != day:
-            self.served_on = {v: d for v, d in self.served_on.items() if d >= day}
-            self.served_on[variant] = day
+        self._count(day, variant, "exposures")
+        first_for_variant, first_today = self._once_a_day(self.served_on, variant, day)
+        if first_for_variant:
             tally.add(day, "variant", variant, "visitors")
+        if first_today:
+            for segment in self.segments:
+                tally.add(day, "segment", segment, "visitors")
         for source in sources:
             tally.add(day, "source", source, "shown")
+
+    def _count(self, day: str, variant: str, count: str, amount: float = 1.0) -> None:
+        """Add to ``count`` of ``variant`` and of each of the visitor's segments."""
+        self._tally.add(day, "variant", variant, count, amount)
+        for segment in self.segments:
+            self._tally.add(day, "segment", segment, count, amount)
+
+    def _once_a_day(self, seen: dict[str, str], variant: str, day: str) -> tuple[bool, bool]:
+        """Whether the visitor counts on ``day`` for ``variant``, and for their segments.
+
+        For segments they count once a day whatever the variant. ``seen`` (variant -> the last
+        day counted) is updated.
+        """
+        first_for_variant = seen.get(variant) != day
+        first_today = seen.get(_ANY_VARIANT) != day
+        if first_for_variant or first_today:
+            kept = {v: d for v, d in seen.items() if d >= day}
+            kept[variant] = kept[_ANY_VARIANT] = day
+            seen.clear()
+            seen.update(kept)
+        return first_for_variant, first_today
 
     def _find(self, rec_id: str | None, item: str | None, ts: int) -> list[Any] | None:
         """The exposure an outcome joins: by recommendation id, else the newest with the item."""
@@ -417,7 +444,7 @@ class Attribution:
         _ts, _rec_id, variant, items, sources = entry
         day = day_of(e["ts_ms"])
         count = {"impression": "impressions", "click": "clicks"}.get(etype, "add_to_carts")
-        self._tally.add(day, "variant", variant, count)
+        self._count(day, variant, count)
         if etype == "impression":
             return
         position = props.get("position")
@@ -449,16 +476,24 @@ class Attribution:
             by_variant[variant] = by_variant.get(variant, 0.0) + amount
             by_source[source] = by_source.get(source, 0.0) + amount
         tally = self._tally
+        if by_variant:  # the visitor's segments count the order once, whatever its lists
+            for segment in self.segments:
+                tally.add(day, "segment", segment, "orders")
+                tally.add(day, "segment", segment, "revenue", sum(by_variant.values()))
+                if counted:
+                    tally.add(day, "segment", segment, "order_revenue", float(props["revenue"]))
         for variant, amount in by_variant.items():
             tally.add(day, "variant", variant, "orders")
             tally.add(day, "variant", variant, "revenue", amount)
             if counted:
                 tally.add(day, "variant", variant, "order_revenue", float(props["revenue"]))
-            if self.converted_on.get(variant) != day:
-                self.converted_on = {v: d for v, d in self.converted_on.items() if d >= day}
-                self.converted_on[variant] = day
-                self.changed = True
+            first_for_variant, first_today = self._once_a_day(self.converted_on, variant, day)
+            self.changed = self.changed or first_for_variant or first_today
+            if first_for_variant:
                 tally.add(day, "variant", variant, "converters")
+            if first_today:
+                for segment in self.segments:
+                    tally.add(day, "segment", segment, "converters")
             joined = self._experiment(variant)
             if joined is not None:
                 experiment, state = joined
@@ -532,7 +567,7 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else round(value, 4)
 
 
-Grouping = Literal["variant", "source", "day"]
+Grouping = Literal["variant", "source", "segment", "day"]
 
 
 def report(rows: Iterable[tuple[str, bytes]], by: Grouping) -> dict[str, Any]:
@@ -546,7 +581,7 @@ def report(rows: Iterable[tuple[str, bytes]], by: Grouping) -> dict[str, Any]:
     totals: Counts = {}
     for day, raw in rows:
         row: dict[str, dict[str, Counts]] = orjson.loads(raw)
-        part = row.get("source" if by == "source" else "variant", {})
+        part = row.get(by if by in ("source", "segment") else "variant", {})
         for name, counts in part.items():
             key = day if by == "day" else name
             into = groups.setdefault(key, {})

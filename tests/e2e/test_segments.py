@@ -188,6 +188,30 @@ def test_an_erased_visitor_leaves_every_segment(live: Any, uid: str) -> None:
     assert size(live, f"{tag(uid)}-viewer") == 0
 
 
+def test_kpis_per_segment(live: Any, uid: str) -> None:
+    put_segment(live, f"{tag(uid)}-kpi", "views >= 1")
+    post(live, [{"type": "product_view", "user_id": uid, "item_id": "h-jacket"}])
+    live.wait_profile(uid, lambda p: f"{tag(uid)}-kpi" in p["segments"])
+    sent = live.metric("personify_exposures_sent_total")
+    status, listed = live.request("GET", f"/v1/users/{uid}/recommendations?k=3")
+    assert status == 200, listed
+    live.wait_for(
+        lambda: live.metric("personify_exposures_sent_total") > sent, what="the exposure sent"
+    )
+    item = listed["items"][0]["item_id"]
+    click = {"recommendation_id": listed["recommendation_id"], "position": 0}
+    post(live, [{"type": "click", "user_id": uid, "item_id": item, "properties": click}])
+
+    def row() -> dict[str, Any] | None:
+        status, body = live.request("GET", "/v1/kpis?by=segment")
+        assert status == 200, body
+        rows = {r["segment"]: r for r in body["rows"]}
+        return rows.get(f"{tag(uid)}-kpi")
+
+    found = live.wait_for(lambda: (r := row()) and r["clicks"] == 1 and r, what="the click")
+    assert found["exposures"] == 1 and found["visitors"] == 1 and found["ctr"] == 1.0
+
+
 def test_a_restart_keeps_segments_and_membership(
     live: Any, engine_factory: Callable[..., Any], uid: str
 ) -> None:

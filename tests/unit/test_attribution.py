@@ -235,3 +235,26 @@ def test_an_outcome_before_its_exposure_waits_for_it() -> None:
     assert counts(tally)["clicks"] == 1 and counts(tally)["orders"] == 1
     assert counts(tally, "source", "popular")["revenue"] == pytest.approx(5.0)
     assert again.waiting == []
+
+
+def test_kpis_count_for_the_segments_the_visitor_was_in() -> None:
+    attr, tally = visitor()
+    attr.segments = ["vip", "lapsed"]
+    attr.observe(exposure("r1", ["a", "b"], ["collab", "trending"], T0, variant="exp/A"))
+    attr.observe(exposure("r2", ["c"], ["trending"], T0 + MIN, variant="exp/B"))
+    attr.observe(event("click", T0 + 2 * MIN, "a", recommendation_id="r1"))
+    attr.observe(purchase(T0 + 3 * MIN, [("a", 10.0, 2), ("c", 5.0, 1)]))
+    attr.segments = []  # left the segments: later outcomes count for none
+    attr.observe(event("click", T0 + 4 * MIN, "c", recommendation_id="r2"))
+    vip = counts(tally, "segment", "vip")
+    assert vip == counts(tally, "segment", "lapsed")
+    assert vip["exposures"] == 2 and vip["visitors"] == 1  # once a day, whatever the variant
+    assert vip["clicks"] == 1 and vip["orders"] == 1  # one order, joined to two variants
+    assert vip["revenue"] == 25.0 and vip["converters"] == 1
+    assert counts(tally, "variant", "exp/A")["orders"] == 1
+    assert counts(tally, "variant", "exp/B")["orders"] == 1
+    rows = [(day_of(T0), tally.added_to(day_of(T0), None))]
+    by_segment = {row["segment"]: row for row in report(rows, "segment")["rows"]}
+    assert set(by_segment) == {"vip", "lapsed"}
+    assert by_segment["vip"]["ctr"] == pytest.approx(0.5)
+    assert counts(tally, "variant", "exp/B")["clicks"] == 1
