@@ -79,8 +79,9 @@ from personify.engine.metrics import (
 )
 from personify.engine.models import format_ts
 from personify.engine.retry import until_done
-from personify.tables import history, profiles, store
+from personify.tables import history, profiles, propensity, store
 from personify.tables.catalog import catalog
+from personify.tables.propensity import Propensity
 
 __all__ = [
     "Trainer",
@@ -119,6 +120,8 @@ class _Run:
 
     model: CollabModel | None
     repeat: history.RepeatStats | None
+    #: Purchase and churn scores learned on the same history (None: too short or small).
+    propensity: Propensity | None
     interactions: int
     rows: History | None
     expired: dict[int, list[bytes]]
@@ -130,12 +133,17 @@ def _train(scan: history.Scan, cfg: Config, started: float) -> _Run:
     m = cfg.model
     rows, expired = scan.result()
     if len(rows) < m.min_interactions:
-        return _Run(None, None, len(rows), None, expired, time.perf_counter() - started)
+        return _Run(None, None, None, len(rows), None, expired, time.perf_counter() - started)
     repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
     settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
     arrays = History.from_interactions(rows)
     model = train_model(arrays, settings, cfg.profiles.engagement_weights, threads=1)
-    return _Run(model, repeat, len(rows), arrays, expired, time.perf_counter() - started)
+    try:
+        scores = propensity.fit(rows.user, rows.kind, rows.ts_ms)
+    except Exception:  # the scores wait for the next training; the model is used meanwhile
+        _log.exception("propensity scores not learned")
+        scores = None
+    return _Run(model, repeat, scores, len(rows), arrays, expired, time.perf_counter() - started)
 
 
 def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
@@ -226,6 +234,8 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self.directory = cfg.data_path / "model"
         self.model: CollabModel | None = None
         self.repeat: history.RepeatStats | None = None
+        #: The purchase and churn scores in use (None: not learned yet).
+        self.propensity: Propensity | None = None
         #: Interactions added since the last run (and in all, as last counted).
         self.pending = 0
         self.interactions = 0
@@ -273,6 +283,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         except Exception:
             _log.exception("saved model unreadable; a new one is trained", path=str(self.directory))
             return
+        self.propensity = await asyncio.to_thread(_load_propensity, self.directory)
         if model is not None:
             self._use(model, await asyncio.to_thread(_load_repeat, self.directory))
             self.latest_ms = max(
@@ -495,6 +506,11 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         if run.model is None:
             return None
         await asyncio.to_thread(_save, run.model, run.repeat, self.latest_ms, self.directory)
+        if run.propensity is not None:
+            await asyncio.to_thread(
+                write_json, self.directory / _PROPENSITY_FILE, run.propensity.as_json()
+            )
+            self.propensity = run.propensity
         self._use(run.model, run.repeat)
         _log.info(
             "model trained",
@@ -572,6 +588,13 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             **({"description": model.describe()} if model is not None else {}),
         }
 
+    def propensity_status(self) -> dict[str, Any]:
+        """The purchase and churn scores' hold-out figures, as JSON (``GET /v1/quality``)."""
+        scores = self.propensity
+        if scores is None:
+            return {"trained_to": None, "targets": {}}
+        return {"trained_to": format_ts(scores.trained_to_ms), "targets": scores.evaluation}
+
 
 @functools.cache
 def trainer() -> Trainer:
@@ -592,7 +615,12 @@ def current_recommend() -> RecommendConfig:
 def quality_status() -> dict[str, Any]:
     """``GET /v1/quality``: the model, the tuning and the latest hold-out evaluation."""
     t = trainer()
-    return {"model": t.status(), "tuning": t.tuning_status(), "evaluation": t.evaluation()}
+    return {
+        "model": t.status(),
+        "tuning": t.tuning_status(),
+        "evaluation": t.evaluation(),
+        "propensity": t.propensity_status(),
+    }
 
 
 def request_run() -> bool:
@@ -610,12 +638,18 @@ def current_ranker() -> Ranker | None:
     return trainer().ranker
 
 
+def current_propensity() -> Propensity | None:
+    """The purchase and churn scores in use, or None (not learned yet)."""
+    return trainer().propensity
+
+
 def current_repeat() -> history.RepeatStats | None:
     """How the shop's visitors re-buy, as of the model in use (None: not known yet)."""
     return trainer().repeat
 
 
 _REPEAT_FILE = "repeat.json"
+_PROPENSITY_FILE = "propensity.json"
 _TUNING_FILE = "tuning.json"
 _CLOCK_FILE = "clock.json"
 #: Tuning runs kept (and shown).
@@ -661,6 +695,16 @@ def _load_clock(directory: Path) -> int:
     except (ValueError, KeyError, TypeError):
         _log.warning("saved shop clock unreadable; now is used until the next event")
         return 0
+
+
+def _load_propensity(directory: Path) -> Propensity | None:
+    try:
+        return Propensity.from_json(orjson.loads((directory / _PROPENSITY_FILE).read_bytes()))
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError):
+        _log.warning("saved propensity scores unreadable; learned again at the next training")
+        return None
 
 
 def _load_repeat(directory: Path) -> history.RepeatStats | None:

@@ -25,7 +25,7 @@ from personify.agents.catalog import embeddings
 from personify.agents.exposures import recorder
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
-from personify.agents.model import note_interactions
+from personify.agents.model import current_propensity, note_interactions, shop_clock
 from personify.agents.push import deliver, hub
 from personify.agents.segments import RESEGMENT
 from personify.agents.segments import registry as segment_registry
@@ -282,7 +282,14 @@ def _fold_user(
     )
     tombstone = bool(out.erased and out.erased[-1][0] == key and not n)
     if (member_of or _segments.compiled.ids) and (tombstone or n or changed or reevaluate):
-        now = [] if tombstone else _segments.members(state, _cfg.profiles, int(time.time() * 1000))
+        wall = int(time.time() * 1000)
+        now = (
+            []
+            if tombstone
+            else _segments.members(
+                state, _cfg.profiles, wall, current_propensity(), shop_clock(wall)
+            )
+        )
         if now != member_of:
             marketing = profiles.consents(state, "marketing", _cfg.profiles)
             out.memberships.append((key, member_of, now, marketing))

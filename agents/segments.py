@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import re
 import time
 from array import array
@@ -32,6 +33,7 @@ from typing import Any, Final
 import mode
 import orjson
 
+from personify.agents.model import current_propensity, shop_clock
 from personify.engine.app import app, current_config, publisher
 from personify.engine.config import ProfilesConfig
 from personify.engine.errors import ValidationError
@@ -42,6 +44,7 @@ from personify.engine.models import format_ts, internal_event, new_id
 from personify.engine.retry import until_done
 from personify.tables import profiles, store
 from personify.tables import segments as rules
+from personify.tables.propensity import Propensity
 from personify.tables.signals import PREFIX
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "profile_rows",
     "registry",
     "rfm_values",
+    "scores_of",
     "sweep",
 ]
 
@@ -64,6 +68,7 @@ HIGH_VALUE: Final = "high_value"
 #: An internal event: evaluate the visitor's segments again (a sweep found them out of date).
 RESEGMENT: Final = "$segments"
 _RFM_FIELDS: Final = frozenset({"recency", "frequency", "monetary"})
+_SCORE_FIELDS: Final = frozenset({"purchase_propensity", "churn_propensity"})
 #: Rows of a profiles database that are not profiles: the engine's own, and Faust's.
 _NOT_PROFILES: Final = (PREFIX, b"__faust")
 
@@ -137,9 +142,13 @@ class Registry:
         """Every segment's rule, compiled together."""
         return self._rules
 
+    def uses(self, fields: frozenset[str]) -> bool:
+        """Whether a rule names one of ``fields``."""
+        return any(fields & set(re.findall(r"[a-z_]+", s.rule)) for s in self._all.values())
+
     def uses_rfm(self) -> bool:
         """Whether a rule names an RFM score."""
-        return any(_RFM_FIELDS & set(re.findall(r"[a-z_]+", s.rule)) for s in self._all.values())
+        return self.uses(_RFM_FIELDS)
 
     def all(self) -> list[Segment]:
         """Every segment, by id."""
@@ -194,14 +203,23 @@ class Registry:
         self.cuts = cuts
         self._save()
 
-    def members(self, profile: dict[str, Any], cfg: ProfilesConfig, now_ms: int) -> list[str]:
+    def members(
+        self,
+        profile: dict[str, Any],
+        cfg: ProfilesConfig,
+        now_ms: int,
+        scores: Propensity | None = None,
+        score_ms: int | None = None,
+    ) -> list[str]:
         """The segments the visitor of ``profile`` is in at ``now_ms``.
 
-        None for a visitor linked to a user (their profile moved to the user's).
+        None for a visitor linked to a user (their profile moved to the user's). ``scores``:
+        the learned propensity scores, computed at ``score_ms`` (default ``now_ms``).
         """
         if profile.get("alias_of") or not len(self._rules):
             return []
-        return list(self._rules.members(rules.Facts(profile, cfg, now_ms, self.cuts)))
+        facts = rules.Facts(profile, cfg, now_ms, self.cuts, scores, score_ms)
+        return list(self._rules.members(facts))
 
 
 def rfm_values(profile: dict[str, Any], now_ms: int) -> tuple[float, float, float] | None:
@@ -230,7 +248,21 @@ def differing(
 ) -> bool:
     """Whether the visitor's stored membership differs from what the rules say now."""
     stored: list[str] = profile.get("segments", [])
-    return registry.members(profile, cfg, now_ms) != stored
+    return (
+        registry.members(profile, cfg, now_ms, current_propensity(), shop_clock(now_ms)) != stored
+    )
+
+
+def scores_of(profile: dict[str, Any], now_ms: int) -> dict[str, Any]:
+    """The visitor's RFM scores and learned propensities (None before the first training)."""
+    cfg = current_config().profiles
+    scores = current_propensity()
+    facts = rules.Facts(profile, cfg, now_ms, registry().cuts, scores, shop_clock(now_ms))
+    out: dict[str, Any] = {name: facts[name] for name in ("recency", "frequency", "monetary")}
+    for name in ("purchase_propensity", "churn_propensity"):
+        value = facts[name]
+        out[name] = None if math.isnan(value) else round(value, 4)
+    return out
 
 
 @functools.cache
@@ -311,18 +343,24 @@ async def sweep() -> dict[str, Any]:
 
 @app.service
 class _Sweeper(mode.Service):  # type: ignore[misc] # mode is untyped
-    """Sweeps every ``[segments] sweep_interval_s``, and soon after the rules change."""
+    """Sweeps every ``[segments] sweep_interval_s``, and soon after the rules change.
+
+    Also after the propensity scores are learned again, where a rule names them.
+    """
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _run(self) -> None:
         interval = current_config().segments.sweep_interval_s
         swept_version, swept_at = registry().version, time.monotonic()
+        swept_scores = current_propensity()
         while not self.should_stop:
             await self.sleep(1.0)
             changed = registry().version != swept_version
+            scores = current_propensity()
+            changed = changed or (scores is not swept_scores and registry().uses(_SCORE_FIELDS))
             if not changed and time.monotonic() - swept_at < interval:
                 continue
-            swept_version, swept_at = registry().version, time.monotonic()
+            swept_version, swept_at, swept_scores = registry().version, time.monotonic(), scores
             try:
                 await sweep()
             except Exception:  # never stop sweeping: the next one reads everything again

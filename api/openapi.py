@@ -134,6 +134,20 @@ _PROFILE = {
             "description": "The rule segments the visitor is in (GET /v1/segments).",
         },
         "last_order": {"type": ["string", "null"], "format": "date-time"},
+        "scores": {
+            "type": "object",
+            "description": "RFM scores (recency, frequency, monetary: 1-5, 0 without orders) "
+            "and the learned purchase_propensity (a purchase in the next 7 days) and "
+            "churn_propensity (no visit in the next 30 days), 0-1, null before the first "
+            "training.",
+            "properties": {
+                "recency": {"type": "integer"},
+                "frequency": {"type": "integer"},
+                "monetary": {"type": "integer"},
+                "purchase_propensity": {"type": ["number", "null"]},
+                "churn_propensity": {"type": ["number", "null"]},
+            },
+        },
         "consent": {
             "type": "object",
             "additionalProperties": {"type": "boolean"},
@@ -215,6 +229,17 @@ _QUALITY = {
     "type": "object",
     "required": ["model", "tuning", "evaluation"],
     "properties": {
+        "propensity": {
+            "type": "object",
+            "description": "The learned purchase (purchase_7d) and churn (churn_30d) scores, "
+            "measured on a temporal hold-out: roc_auc beside baseline_roc_auc (recency and "
+            "frequency quintiles), brier, calibration (predicted and observed by tenth), "
+            "visitors, rate; learned with each training of the model.",
+            "properties": {
+                "trained_to": {"type": ["string", "null"], "format": "date-time"},
+                "targets": {"type": "object"},
+            },
+        },
         "model": {
             "type": "object",
             "required": ["enabled", "trained_at", "interactions"],

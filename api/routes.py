@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from personify.agents.exposures import kpis, recorder
 from personify.agents.model import quality_status, request_run
+from personify.agents.segments import scores_of
 from personify.api.openapi import OPENAPI
 from personify.api.schemas import EventsAccepted, Rejection, json_error, json_response
 from personify.engine.app import app as faust_app
@@ -265,6 +266,7 @@ async def get_user(request: web.Request) -> web.Response:
             state = profiles.decode(linked)
     now_ms = int(time.time() * 1000)
     shown = profiles.view(state, current_config().profiles, now_ms)
+    shown["scores"] = scores_of(state, now_ms)
     if alias is None:
         shown["user_id"] = user_id  # the id asked for, also when it is stored as a pseudonym
     return json_response(shown)

@@ -36,6 +36,7 @@ import numpy as np
 from personify.engine.config import ProfilesConfig
 from personify.engine.errors import ValidationError
 from personify.engine.models import PURPOSES
+from personify.tables.propensity import Propensity
 from personify.tables.signals import PREFIX
 
 __all__ = [
@@ -84,7 +85,12 @@ FIELDS: Final[dict[str, str]] = {
     "the first scoring)",
     "frequency": "RFM frequency score, 1-5 (5: most orders)",
     "monetary": "RFM monetary score, 1-5 (5: highest spend)",
+    "purchase_propensity": "probability of a purchase in the next 7 days, 0-1 (learned; "
+    "unknown before the first training: no comparison holds)",
+    "churn_propensity": "probability of no visit in the next 30 days, 0-1 (learned; unknown "
+    "before the first training)",
 }
+_PROPENSITY: Final = {"purchase_propensity": "purchase_7d", "churn_propensity": "churn_30d"}
 #: The functions a rule can call (with literal arguments).
 FUNCTIONS: Final[dict[str, str]] = {
     "affinity": 'affinity("cat") or affinity("cat/sub"): the category affinity now (decayed; '
@@ -233,13 +239,22 @@ def rfm_cuts(values: Sequence[float], at_ms: int) -> Cuts:
 class Facts(dict[str, Any]):
     """A visitor's fields for the rules, each computed when first asked for."""
 
-    __slots__ = ("_cfg", "_cuts", "_now", "_p", "calls")
+    __slots__ = ("_cfg", "_cuts", "_now", "_p", "_score_ms", "_scores", "calls")
 
     def __init__(
-        self, p: Mapping[str, Any], cfg: ProfilesConfig, now_ms: int, cuts: Cuts | None = None
+        self,
+        p: Mapping[str, Any],
+        cfg: ProfilesConfig,
+        now_ms: int,
+        cuts: Cuts | None = None,
+        scores: Propensity | None = None,
+        score_ms: int | None = None,
     ) -> None:
         super().__init__()
         self._p, self._cfg, self._now, self._cuts = p, cfg, now_ms, cuts or Cuts()
+        #: The learned propensity scores, and the time they are computed at (the shop's clock:
+        #: a backfill's visitors are scored as of its end).
+        self._scores, self._score_ms = scores, now_ms if score_ms is None else score_ms
         #: Name -> (function, argument) of the calls in the rules (see `Rules`).
         self.calls: Mapping[str, tuple[str, Any]] = {}
 
@@ -294,6 +309,11 @@ class Facts(dict[str, Any]):
             return self._days_since(p["first_seen"])
         if name in ("recency", "frequency", "monetary"):
             return self._rfm(name)
+        if name in _PROPENSITY:
+            found = None
+            if self._scores is not None:
+                found = self._scores.score(_PROPENSITY[name], p, self._score_ms)
+            return math.nan if found is None else found
         raise KeyError(name)
 
     def _affinity(self, category: str) -> float:

@@ -89,6 +89,15 @@ def test_a_model_is_trained_used_restored_and_never_brings_back_a_deleted_item(
     assert model["interactions"] == len(events)
     assert model["description"]["items"] == 24
     assert model["description"]["users"] == 60
+    # Churn scores learned with it (views only: no purchase score), measured on a hold-out.
+    propensity = _quality(eng)["propensity"]
+    assert propensity["trained_to"] is not None and set(propensity["targets"]) == {"churn_30d"}
+    churn = propensity["targets"]["churn_30d"]
+    assert churn["visitors"] == 60 and len(churn["calibration"]) == 10
+    assert churn["roc_auc"] > 0.8
+    status, shopper = eng.profile("shopper-0")
+    assert status == 200 and shopper["scores"]["purchase_propensity"] is None
+    assert 0.0 < shopper["scores"]["churn_propensity"] < 1.0
 
     # The engine tuned itself on its history, once it stopped growing, and scored the result
     # on a hold-out.
