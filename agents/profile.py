@@ -700,25 +700,37 @@ def _announce(changes: list[tuple[str, list[str], list[str], bool]]) -> None:
     """Push each membership change (a ``segments`` message) to the visitor's sockets.
 
     The action hooks (and so the webhook) hear of it only for a visitor who consents to
-    marketing. In the background: the agent goes on with the next batch meanwhile.
+    marketing. In the background: the agent goes on with the next batch meanwhile. A change
+    nobody listens to (no socket follows the visitor, no hook) only counts in the metrics.
     """
+    hooked = plugins().has("personify_action")
+    pushes = hub()
     actions: list[tuple[str, dict[str, Any], bool]] = []
+    entered: defaultdict[str, int] = defaultdict(int)
+    left: defaultdict[str, int] = defaultdict(int)
     for visitor, before, after, marketing in changes:
-        added = sorted(set(after).difference(before))
-        removed = sorted(set(before).difference(after))
+        added = [segment for segment in after if segment not in before]
+        removed = [segment for segment in before if segment not in after]
         for segment in added:
-            SEGMENT_SIZE.labels(segment).inc()
-            SEGMENT_CHANGES.labels(segment, "entered").inc()
+            entered[segment] += 1
         for segment in removed:
-            SEGMENT_SIZE.labels(segment).dec()
-            SEGMENT_CHANGES.labels(segment, "left").inc()
-        action = {"type": "segments", "segments": after, "added": added, "removed": removed}
-        actions.append((visitor, action, marketing))
+            left[segment] += 1
+        if (hooked and marketing) or pushes.followed(visitor):
+            action = {"type": "segments", "segments": after, "added": added, "removed": removed}
+            actions.append((visitor, action, hooked and marketing))
+    for segment, n in entered.items():
+        SEGMENT_SIZE.labels(segment).inc(n)
+        SEGMENT_CHANGES.labels(segment, "entered").inc(n)
+    for segment, n in left.items():
+        SEGMENT_SIZE.labels(segment).dec(n)
+        SEGMENT_CHANGES.labels(segment, "left").inc(n)
+    if not actions:
+        return
 
     async def send() -> None:
-        for visitor, action, marketing in actions:
+        for visitor, action, hooks in actions:
             try:
-                await deliver(visitor, "segments", action, hooks=marketing)
+                await deliver(visitor, "segments", action, hooks=hooks)
             except Exception:  # one visitor's hook failing never holds back the others
                 _log.exception("segment change not delivered", user_id=visitor)
 
