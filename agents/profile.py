@@ -283,13 +283,20 @@ def _fold_user(
     tombstone = bool(out.erased and out.erased[-1][0] == key and not n)
     if (member_of or _segments.compiled.ids) and (tombstone or n or changed or reevaluate):
         wall = int(time.time() * 1000)
+        # Only the rules the events applied may change are evaluated again; a sweep's
+        # request, a merge or the engine's own events evaluate every rule.
+        types: frozenset[str] | None = frozenset(e["type"] for e in out.events[start:])
+        if reevaluate or changed or any(t.startswith("$") for t in types or ()):
+            types = None
         now = (
             []
             if tombstone
             else _segments.members(
-                state, _cfg.profiles, wall, current_propensity(), shop_clock(wall)
+                state, _cfg.profiles, wall, current_propensity(), shop_clock(wall), types
             )
         )
+        if not tombstone:
+            state["segments_of"] = _segments.digest
         if now != member_of:
             marketing = profiles.consents(state, "marketing", _cfg.profiles)
             out.memberships.append((key, member_of, now, marketing))

@@ -22,225 +22,45 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import re
 import time
 from array import array
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import mode
-import orjson
+import numpy as np
+import numpy.typing as npt
 
 from personify.agents.model import current_propensity, shop_clock
 from personify.engine.app import app, current_config, publisher
 from personify.engine.config import ProfilesConfig
-from personify.engine.errors import ValidationError
-from personify.engine.files import write_json
 from personify.engine.logging import get_logger
 from personify.engine.metrics import SEGMENT_SIZE
-from personify.engine.models import format_ts, internal_event, new_id
+from personify.engine.models import internal_event, new_id
 from personify.engine.retry import until_done
-from personify.tables import profiles, store
+from personify.tables import clusters, profiles, propensity, store
 from personify.tables import segments as rules
-from personify.tables.propensity import Propensity
-from personify.tables.signals import PREFIX
+from personify.tables.clusters import Clusters
+from personify.tables.segments import Registry, profile_rows, rfm_values
 
 __all__ = [
     "HIGH_VALUE",
     "RESEGMENT",
-    "Registry",
-    "Segment",
     "differing",
-    "profile_rows",
     "registry",
-    "rfm_values",
     "scores_of",
     "sweep",
 ]
 
 _log = get_logger(__name__)
 
-_ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: The segment ``[triggers] high_value_spend`` sets up.
 HIGH_VALUE: Final = "high_value"
 #: An internal event: evaluate the visitor's segments again (a sweep found them out of date).
 RESEGMENT: Final = "$segments"
-_RFM_FIELDS: Final = frozenset({"recency", "frequency", "monetary"})
+#: Fields refitted by a sweep (rules naming them are evaluated after the refit).
+_REFITTED: Final = frozenset({"recency", "frequency", "monetary", "cluster"})
 _SCORE_FIELDS: Final = frozenset({"purchase_propensity", "churn_propensity"})
-#: Rows of a profiles database that are not profiles: the engine's own, and Faust's.
-_NOT_PROFILES: Final = (PREFIX, b"__faust")
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """A rule segment.
-
-    Attributes:
-        id: its id.
-        rule: its rule (`personify.tables.segments`).
-        description: what it is for, in words.
-        created: when it was first defined (ISO-8601).
-        updated: when its rule last changed (ISO-8601).
-    """
-
-    id: str
-    rule: str
-    description: str
-    created: str
-    updated: str
-
-    def as_json(self, size: int | None = None) -> dict[str, Any]:
-        """The wire form (with its size where known)."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "rule": self.rule,
-            "description": self.description,
-            "created": self.created,
-            "updated": self.updated,
-        }
-        if size is not None:
-            out["size"] = size
-        return out
-
-
-class Registry:
-    """The segments defined here, their compiled rules and the RFM cut points (saved)."""
-
-    def __init__(self, path: Path, max_segments: int = 100) -> None:
-        self.path = path
-        self.max_segments = max_segments
-        self._all: dict[str, Segment] = {}
-        self.cuts = rules.Cuts()
-        #: Bumped on every change of the rules (a sweep is due).
-        self.version = 0
-        self._rules = rules.Rules({})
-        if path.exists():
-            doc = orjson.loads(path.read_bytes())
-            for raw in doc.get("segments", []):
-                segment = Segment(**raw)
-                self._all[segment.id] = segment
-            self.cuts = rules.Cuts.from_json(doc.get("cuts", {}))
-            self._compile()
-
-    def _compile(self) -> None:
-        self._rules = rules.Rules({s.id: s.rule for s in self._all.values()})
-        self.version += 1
-
-    def _save(self) -> None:
-        write_json(
-            self.path,
-            {
-                "segments": [s.as_json() for s in self._all.values()],
-                "cuts": self.cuts.as_json(),
-            },
-        )
-
-    @property
-    def compiled(self) -> rules.Rules:
-        """Every segment's rule, compiled together."""
-        return self._rules
-
-    def uses(self, fields: frozenset[str]) -> bool:
-        """Whether a rule names one of ``fields``."""
-        return any(fields & set(re.findall(r"[a-z_]+", s.rule)) for s in self._all.values())
-
-    def uses_rfm(self) -> bool:
-        """Whether a rule names an RFM score."""
-        return self.uses(_RFM_FIELDS)
-
-    def all(self) -> list[Segment]:
-        """Every segment, by id."""
-        return sorted(self._all.values(), key=lambda s: s.id)
-
-    def get(self, segment_id: str) -> Segment | None:
-        """The segment ``segment_id``, if there is one."""
-        return self._all.get(segment_id)
-
-    def put(self, segment_id: str, doc: Any, now_ms: int) -> tuple[Segment, bool]:
-        """Create or replace a segment from its wire form; (the segment, whether it is new)."""
-        if not _ID.match(segment_id):
-            raise ValidationError("id", "expected 1-64 letters, digits, '_', '.' or '-'")
-        if not isinstance(doc, dict):
-            raise ValidationError("body", f"expected an object, got {type(doc).__name__}")
-        unknown = set(doc) - {"rule", "description"}
-        if unknown:
-            raise ValidationError(sorted(unknown)[0], "unknown field")
-        rule = rules.check_rule(doc.get("rule"))
-        description = doc.get("description", "")
-        if not isinstance(description, str) or len(description) > 500:
-            raise ValidationError("description", "expected a string of at most 500 characters")
-        old = self._all.get(segment_id)
-        if old is None and len(self._all) >= self.max_segments:
-            raise ValidationError(
-                "id",
-                f"at most {self.max_segments} segments ([segments] max_segments); delete one",
-            )
-        now = format_ts(now_ms)
-        segment = Segment(
-            id=segment_id,
-            rule=rule,
-            description=description,
-            created=now if old is None else old.created,
-            updated=now if old is None or old.rule != rule else old.updated,
-        )
-        self._all[segment_id] = segment
-        self._compile()
-        self._save()
-        return segment, old is None
-
-    def delete(self, segment_id: str) -> bool:
-        """Forget the segment (its members leave it on the next sweep); whether there was one."""
-        if self._all.pop(segment_id, None) is None:
-            return False
-        self._compile()
-        self._save()
-        return True
-
-    def set_cuts(self, cuts: rules.Cuts) -> None:
-        """New RFM cut points (saved)."""
-        self.cuts = cuts
-        self._save()
-
-    def members(
-        self,
-        profile: dict[str, Any],
-        cfg: ProfilesConfig,
-        now_ms: int,
-        scores: Propensity | None = None,
-        score_ms: int | None = None,
-    ) -> list[str]:
-        """The segments the visitor of ``profile`` is in at ``now_ms``.
-
-        None for a visitor linked to a user (their profile moved to the user's). ``scores``:
-        the learned propensity scores, computed at ``score_ms`` (default ``now_ms``).
-        """
-        if profile.get("alias_of") or not len(self._rules):
-            return []
-        facts = rules.Facts(profile, cfg, now_ms, self.cuts, scores, score_ms)
-        return list(self._rules.members(facts))
-
-
-def rfm_values(profile: dict[str, Any], now_ms: int) -> tuple[float, float, float] | None:
-    """(days since the last order, orders, spend) of a visitor who ordered, else None."""
-    last = profile.get("last_order")
-    if not profile.get("orders") or last is None or profile.get("alias_of"):
-        return None
-    return (max(now_ms - last, 0) / 86_400_000, float(profile["orders"]), float(profile["spend"]))
-
-
-def profile_rows(partition_db: Any) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(visitor, profile) of every profile in a partition's database."""
-    it = partition_db.iter()
-    it.seek_to_first()
-    while it.valid():
-        key: bytes = it.key()
-        if not key.startswith(_NOT_PROFILES):
-            value = it.value()
-            if value:
-                yield key.decode(), orjson.loads(value)
-        it.next()
 
 
 def differing(
@@ -257,8 +77,10 @@ def scores_of(profile: dict[str, Any], now_ms: int) -> dict[str, Any]:
     """The visitor's RFM scores and learned propensities (None before the first training)."""
     cfg = current_config().profiles
     scores = current_propensity()
-    facts = rules.Facts(profile, cfg, now_ms, registry().cuts, scores, shop_clock(now_ms))
-    out: dict[str, Any] = {name: facts[name] for name in ("recency", "frequency", "monetary")}
+    reg = registry()
+    facts = rules.Facts(profile, cfg, now_ms, reg.cuts, scores, shop_clock(now_ms), reg.clusters)
+    names = ("recency", "frequency", "monetary", "cluster")
+    out: dict[str, Any] = {name: facts[name] for name in names}
     for name in ("purchase_propensity", "churn_propensity"):
         value = facts[name]
         out[name] = None if math.isnan(value) else round(value, 4)
@@ -308,18 +130,23 @@ async def sweep() -> dict[str, Any]:
         SEGMENT_SIZE.labels(segment).set(size)
     now = int(time.time() * 1000)
     values = array("d")
+    features: list[npt.NDArray[np.float64]] = []
     stale: list[str] = []
     read = 0
-    rfm_first = reg.uses_rfm()
+    refit_first = reg.uses(_REFITTED)
+    score_ms = shop_clock(now)
     async for visitor, profile in _each_profile():
         read += 1
         found = rfm_values(profile, now)
         if found is not None:
             values.extend(found)
-        if not rfm_first and differing(reg, profile, cfg, now):
+        if profile.get("last_seen") is not None and not profile.get("alias_of"):
+            features.append(propensity.profile_features(profile, score_ms))
+        if not refit_first and differing(reg, profile, cfg, now):
             stale.append(visitor)
-    reg.set_cuts(rules.rfm_cuts(values, now))
-    if rfm_first:  # the scores the rules compare are the new ones
+    fitted = await asyncio.to_thread(_fit_clusters, features, now)
+    reg.set_cuts(rules.rfm_cuts(values, now), fitted)
+    if refit_first:  # the scores and clusters the rules compare are the new ones
         async for visitor, profile in _each_profile():
             if differing(reg, profile, cfg, now):
                 stale.append(visitor)
@@ -335,10 +162,18 @@ async def sweep() -> dict[str, Any]:
         "profiles": read,
         "evaluated_again": len(stale),
         "buyers": len(values) // 3,
+        "clusters": None if fitted is None else len(fitted.centroids),
         "seconds": round(time.perf_counter() - started, 3),
     }
     _log.info("segments swept", **done)
     return done
+
+
+def _fit_clusters(features: list[npt.NDArray[np.float64]], now_ms: int) -> Clusters | None:
+    """The clusters of the visitors whose feature rows are ``features`` (on a thread)."""
+    if len(features) < clusters.MIN_VISITORS:
+        return None
+    return clusters.fit(np.vstack(features), now_ms)
 
 
 @app.service

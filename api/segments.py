@@ -11,6 +11,7 @@ from personify.api.routes import read_json
 from personify.api.schemas import json_error, json_response
 from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
+from personify.engine.models import format_ts
 from personify.tables import profiles, store
 from personify.tables import segments as rules
 
@@ -33,6 +34,17 @@ def _dbs() -> list[object]:
     return list(store.TableStore(profiles.table()).dbs().values())
 
 
+def _clusters() -> dict[str, object] | None:
+    fitted = registry().clusters
+    if fitted is None:
+        return None
+    return {
+        "fitted_at": format_ts(fitted.fitted_at_ms),
+        "silhouette": fitted.silhouette,
+        "clusters": list(fitted.described),
+    }
+
+
 @segment_routes.get("/v1/segments")
 async def list_segments(request: web.Request) -> web.Response:
     """Every segment with its size, by id, and the RFM cut points in use."""
@@ -42,6 +54,7 @@ async def list_segments(request: web.Request) -> web.Response:
         {
             "segments": [s.as_json(sizes[s.id]) for s in segments],
             "rfm": registry().cuts.as_json(),
+            "clusters": _clusters(),
         }
     )
 

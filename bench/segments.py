@@ -11,7 +11,9 @@ Writes ``--profiles`` synthetic profiles (the engine's own JSON form, built by
 - the baseline: reading and decoding every profile, and nothing else (the floor of any sweep);
 - RFM: reading, decoding, and computing the quintile cut points (`personify.tables.segments`);
 - rules: reading, decoding, and evaluating ``--rules`` rule segments for each profile (what a
-  sweep does to find visitors out of date).
+  sweep does to find visitors out of date);
+- clusters: reading, decoding, computing each visitor's features, and fitting the behavioural
+  clusters (k-means for k = 2-8 on a sample, k chosen by silhouette, then fitted on all).
 
 Prints each time, profiles per second, and the ratio to the baseline.
 """
@@ -29,13 +31,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from rocksdict import Rdict, WriteBatch
 
-from personify.agents.segments import profile_rows, rfm_values
 from personify.engine.config import ProfilesConfig
+from personify.tables.clusters import fit as fit_clusters
 from personify.tables.profiles import apply_events, new_profile
-from personify.tables.segments import Facts, Rules, rfm_cuts
+from personify.tables.propensity import profile_features
+from personify.tables.segments import Facts, Rules, profile_rows, rfm_cuts, rfm_values
 
 DAY = 86_400_000
 CATEGORIES = ["outdoor/jackets", "outdoor/tents", "home/kitchen", "electronics/audio", "books"]
@@ -173,8 +177,28 @@ def main(argv: list[str] | None = None) -> None:
             held[0] += len(rules.members(Facts(row[1], cfg, now_ms, cuts)))
 
         rules_s = timed(f"rules: read, decode, {args.rules} rules", dbs, evaluate)
+        rows: list[Any] = []
+
+        def features(row: tuple[str, dict[str, Any]]) -> None:
+            rows.append(profile_features(row[1], now_ms))
+
+        cluster_s = timed("clusters: read, decode, features", dbs, features)
+        started = time.perf_counter()
+        fitted = fit_clusters(np.vstack(rows), now_ms)
+        fit_s = time.perf_counter() - started
+        cluster_s += fit_s
+        assert fitted is not None
         print(
-            f"\n  RFM over {args.profiles:,} profiles: {rfm_s:.1f} s "
+            f"  {'clusters: k-means, k by silhouette':<44} {fit_s:7.1f} s  "
+            f"(k = {len(fitted.centroids)}; silhouette {fitted.silhouette})",
+            flush=True,
+        )
+        print(
+            f"\n  clusters over {args.profiles:,} profiles: {cluster_s:.1f} s "
+            f"({cluster_s / base:.2f}x the baseline)"
+        )
+        print(
+            f"  RFM over {args.profiles:,} profiles: {rfm_s:.1f} s "
             f"({rfm_s / base:.2f}x the baseline; {len(values) // 3:,} buyers)\n"
             f"  {args.rules} rules over {args.profiles:,} profiles: {rules_s:.1f} s "
             f"({rules_s / base:.2f}x the baseline; {held[0] / args.profiles:.1f} segments per "

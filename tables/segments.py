@@ -27,15 +27,21 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
+from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import orjson
 
 from personify.engine.config import ProfilesConfig
 from personify.engine.errors import ValidationError
-from personify.engine.models import PURPOSES
+from personify.engine.files import write_json
+from personify.engine.models import PURPOSES, format_ts
+from personify.tables.clusters import Clusters
 from personify.tables.propensity import Propensity
 from personify.tables.signals import PREFIX
 
@@ -45,11 +51,15 @@ __all__ = [
     "MEMBER_PREFIX",
     "Cuts",
     "Facts",
+    "Registry",
     "Rules",
+    "Segment",
     "check_rule",
     "member_key",
     "members",
+    "profile_rows",
     "rfm_cuts",
+    "rfm_values",
     "size_key",
     "sizes",
 ]
@@ -89,6 +99,7 @@ FIELDS: Final[dict[str, str]] = {
     "unknown before the first training: no comparison holds)",
     "churn_propensity": "probability of no visit in the next 30 days, 0-1 (learned; unknown "
     "before the first training)",
+    "cluster": "the visitor's behavioural cluster, 0 to k-1 (-1 before the first fit)",
 }
 _PROPENSITY: Final = {"purchase_propensity": "purchase_7d", "churn_propensity": "churn_30d"}
 #: The functions a rule can call (with literal arguments).
@@ -239,7 +250,7 @@ def rfm_cuts(values: Sequence[float], at_ms: int) -> Cuts:
 class Facts(dict[str, Any]):
     """A visitor's fields for the rules, each computed when first asked for."""
 
-    __slots__ = ("_cfg", "_cuts", "_now", "_p", "_score_ms", "_scores", "calls")
+    __slots__ = ("_cfg", "_clusters", "_cuts", "_now", "_p", "_score_ms", "_scores", "calls")
 
     def __init__(
         self,
@@ -249,8 +260,10 @@ class Facts(dict[str, Any]):
         cuts: Cuts | None = None,
         scores: Propensity | None = None,
         score_ms: int | None = None,
+        clusters: Clusters | None = None,
     ) -> None:
         super().__init__()
+        self._clusters = clusters
         self._p, self._cfg, self._now, self._cuts = p, cfg, now_ms, cuts or Cuts()
         #: The learned propensity scores, and the time they are computed at (the shop's clock:
         #: a backfill's visitors are scored as of its end).
@@ -314,6 +327,8 @@ class Facts(dict[str, Any]):
             if self._scores is not None:
                 found = self._scores.score(_PROPENSITY[name], p, self._score_ms)
             return math.nan if found is None else found
+        if name == "cluster":
+            return -1 if self._clusters is None else self._clusters.of(p, self._score_ms)
         raise KeyError(name)
 
     def _affinity(self, category: str) -> float:
@@ -365,41 +380,104 @@ class _Calls(ast.NodeTransformer):
         return ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node)
 
 
+def _compiled(node: ast.expr, name: str) -> Any:
+    return compile(ast.fix_missing_locations(ast.Expression(body=node)), name, "eval")
+
+
+def _depends(tree: ast.AST) -> frozenset[str] | None:
+    """The event types that can change what ``tree`` says (None: any event)."""
+    types: set[str] = set()
+    functions = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    for node in ast.walk(tree):
+        if id(node) in functions:
+            continue
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            argument = node.args[0]
+            if node.func.id == "count" and isinstance(argument, ast.Constant):
+                types.add(str(argument.value))
+            elif node.func.id == "consent":
+                types.add("consent")
+            else:
+                return None
+        elif isinstance(node, ast.Name):
+            changed_by = _CHANGED_BY.get(node.id)
+            if changed_by is None:
+                return None
+            types.update(changed_by)
+    return frozenset(types)
+
+
+#: The event types that change a field; a field not here changes with any event (or with
+#: time: ``days_since_*``, the scores).
+_CHANGED_BY: Final[dict[str, frozenset[str]]] = {
+    "views": frozenset({"product_view"}),
+    "clicks": frozenset({"click"}),
+    "cart_adds": frozenset({"add_to_cart"}),
+    "searches": frozenset({"search"}),
+    "orders": frozenset({"purchase"}),
+    "spend": frozenset({"purchase"}),
+    "aov": frozenset({"purchase"}),
+    "cart_value": frozenset({"add_to_cart", "remove_from_cart", "purchase"}),
+    "cart_items": frozenset({"add_to_cart", "remove_from_cart", "purchase"}),
+    "frequency": frozenset({"purchase"}),
+    "monetary": frozenset({"purchase"}),
+}
+
+
 class Rules:
-    """Rules compiled together: `members` evaluates them all for one visitor."""
+    """Rules compiled together: `members` evaluates them for one visitor.
+
+    Each rule knows the event types that can change what it says (`_CHANGED_BY`): after events
+    of other types only, its answer stands, and `members` with ``types`` evaluates only the
+    rules those events may change.
+    """
 
     def __init__(self, rules: Mapping[str, str]) -> None:
         self.ids = tuple(sorted(rules))
         calls = _Calls()
-        bodies = [calls.visit(ast.parse(check_rule(rules[i]), mode="eval")).body for i in self.ids]
+        trees = {i: ast.parse(check_rule(rules[i]), mode="eval") for i in self.ids}
+        self._depends = {i: _depends(tree) for i, tree in trees.items()}
+        self._bodies = {i: calls.visit(trees[i]).body for i in self.ids}
         self._calls = {name: call for call, name in calls.names.items()}
-
-        def compiled(node: ast.expr, name: str) -> Any:
-            tree = ast.fix_missing_locations(ast.Expression(body=node))
-            return compile(tree, name, "eval")
-
-        self._code = compiled(ast.Tuple(elts=bodies, ctx=ast.Load()), "<segments>")
+        #: Rule ids -> their rules compiled together (all of them, and subsets as asked for).
+        self._codes: dict[tuple[str, ...], Any] = {}
+        #: Event types -> the rules they may change.
+        self._affected: dict[frozenset[str], tuple[str, ...]] = {}
         #: Each rule alone, for a visitor one rule fails on.
-        self._each = {
-            i: compiled(body, f"<segment {i}>") for i, body in zip(self.ids, bodies, strict=True)
-        }
+        self._each = {i: _compiled(self._bodies[i], f"<segment {i}>") for i in self.ids}
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def members(self, facts: Facts) -> tuple[str, ...]:
+    def affected(self, types: frozenset[str]) -> tuple[str, ...]:
+        """The rules events of ``types`` may change (sorted)."""
+        found = self._affected.get(types)
+        if found is None:
+            found = tuple(
+                i for i in self.ids if (d := self._depends[i]) is None or not d.isdisjoint(types)
+            )
+            self._affected[types] = found
+        return found
+
+    def members(self, facts: Facts, ids: tuple[str, ...] | None = None) -> tuple[str, ...]:
         """The ids of the segments whose rule holds for ``facts``' visitor (sorted).
 
-        A rule that fails for this visitor (a division by zero) holds for no one.
+        ``ids``: evaluate only these rules (sorted; default all). A rule that fails for this
+        visitor (a division by zero) holds for no one.
         """
-        if not self.ids:
+        ids = self.ids if ids is None else ids
+        if not ids:
             return ()
+        code = self._codes.get(ids)
+        if code is None:
+            body = ast.Tuple(elts=[self._bodies[i] for i in ids], ctx=ast.Load())
+            code = self._codes[ids] = _compiled(body, "<segments>")
         facts.calls = self._calls
         try:
-            held = eval(self._code, _GLOBALS, facts)  # checked by `check_rule`
+            held = eval(code, _GLOBALS, facts)  # checked by `check_rule`
         except (ArithmeticError, TypeError, ValueError):
-            return tuple(i for i in self.ids if self._holds(i, facts))
-        return tuple(i for i, h in zip(self.ids, held, strict=True) if h)
+            return tuple(i for i in ids if self._holds(i, facts))
+        return tuple(i for i, h in zip(ids, held, strict=True) if h)
 
     def _holds(self, segment: str, facts: Facts) -> bool:
         try:
@@ -453,4 +531,205 @@ def _visitors(partition_db: Any, prefix: bytes, after: str, limit: int) -> Itera
         if visitor != after:
             yield visitor
             n += 1
+        it.next()
+
+
+# -- the segments defined ------------------------------------------------------------------
+
+_ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_RFM_FIELDS: Final = frozenset({"recency", "frequency", "monetary"})
+#: Rows of a profiles database that are not profiles: the engine's own, and Faust's.
+_NOT_PROFILES: Final = (PREFIX, b"__faust")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A rule segment.
+
+    Attributes:
+        id: its id.
+        rule: its rule (`personify.tables.segments`).
+        description: what it is for, in words.
+        created: when it was first defined (ISO-8601).
+        updated: when its rule last changed (ISO-8601).
+    """
+
+    id: str
+    rule: str
+    description: str
+    created: str
+    updated: str
+
+    def as_json(self, size: int | None = None) -> dict[str, Any]:
+        """The wire form (with its size where known)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "rule": self.rule,
+            "description": self.description,
+            "created": self.created,
+            "updated": self.updated,
+        }
+        if size is not None:
+            out["size"] = size
+        return out
+
+
+class Registry:
+    """The segments defined here, their compiled rules and the RFM cut points (saved)."""
+
+    def __init__(self, path: Path, max_segments: int = 100) -> None:
+        self.path = path
+        self.max_segments = max_segments
+        self._all: dict[str, Segment] = {}
+        self.cuts = Cuts()
+        #: The behavioural clusters (None: not fitted yet).
+        self.clusters: Clusters | None = None
+        #: Bumped on every change of the rules (a sweep is due).
+        self.version = 0
+        if path.exists():
+            doc = orjson.loads(path.read_bytes())
+            for raw in doc.get("segments", []):
+                segment = Segment(**raw)
+                self._all[segment.id] = segment
+            self.cuts = Cuts.from_json(doc.get("cuts", {}))
+            if doc.get("clusters"):
+                self.clusters = Clusters.from_json(doc["clusters"])
+        self._compile()
+
+    def _compile(self) -> None:
+        rules = {s.id: s.rule for s in self._all.values()}
+        self._rules = Rules(rules)
+        #: Names these rules: a profile evaluated with them keeps it (``segments_of``).
+        named = orjson.dumps(rules, option=orjson.OPT_SORT_KEYS)
+        self.digest = blake2b(named, digest_size=6).hexdigest()
+        self.version += 1
+
+    def _save(self) -> None:
+        write_json(
+            self.path,
+            {
+                "segments": [s.as_json() for s in self._all.values()],
+                "cuts": self.cuts.as_json(),
+                "clusters": None if self.clusters is None else self.clusters.as_json(),
+            },
+        )
+
+    @property
+    def compiled(self) -> Rules:
+        """Every segment's rule, compiled together."""
+        return self._rules
+
+    def uses(self, fields: frozenset[str]) -> bool:
+        """Whether a rule names one of ``fields``."""
+        return any(fields & set(re.findall(r"[a-z_]+", s.rule)) for s in self._all.values())
+
+    def uses_rfm(self) -> bool:
+        """Whether a rule names an RFM score."""
+        return self.uses(_RFM_FIELDS)
+
+    def all(self) -> list[Segment]:
+        """Every segment, by id."""
+        return sorted(self._all.values(), key=lambda s: s.id)
+
+    def get(self, segment_id: str) -> Segment | None:
+        """The segment ``segment_id``, if there is one."""
+        return self._all.get(segment_id)
+
+    def put(self, segment_id: str, doc: Any, now_ms: int) -> tuple[Segment, bool]:
+        """Create or replace a segment from its wire form; (the segment, whether it is new)."""
+        if not _ID.match(segment_id):
+            raise ValidationError("id", "expected 1-64 letters, digits, '_', '.' or '-'")
+        if not isinstance(doc, dict):
+            raise ValidationError("body", f"expected an object, got {type(doc).__name__}")
+        unknown = set(doc) - {"rule", "description"}
+        if unknown:
+            raise ValidationError(sorted(unknown)[0], "unknown field")
+        rule = check_rule(doc.get("rule"))
+        description = doc.get("description", "")
+        if not isinstance(description, str) or len(description) > 500:
+            raise ValidationError("description", "expected a string of at most 500 characters")
+        old = self._all.get(segment_id)
+        if old is None and len(self._all) >= self.max_segments:
+            raise ValidationError(
+                "id",
+                f"at most {self.max_segments} segments ([segments] max_segments); delete one",
+            )
+        now = format_ts(now_ms)
+        segment = Segment(
+            id=segment_id,
+            rule=rule,
+            description=description,
+            created=now if old is None else old.created,
+            updated=now if old is None or old.rule != rule else old.updated,
+        )
+        self._all[segment_id] = segment
+        self._compile()
+        self._save()
+        return segment, old is None
+
+    def delete(self, segment_id: str) -> bool:
+        """Forget the segment (its members leave it on the next sweep); whether there was one."""
+        if self._all.pop(segment_id, None) is None:
+            return False
+        self._compile()
+        self._save()
+        return True
+
+    def set_cuts(self, cuts: Cuts, clusters: Clusters | None = None) -> None:
+        """New RFM cut points, and clusters where given (saved)."""
+        self.cuts = cuts
+        if clusters is not None:
+            self.clusters = clusters
+        self._save()
+
+    def members(
+        self,
+        profile: dict[str, Any],
+        cfg: ProfilesConfig,
+        now_ms: int,
+        scores: Propensity | None = None,
+        score_ms: int | None = None,
+        types: frozenset[str] | None = None,
+    ) -> list[str]:
+        """The segments the visitor of ``profile`` is in at ``now_ms``.
+
+        None for a visitor linked to a user (their profile moved to the user's). ``scores``:
+        the learned propensity scores, computed at ``score_ms`` (default ``now_ms``).
+        ``types``: the event types just applied to the profile, where its membership was
+        evaluated before with these rules (``profile["segments_of"]`` is `digest`): only the
+        rules those events may change are evaluated again.
+        """
+        if profile.get("alias_of") or not len(self._rules):
+            return []
+        facts = Facts(profile, cfg, now_ms, self.cuts, scores, score_ms, self.clusters)
+        if types is None or profile.get("segments_of") != self.digest:
+            return list(self._rules.members(facts))
+        ids = self._rules.affected(types)
+        stored: list[str] = profile.get("segments", [])
+        if not ids:
+            return stored
+        if ids == self._rules.ids:
+            return list(self._rules.members(facts))
+        held = set(self._rules.members(facts, ids))
+        return sorted(held.union(s for s in stored if s not in ids))
+
+
+def rfm_values(profile: dict[str, Any], now_ms: int) -> tuple[float, float, float] | None:
+    """(days since the last order, orders, spend) of a visitor who ordered, else None."""
+    last = profile.get("last_order")
+    if not profile.get("orders") or last is None or profile.get("alias_of"):
+        return None
+    return (max(now_ms - last, 0) / 86_400_000, float(profile["orders"]), float(profile["spend"]))
+
+
+def profile_rows(partition_db: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(visitor, profile) of every profile in a partition's database."""
+    it = partition_db.iter()
+    it.seek_to_first()
+    while it.valid():
+        key: bytes = it.key()
+        if not key.startswith(_NOT_PROFILES):
+            value = it.value()
+            if value:
+                yield key.decode(), orjson.loads(value)
         it.next()

@@ -8,17 +8,18 @@ from typing import Any
 import pytest
 from rocksdict import Rdict
 
-from personify.agents.segments import Registry, rfm_values
 from personify.engine.config import ProfilesConfig
 from personify.engine.errors import ValidationError
 from personify.tables.profiles import apply_events, new_profile
 from personify.tables.segments import (
     Facts,
+    Registry,
     Rules,
     check_rule,
     member_key,
     members,
     rfm_cuts,
+    rfm_values,
     size_key,
     sizes,
 )
@@ -198,3 +199,29 @@ def test_the_registry_keeps_segments_and_cut_points(tmp_path: Path) -> None:
     assert again.delete("new") and not again.delete("new")
     again.put("best", {"rule": "monetary >= 4"}, NOW)
     assert again.uses_rfm() and [s.id for s in again.all()] == ["best", "vip"]
+
+
+def test_after_events_only_the_rules_they_may_change_are_evaluated(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "segments.json")
+    registry.put("viewer", {"rule": "views >= 2"}, NOW)
+    registry.put("buyer", {"rule": "orders >= 1"}, NOW)
+    registry.put("recent", {"rule": "days_since_seen < 1"}, NOW)
+    p = shopper()  # two views, two orders, last seen a day ago
+    assert registry.members(p, CFG, NOW) == ["buyer", "viewer"]
+    # As stored after an evaluation that missed "viewer" (the rule was defined since, say).
+    p |= {"segments": ["buyer"], "segments_of": registry.digest}
+    bought = registry.members(p, CFG, NOW, types=frozenset({"purchase"}))
+    assert bought == ["buyer"]  # a purchase cannot change "views >= 2": it stands
+    viewed = registry.members(p, CFG, NOW, types=frozenset({"product_view"}))
+    assert viewed == ["buyer", "viewer"]
+    # Rules that name the time (days_since_seen) are evaluated after any event.
+    p["last_seen"] = NOW
+    assert "recent" in registry.members(p, CFG, NOW, types=frozenset({"purchase"}))
+    # Evaluated with other rules: every rule again.
+    registry.put("cart", {"rule": "cart_value > 1"}, NOW)
+    assert registry.members(p, CFG, NOW, types=frozenset({"search"})) == [
+        "buyer",
+        "cart",
+        "recent",
+        "viewer",
+    ]
