@@ -138,6 +138,8 @@ class Folded:
     memberships: list[tuple[str, list[str], list[str], bool]] = field(default_factory=list)
     #: Member rows and segment sizes written with the profiles.
     segment_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    #: Per segment: visitors who entered it and who left it in this round.
+    segment_moves: dict[str, list[int]] = field(default_factory=dict)
     signals: signals.SignalBatch = field(
         default_factory=lambda: signals.SignalBatch(
             _cfg.recommend, _cfg.profiles, catalog().category_of
@@ -382,7 +384,7 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
     if out.tally:
         out.attributions.extend(_kpi_rows(table_store, partition, out.tally))
     if out.memberships:
-        out.segment_rows = _segment_rows(table_store, partition, out.memberships)
+        out.segment_rows = _segment_rows(table_store, partition, out.memberships, out.segment_moves)
     if out.signals.updates:
         live = _live[partition]
         missing = live.missing(out.signals.updates)
@@ -396,21 +398,27 @@ def _segment_rows(
     table_store: store.TableStore,
     partition: int,
     changes: list[tuple[str, list[str], list[str], bool]],
+    moves: dict[str, list[int]],
 ) -> list[tuple[bytes, bytes | None]]:
-    """Member rows added and deleted for ``changes``, and the segments' new sizes."""
+    """Member rows added and deleted for ``changes``, and the segments' new sizes.
+
+    ``moves`` receives, per segment, the visitors who entered it and who left it.
+    """
     rows: list[tuple[bytes, bytes | None]] = []
-    delta: defaultdict[str, int] = defaultdict(int)
     for visitor, before, after, _marketing in changes:
-        for segment in set(after).difference(before):
+        was = set(before)
+        now = set(after)
+        for segment in now.difference(was):
             rows.append((segments.member_key(segment, visitor), b""))
-            delta[segment] += 1
-        for segment in set(before).difference(after):
+            moves.setdefault(segment, [0, 0])[0] += 1
+        for segment in was.difference(now):
             rows.append((segments.member_key(segment, visitor), None))
-            delta[segment] -= 1
-    names = sorted(delta)
+            moves.setdefault(segment, [0, 0])[1] += 1
+    names = sorted(moves)
     keys = [segments.size_key(name) for name in names]
     for name, key, raw in zip(names, keys, table_store.get_many(partition, keys), strict=True):
-        size = max((0 if raw is None else int(raw)) + delta[name], 0)
+        entered, left = moves[name]
+        size = max((0 if raw is None else int(raw)) + entered - left, 0)
         rows.append((key, str(size).encode() if size else None))
     return rows
 
@@ -666,7 +674,7 @@ async def profile_agent(stream: Any) -> None:
         for f in folds.values():
             _count_kpis(f.tally)
             if f.memberships:
-                _announce(f.memberships)
+                _announce(f.memberships, f.segment_moves)
         for f in folds.values():
             for user, _request_id in f.erased:
                 hub().forget(user)
@@ -703,34 +711,34 @@ async def profile_agent(stream: Any) -> None:
 _announcing: set[asyncio.Future[None]] = set()
 
 
-def _announce(changes: list[tuple[str, list[str], list[str], bool]]) -> None:
+def _announce(
+    changes: list[tuple[str, list[str], list[str], bool]], moves: dict[str, list[int]]
+) -> None:
     """Push each membership change (a ``segments`` message) to the visitor's sockets.
 
     The action hooks (and so the webhook) hear of it only for a visitor who consents to
     marketing. In the background: the agent goes on with the next batch meanwhile. A change
-    nobody listens to (no socket follows the visitor, no hook) only counts in the metrics.
+    nobody listens to (no socket follows the visitor, no hook) only counts in the metrics
+    (``moves``: per segment, visitors who entered and who left).
     """
+    for segment, (entered, left) in moves.items():
+        if entered:
+            SEGMENT_SIZE.labels(segment).inc(entered)
+            SEGMENT_CHANGES.labels(segment, "entered").inc(entered)
+        if left:
+            SEGMENT_SIZE.labels(segment).dec(left)
+            SEGMENT_CHANGES.labels(segment, "left").inc(left)
     hooked = plugins().has("personify_action")
     pushes = hub()
     actions: list[tuple[str, dict[str, Any], bool]] = []
-    entered: defaultdict[str, int] = defaultdict(int)
-    left: defaultdict[str, int] = defaultdict(int)
     for visitor, before, after, marketing in changes:
-        added = [segment for segment in after if segment not in before]
-        removed = [segment for segment in before if segment not in after]
-        for segment in added:
-            entered[segment] += 1
-        for segment in removed:
-            left[segment] += 1
-        if (hooked and marketing) or pushes.followed(visitor):
-            action = {"type": "segments", "segments": after, "added": added, "removed": removed}
-            actions.append((visitor, action, hooked and marketing))
-    for segment, n in entered.items():
-        SEGMENT_SIZE.labels(segment).inc(n)
-        SEGMENT_CHANGES.labels(segment, "entered").inc(n)
-    for segment, n in left.items():
-        SEGMENT_SIZE.labels(segment).dec(n)
-        SEGMENT_CHANGES.labels(segment, "left").inc(n)
+        if not ((hooked and marketing) or pushes.followed(visitor)):
+            continue
+        was, now = set(before), set(after)
+        added = [segment for segment in after if segment not in was]
+        removed = [segment for segment in before if segment not in now]
+        action = {"type": "segments", "segments": after, "added": added, "removed": removed}
+        actions.append((visitor, action, hooked and marketing))
     if not actions:
         return
 

@@ -291,45 +291,29 @@ class Facts(dict[str, Any]):
         return _quintile(float(self._p.get("spend", 0.0)), cuts.monetary)
 
     def _compute(self, name: str) -> Any:
-        p = self._p
         call = self.calls.get(name)
         if call is not None:
             function, argument = call
             return self._functions[function](self, argument)
-        if name in _COUNTED:
-            return p["counts"].get(_COUNTED[name], 0)
-        if name == "events":
-            return sum(p["counts"].values())
-        if name == "orders":
-            return p["orders"]
-        if name == "spend":
-            return p["spend"]
-        if name == "aov":
-            return p["spend"] / p["orders"] if p["orders"] else 0.0
-        if name == "cart_value":
-            return sum((line["price"] or 0.0) * line["quantity"] for line in p["cart"].values())
-        if name == "cart_items":
-            return sum(line["quantity"] for line in p["cart"].values())
-        if name == "sessions":
-            return p["sessions_closed"] + len(p["session_list"])
-        if name == "engagement":
-            return p["engagement"]
-        if name == "days_since_seen":
-            return self._days_since(p["last_seen"])
-        if name == "days_since_order":
-            return self._days_since(p.get("last_order"))
-        if name == "days_since_first_seen":
-            return self._days_since(p["first_seen"])
-        if name in ("recency", "frequency", "monetary"):
-            return self._rfm(name)
-        if name in _PROPENSITY:
-            found = None
-            if self._scores is not None:
-                found = self._scores.score(_PROPENSITY[name], p, self._score_ms)
-            return math.nan if found is None else found
-        if name == "cluster":
-            return -1 if self._clusters is None else self._clusters.of(p, self._score_ms)
-        raise KeyError(name)
+        field = _FIELD_OF.get(name)
+        if field is None:
+            raise KeyError(name)
+        return field(self)
+
+    def _propensity(self, name: str) -> float:
+        found = None
+        if self._scores is not None:
+            found = self._scores.score(_PROPENSITY[name], self._p, self._score_ms)
+        return math.nan if found is None else found
+
+    def _cluster(self) -> int:
+        return -1 if self._clusters is None else self._clusters.of(self._p, self._score_ms)
+
+    def _cart_value(self) -> float:
+        total: float = sum(
+            (line["price"] or 0.0) * line["quantity"] for line in self._p["cart"].values()
+        )
+        return total
 
     def _affinity(self, category: str) -> float:
         entry = self._p["affinity"].get(category.strip("/"))
@@ -365,6 +349,33 @@ class Facts(dict[str, Any]):
 
 #: What a compiled rule sees besides the visitor's facts: nothing of Python's built-ins.
 _GLOBALS: Final[dict[str, Any]] = {"__builtins__": {}}
+
+
+def _counted(event_type: str) -> Callable[[Facts], Any]:
+    return lambda f: f._p["counts"].get(event_type, 0)
+
+
+#: How each field is computed from a visitor's facts.
+_FIELD_OF: Final[dict[str, Callable[[Facts], Any]]] = {
+    **{name: _counted(event_type) for name, event_type in _COUNTED.items()},
+    "events": lambda f: sum(f._p["counts"].values()),
+    "orders": lambda f: f._p["orders"],
+    "spend": lambda f: f._p["spend"],
+    "aov": lambda f: f._p["spend"] / f._p["orders"] if f._p["orders"] else 0.0,
+    "cart_value": lambda f: f._cart_value(),
+    "cart_items": lambda f: sum(line["quantity"] for line in f._p["cart"].values()),
+    "sessions": lambda f: f._p["sessions_closed"] + len(f._p["session_list"]),
+    "engagement": lambda f: f._p["engagement"],
+    "days_since_seen": lambda f: f._days_since(f._p["last_seen"]),
+    "days_since_order": lambda f: f._days_since(f._p.get("last_order")),
+    "days_since_first_seen": lambda f: f._days_since(f._p["first_seen"]),
+    "recency": lambda f: f._rfm("recency"),
+    "frequency": lambda f: f._rfm("frequency"),
+    "monetary": lambda f: f._rfm("monetary"),
+    "purchase_propensity": lambda f: f._propensity("purchase_propensity"),
+    "churn_propensity": lambda f: f._propensity("churn_propensity"),
+    "cluster": lambda f: f._cluster(),
+}
 
 
 class _Calls(ast.NodeTransformer):
@@ -441,22 +452,22 @@ class Rules:
         self._calls = {name: call for call, name in calls.names.items()}
         #: Rule ids -> their rules compiled together (all of them, and subsets as asked for).
         self._codes: dict[tuple[str, ...], Any] = {}
-        #: Event types -> the rules they may change.
-        self._affected: dict[frozenset[str], tuple[str, ...]] = {}
+        #: Event types -> the rules they may change (in order, and as a set).
+        self._affected: dict[frozenset[str], tuple[tuple[str, ...], frozenset[str]]] = {}
         #: Each rule alone, for a visitor one rule fails on.
         self._each = {i: _compiled(self._bodies[i], f"<segment {i}>") for i in self.ids}
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def affected(self, types: frozenset[str]) -> tuple[str, ...]:
-        """The rules events of ``types`` may change (sorted)."""
+    def affected(self, types: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
+        """The rules events of ``types`` may change: in order, and as a set."""
         found = self._affected.get(types)
         if found is None:
-            found = tuple(
+            ids = tuple(
                 i for i in self.ids if (d := self._depends[i]) is None or not d.isdisjoint(types)
             )
-            self._affected[types] = found
+            found = self._affected[types] = (ids, frozenset(ids))
         return found
 
     def members(self, facts: Facts, ids: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -704,14 +715,15 @@ class Registry:
         facts = Facts(profile, cfg, now_ms, self.cuts, scores, score_ms, self.clusters)
         if types is None or profile.get("segments_of") != self.digest:
             return list(self._rules.members(facts))
-        ids = self._rules.affected(types)
+        ids, evaluated = self._rules.affected(types)
         stored: list[str] = profile.get("segments", [])
         if not ids:
             return stored
-        if ids == self._rules.ids:
+        if len(ids) == len(self._rules):
             return list(self._rules.members(facts))
         held = set(self._rules.members(facts, ids))
-        return sorted(held.union(s for s in stored if s not in ids))
+        held.update(s for s in stored if s not in evaluated)
+        return sorted(held)
 
 
 def rfm_values(profile: dict[str, Any], now_ms: int) -> tuple[float, float, float] | None:
