@@ -33,7 +33,7 @@ import random
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from hashlib import blake2b
@@ -126,6 +126,7 @@ class Experiment:
         stop_ms: when it stops (None: when deleted or promoted).
         created: when it was first put (ISO 8601).
         promoted: the variant promoted to the default setting, if any (it stopped then).
+        segment: only visitors in this rule segment enter it (None: everyone in its slice).
     """
 
     id: str
@@ -140,6 +141,7 @@ class Experiment:
     allocation: str = "split"
     goal: str = "conversion"
     floor: float = 0.05
+    segment: str | None = None
 
     def running(self, now_ms: int) -> bool:
         """Whether visitors are served its variants at ``now_ms``."""
@@ -195,6 +197,7 @@ class Experiment:
             "allocation": self.allocation,
             "goal": self.goal,
             "floor": self.floor,
+            "segment": self.segment,
         }
 
     @classmethod
@@ -223,6 +226,7 @@ class Experiment:
             allocation=doc.get("allocation", "split"),
             goal=doc.get("goal", "conversion"),
             floor=doc.get("floor", 0.05),
+            segment=doc.get("segment"),
         )
 
 
@@ -377,6 +381,7 @@ class Registry:
             "allocation",
             "goal",
             "floor",
+            "segment",
         }
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
@@ -404,6 +409,9 @@ class Registry:
         if goal not in ("click", "conversion"):
             raise ValidationError("goal", f"expected click or conversion, got {goal!r}")
         floor = _number(doc.get("floor", 0.05), "floor", 0.0, 1.0 / len(variants))
+        segment = doc.get("segment")
+        if segment is not None and (not isinstance(segment, str) or not _ID.match(segment)):
+            raise ValidationError("segment", "expected a segment id (PUT /v1/segments/{id})")
         old = self._all.get(experiment_id)
         experiment = Experiment(
             id=experiment_id,
@@ -417,6 +425,7 @@ class Registry:
             allocation=allocation,
             goal=goal,
             floor=floor,
+            segment=segment,
         )
         self._all[experiment_id] = experiment
         self._save()
@@ -449,13 +458,23 @@ class Registry:
         """The experiments running at ``now_ms``."""
         return [e for e in self._all.values() if e.running(now_ms)]
 
+    def targeted(self, now_ms: int) -> bool:
+        """Whether a running experiment takes only the visitors of a segment."""
+        return any(e.segment is not None for e in self.running(now_ms))
+
     def assign(
-        self, visitor: str, kept: Mapping[str, str], now_ms: int
+        self,
+        visitor: str,
+        kept: Mapping[str, str],
+        now_ms: int,
+        segments: Collection[str] = (),
     ) -> tuple[Experiment, Variant] | None:
         """The running experiment and variant ``visitor`` is in, or None.
 
         ``kept``: the variants the visitor was served before (experiment -> variant): where
-        one of them is running, it wins over the hashes.
+        one of them is running, it wins over the hashes (a visitor who has left the segment of
+        an experiment they were served in keeps their variant). ``segments``: the rule
+        segments the visitor is in: an experiment with a segment takes only its visitors.
         """
         running = self.running(now_ms)
         if not running:
@@ -467,6 +486,8 @@ class Registry:
                 return experiment, chosen
         point = bucket(_SLICE_SALT, visitor)
         for experiment in running:
+            if experiment.segment is not None and experiment.segment not in segments:
+                continue
             if experiment.offset <= point < experiment.offset + experiment.traffic:
                 if experiment.allocation == "thompson":
                     return experiment, self._thompson(experiment, visitor, now_ms)

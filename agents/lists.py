@@ -318,17 +318,25 @@ def recommender(variant: Variant | None = None) -> Recommender:
     )
 
 
-def _variant_of(rec: Recommender, visitor: str, now_ms: int) -> tuple[Recommender, str, bool]:
+def _variant_of(
+    rec: Recommender, visitor: str, now_ms: int, profile: profiles.Profile | None = None
+) -> tuple[Recommender, str, bool]:
     """The recommender of ``visitor``'s experiment variant, its name, and whether plugins re-rank.
 
     A visitor in no running experiment gets ``rec``, `attribution.DEFAULT_VARIANT` and True.
+    ``profile``: the visitor's, where it was read (for the segments experiments target).
     """
     data = rec.data
     assert isinstance(data, TableData)
     registry = experiments()
     if not registry.running(now_ms):
         return rec, attribution.DEFAULT_VARIANT, True
-    chosen = registry.assign(visitor, data.variants(visitor), now_ms)
+    segments: list[str] = []
+    if registry.targeted(now_ms):
+        if profile is None:
+            profile = data.profile_of(visitor)
+        segments = (profile or {}).get("segments", [])
+    chosen = registry.assign(visitor, data.variants(visitor), now_ms, segments)
     if chosen is None:
         return rec, attribution.DEFAULT_VARIANT, True
     experiment, variant = chosen
@@ -424,7 +432,7 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
         return _compute_new_visitor(rec, cache, size)
     now_ms = int(time.time() * 1000)
     removals, version, trial = rec.catalog.removals, rec.catalog.version, experiments().version
-    rec, variant, rerank = _variant_of(rec, alias or user_id, now_ms)
+    rec, variant, rerank = _variant_of(rec, alias or user_id, now_ms, profile)
     rec_id, body, n = _rank_user(rec, user_id, Request(k=size), now_ms, profile, rerank=rerank)
     entry = Entry(
         now_ms, tuple(owners), tuple(gens), removals, version, rec_id, body, n, variant, trial

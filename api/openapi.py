@@ -414,6 +414,21 @@ _EXPERIMENT_REQUEST = {
         },
         "start": {"type": ["string", "null"], "format": "date-time"},
         "stop": {"type": ["string", "null"], "format": "date-time"},
+        "allocation": {
+            "type": "string",
+            "enum": ["split", "thompson"],
+            "description": "split (by the shares, the default) or thompson (a bandit on goal).",
+        },
+        "goal": {"type": "string", "enum": ["click", "conversion"]},
+        "floor": {
+            "type": "number",
+            "minimum": 0,
+            "description": "With thompson: the share dealt evenly (default 0.05 per variant).",
+        },
+        "segment": {
+            "type": ["string", "null"],
+            "description": "Only visitors in this rule segment enter it (GET /v1/segments).",
+        },
     },
 }
 _EXPERIMENT = {
@@ -429,6 +444,10 @@ _EXPERIMENT = {
         "stop": {"type": ["string", "null"]},
         "created": {"type": "string"},
         "promoted": {"type": ["string", "null"]},
+        "allocation": {"type": "string"},
+        "goal": {"type": "string"},
+        "floor": {"type": "number"},
+        "segment": {"type": ["string", "null"]},
         "running": {"type": "boolean"},
     },
 }

@@ -57,6 +57,22 @@ def test_experiments_never_share_a_visitor(tmp_path: Path) -> None:
     assert registry.put("e3", ab(traffic=0.3), NOW + 1).offset == pytest.approx(0.0)
 
 
+def test_an_experiment_on_a_segment_takes_only_its_visitors(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "experiments.json")
+    registry.put("vip-test", ab(segment="vip", traffic=0.5), NOW)
+    registry.put("everyone", ab(traffic=0.5), NOW)
+    assert registry.targeted(NOW)
+    vips = {f"v{n}": registry.assign(f"v{n}", {}, NOW, ["vip"]) for n in range(2000)}
+    others = {f"v{n}": registry.assign(f"v{n}", {}, NOW, ["other"]) for n in range(2000)}
+    in_test = [v for v, chosen in vips.items() if chosen and chosen[0].id == "vip-test"]
+    assert 0.45 < len(in_test) / 2000 < 0.55  # its slice of the segment's visitors
+    assert not any(chosen and chosen[0].id == "vip-test" for chosen in others.values())
+    # A visitor served in it keeps their variant after leaving the segment.
+    kept = registry.assign(in_test[0], {"vip-test": "B"}, NOW, [])
+    assert kept is not None and (kept[0].id, kept[1].name) == ("vip-test", "B")
+    assert Registry(tmp_path / "experiments.json").get("vip-test").segment == "vip"  # type: ignore[union-attr]
+
+
 def test_start_and_stop_times(tmp_path: Path) -> None:
     registry = Registry(tmp_path / "experiments.json")
     registry.put("e1", ab(start="2025-12-07T00:00:00Z", stop="2025-12-08T00:00:00Z"), NOW)
@@ -80,6 +96,7 @@ def test_start_and_stop_times(tmp_path: Path) -> None:
         ({**ab(), "traffic": 2}, "traffic"),
         ({**ab(), "start": "soon"}, "start"),
         ({**ab(), "colour": "red"}, "colour"),
+        ({**ab(), "segment": "not an id"}, "segment"),
     ],
 )
 def test_bad_experiments_name_the_field(tmp_path: Path, doc: dict[str, Any], field: str) -> None:
