@@ -45,6 +45,7 @@ from personify.agents.model import (
 )
 from personify.agents.push import hub, recommendations_message
 from personify.agents.recommend import Recommendation, Recommender, Request
+from personify.agents.segments import registry as segment_registry
 from personify.agents.tuning import apply_setting
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
@@ -329,16 +330,25 @@ def _variant_of(
     data = rec.data
     assert isinstance(data, TableData)
     registry = experiments()
-    if not registry.running(now_ms):
+    ranked = segment_registry()
+    running, ranks = registry.running(now_ms), ranked.ranks()
+    if not running and not ranks:
         return rec, attribution.DEFAULT_VARIANT, True
     segments: list[str] = []
-    if registry.targeted(now_ms):
+    if ranks or registry.targeted(now_ms):
         if profile is None:
             profile = data.profile_of(visitor)
         segments = (profile or {}).get("segments", [])
-    chosen = registry.assign(visitor, data.variants(visitor), now_ms, segments)
+    chosen = None
+    if running:
+        chosen = registry.assign(visitor, data.variants(visitor), now_ms, segments)
     if chosen is None:
-        return rec, attribution.DEFAULT_VARIANT, True
+        own = ranked.ranking_of(segments) if ranks else None
+        if own is None:
+            return rec, attribution.DEFAULT_VARIANT, True
+        # The segment's own ranking: a variant of one, outside any experiment.
+        name = f"segment:{own.id}"
+        return recommender(Variant(name, 1.0, own.ranking)), name, True
     experiment, variant = chosen
     return recommender(variant), attribution.label(experiment.id, variant.name), variant.rerank
 

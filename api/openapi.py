@@ -463,6 +463,7 @@ _SEGMENT = {
         "created": {"type": "string", "format": "date-time"},
         "updated": {"type": "string", "format": "date-time"},
         "size": {"type": "integer", "description": "Its members now."},
+        "ranking": {"type": "object", "additionalProperties": {"type": "number"}},
     },
 }
 _SEGMENT_REQUEST = {
@@ -477,6 +478,13 @@ _SEGMENT_REQUEST = {
             'days_since_order > 30" or \'affinity("outdoor") > 0.5 and orders == 0\'.',
         },
         "description": {"type": "string", "maxLength": 500},
+        "ranking": {
+            "type": "object",
+            "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1000},
+            "description": "Ranking settings its members' lists use, named as the self-tuning "
+            "names them (weights.collab, weights.trending, ..., seed_half_life; 0 turns a "
+            "source off). A visitor in an experiment gets the experiment's variant instead.",
+        },
     },
 }
 

@@ -29,7 +29,7 @@ import ast
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from pathlib import Path
 from typing import Any, Final
@@ -37,7 +37,7 @@ from typing import Any, Final
 import numpy as np
 import orjson
 
-from personify.engine.config import ProfilesConfig
+from personify.engine.config import TUNABLE, ProfilesConfig
 from personify.engine.errors import ValidationError
 from personify.engine.files import write_json
 from personify.engine.models import PURPOSES, format_ts
@@ -118,6 +118,8 @@ _COUNTED: Final = {
     "searches": "search",
 }
 _MAX_RULE: Final = 2000
+#: The largest value a segment's ranking setting may take.
+_MAX_RANKING: Final = 1000.0
 _COMPARE: Final = (ast.Eq, ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 _ARITHMETIC: Final = (ast.Add, ast.Sub, ast.Mult, ast.Div)
 
@@ -563,6 +565,8 @@ class Segment:
         description: what it is for, in words.
         created: when it was first defined (ISO-8601).
         updated: when its rule last changed (ISO-8601).
+        ranking: ranking settings its members' lists use (blend weights, ``seed_half_life``,
+            as the self-tuning names them; empty: the shop's).
     """
 
     id: str
@@ -570,6 +574,7 @@ class Segment:
     description: str
     created: str
     updated: str
+    ranking: dict[str, float] = field(default_factory=dict)
 
     def as_json(self, size: int | None = None) -> dict[str, Any]:
         """The wire form (with its size where known)."""
@@ -579,6 +584,7 @@ class Segment:
             "description": self.description,
             "created": self.created,
             "updated": self.updated,
+            "ranking": self.ranking,
         }
         if size is not None:
             out["size"] = size
@@ -652,13 +658,14 @@ class Registry:
             raise ValidationError("id", "expected 1-64 letters, digits, '_', '.' or '-'")
         if not isinstance(doc, dict):
             raise ValidationError("body", f"expected an object, got {type(doc).__name__}")
-        unknown = set(doc) - {"rule", "description"}
+        unknown = set(doc) - {"rule", "description", "ranking"}
         if unknown:
             raise ValidationError(sorted(unknown)[0], "unknown field")
         rule = check_rule(doc.get("rule"))
         description = doc.get("description", "")
         if not isinstance(description, str) or len(description) > 500:
             raise ValidationError("description", "expected a string of at most 500 characters")
+        ranking = _ranking(doc.get("ranking", {}))
         old = self._all.get(segment_id)
         if old is None and len(self._all) >= self.max_segments:
             raise ValidationError(
@@ -672,6 +679,7 @@ class Registry:
             description=description,
             created=now if old is None else old.created,
             updated=now if old is None or old.rule != rule else old.updated,
+            ranking=ranking,
         )
         self._all[segment_id] = segment
         self._compile()
@@ -692,6 +700,18 @@ class Registry:
         if clusters is not None:
             self.clusters = clusters
         self._save()
+
+    def ranking_of(self, segments: Iterable[str]) -> Segment | None:
+        """The first of ``segments`` (by id) with ranking settings of its own, if any."""
+        for segment_id in sorted(segments):
+            found = self._all.get(segment_id)
+            if found is not None and found.ranking:
+                return found
+        return None
+
+    def ranks(self) -> bool:
+        """Whether a segment has ranking settings of its own."""
+        return any(s.ranking for s in self._all.values())
 
     def members(
         self,
@@ -724,6 +744,22 @@ class Registry:
         held = set(self._rules.members(facts, ids))
         held.update(s for s in stored if s not in evaluated)
         return sorted(held)
+
+
+def _ranking(doc: Any) -> dict[str, float]:
+    """A segment's ranking settings, checked."""
+    if not isinstance(doc, dict):
+        raise ValidationError("ranking", f"expected an object, got {doc!r}")
+    out: dict[str, float] = {}
+    for key, value in doc.items():
+        if key not in TUNABLE:
+            raise ValidationError(f"ranking.{key}", f"unknown setting; known: {', '.join(TUNABLE)}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValidationError(f"ranking.{key}", f"expected a number, got {value!r}")
+        if not 0.0 <= value <= _MAX_RANKING or not math.isfinite(value):
+            raise ValidationError(f"ranking.{key}", f"expected 0 to {_MAX_RANKING:g}")
+        out[key] = float(value)
+    return out
 
 
 def rfm_values(profile: dict[str, Any], now_ms: int) -> tuple[float, float, float] | None:

@@ -238,6 +238,59 @@ def test_kpis_per_segment(live: Any, uid: str) -> None:
     assert found["exposures"] == 1 and found["visitors"] == 1 and found["ctr"] == 1.0
 
 
+def test_an_experiment_on_a_segment_takes_only_its_visitors(live: Any, uid: str) -> None:
+    put_segment(live, f"{tag(uid)}-hiker", 'affinity("outdoor") > 0')
+    doc = {
+        "variants": [{"name": "A"}, {"name": "B", "setting": {"weights.trending": 2.0}}],
+        "segment": f"{tag(uid)}-hiker",
+    }
+    status, body = live.request("PUT", f"/v1/experiments/{tag(uid)}-exp", doc)
+    assert status == 201 and body["segment"] == f"{tag(uid)}-hiker", body
+    try:
+        hiker, cook = f"{uid}-hiker", f"{uid}-cook"
+        post(live, [{"type": "product_view", "user_id": hiker, "item_id": "h-boots"}])
+        post(live, [{"type": "product_view", "user_id": cook, "item_id": "k-pan"}])
+        live.wait_profile(hiker, lambda p: f"{tag(uid)}-hiker" in p["segments"])
+        live.wait_profile(cook, lambda p: p["counts"].get("product_view") == 1)
+
+        def variant(user: str) -> str:
+            status, listed = live.request("GET", f"/v1/users/{user}/recommendations")
+            assert status == 200, listed
+            return str(listed["variant"])
+
+        assert live.wait_for(
+            lambda: variant(hiker).startswith(f"{tag(uid)}-exp/") and variant(hiker),
+            what="the hiker's list in the experiment",
+        )
+        assert variant(cook) == "default"
+    finally:
+        live.request("DELETE", f"/v1/experiments/{tag(uid)}-exp")
+
+
+def test_a_segment_ranks_its_members_lists_its_own_way(live: Any, uid: str) -> None:
+    doc = {"rule": 'affinity("home") > 0', "ranking": {"weights.trending": 3.0}}
+    status, body = live.request("PUT", f"/v1/segments/{tag(uid)}-cooks", doc)
+    assert status == 201 and body["ranking"] == {"weights.trending": 3.0}, body
+    try:
+        cook, hiker = f"{uid}-cook", f"{uid}-hiker"
+        post(live, [{"type": "product_view", "user_id": cook, "item_id": "k-pan"}])
+        post(live, [{"type": "product_view", "user_id": hiker, "item_id": "h-boots"}])
+        live.wait_profile(cook, lambda p: f"{tag(uid)}-cooks" in p["segments"])
+        live.wait_profile(hiker, lambda p: p["counts"].get("product_view") == 1)
+
+        def variant(user: str) -> str:
+            status, listed = live.request("GET", f"/v1/users/{user}/recommendations")
+            assert status == 200, listed
+            return str(listed["variant"])
+
+        live.wait_for(
+            lambda: variant(cook) == f"segment:{tag(uid)}-cooks", what="the cook's own ranking"
+        )
+        assert variant(hiker) == "default"
+    finally:
+        live.request("DELETE", f"/v1/segments/{tag(uid)}-cooks")
+
+
 def test_a_restart_keeps_segments_and_membership(
     live: Any, engine_factory: Callable[..., Any], uid: str
 ) -> None:

@@ -225,3 +225,25 @@ def test_after_events_only_the_rules_they_may_change_are_evaluated(tmp_path: Pat
         "recent",
         "viewer",
     ]
+
+
+def test_a_segment_may_rank_its_own_way(tmp_path: Path) -> None:
+    registry = Registry(tmp_path / "segments.json")
+    assert not registry.ranks()
+    registry.put("new", {"rule": "orders == 0", "ranking": {"weights.trending": 2}}, NOW)
+    registry.put("any", {"rule": "views >= 0"}, NOW)
+    registry.put("b-buyers", {"rule": "orders > 0", "ranking": {"weights.repeat": 0}}, NOW)
+    assert registry.ranks()
+    found = registry.ranking_of(["new", "any", "b-buyers"])
+    assert found is not None and found.id == "b-buyers" and found.ranking == {"weights.repeat": 0}
+    assert registry.ranking_of(["any"]) is None
+    for bad, field in [
+        ({"weights.nope": 1}, "ranking.weights.nope"),
+        ({"weights.collab": -1}, "ranking.weights.collab"),
+        ({"weights.collab": "x"}, "ranking.weights.collab"),
+        ([1], "ranking"),
+    ]:
+        with pytest.raises(ValidationError) as caught:
+            registry.put("x", {"rule": "views > 1", "ranking": bad}, NOW)
+        assert caught.value.field == field
+    assert Registry(tmp_path / "segments.json").get("new").ranking == {"weights.trending": 2.0}  # type: ignore[union-attr]
