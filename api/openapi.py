@@ -319,7 +319,7 @@ _RECOMMENDATIONS = {
         "variant": {
             "type": "string",
             "description": "The experiment variant it was ranked for (experiment/variant), "
-            "or default.",
+            "the visitor's segment's own ranking (segment:<id>), or default.",
         },
         "user_id": {"type": "string"},
         "item_id": {"type": "string"},
@@ -346,6 +346,7 @@ _KPI_ROW = {
     "properties": {
         "variant": {"type": "string"},
         "source": {"type": "string", "description": "An item's strongest reason (kind)."},
+        "segment": {"type": "string", "description": "A rule segment the visitor was in."},
         "day": {"type": "string", "format": "date"},
         "exposures": {"type": "number", "description": "Lists served."},
         "visitors": {"type": "number", "description": "Distinct visitors served, per day."},
@@ -370,7 +371,7 @@ _KPIS = {
     "properties": {
         "from": {"type": "string", "format": "date"},
         "to": {"type": "string", "format": "date"},
-        "by": {"type": "string", "enum": ["variant", "source", "day"]},
+        "by": {"type": "string", "enum": ["variant", "source", "segment", "day"]},
         "rows": {"type": "array", "items": _KPI_ROW},
         "totals": _KPI_ROW,
     },
