@@ -87,6 +87,28 @@ def format_report(quality: dict[str, Any]) -> list[Table]:
     return tables
 
 
+def format_propensity(quality: dict[str, Any]) -> Table | None:
+    """The propensity scores' hold-out figures as a table (None before they are learned)."""
+    found = quality.get("propensity") or {}
+    targets = found.get("targets") or {}
+    if not targets:
+        return None
+    table = Table(title=f"propensity, temporal hold-out (learned to {found.get('trained_to')})")
+    for header in ("score", "visitors", "rate", "ROC-AUC", "recency-frequency", "Brier"):
+        table.add_column(header, justify="left" if header == "score" else "right")
+    for target, e in sorted(targets.items()):
+        baseline = e.get("baseline_roc_auc")
+        table.add_row(
+            target,
+            str(e["visitors"]),
+            f"{e['rate']:.3f}",
+            f"{e['roc_auc']:.3f}",
+            "-" if baseline is None else f"{baseline:.3f}",
+            f"{e['brier']:.3f}",
+        )
+    return table
+
+
 def evaluate_command(
     config: Config,
     *,
@@ -158,4 +180,7 @@ def evaluate_command(
     )
     if validation:
         out.print(f"Validation NDCG@10: {json.dumps(validation)}")
+    scores = format_propensity(quality)
+    if scores is not None:
+        out.print(scores)
     return 0

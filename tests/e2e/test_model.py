@@ -172,6 +172,7 @@ def test_a_model_is_trained_used_restored_and_never_brings_back_a_deleted_item(
         cwd=eng.data_dir.parent,
     )
     assert shown.returncode == 0 and "hold-out: global" in shown.stdout
+    assert "propensity, temporal hold-out" in shown.stdout and "churn_30d" in shown.stdout
     assert len(_quality(eng)["tuning"]["runs"]) == 2
 
     # A deleted item never comes back through the model.
