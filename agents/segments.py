@@ -1,20 +1,24 @@
 """Rule segments: defined over HTTP, kept live by the profile agent, swept on a schedule.
 
-A segment is a rule over the visitor's profile (the language: `personify.tables.segments`).
-The profile agent evaluates every rule for each visitor whose profile it writes, in the same
-fold: a visitor enters or leaves a segment on the event that puts them there, and the change
-is written in the same batch as the profile (their ``segments``, a member row, the segment's
-count). Each change is pushed once to the visitor's sockets as a ``segments`` message and
-handed to the ``personify_action`` hooks (and so the webhook).
+A segment is a rule over the visitor's profile (the language and the registry:
+`personify.tables.segments`). The profile agent evaluates the rules for each visitor whose
+profile it writes, in the same fold (after the visitor's events, only the rules those events
+may change): a visitor enters or leaves a segment on the event that puts them there, and the
+change is written in the same batch as the profile (their ``segments``, a member row, the
+segment's count). Each change is pushed once to the visitor's sockets as a ``segments``
+message, and handed to the ``personify_action`` hooks (and so the webhook) for visitors who
+consent to marketing.
 
 Some rules change without an event (``days_since_order > 30``), and a new or changed rule
-applies to visitors seen before. So every ``[segments] sweep_interval_s``, and right after a
-segment is created, changed or deleted, a sweep reads every profile of the partitions this
-worker holds, computes the RFM cut points again, and sends a ``$segments`` event to each
-visitor whose membership differs: the profile agent (the only writer) evaluates them again.
+applies to visitors seen before. So every ``[segments] sweep_interval_s``, right after a
+segment is created, changed or deleted, and after the propensity scores are learned again
+(where a rule names them), a sweep reads every profile of the partitions this worker holds,
+computes the RFM cut points and the behavioural clusters again, and sends a ``$segments``
+event to each visitor whose membership differs: the profile agent (the only writer) evaluates
+them again.
 
 The registry is this worker's (``DATA_DIR/segments.json``); with several workers, define a
-segment on each.
+segment on each. ``[triggers] high_value_spend`` sets up the ``high_value`` segment.
 """
 
 from __future__ import annotations

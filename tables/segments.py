@@ -15,12 +15,15 @@ parentheses. Anything else (attributes, indexing, other names, lambdas) is refus
 position and the reason, so a rule can never run code.
 
 All the rules are compiled together into one function of a visitor's `Facts`, which computes
-each field once, when a rule first asks for it: evaluating fifty rules for a visitor costs a
-few microseconds.
+each field once, when a rule first asks for it: evaluating fifty rules for a visitor costs
+some ten microseconds. Each rule knows the event types that can change what it says, so after
+a visitor's events only the rules those may change are evaluated again (`Rules.affected`).
 
-Membership is kept in the profile (``segments``: the ids, sorted) and, for listing members, as
-one row per member in the partition's database (`member_key`), with a count per segment
-(`size_key`), written in the same batch as the profile.
+Membership is kept in the profile (``segments``: the ids, sorted; ``segments_of``: which rules
+it was evaluated with) and, for listing members, as one row per member in the partition's
+database (`member_key`), with a count per segment (`size_key`), written in the same batch as
+the profile. The segments defined, the RFM cut points and the clusters are kept by the
+`Registry` (a JSON file).
 """
 
 from __future__ import annotations
