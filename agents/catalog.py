@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mode
@@ -49,7 +50,7 @@ from personify.engine.retry import until_done
 from personify.tables import catalog as catalog_table
 from personify.tables import store
 
-__all__ = ["Embeddings", "catalog_agent", "embeddings", "parse_catalog_message"]
+__all__ = ["Embeddings", "catalog_agent", "embeddings", "on_index_ready", "parse_catalog_message"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
@@ -151,6 +152,11 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             await self._build_index(items)
             ITEMS_EMBEDDED.set(len(self.index))
         self.index_ready.set()
+        for listener in _index_listeners:
+            try:
+                listener()
+            except Exception:
+                _log.exception("index ready listener failed")
         if self.model is None:
             return
         while not self.should_stop:
@@ -243,6 +249,15 @@ class Embeddings(mode.Service):  # type: ignore[misc] # mode is untyped
             await self.save()
         if self.encoder is not None:
             self.encoder.close()
+
+
+#: Called once the text index is built (lists ranked before it have no content source).
+_index_listeners: list[Callable[[], None]] = []
+
+
+def on_index_ready(listener: Callable[[], None]) -> None:
+    """Call ``listener`` once the text index is built."""
+    _index_listeners.append(listener)
 
 
 @functools.cache

@@ -32,7 +32,7 @@ from typing import Any
 import mode
 import orjson
 
-from personify.agents.catalog import embeddings
+from personify.agents.catalog import embeddings, on_index_ready
 from personify.agents.experiments import Variant, experiments
 from personify.agents.exposures import recorder
 from personify.agents.model import (
@@ -895,6 +895,8 @@ def _model_swapped(model: Any) -> None:
 
 
 on_swap(_model_swapped)
+# Lists ranked while the text model loaded had no content source: ranked again once it is in.
+on_index_ready(lambda: _model_swapped(None))
 
 
 async def _on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:

@@ -141,15 +141,22 @@ class Engine:
         )
 
     def add_items(self, items: list[dict[str, Any]]) -> None:
-        """POST ``items`` to a fresh catalog and wait until it holds all of them.
+        """POST ``items`` to a fresh catalog and wait until it holds all of them, embedded.
 
-        Items are indexed partition by partition: the count covers every partition.
+        Items are applied partition by partition: the count covers every partition. Their
+        text vectors follow once the text model is loaded (items whose title has a word have
+        one).
         """
         status, body = self.request("POST", "/v1/items", {"items": items})
         assert status == 202, body
         self.wait_for(
             lambda: self.metric("personify_catalog_items") == len(items),
-            what="the catalog to be indexed",
+            what="the catalog to hold the items",
+        )
+        titled = sum(1 for item in items if any(c.isalpha() for c in str(item.get("title", ""))))
+        self.wait_for(
+            lambda: self.metric("personify_items_embedded") >= titled,
+            what="the items to be embedded",
         )
 
     def profile(self, user_id: str) -> tuple[int, Any]:

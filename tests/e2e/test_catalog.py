@@ -60,6 +60,9 @@ def test_events_right_after_their_items_get_the_category(
     """
     eng = engine_factory().start()
     assert eng.request("POST", "/v1/items", {"items": ITEMS})[0] == 202
+    # The view holds them without waiting for the text model (the items' own topic and the
+    # events' are read side by side: the catalog is applied first, as a backfill does).
+    eng.wait_for(lambda: eng.metric("personify_catalog_items") == len(ITEMS), what="the view")
     views = [
         {"event_id": f"v{n}", "type": "product_view", "user_id": "camper", "item_id": item}
         for n, item in enumerate(["tent", "stove", "mug"])
