@@ -490,6 +490,20 @@ _SEGMENT_REQUEST = {
 }
 
 
+#: The answer of a DELETE of an experiment or a segment.
+_DELETED = {
+    "description": "{id, deleted: true}.",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"id": {"type": "string"}, "deleted": {"type": "boolean"}},
+            }
+        }
+    },
+}
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {
         "name": name,
@@ -985,20 +999,7 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Forget an experiment (admin); its counts stay",
                 "parameters": [_path("experiment_id")],
                 "responses": {
-                    "200": {
-                        "description": "{id, deleted: true}.",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {
-                                        "id": {"type": "string"},
-                                        "deleted": {"type": "boolean"},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "200": _DELETED,
                     "401": _err("No valid API key."),
                     "403": _err("The key lacks the admin scope."),
                     "404": _err("No such experiment."),
@@ -1133,20 +1134,7 @@ OPENAPI: dict[str, Any] = {
                 "summary": "Forget a rule segment (admin); its members leave it",
                 "parameters": [_path("segment_id")],
                 "responses": {
-                    "200": {
-                        "description": "{id, deleted: true}.",
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {
-                                        "id": {"type": "string"},
-                                        "deleted": {"type": "boolean"},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "200": _DELETED,
                     "401": _err("No valid API key."),
                     "403": _err("The key lacks the admin scope."),
                     "404": _err("No such segment."),
