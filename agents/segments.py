@@ -45,6 +45,7 @@ from personify.engine.retry import until_done
 from personify.tables import clusters, profiles, propensity, store
 from personify.tables import segments as rules
 from personify.tables.clusters import Clusters
+from personify.tables.propensity import Propensity
 from personify.tables.segments import Registry, profile_rows, rfm_values
 
 __all__ = [
@@ -68,13 +69,19 @@ _SCORE_FIELDS: Final = frozenset({"purchase_propensity", "churn_propensity"})
 
 
 def differing(
-    registry: Registry, profile: dict[str, Any], cfg: ProfilesConfig, now_ms: int
+    registry: Registry,
+    profile: dict[str, Any],
+    cfg: ProfilesConfig,
+    now_ms: int,
+    scores: Propensity | None,
+    score_ms: int,
 ) -> bool:
-    """Whether the visitor's stored membership differs from what the rules say now."""
+    """Whether the visitor's stored membership differs from what the rules say now.
+
+    ``scores``: the propensity scores in use, computed at ``score_ms`` (the shop's clock).
+    """
     stored: list[str] = profile.get("segments", [])
-    return (
-        registry.members(profile, cfg, now_ms, current_propensity(), shop_clock(now_ms)) != stored
-    )
+    return registry.members(profile, cfg, now_ms, scores, score_ms) != stored
 
 
 def scores_of(profile: dict[str, Any], now_ms: int) -> dict[str, Any]:
@@ -138,7 +145,7 @@ async def sweep() -> dict[str, Any]:
     stale: list[str] = []
     read = 0
     refit_first = reg.uses(_REFITTED)
-    score_ms = shop_clock(now)
+    scores, score_ms = current_propensity(), shop_clock(now)
     async for visitor, profile in _each_profile():
         read += 1
         found = rfm_values(profile, now)
@@ -146,13 +153,13 @@ async def sweep() -> dict[str, Any]:
             values.extend(found)
         if profile.get("last_seen") is not None and not profile.get("alias_of"):
             features.append(propensity.profile_features(profile, score_ms))
-        if not refit_first and differing(reg, profile, cfg, now):
+        if not refit_first and differing(reg, profile, cfg, now, scores, score_ms):
             stale.append(visitor)
     fitted = await asyncio.to_thread(_fit_clusters, features, now)
     reg.set_cuts(rules.rfm_cuts(values, now), fitted)
     if refit_first:  # the scores and clusters the rules compare are the new ones
         async for visitor, profile in _each_profile():
-            if differing(reg, profile, cfg, now):
+            if differing(reg, profile, cfg, now, scores, score_ms):
                 stale.append(visitor)
     for i in range(0, len(stale), _PUBLISH_CHUNK):
         events = [

@@ -553,7 +553,6 @@ def _visitors(partition_db: Any, prefix: bytes, after: str, limit: int) -> Itera
 # -- the segments defined ------------------------------------------------------------------
 
 _ID: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_RFM_FIELDS: Final = frozenset({"recency", "frequency", "monetary"})
 #: Rows of a profiles database that are not profiles: the engine's own, and Faust's.
 _NOT_PROFILES: Final = (PREFIX, b"__faust")
 
@@ -642,10 +641,6 @@ class Registry:
     def uses(self, fields: frozenset[str]) -> bool:
         """Whether a rule names one of ``fields``."""
         return any(fields & set(re.findall(r"[a-z_]+", s.rule)) for s in self._all.values())
-
-    def uses_rfm(self) -> bool:
-        """Whether a rule names an RFM score."""
-        return self.uses(_RFM_FIELDS)
 
     def all(self) -> list[Segment]:
         """Every segment, by id."""
@@ -740,13 +735,11 @@ class Registry:
             return list(self._rules.members(facts))
         ids, evaluated = self._rules.affected(types)
         stored: list[str] = profile.get("segments", [])
-        if not ids:
-            return stored
-        if len(ids) == len(self._rules):
-            return list(self._rules.members(facts))
-        held = set(self._rules.members(facts, ids))
-        held.update(s for s in stored if s not in evaluated)
-        return sorted(held)
+        if len(ids) < len(self._rules):  # the others' answers stand
+            held = set(self._rules.members(facts, ids))
+            held.update(s for s in stored if s not in evaluated)
+            return sorted(held)
+        return list(self._rules.members(facts))
 
 
 def _ranking(doc: Any) -> dict[str, float]:

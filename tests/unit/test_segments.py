@@ -195,10 +195,11 @@ def test_the_registry_keeps_segments_and_cut_points(tmp_path: Path) -> None:
     assert again.cuts == registry.cuts and again.get("vip") is not None
     assert again.members(shopper(), CFG, NOW) == ["vip"]
     assert again.members(shopper() | {"alias_of": "user"}, CFG, NOW) == []
-    assert not again.uses_rfm()
+    rfm = frozenset({"recency", "frequency", "monetary"})
+    assert not again.uses(rfm)
     assert again.delete("new") and not again.delete("new")
     again.put("best", {"rule": "monetary >= 4"}, NOW)
-    assert again.uses_rfm() and [s.id for s in again.all()] == ["best", "vip"]
+    assert again.uses(rfm) and [s.id for s in again.all()] == ["best", "vip"]
 
 
 def test_after_events_only_the_rules_they_may_change_are_evaluated(tmp_path: Path) -> None:
