@@ -76,6 +76,7 @@ from _proc import (
 )
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from segments import stress_rules
 
 from personify.engine.broker import EmbeddedBroker, free_port
 from personify.engine.config import load_config
@@ -1284,25 +1285,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--segments",
         type=int,
         default=0,
-        help="define this many rule segments (PUT /v1/segments) on every engine: a mix of "
-        "counts, spend, recency, affinity, cart, consent and RFM rules",
+        help="define this many rule segments (PUT /v1/segments) on every engine: the stress mix "
+        "of bench/segments.py",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return p.parse_args(argv)
-
-
-#: Rule segments --segments cycles through (each with its own threshold).
-_SEGMENT_RULES = (
-    "views >= {n}",
-    "orders >= 1 and spend > {n}0",
-    "days_since_order > {n} and orders > 0",
-    'affinity("outdoor") > 0.{n} and orders == 0',
-    "cart_value > {n}0 and days_since_seen < 1",
-    'events_in(7) >= {n} and consent("marketing")',
-    "monetary >= 4 and recency <= 2 or frequency == 5 and {n} > 0",
-    "searches >= {n} or cart_items >= {n}",
-)
 
 
 @dataclass
@@ -1434,8 +1422,7 @@ class PersonifyBench:
                 assert resp.status == 201, await resp.text()
         if self.args.experiments:
             print(f"  {self.args.experiments} experiments running", flush=True)
-        for n in range(self.args.segments):
-            rule = _SEGMENT_RULES[n % len(_SEGMENT_RULES)].format(n=n // len(_SEGMENT_RULES) + 1)
+        for n, rule in enumerate(stress_rules(self.args.segments)):
             async with self.session.put(
                 f"{eng.url}/v1/segments/bench-{n}", json={"rule": rule}
             ) as resp:

@@ -43,6 +43,7 @@ from personify.tables.segments import Facts, Rules, profile_rows, rfm_cuts, rfm_
 
 DAY = 86_400_000
 CATEGORIES = ["outdoor/jackets", "outdoor/tents", "home/kitchen", "electronics/audio", "books"]
+#: The kinds of rule `stress_rules` cycles through, each with thresholds 1, 2, ...
 RULES = (
     "views >= {n}",
     "orders >= 1 and spend > {n}0",
@@ -53,6 +54,15 @@ RULES = (
     "monetary >= 4 and recency <= 2 or frequency == 5 and {n} > 0",
     "searches >= {n} or cart_items >= {n}",
 )
+
+
+def stress_rules(count: int) -> list[str]:
+    """``count`` rules over counts, spend, recency, affinity, cart, consent and RFM scores.
+
+    A stress mix (also `bench/ingest.py --segments`): a visitor is in about half of them, and
+    most events change some visitor's membership.
+    """
+    return [RULES[n % len(RULES)].format(n=n // len(RULES) + 1) for n in range(count)]
 
 
 def templates(now_ms: int, rng: random.Random, cfg: ProfilesConfig) -> list[dict[str, Any]]:
@@ -165,12 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         cuts = rfm_cuts(values, now_ms)
         rfm_s += time.perf_counter() - started
-        rules = Rules(
-            {
-                f"s{n}": RULES[n % len(RULES)].format(n=n // len(RULES) + 1)
-                for n in range(args.rules)
-            }
-        )
+        rules = Rules({f"s{n}": rule for n, rule in enumerate(stress_rules(args.rules))})
         held = [0]
 
         def evaluate(row: tuple[str, dict[str, Any]]) -> None:
