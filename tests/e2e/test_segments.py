@@ -67,6 +67,13 @@ def size(eng: Any, segment: str) -> int:
     return int(body["size"])
 
 
+def variant(eng: Any, user: str) -> str:
+    """The variant the visitor's list was ranked for."""
+    status, listed = eng.request("GET", f"/v1/users/{user}/recommendations")
+    assert status == 200, listed
+    return str(listed["variant"])
+
+
 def purchase(user: str, price: float, quantity: int = 1, item: str = "k-pan") -> dict[str, Any]:
     return {
         "type": "purchase",
@@ -253,16 +260,11 @@ def test_an_experiment_on_a_segment_takes_only_its_visitors(live: Any, uid: str)
         live.wait_profile(hiker, lambda p: f"{tag(uid)}-hiker" in p["segments"])
         live.wait_profile(cook, lambda p: p["counts"].get("product_view") == 1)
 
-        def variant(user: str) -> str:
-            status, listed = live.request("GET", f"/v1/users/{user}/recommendations")
-            assert status == 200, listed
-            return str(listed["variant"])
-
         assert live.wait_for(
-            lambda: variant(hiker).startswith(f"{tag(uid)}-exp/") and variant(hiker),
+            lambda: variant(live, hiker).startswith(f"{tag(uid)}-exp/") and variant(live, hiker),
             what="the hiker's list in the experiment",
         )
-        assert variant(cook) == "default"
+        assert variant(live, cook) == "default"
     finally:
         live.request("DELETE", f"/v1/experiments/{tag(uid)}-exp")
 
@@ -278,15 +280,11 @@ def test_a_segment_ranks_its_members_lists_its_own_way(live: Any, uid: str) -> N
         live.wait_profile(cook, lambda p: f"{tag(uid)}-cooks" in p["segments"])
         live.wait_profile(hiker, lambda p: p["counts"].get("product_view") == 1)
 
-        def variant(user: str) -> str:
-            status, listed = live.request("GET", f"/v1/users/{user}/recommendations")
-            assert status == 200, listed
-            return str(listed["variant"])
-
         live.wait_for(
-            lambda: variant(cook) == f"segment:{tag(uid)}-cooks", what="the cook's own ranking"
+            lambda: variant(live, cook) == f"segment:{tag(uid)}-cooks",
+            what="the cook's own ranking",
         )
-        assert variant(hiker) == "default"
+        assert variant(live, hiker) == "default"
     finally:
         live.request("DELETE", f"/v1/segments/{tag(uid)}-cooks")
 
