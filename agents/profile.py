@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import mode
 import orjson
@@ -109,6 +109,18 @@ def _seq_of(headers: Any) -> int | None:
     return None
 
 
+class Membership(NamedTuple):
+    """A visitor's change of segments."""
+
+    visitor: str
+    #: The segments they are in now.
+    segments: list[str]
+    added: list[str]
+    removed: list[str]
+    #: Whether they consent to marketing.
+    marketing: bool
+
+
 @dataclass(slots=True)
 class Folded:
     """What folding one routed message produced."""
@@ -133,9 +145,8 @@ class Folded:
     attributions: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: The KPI counts this round adds.
     tally: attribution.Tally = field(default_factory=attribution.Tally)
-    #: (visitor, segments before, segments after, marketing consent) of each visitor whose
-    #: membership changed.
-    memberships: list[tuple[str, list[str], list[str], bool]] = field(default_factory=list)
+    #: Each visitor whose membership changed.
+    memberships: list[Membership] = field(default_factory=list)
     #: Member rows and segment sizes written with the profiles.
     segment_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: Per segment: visitors who entered it and who left it in this round.
@@ -300,8 +311,16 @@ def _fold_user(
         if not tombstone:
             state["segments_of"] = _segments.digest
         if now != member_of:
-            marketing = profiles.consents(state, "marketing", _cfg.profiles)
-            out.memberships.append((key, member_of, now, marketing))
+            was, now_in = set(member_of), set(now)
+            out.memberships.append(
+                Membership(
+                    key,
+                    now,
+                    [s for s in now if s not in was],
+                    [s for s in member_of if s not in now_in],
+                    profiles.consents(state, "marketing", _cfg.profiles),
+                )
+            )
             if now:
                 state["segments"] = now
             else:
@@ -397,7 +416,7 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
 def _segment_rows(
     table_store: store.TableStore,
     partition: int,
-    changes: list[tuple[str, list[str], list[str], bool]],
+    changes: list[Membership],
     moves: dict[str, list[int]],
 ) -> list[tuple[bytes, bytes | None]]:
     """Member rows added and deleted for ``changes``, and the segments' new sizes.
@@ -405,14 +424,12 @@ def _segment_rows(
     ``moves`` receives, per segment, the visitors who entered it and who left it.
     """
     rows: list[tuple[bytes, bytes | None]] = []
-    for visitor, before, after, _marketing in changes:
-        was = set(before)
-        now = set(after)
-        for segment in now.difference(was):
-            rows.append((segments.member_key(segment, visitor), b""))
+    for change in changes:
+        for segment in change.added:
+            rows.append((segments.member_key(segment, change.visitor), b""))
             moves.setdefault(segment, [0, 0])[0] += 1
-        for segment in was.difference(now):
-            rows.append((segments.member_key(segment, visitor), None))
+        for segment in change.removed:
+            rows.append((segments.member_key(segment, change.visitor), None))
             moves.setdefault(segment, [0, 0])[1] += 1
     names = sorted(moves)
     keys = [segments.size_key(name) for name in names]
@@ -711,9 +728,7 @@ async def profile_agent(stream: Any) -> None:
 _announcing: set[asyncio.Future[None]] = set()
 
 
-def _announce(
-    changes: list[tuple[str, list[str], list[str], bool]], moves: dict[str, list[int]]
-) -> None:
+def _announce(changes: list[Membership], moves: dict[str, list[int]]) -> None:
     """Push each membership change (a ``segments`` message) to the visitor's sockets.
 
     The action hooks (and so the webhook) hear of it only for a visitor who consents to
@@ -731,14 +746,17 @@ def _announce(
     hooked = plugins().has("personify_action")
     pushes = hub()
     actions: list[tuple[str, dict[str, Any], bool]] = []
-    for visitor, before, after, marketing in changes:
-        if not ((hooked and marketing) or pushes.followed(visitor)):
+    for change in changes:
+        hooks = hooked and change.marketing
+        if not (hooks or pushes.followed(change.visitor)):
             continue
-        was, now = set(before), set(after)
-        added = [segment for segment in after if segment not in was]
-        removed = [segment for segment in before if segment not in now]
-        action = {"type": "segments", "segments": after, "added": added, "removed": removed}
-        actions.append((visitor, action, hooked and marketing))
+        action = {
+            "type": "segments",
+            "segments": change.segments,
+            "added": change.added,
+            "removed": change.removed,
+        }
+        actions.append((change.visitor, action, hooks))
     if not actions:
         return
 

@@ -14,10 +14,12 @@ Only what is listed parses: numbers, strings, ``True``/``False``, the fields, th
 parentheses. Anything else (attributes, indexing, other names, lambdas) is refused with the
 position and the reason, so a rule can never run code.
 
-All the rules are compiled together into one function of a visitor's `Facts`, which computes
-each field once, when a rule first asks for it: evaluating fifty rules for a visitor costs
-some ten microseconds. Each rule knows the event types that can change what it says, so after
-a visitor's events only the rules those may change are evaluated again (`Rules.affected`).
+All the rules are compiled together into one Python function of a visitor's `Facts`, which
+computes each field the rules name once (the costlier ones, RFM scores, propensities and the
+cluster, only when a rule reaches them): evaluating fifty rules for a visitor costs a few
+microseconds. Each rule knows the event types that can change what it says, so after a
+visitor's events only the rules those may change are evaluated again (a view cannot change
+``orders >= 2``); what time alone changes (``days_since_order > 30``) the sweep finds.
 
 Membership is kept in the profile (``segments``: the ids, sorted; ``segments_of``: which rules
 it was evaluated with) and, for listing members, as one row per member in the partition's
@@ -34,6 +36,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
+from itertools import compress
 from pathlib import Path
 from typing import Any, Final
 
@@ -255,7 +258,7 @@ def rfm_cuts(values: Sequence[float], at_ms: int) -> Cuts:
 class Facts(dict[str, Any]):
     """A visitor's fields for the rules, each computed when first asked for."""
 
-    __slots__ = ("_cfg", "_clusters", "_cuts", "_now", "_p", "_score_ms", "_scores", "calls")
+    __slots__ = ("_cfg", "_clusters", "_cuts", "_now", "_p", "_score_ms", "_scores")
 
     def __init__(
         self,
@@ -273,12 +276,12 @@ class Facts(dict[str, Any]):
         #: The learned propensity scores, and the time they are computed at (the shop's clock:
         #: a backfill's visitors are scored as of its end).
         self._scores, self._score_ms = scores, now_ms if score_ms is None else score_ms
-        #: Name -> (function, argument) of the calls in the rules (see `Rules`).
-        self.calls: Mapping[str, tuple[str, Any]] = {}
 
     def __missing__(self, name: str) -> Any:
-        value = self._compute(name)
-        self[name] = value
+        field = _FIELD_OF.get(name)
+        if field is None:
+            raise KeyError(name)
+        value = self[name] = field(self)
         return value
 
     def _days_since(self, ts: int | None) -> float:
@@ -294,16 +297,6 @@ class Facts(dict[str, Any]):
         if name == "frequency":
             return _quintile(float(self._p.get("orders", 0)), cuts.frequency)
         return _quintile(float(self._p.get("spend", 0.0)), cuts.monetary)
-
-    def _compute(self, name: str) -> Any:
-        call = self.calls.get(name)
-        if call is not None:
-            function, argument = call
-            return self._functions[function](self, argument)
-        field = _FIELD_OF.get(name)
-        if field is None:
-            raise KeyError(name)
-        return field(self)
 
     def _propensity(self, name: str) -> float:
         found = None
@@ -343,61 +336,84 @@ class Facts(dict[str, Any]):
         since = self._now - days * _DAY_MS
         return sum(1 for start, _end, _n in self._p["session_list"] if start >= since)
 
-    _functions: Final[dict[str, Callable[[Facts, Any], Any]]] = {
-        "affinity": _affinity,
-        "consent": _consent,
-        "count": _count,
-        "events_in": _events_in,
-        "sessions_in": _sessions_in,
-    }
+
+#: The `Facts` method that computes each function of the rule language.
+_METHOD: Final = {name: f"_{name}" for name in FUNCTIONS}
 
 
-#: What a compiled rule sees besides the visitor's facts: nothing of Python's built-ins.
-_GLOBALS: Final[dict[str, Any]] = {"__builtins__": {}}
+#: How each field is computed: Python over the visitor's profile ``_p`` and `Facts` ``_f``.
+_FIELD_CODE: Final[dict[str, str]] = {
+    **{name: f'_p["counts"].get({event_type!r}, 0)' for name, event_type in _COUNTED.items()},
+    "events": '_sum(_p["counts"].values())',
+    "orders": '_p["orders"]',
+    "spend": '_p["spend"]',
+    "aov": '_p["spend"] / _p["orders"] if _p["orders"] else 0.0',
+    "cart_value": "_f._cart_value()",
+    "cart_items": '_sum(line["quantity"] for line in _p["cart"].values())',
+    "sessions": '_p["sessions_closed"] + _len(_p["session_list"])',
+    "engagement": '_p["engagement"]',
+    "days_since_seen": '_f._days_since(_p["last_seen"])',
+    "days_since_order": '_f._days_since(_p.get("last_order"))',
+    "days_since_first_seen": '_f._days_since(_p["first_seen"])',
+    "recency": '_f._rfm("recency")',
+    "frequency": '_f._rfm("frequency")',
+    "monetary": '_f._rfm("monetary")',
+    "purchase_propensity": '_f._propensity("purchase_propensity")',
+    "churn_propensity": '_f._propensity("churn_propensity")',
+    "cluster": "_f._cluster()",
+}
+#: What generated code sees besides the visitor's facts: nothing of Python's built-ins but
+#: these (the rules cannot name them: `check_rule` knows only `FIELDS` and `FUNCTIONS`).
+_SCOPE: Final[dict[str, Any]] = {"__builtins__": {}, "_sum": sum, "_len": len}
 
 
-def _counted(event_type: str) -> Callable[[Facts], Any]:
-    return lambda f: f._p["counts"].get(event_type, 0)
+def _define(name: str, lines: Iterable[str]) -> Any:
+    """The function ``name`` defined by the code ``lines`` (which see `_SCOPE` only)."""
+    scope = dict(_SCOPE)
+    exec(compile("\n".join(lines), f"<{name}>", "exec"), scope)
+    return scope[name]
 
 
-#: How each field is computed from a visitor's facts.
+#: Each field as a function of a visitor's `Facts`.
 _FIELD_OF: Final[dict[str, Callable[[Facts], Any]]] = {
-    **{name: _counted(event_type) for name, event_type in _COUNTED.items()},
-    "events": lambda f: sum(f._p["counts"].values()),
-    "orders": lambda f: f._p["orders"],
-    "spend": lambda f: f._p["spend"],
-    "aov": lambda f: f._p["spend"] / f._p["orders"] if f._p["orders"] else 0.0,
-    "cart_value": lambda f: f._cart_value(),
-    "cart_items": lambda f: sum(line["quantity"] for line in f._p["cart"].values()),
-    "sessions": lambda f: f._p["sessions_closed"] + len(f._p["session_list"]),
-    "engagement": lambda f: f._p["engagement"],
-    "days_since_seen": lambda f: f._days_since(f._p["last_seen"]),
-    "days_since_order": lambda f: f._days_since(f._p.get("last_order")),
-    "days_since_first_seen": lambda f: f._days_since(f._p["first_seen"]),
-    "recency": lambda f: f._rfm("recency"),
-    "frequency": lambda f: f._rfm("frequency"),
-    "monetary": lambda f: f._rfm("monetary"),
-    "purchase_propensity": lambda f: f._propensity("purchase_propensity"),
-    "churn_propensity": lambda f: f._propensity("churn_propensity"),
-    "cluster": lambda f: f._cluster(),
+    name: _define("_field", ["def _field(_f):", "    _p = _f._p", f"    return {code}"])
+    for name, code in _FIELD_CODE.items()
 }
 
 
-class _Calls(ast.NodeTransformer):
-    """Replaces each function call by a name of its own, so it is computed once per visitor."""
+#: Fields computed only when a rule reaches them (through `Facts`, which keeps them): they cost
+#: more than the rest, which are all computed before the rules are.
+_LAZY: Final = frozenset(
+    {"recency", "frequency", "monetary", "purchase_propensity", "churn_propensity", "cluster"}
+)
+
+
+class _Locals(ast.NodeTransformer):
+    """Rewrites a rule over local variables, read before the rules are.
+
+    One local per field and per call (a call's is ``_callN``), except the `_LAZY` fields: those
+    are read from the facts where the rule reaches them.
+    """
 
     def __init__(self) -> None:
-        self.names: dict[tuple[str, Any], str] = {}
+        self.calls: dict[tuple[str, Any], str] = {}
+        #: The locals the rule last visited uses.
+        self.used: set[str] = set()
 
     def visit_Call(self, node: ast.Call) -> ast.AST:
         assert isinstance(node.func, ast.Name) and isinstance(node.args[0], ast.Constant)
         call = (node.func.id, node.args[0].value)
-        name = self.names.setdefault(call, f"_call{len(self.names)}")
+        name = self.calls.setdefault(call, f"_call{len(self.calls)}")
+        self.used.add(name)
         return ast.copy_location(ast.Name(id=name, ctx=ast.Load()), node)
 
-
-def _compiled(node: ast.expr, name: str) -> Any:
-    return compile(ast.fix_missing_locations(ast.Expression(body=node)), name, "eval")
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if node.id in _LAZY:
+            facts = ast.Name(id="_f", ctx=ast.Load())
+            read = ast.Subscript(value=facts, slice=ast.Constant(node.id), ctx=ast.Load())
+            return ast.copy_location(read, node)
+        self.used.add(node.id)
+        return node
 
 
 def _depends(tree: ast.AST) -> frozenset[str] | None:
@@ -423,14 +439,17 @@ def _depends(tree: ast.AST) -> frozenset[str] | None:
     return frozenset(types)
 
 
-#: The event types that change a field; a field not here changes with any event (or with
-#: time: ``days_since_*``, the scores).
+#: The event types that change a field; a field not here changes with any event. Time alone
+#: changes some fields too (the days since an order, the RFM recency): that the sweep finds
+#: (`personify.agents.segments`), as it does for a visitor who does nothing.
 _CHANGED_BY: Final[dict[str, frozenset[str]]] = {
     "views": frozenset({"product_view"}),
     "clicks": frozenset({"click"}),
     "cart_adds": frozenset({"add_to_cart"}),
     "searches": frozenset({"search"}),
     "orders": frozenset({"purchase"}),
+    "days_since_order": frozenset({"purchase"}),
+    "recency": frozenset({"purchase"}),
     "spend": frozenset({"purchase"}),
     "aov": frozenset({"purchase"}),
     "cart_value": frozenset({"add_to_cart", "remove_from_cart", "purchase"}),
@@ -443,63 +462,102 @@ _CHANGED_BY: Final[dict[str, frozenset[str]]] = {
 class Rules:
     """Rules compiled together: `members` evaluates them for one visitor.
 
-    Each rule knows the event types that can change what it says (`_CHANGED_BY`): after events
-    of other types only, its answer stands, and `members` with ``types`` evaluates only the
-    rules those events may change.
+    The rules are compiled into one Python function of the visitor's `Facts`: it computes each
+    field and each call the rules name once, into a local variable, then returns what each rule
+    says. Each rule knows the event types that can change what it says (`_CHANGED_BY`): after
+    events of other types only, its answer stands, and `members` with ``ids`` evaluates only
+    the rules those events may change (`affected`), with a function of their own.
     """
 
     def __init__(self, rules: Mapping[str, str]) -> None:
         self.ids = tuple(sorted(rules))
-        calls = _Calls()
+        local = _Locals()
         trees = {i: ast.parse(check_rule(rules[i]), mode="eval") for i in self.ids}
         self._depends = {i: _depends(tree) for i, tree in trees.items()}
-        self._bodies = {i: calls.visit(trees[i]).body for i in self.ids}
-        self._calls = {name: call for call, name in calls.names.items()}
-        #: Rule ids -> their rules compiled together (all of them, and subsets as asked for).
-        self._codes: dict[tuple[str, ...], Any] = {}
-        #: Event types -> the rules they may change (in order, and as a set).
-        self._affected: dict[frozenset[str], tuple[tuple[str, ...], frozenset[str]]] = {}
-        #: Each rule alone, for a visitor one rule fails on.
-        self._each = {i: _compiled(self._bodies[i], f"<segment {i}>") for i in self.ids}
+        self._bodies: dict[str, str] = {}
+        self._uses: dict[str, frozenset[str]] = {}
+        for i in self.ids:
+            local.used = set()
+            self._bodies[i] = ast.unparse(local.visit(trees[i]).body)
+            self._uses[i] = frozenset(local.used)
+        #: A call's local name -> how it is computed.
+        self._calls = {name: call for call, name in local.calls.items()}
+        #: Rule ids -> the function of those rules (all of them, and subsets as asked for).
+        self._functions: dict[tuple[str, ...], Callable[[Facts], tuple[Any, ...]]] = {}
+        self._all = _Subset(self.ids, self._function(self.ids) if self.ids else _none, frozenset())
+        #: Event types -> the rules they may change.
+        self._affected: dict[frozenset[str], _Subset] = {}
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def affected(self, types: frozenset[str]) -> tuple[tuple[str, ...], frozenset[str]]:
-        """The rules events of ``types`` may change: in order, and as a set."""
+    def _subset(self, types: frozenset[str]) -> _Subset:
+        """The rules events of ``types`` may change."""
         found = self._affected.get(types)
         if found is None:
             ids = tuple(
                 i for i in self.ids if (d := self._depends[i]) is None or not d.isdisjoint(types)
             )
-            found = self._affected[types] = (ids, frozenset(ids))
+            function = self._function(ids) if ids else _none
+            stand = frozenset(self.ids).difference(ids)
+            found = self._affected[types] = _Subset(ids, function, stand)
         return found
 
-    def members(self, facts: Facts, ids: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    def _function(self, ids: tuple[str, ...]) -> Callable[[Facts], tuple[Any, ...]]:
+        """The function of the rules ``ids``: facts -> what each rule says, in order."""
+        found = self._functions.get(ids)
+        if found is None:
+            lines = ["def _rules(_f):", "    _p = _f._p"]
+            for name in sorted(set().union(*(self._uses[i] for i in ids))):
+                call = self._calls.get(name)
+                if call is None:
+                    lines.append(f"    {name} = {_FIELD_CODE[name]}")
+                else:
+                    function, argument = call
+                    lines.append(f"    {name} = _f.{_METHOD[function]}({argument!r})")
+            lines.append(f"    return ({''.join(f'{self._bodies[i]}, ' for i in ids)})")
+            # Only checked rules (`check_rule`) are compiled.
+            found = self._functions[ids] = _define("_rules", lines)
+        return found
+
+    def members(
+        self, facts: Facts, types: frozenset[str] | None = None, stored: Iterable[str] = ()
+    ) -> list[str]:
         """The ids of the segments whose rule holds for ``facts``' visitor (sorted).
 
-        ``ids``: evaluate only these rules (sorted; default all). A rule that fails for this
-        visitor (a division by zero) holds for no one.
+        ``types``: the event types applied since the visitor's membership was ``stored`` (with
+        these rules): only the rules they may change are evaluated, the others' answers stand.
+        Default: every rule is evaluated. A rule that fails for this visitor (a division by
+        zero) holds for no one.
         """
-        ids = self.ids if ids is None else ids
-        if not ids:
-            return ()
-        code = self._codes.get(ids)
-        if code is None:
-            body = ast.Tuple(elts=[self._bodies[i] for i in ids], ctx=ast.Load())
-            code = self._codes[ids] = _compiled(body, "<segments>")
-        facts.calls = self._calls
+        subset = self._all if types is None else self._subset(types)
         try:
-            held = eval(code, _GLOBALS, facts)  # checked by `check_rule`
+            held = list(compress(subset.ids, subset.function(facts)))
         except (ArithmeticError, TypeError, ValueError):
-            return tuple(i for i in ids if self._holds(i, facts))
-        return tuple(i for i, h in zip(ids, held, strict=True) if h)
+            held = [i for i in subset.ids if self._holds(i, facts)]
+        if subset.stand:
+            held.extend(subset.stand.intersection(stored))
+            held.sort()
+        return held
 
     def _holds(self, segment: str, facts: Facts) -> bool:
         try:
-            return bool(eval(self._each[segment], _GLOBALS, facts))  # checked by `check_rule`
+            return bool(self._function((segment,))(facts)[0])
         except (ArithmeticError, TypeError, ValueError):
             return False
+
+
+def _none(_facts: Facts) -> tuple[Any, ...]:
+    return ()
+
+
+@dataclass(frozen=True, slots=True)
+class _Subset:
+    """Some of the rules: their ids (in order) and function, and the rules whose answers stand."""
+
+    ids: tuple[str, ...]
+    function: Callable[[Facts], tuple[Any, ...]]
+    stand: frozenset[str]
 
 
 def member_key(segment: str, visitor: str) -> bytes:
@@ -732,14 +790,8 @@ class Registry:
             return []
         facts = Facts(profile, cfg, now_ms, self.cuts, scores, score_ms, self.clusters)
         if types is None or profile.get("segments_of") != self.digest:
-            return list(self._rules.members(facts))
-        ids, evaluated = self._rules.affected(types)
-        stored: list[str] = profile.get("segments", [])
-        if len(ids) < len(self._rules):  # the others' answers stand
-            held = set(self._rules.members(facts, ids))
-            held.update(s for s in stored if s not in evaluated)
-            return sorted(held)
-        return list(self._rules.members(facts))
+            return self._rules.members(facts)
+        return self._rules.members(facts, types, profile.get("segments", ()))
 
 
 def _ranking(doc: Any) -> dict[str, float]:

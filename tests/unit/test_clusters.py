@@ -55,6 +55,6 @@ def test_a_visitor_is_assigned_the_nearest_cluster_and_rules_can_name_it() -> No
     assert {found.of(p, NOW) for p in keen} == {keen_cluster}
     assert found.of(quiet[0], NOW) != keen_cluster
     rules = Rules({"keen": f"cluster == {keen_cluster}"})
-    assert rules.members(Facts(keen[1], cfg, NOW, clusters=found)) == ("keen",)
-    assert rules.members(Facts(quiet[1], cfg, NOW, clusters=found)) == ()
+    assert rules.members(Facts(keen[1], cfg, NOW, clusters=found)) == ["keen"]
+    assert rules.members(Facts(quiet[1], cfg, NOW, clusters=found)) == []
     assert Facts(keen[1], cfg, NOW)["cluster"] == -1  # not fitted yet

@@ -107,9 +107,9 @@ def test_rules_compare_the_scores_and_none_hold_before_they_are_learned() -> Non
     found = fit(user, kind, ts)
     p = new_profile("u") | {"orders": 12, "last_order": T0, "last_seen": T0, "first_seen": T0}
     rules = Rules({"buyer": "purchase_propensity > 0.5", "unknown": "churn_propensity <= 1"})
-    assert Rules({"x": "churn_propensity >= 0"}).members(Facts(p, ProfilesConfig(), T0)) == ()
+    assert Rules({"x": "churn_propensity >= 0"}).members(Facts(p, ProfilesConfig(), T0)) == []
     held = rules.members(Facts(p, ProfilesConfig(), T0, scores=found, score_ms=T0 + DAY))
-    assert held == ("buyer", "unknown")
+    assert held == ["buyer", "unknown"]
 
 
 def test_roc_auc_needs_both_outcomes() -> None:
