@@ -1223,6 +1223,18 @@ OPENAPI: dict[str, Any] = {
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics",
+                "parameters": [
+                    {
+                        "name": "name[]",
+                        "in": "query",
+                        "required": False,
+                        "description": "Only these samples (repeatable), e.g. "
+                        "personify_events_applied_total; default: all.",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "style": "form",
+                        "explode": True,
+                    }
+                ],
                 "responses": {
                     "200": {"description": "Text exposition format.", "content": {"text/plain": {}}}
                 },

@@ -442,10 +442,10 @@ async def start_quality_run(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus metrics."""
-    return web.Response(
-        body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    """Prometheus metrics: all of them, or only the samples ``name[]`` names (repeatable)."""
+    names = request.query.getall("name[]", [])
+    source = REGISTRY.restricted_registry(names) if names else REGISTRY
+    return web.Response(body=generate_latest(source), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @routes.get("/v1/openapi.json")

@@ -60,7 +60,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -466,9 +466,12 @@ class Personify:
         assert self.proc is not None
         return {"personify": self.proc.pid, "broker": self.broker_pid, "bench": os.getpid()}
 
-    async def metrics(self, session: aiohttp.ClientSession) -> dict[str, float]:
-        """GET /metrics, parsed."""
-        async with session.get(self.url + "/metrics") as resp:
+    async def metrics(
+        self, session: aiohttp.ClientSession, names: Sequence[str] = ()
+    ) -> dict[str, float]:
+        """GET /metrics, parsed: all of them, or only the samples ``names``."""
+        query = [("name[]", name.partition("{")[0]) for name in names]
+        async with session.get(self.url + "/metrics", params=query) as resp:
             return parse_metrics(await resp.text())
 
 
@@ -512,7 +515,7 @@ class Progress:
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Progress:
-        self.base = (await self.eng.metrics(self.session)).get(APPLIED, 0.0)
+        self.base = (await self.eng.metrics(self.session, [APPLIED])).get(APPLIED, 0.0)
         self._task = asyncio.create_task(self._poll())
         return self
 
@@ -524,7 +527,7 @@ class Progress:
 
     async def _poll(self) -> None:
         while True:
-            applied = (await self.eng.metrics(self.session)).get(APPLIED, 0.0)
+            applied = (await self.eng.metrics(self.session, [APPLIED])).get(APPLIED, 0.0)
             self.applied = int(applied - self.base)
             self.samples.append((time.perf_counter(), self.applied))
             await asyncio.sleep(self.interval)
@@ -766,7 +769,7 @@ class Counters:
 
     async def poll(self) -> tuple[int, int]:
         """Read the counters now; return ``(accepted, applied)`` since the base."""
-        m = await self.eng.metrics(self.session)
+        m = await self.eng.metrics(self.session, [ACCEPTED_HTTP, APPLIED])
         self.polls += 1
         self.accepted = int(m.get(ACCEPTED_HTTP, 0.0) - self.base[0])
         self.applied = int(m.get(APPLIED, 0.0) - self.base[1])
@@ -774,7 +777,7 @@ class Counters:
         return self.accepted, self.applied
 
     async def __aenter__(self) -> Counters:
-        m = await self.eng.metrics(self.session)
+        m = await self.eng.metrics(self.session, [ACCEPTED_HTTP, APPLIED])
         self.base = (m.get(ACCEPTED_HTTP, 0.0), m.get(APPLIED, 0.0))
         self._task = asyncio.create_task(self._loop())
         return self
@@ -1174,6 +1177,24 @@ def print_run(r: Run, base: float | None) -> None:
         print(f"  FAILED: {r.failure}", flush=True)
 
 
+#: What the engine did besides folding events, from /metrics: lists ranked, trainings, and
+#: Python's garbage collections.
+_WORK: Final = {
+    "lists ranked": 'personify_lists_computed_total{kind="user"}',
+    "trainings": 'personify_model_trainings_total{outcome="trained"}',
+    "collections gen0": 'python_gc_collections_total{generation="0"}',
+    "gen1": 'python_gc_collections_total{generation="1"}',
+    "gen2": 'python_gc_collections_total{generation="2"}',
+}
+
+
+def engine_work(before: dict[str, float], after: dict[str, float]) -> str:
+    """What the engine did between two reads of /metrics (see `_WORK`)."""
+    return ", ".join(
+        f"{name} {after.get(key, 0.0) - before.get(key, 0.0):,.0f}" for name, key in _WORK.items()
+    )
+
+
 def print_latency(r: Latency) -> None:
     caught = "never" if r.caught_up_s is None else f"{r.caught_up_s:.2f} s after the last send"
     state = f"OVERLOADED: {r.overloaded}" if r.overloaded else "keeping up"
@@ -1508,9 +1529,12 @@ class PersonifyBench:
             )
             spy_dir = a.py_spy if a.repeat > 1 else None
             assert eng.proc is not None
+            before = await eng.metrics(self.session)
             async with py_spy(eng.proc.pid, spy_dir, f"topic_batched_run{n}"):
                 r = await run_topic(eng, self.session, tag, recs, len(evs))
             print_run(r, self.base)
+            work = engine_work(before, await eng.metrics(self.session))
+            print(f"  meanwhile: {work}", flush=True)
             held = await Footprint.of(eng, self.session)
             print(f"  {held.against(empty, len(visitors))}", flush=True)
             self.out.setdefault("a_footprint", []).append(

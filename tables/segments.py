@@ -676,6 +676,7 @@ class Registry:
     def _compile(self) -> None:
         rules = {s.id: s.rule for s in self._all.values()}
         self._rules = Rules(rules)
+        self._ranks = any(s.ranking for s in self._all.values())
         #: Names these rules: a profile evaluated with them keeps it (``segments_of``).
         named = orjson.dumps(rules, option=orjson.OPT_SORT_KEYS)
         self.digest = blake2b(named, digest_size=6).hexdigest()
@@ -767,7 +768,7 @@ class Registry:
 
     def ranks(self) -> bool:
         """Whether a segment has ranking settings of its own."""
-        return any(s.ranking for s in self._all.values())
+        return self._ranks
 
     def members(
         self,

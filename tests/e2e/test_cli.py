@@ -64,6 +64,12 @@ def test_metrics_expose_lag_latency_and_sources(engine: Any, uid: str) -> None:
     assert "personify_events_applied_total" in text
     ticks = re.search(r"^personify_event_loop_delay_seconds_count (\S+)$", text, re.M)
     assert ticks and float(ticks.group(1)) >= 1, "the event loop's delay is measured"
+    # A scraper that polls one counter often asks for it alone.
+    names = ("personify_events_applied_total", "personify_events_accepted_total")
+    query = "&".join(f"name%5B%5D={name}" for name in names)
+    status, only = engine.request("GET", f"/metrics?{query}")
+    samples = {line.split("{")[0].split(" ")[0] for line in str(only).splitlines()}
+    assert status == 200 and samples - {"#"} == set(names), samples
     # Caught up, every partition's lag reads 0 (a round may hold several partitions).
     assert engine.post_events([{"type": "page_view", "user_id": f"{uid}-{n}"} for n in range(40)])
     engine.wait_profile(f"{uid}-39", lambda p: p["counts"] == {"page_view": 1})
