@@ -175,8 +175,6 @@ def _attributor(attr: attribution.Attribution) -> Any:
 
 #: What an exposure's fold reads of a stored profile.
 _EXPOSURE_READS = re.compile(rb'"(?:consent|alias_of)"')
-#: The visitor's segments in a stored profile (ids never hold quotes or brackets).
-_SEGMENTS_RAW = re.compile(rb'"segments":(\[[^\]]*\])')
 
 
 def _only_exposures(evs: list[Event]) -> bool:
@@ -202,7 +200,7 @@ def _fold_user(
         # more than the rest of an exposure's fold). Nothing of the profile is written. Its
         # segments count its KPIs: they are read alone.
         state = profiles.new_profile(key)
-        held = None if raw is None else _SEGMENTS_RAW.search(raw)
+        held = None if raw is None else segments.SEGMENTS_RAW.search(raw)
         if held is not None:
             state["segments"] = orjson.loads(held.group(1))
     else:
@@ -419,17 +417,15 @@ def _segment_rows(
     changes: list[Membership],
     moves: dict[str, list[int]],
 ) -> list[tuple[bytes, bytes | None]]:
-    """Member rows added and deleted for ``changes``, and the segments' new sizes.
+    """The rows of the segments' new sizes after ``changes``.
 
     ``moves`` receives, per segment, the visitors who entered it and who left it.
     """
     rows: list[tuple[bytes, bytes | None]] = []
     for change in changes:
         for segment in change.added:
-            rows.append((segments.member_key(segment, change.visitor), b""))
             moves.setdefault(segment, [0, 0])[0] += 1
         for segment in change.removed:
-            rows.append((segments.member_key(segment, change.visitor), None))
             moves.setdefault(segment, [0, 0])[1] += 1
     names = sorted(moves)
     keys = [segments.size_key(name) for name in names]

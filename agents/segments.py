@@ -4,8 +4,8 @@ A segment is a rule over the visitor's profile (the language and the registry:
 `personify.tables.segments`). The profile agent evaluates the rules for each visitor whose
 profile it writes, in the same fold (after the visitor's events, only the rules those events
 may change): a visitor enters or leaves a segment on the event that puts them there, and the
-change is written in the same batch as the profile (their ``segments``, a member row, the
-segment's count). Each change is pushed once to the visitor's sockets as a ``segments``
+change is written in the same batch as the profile (their ``segments``, and the segment's
+count). Each change is pushed once to the visitor's sockets as a ``segments``
 message, and handed to the ``personify_action`` hooks (and so the webhook) for visitors who
 consent to marketing.
 

@@ -22,10 +22,9 @@ visitor's events only the rules those may change are evaluated again (a view can
 ``orders >= 2``); what time alone changes (``days_since_order > 30``) the sweep finds.
 
 Membership is kept in the profile (``segments``: the ids, sorted; ``segments_of``: which rules
-it was evaluated with) and, for listing members, as one row per member in the partition's
-database (`member_key`), with a count per segment (`size_key`), written in the same batch as
-the profile. The segments defined, the RFM cut points and the clusters are kept by the
-`Registry` (a JSON file).
+it was evaluated with), and a count per segment and partition (`size_key`) is written in the
+same batch. Members are listed from the profiles (`members`). The segments defined, the RFM
+cut points and the clusters are kept by the `Registry` (a JSON file).
 """
 
 from __future__ import annotations
@@ -54,14 +53,13 @@ from personify.tables.signals import PREFIX
 __all__ = [
     "FIELDS",
     "FUNCTIONS",
-    "MEMBER_PREFIX",
+    "SEGMENTS_RAW",
     "Cuts",
     "Facts",
     "Registry",
     "Rules",
     "Segment",
     "check_rule",
-    "member_key",
     "members",
     "profile_rows",
     "rfm_cuts",
@@ -70,8 +68,6 @@ __all__ = [
     "sizes",
 ]
 
-#: One row per member: ``MEMBER_PREFIX`` + segment + NUL + visitor.
-MEMBER_PREFIX: Final = PREFIX + b"m"
 #: A segment's member count in the partition: ``SIZE_PREFIX`` + segment.
 SIZE_PREFIX: Final = PREFIX + b"n"
 
@@ -560,11 +556,6 @@ class _Subset:
     stand: frozenset[str]
 
 
-def member_key(segment: str, visitor: str) -> bytes:
-    """The row that says ``visitor`` is in ``segment``."""
-    return MEMBER_PREFIX + segment.encode() + b"\x00" + visitor.encode()
-
-
 def size_key(segment: str) -> bytes:
     """The partition's count of ``segment``'s members."""
     return SIZE_PREFIX + segment.encode()
@@ -585,26 +576,36 @@ def sizes(partition_dbs: Iterable[Any], segments: Iterable[str]) -> dict[str, in
 def members(
     partition_dbs: Iterable[Any], segment: str, after: str = "", limit: int = 100
 ) -> list[str]:
-    """Up to ``limit`` of ``segment``'s members after ``after``, in id order (all partitions)."""
-    prefix = MEMBER_PREFIX + segment.encode() + b"\x00"
+    """Up to ``limit`` of ``segment``'s members after ``after``, in id order (all partitions).
+
+    Read from the profiles themselves (their ``segments``, found in the stored bytes without
+    decoding them): a page of a segment that holds a small share of the visitors reads many
+    profiles.
+    """
+    held = b'"' + segment.encode() + b'"'
     found: list[str] = []
     for partition_db in partition_dbs:
-        found.extend(_visitors(partition_db, prefix, after, limit))
+        found.extend(_visitors(partition_db, held, after, limit))
     return sorted(found)[:limit]
 
 
-def _visitors(partition_db: Any, prefix: bytes, after: str, limit: int) -> Iterator[str]:
+#: Where visitors' rows start: past the engine's own (`PREFIX`).
+_FIRST_VISITOR: Final = bytes([PREFIX[0] + 1])
+#: The segments in a stored profile (ids never hold quotes or brackets).
+SEGMENTS_RAW: Final = re.compile(rb'"segments":(\[[^\]]*\])')
+
+
+def _visitors(partition_db: Any, held: bytes, after: str, limit: int) -> Iterator[str]:
     it = partition_db.iter()
-    it.seek(prefix + after.encode())
+    it.seek(max(after.encode(), _FIRST_VISITOR))  # the engine's own rows sort first: skipped
     n = 0
     while it.valid() and n < limit:
         key: bytes = it.key()
-        if not key.startswith(prefix):
-            break
-        visitor = key[len(prefix) :].decode()
-        if visitor != after:
-            yield visitor
-            n += 1
+        if not key.startswith(_NOT_PROFILES) and key != after.encode():
+            found = SEGMENTS_RAW.search(it.value() or b"")
+            if found is not None and held in found.group(1):
+                yield key.decode()
+                n += 1
         it.next()
 
 

@@ -10,13 +10,12 @@ from rocksdict import Rdict
 
 from personify.engine.config import ProfilesConfig
 from personify.engine.errors import ValidationError
-from personify.tables.profiles import apply_events, new_profile
+from personify.tables.profiles import apply_events, encode, new_profile
 from personify.tables.segments import (
     Facts,
     Registry,
     Rules,
     check_rule,
-    member_key,
     members,
     rfm_cuts,
     rfm_values,
@@ -154,12 +153,16 @@ def test_rfm_scores_follow_the_quintiles_of_the_buyers() -> None:
     assert rfm_values(new_profile("n"), NOW) is None
 
 
-def test_member_rows_page_in_id_order_over_partitions(tmp_path: Path) -> None:
+def test_members_page_in_id_order_over_partitions(tmp_path: Path) -> None:
     dbs = [Rdict(str(tmp_path / f"p{n}")) for n in range(3)]
     try:
         for n in range(7):
-            dbs[n % 3][member_key("vip", f"v{n}")] = b""
-            dbs[n % 3][member_key("vipx", f"w{n}")] = b""  # a segment whose id extends it
+            dbs[n % 3][f"v{n}".encode()] = encode(new_profile(f"v{n}") | {"segments": ["vip"]})
+            # a segment whose id extends it, and no segment
+            dbs[n % 3][f"w{n}".encode()] = encode(new_profile(f"w{n}") | {"segments": ["vipx"]})
+            dbs[n % 3][f"x{n}".encode()] = encode(new_profile(f"x{n}"))
+        dbs[1][b"\x00h-v9"] = b'{"segments":["vip"]}'  # the engine's own rows are not visitors
+        dbs[2][b"__faust.offset"] = b"12"
         dbs[0][size_key("vip")] = b"3"
         dbs[1][size_key("vip")] = b"4"
         pages, after = [], ""
