@@ -217,7 +217,7 @@ def test_an_erased_visitor_leaves_every_segment(live: Any, uid: str) -> None:
     live.wait_for(lambda: uid in members(live, f"{tag(uid)}-viewer"), what="the viewer a member")
     assert live.request("DELETE", f"/v1/users/{uid}")[0] == 202
     live.wait_for(lambda: live.profile(uid)[0] == 404, what="the erasure")
-    live.wait_for(lambda: members(live, f"{tag(uid)}-viewer") == [], what="the member row gone")
+    live.wait_for(lambda: members(live, f"{tag(uid)}-viewer") == [], what="off the member list")
     assert size(live, f"{tag(uid)}-viewer") == 0
 
 

@@ -1,4 +1,4 @@
-"""The rule language of segments, RFM cut points, and the member rows."""
+"""The rule language of segments, RFM cut points, and members listed from the profiles."""
 
 from __future__ import annotations
 
