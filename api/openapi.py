@@ -1159,7 +1159,10 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": {
-                        "description": "{segment, members: [id], next: id or null}.",
+                        "description": "{segment, members: [id], next: id or null}. Members "
+                        "are read from the stored profiles, a bounded number per page: a page "
+                        "may be short, even empty, with a next to go on from; null means no "
+                        "member after these.",
                         "content": {
                             "application/json": {
                                 "schema": {

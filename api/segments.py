@@ -111,12 +111,5 @@ async def segment_members(request: web.Request) -> web.Response:
         return json_error(
             400, f"expected a whole number from 1 to {_MAX_PAGE}, got {raw_limit!r}", "limit", ""
         )
-    found = rules.members(_dbs(), segment_id, after, limit + 1)
-    page = found[:limit]
-    return json_response(
-        {
-            "segment": segment_id,
-            "members": page,
-            "next": page[-1] if len(found) > limit else None,
-        }
-    )
+    page, following = rules.members(_dbs(), segment_id, after, limit)
+    return json_response({"segment": segment_id, "members": page, "next": following})

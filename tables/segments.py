@@ -574,19 +574,33 @@ def sizes(partition_dbs: Iterable[Any], segments: Iterable[str]) -> dict[str, in
 
 
 def members(
-    partition_dbs: Iterable[Any], segment: str, after: str = "", limit: int = 100
-) -> list[str]:
+    partition_dbs: Iterable[Any],
+    segment: str,
+    after: str = "",
+    limit: int = 100,
+    budget: int = 50_000,
+) -> tuple[list[str], str | None]:
     """Up to ``limit`` of ``segment``'s members after ``after``, in id order (all partitions).
 
     Read from the profiles themselves (their ``segments``, found in the stored bytes without
-    decoding them): a page of a segment that holds a small share of the visitors reads many
-    profiles.
+    decoding them). Each partition reads at most ``budget`` profiles, so a segment that holds
+    a small share of the visitors may take several pages, some of them short or empty.
+    Returns the members and where the next page starts (None: no member after them).
     """
     held = b'"' + segment.encode() + b'"'
     found: list[str] = []
+    #: The least id a partition stopped at before its end: members up to it are all found.
+    bound: str | None = None
     for partition_db in partition_dbs:
-        found.extend(_visitors(partition_db, held, after, limit))
-    return sorted(found)[:limit]
+        ids, stopped = _visitors(partition_db, held, after, limit + 1, budget)
+        found.extend(ids)
+        if stopped is not None and (bound is None or stopped < bound):
+            bound = stopped
+    complete = sorted(v for v in found if bound is None or v <= bound)
+    page = complete[:limit]
+    if len(complete) > limit:
+        return page, page[-1]
+    return page, bound
 
 
 #: Where visitors' rows start: past the engine's own (`PREFIX`).
@@ -595,18 +609,29 @@ _FIRST_VISITOR: Final = bytes([PREFIX[0] + 1])
 SEGMENTS_RAW: Final = re.compile(rb'"segments":(\[[^\]]*\])')
 
 
-def _visitors(partition_db: Any, held: bytes, after: str, limit: int) -> Iterator[str]:
+def _visitors(
+    partition_db: Any, held: bytes, after: str, limit: int, budget: int
+) -> tuple[list[str], str | None]:
+    """A partition's members after ``after``, and the last id read (None: it read to its end).
+
+    It stops at ``limit`` members, or after reading ``budget`` profiles (at least one).
+    """
     it = partition_db.iter()
-    it.seek(max(after.encode(), _FIRST_VISITOR))  # the engine's own rows sort first: skipped
-    n = 0
-    while it.valid() and n < limit:
+    start = after.encode()
+    it.seek(max(start, _FIRST_VISITOR))  # the engine's own rows sort first: skipped
+    found: list[str] = []
+    read, last = 0, after
+    while it.valid():
         key: bytes = it.key()
-        if not key.startswith(_NOT_PROFILES) and key != after.encode():
-            found = SEGMENTS_RAW.search(it.value() or b"")
-            if found is not None and held in found.group(1):
-                yield key.decode()
-                n += 1
+        if not key.startswith(_NOT_PROFILES) and key != start:
+            if len(found) == limit or read >= max(budget, 1):
+                return found, last
+            read, last = read + 1, key.decode()
+            raw = SEGMENTS_RAW.search(it.value() or b"")
+            if raw is not None and held in raw.group(1):
+                found.append(last)
         it.next()
+    return found, None
 
 
 # -- the segments defined ------------------------------------------------------------------

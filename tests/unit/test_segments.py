@@ -165,14 +165,22 @@ def test_members_page_in_id_order_over_partitions(tmp_path: Path) -> None:
         dbs[2][b"__faust.offset"] = b"12"
         dbs[0][size_key("vip")] = b"3"
         dbs[1][size_key("vip")] = b"4"
-        pages, after = [], ""
-        while True:
-            page = members(dbs, "vip", after, 3)
-            if not page:
-                break
-            pages.append(page)
-            after = page[-1]
-        assert pages == [["v0", "v1", "v2"], ["v3", "v4", "v5"], ["v6"]]
+
+        def pages(budget: int) -> list[list[str]]:
+            out: list[list[str]] = []
+            after: str | None = ""
+            while after is not None:
+                page, after = members(dbs, "vip", after, 3, budget)
+                out.append(page)
+                assert len(out) < 50, "the cursor moves on"
+            return out
+
+        assert pages(50_000) == [["v0", "v1", "v2"], ["v3", "v4", "v5"], ["v6"]]
+        # Reading one profile per partition and page: short pages, the same members in order.
+        short = pages(1)
+        assert max(len(page) for page in short) <= 3 and len(short) > 3
+        assert [v for page in short for v in page] == [f"v{n}" for n in range(7)]
+        assert members(dbs, "none", "", 3) == ([], None)
         assert sizes(dbs, ["vip", "none"]) == {"vip": 7, "none": 0}
     finally:
         for partition_db in dbs:
