@@ -147,8 +147,8 @@ class Folded:
     tally: attribution.Tally = field(default_factory=attribution.Tally)
     #: Each visitor whose membership changed.
     memberships: list[Membership] = field(default_factory=list)
-    #: Member rows and segment sizes written with the profiles.
-    segment_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
+    #: The segments' sizes, written with the profiles.
+    size_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: Per segment: visitors who entered it and who left it in this round.
     segment_moves: dict[str, list[int]] = field(default_factory=dict)
     signals: signals.SignalBatch = field(
@@ -401,7 +401,7 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
     if out.tally:
         out.attributions.extend(_kpi_rows(table_store, partition, out.tally))
     if out.memberships:
-        out.segment_rows = _segment_rows(table_store, partition, out.memberships, out.segment_moves)
+        out.size_rows = _size_rows(table_store, partition, out.memberships, out.segment_moves)
     if out.signals.updates:
         live = _live[partition]
         missing = live.missing(out.signals.updates)
@@ -411,7 +411,7 @@ def fold_batch(table_store: store.TableStore, partition: int, events: list[Event
     return out
 
 
-def _segment_rows(
+def _size_rows(
     table_store: store.TableStore,
     partition: int,
     changes: list[Membership],
@@ -671,7 +671,7 @@ async def profile_agent(stream: Any) -> None:
                             *f.writes,
                             *f.history,
                             *f.attributions,
-                            *f.segment_rows,
+                            *f.size_rows,
                             (POSITION_KEY, positions[p].encode()),
                         ],
                     ),

@@ -1177,14 +1177,10 @@ def print_run(r: Run, base: float | None) -> None:
         print(f"  FAILED: {r.failure}", flush=True)
 
 
-#: What the engine did besides folding events, from /metrics: lists ranked, trainings, and
-#: Python's garbage collections.
+#: What the engine did besides folding events, from /metrics: lists ranked and trainings.
 _WORK: Final = {
     "lists ranked": 'personify_lists_computed_total{kind="user"}',
     "trainings": 'personify_model_trainings_total{outcome="trained"}',
-    "collections gen0": 'python_gc_collections_total{generation="0"}',
-    "gen1": 'python_gc_collections_total{generation="1"}',
-    "gen2": 'python_gc_collections_total{generation="2"}',
 }
 
 

@@ -461,8 +461,8 @@ class Rules:
     The rules are compiled into one Python function of the visitor's `Facts`: it computes each
     field and each call the rules name once, into a local variable, then returns what each rule
     says. Each rule knows the event types that can change what it says (`_CHANGED_BY`): after
-    events of other types only, its answer stands, and `members` with ``ids`` evaluates only
-    the rules those events may change (`affected`), with a function of their own.
+    events of other types only, its answer stands, and `members` with ``types`` evaluates only
+    the rules those events may change, with a function of their own.
     """
 
     def __init__(self, rules: Mapping[str, str]) -> None:
