@@ -1184,11 +1184,9 @@ _WORK: Final = {
 }
 
 
-def engine_work(before: dict[str, float], after: dict[str, float]) -> str:
+def engine_work(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     """What the engine did between two reads of /metrics (see `_WORK`)."""
-    return ", ".join(
-        f"{name} {after.get(key, 0.0) - before.get(key, 0.0):,.0f}" for name, key in _WORK.items()
-    )
+    return {name: round(after.get(key, 0.0) - before.get(key, 0.0)) for name, key in _WORK.items()}
 
 
 def print_latency(r: Latency) -> None:
@@ -1530,7 +1528,7 @@ class PersonifyBench:
                 r = await run_topic(eng, self.session, tag, recs, len(evs))
             print_run(r, self.base)
             work = engine_work(before, await eng.metrics(self.session))
-            print(f"  meanwhile: {work}", flush=True)
+            print(f"  meanwhile: {', '.join(f'{k} {v:,}' for k, v in work.items())}", flush=True)
             held = await Footprint.of(eng, self.session)
             print(f"  {held.against(empty, len(visitors))}", flush=True)
             self.out.setdefault("a_footprint", []).append(
@@ -1543,7 +1541,10 @@ class PersonifyBench:
                     f"{ratio(r.applied.steady_rate, first)} run 1",
                     flush=True,
                 )
-            self.out["a_topic_batched" if n == 1 else f"a_topic_batched_run{n}"] = r.as_dict()
+            self.out["a_topic_batched" if n == 1 else f"a_topic_batched_run{n}"] = {
+                **r.as_dict(),
+                "meanwhile": work,
+            }
             name = f"(a) topic, {a.batch} events/msg{run_of}"
             self.rows.append(Row.of(name, r, self.base, goal=True))
             if r.failure:

@@ -8,9 +8,12 @@ Runs ``bench/ingest.py --only a --skip-naive`` (200,000 events over 20,000 visit
 the events topic at once, a fresh engine each time) ``--pairs`` times with no segment and as
 many times with ``--segments`` rule segments (the stress mix of `bench/segments.py`), in the
 order none, segments, segments, none, none, ... so that a drift of the machine weighs on both
-alike. Prints each run's steady rate and the engine's CPU time per event, then the medians and
-their ratios: the rate with segments over the rate without (the goal: at least 0.9), and the
-CPU time per event without over with. Extra arguments after ``--`` go to every ingest run.
+alike. Prints each run's steady rate, the engine's CPU time per event and what it did meanwhile
+(trainings of the model, lists ranked), then the medians and their ratios: the rate with
+segments over the rate without (the goal: at least 0.9), and the CPU time per event without
+over with; then the rate ratio over the runs with the most common number of trainings only (a
+second training that starts before a run ends takes CPU from it, whether segments are on or
+not). Extra arguments after ``--`` go to every ingest run.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def one_run(segments: int, extra: list[str], out_dir: Path, n: int) -> dict[str, float]:
-    """One ingest run: its steady rate (events/s) and the engine's CPU µs per event."""
+    """One ingest run: rate (events/s), engine CPU µs per event, trainings and lists meanwhile."""
     out = out_dir / f"run{n}-{segments}.json"
     command = [sys.executable, str(HERE / "ingest.py"), "--only", "a", "--skip-naive"]
     command += ["--json", str(out), *(["--segments", str(segments)] if segments else []), *extra]
@@ -41,7 +44,31 @@ def one_run(segments: int, extra: list[str], out_dir: Path, n: int) -> dict[str,
     if a.get("failure"):
         raise SystemExit(f"run {n} failed: {a['failure']}")
     cpu_s = a["cpu"]["personify"] * a["first_send_to_last_applied_s"]
-    return {"rate": a["steady_rate"], "cpu_us": 1e6 * cpu_s / a["events"]}
+    work = a.get("meanwhile", {})
+    return {
+        "rate": a["steady_rate"],
+        "cpu_us": 1e6 * cpu_s / a["events"],
+        "trainings": work.get("trainings", 0),
+        "lists": work.get("lists ranked", 0),
+    }
+
+
+def like_for_like(runs: dict[int, list[dict[str, float]]], segments: int) -> str | None:
+    """The ratio of median rates over the runs with as many trainings as the most common count.
+
+    A training (and the tuning after it) that starts within a run takes CPU from ingestion;
+    whether the second one starts before the run ends is a matter of timing, not of segments.
+    """
+    counts = [r["trainings"] for found in runs.values() for r in found]
+    common = max(set(counts), key=counts.count)
+    kept = {k: [r["rate"] for r in found if r["trainings"] == common] for k, found in runs.items()}
+    if not kept[0] or not kept[segments]:
+        return None
+    ratio = statistics.median(kept[segments]) / statistics.median(kept[0])
+    return (
+        f"runs with {common:.0f} training(s) only ({len(kept[0])} without, "
+        f"{len(kept[segments])} with): rate {ratio:.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,6 +84,14 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="personify-segments-ingest-") as tmp:
         for n, segments in enumerate(order, 1):
             runs[segments].append(one_run(segments, args.extra, Path(tmp), n))
+    head = ("run", "segments", "events/s", "CPU µs/event", "trainings", "lists")
+    print("\n{:>3} {:>8} {:>9} {:>13} {:>10} {:>7}".format(*head))
+    for n, segments in enumerate(order, 1):
+        r = runs[segments][order[:n].count(segments) - 1]
+        print(
+            f"{n:>3} {segments:>8} {r['rate']:>9,.0f} {r['cpu_us']:>13.0f} "
+            f"{r['trainings']:>10.0f} {r['lists']:>7,.0f}"
+        )
     print(f"\n{'segments':>8}  {'events/s (each run)':<40} {'median':>8}  CPU µs/event (median)")
     medians: dict[int, dict[str, float]] = {}
     for segments, found in runs.items():
@@ -76,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
         f"\n{args.segments} segments / none: rate {rate_ratio:.2f}x ({verdict}); "
         f"CPU per event {cpu_ratio:.2f}x (none over with)"
     )
+    alike = like_for_like(runs, args.segments)
+    if alike:
+        print(alike)
     if args.json:
         doc: dict[str, Any] = {
             **run_record(args),
@@ -83,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
             "medians": {str(k): v for k, v in medians.items()},
             "rate_ratio": rate_ratio,
             "cpu_ratio": cpu_ratio,
+            "like_for_like": alike,
         }
         Path(args.json).write_text(json.dumps(doc, indent=2))
 
