@@ -11,23 +11,21 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import re
 import time
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import mode
 import orjson
 
+from personify.agents import fold
 from personify.agents.catalog import embeddings
 from personify.agents.exposures import recorder
 from personify.agents.ingest import send_dead_letter
 from personify.agents.lists import profiles_changed, signals_changed
 from personify.agents.model import current_propensity, note_interactions, shop_clock
 from personify.agents.push import deliver, hub
-from personify.agents.segments import RESEGMENT
 from personify.agents.segments import registry as segment_registry
 from personify.agents.triggers import note_timers, queue_events
 from personify.engine.app import (
@@ -52,52 +50,28 @@ from personify.engine.metrics import (
     ROUTED_END_OFFSET,
     SEGMENT_CHANGES,
     SEGMENT_SIZE,
-    SIGNAL_ROWS_CACHED,
 )
-from personify.engine.models import Event, event_key, format_ts, internal_event
+from personify.engine.models import Event, format_ts
 from personify.engine.publisher import SEQ_HEADER, Publisher
 from personify.engine.retry import until_done
 from personify.plugins.manager import plugins
-from personify.tables import attribution, history, profiles, segments, signals, store
+from personify.tables import attribution, profiles, store
 from personify.tables.catalog import catalog
 from personify.tables.positions import POSITION_KEY, Position
 
-__all__ = ["Folded", "fold_batch", "profile_agent"]
+__all__ = ["flush_signals", "profile_agent"]
 
 _log = get_logger(__name__)
 _cfg = current_config()
 _store = store.TableStore(profiles.table(), changelog=_cfg.changelog_enabled)
 _routed = topic(*routed_names(_cfg))
 _audit_topic = topic(_cfg.topics.audit)
-#: Whether item interactions are kept for the learned model ([model] enabled).
-_keep_history = _cfg.model.enabled
-#: Whether lists served are joined to what visitors do next ([attribution] enabled).
-_attributing = _cfg.attribution.enabled
-#: A visitor's attribution row is read for a round with one of these events.
-_ATTRIBUTED = attribution.OUTCOMES | {
-    attribution.EXPOSURE,
-    profiles.MERGE,
-    profiles.LINK,
-    profiles.ERASE,
-    "consent",
-}
-#: Per partition, the newest day whose KPI row it wrote (older rows expire as days start).
-_kpi_day: dict[int, str] = {}
-#: The segments defined on this worker (`personify.agents.segments`).
-_segments = segment_registry()
-#: Per partition, this agent's signal rows (held compactly), and which changed since the
-#: last flush.
-_numbers = signals.ItemNumbers()
-_live: defaultdict[int, signals.LiveRows] = defaultdict(
-    lambda: signals.LiveRows(_cfg.recommend, numbers=_numbers)
+#: The fold and the signal rows held until flushed (`personify.agents.fold`).
+_folder = fold.Folder(
+    fold.FoldSettings.of(
+        _cfg, segment_registry(), catalog().category_of, current_propensity, shop_clock
+    )
 )
-_flush_lock = asyncio.Lock()
-#: Set while a flush that must not wait (partitions moving, stopping) waits for the lock.
-_hurry = asyncio.Event()
-#: Signal rows encoded and written per turn of the event loop in a flush, and the longest pause
-#: between two slices of a flush spread over time.
-_FLUSH_SLICE = 100
-_MAX_FLUSH_PAUSE_S = 0.25
 #: A periodic flush is spread over half the flush interval.
 _FLUSH_SPREAD_S = _cfg.recommend.signal_flush_interval_s / 2
 
@@ -109,423 +83,19 @@ def _seq_of(headers: Any) -> int | None:
     return None
 
 
-class Membership(NamedTuple):
-    """A visitor's change of segments."""
-
-    visitor: str
-    #: The segments they are in now.
-    segments: list[str]
-    added: list[str]
-    removed: list[str]
-    #: Whether they consent to marketing.
-    marketing: bool
-
-
-@dataclass(slots=True)
-class Folded:
-    """What folding one routed message produced."""
-
-    applied: int = 0
-    skipped: int = 0
-    vetoed: int = 0
-    #: (visitor, erasure request id) erased in this round.
-    erased: list[tuple[str, str]] = field(default_factory=list)
-    onward: list[Event] = field(default_factory=list)
-    writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
-    #: The events applied (new), in order.
-    events: list[Event] = field(default_factory=list)
-    #: The new profile of each visitor written (not of those erased).
-    states: dict[str, profiles.Profile] = field(default_factory=dict)
-    failed: list[tuple[Event, str]] = field(default_factory=list)
-    #: History rows written (and deleted) with the profiles, for the learned model.
-    history: list[tuple[bytes, bytes | None]] = field(default_factory=list)
-    #: Item interactions applied (rows added to the history).
-    interactions: int = 0
-    #: Attribution rows and KPI rows written with the profiles (no list depends on them).
-    attributions: list[tuple[bytes, bytes | None]] = field(default_factory=list)
-    #: The KPI counts this round adds.
-    tally: attribution.Tally = field(default_factory=attribution.Tally)
-    #: Each visitor whose membership changed.
-    memberships: list[Membership] = field(default_factory=list)
-    #: The segments' sizes, written with the profiles.
-    size_rows: list[tuple[bytes, bytes | None]] = field(default_factory=list)
-    #: Per segment: visitors who entered it and who left it in this round.
-    segment_moves: dict[str, list[int]] = field(default_factory=dict)
-    signals: signals.SignalBatch = field(
-        default_factory=lambda: signals.SignalBatch(
-            _cfg.recommend, _cfg.profiles, catalog().category_of
-        )
-    )
-
-
-def _attributor(attr: attribution.Attribution) -> Any:
-    """What `profiles.apply_events` calls to join ``attr``'s visitor's events to exposures."""
-
-    def attribute(p: profiles.Profile, e: Event) -> None:
-        if not profiles.consents(p, "analytics", _cfg.profiles):
-            attr.clear()  # without analytics consent nothing is kept and nothing counts
-        elif e["type"] == profiles.MERGE:
-            attr.merged(e["properties"].get("attribution") or {})
-        else:
-            attr.segments = p.get("segments", [])
-            attr.observe(e)
-
-    return attribute
-
-
-#: What an exposure's fold reads of a stored profile.
-_EXPOSURE_READS = re.compile(rb'"(?:consent|alias_of)"')
-
-
-def _only_exposures(evs: list[Event]) -> bool:
-    return all(e["type"] == attribution.EXPOSURE for e in evs)
-
-
-def _fold_user(
-    key: str,
-    raw: bytes | None,
-    evs: list[Event],
-    out: Folded,
-    attr_raw: bytes | None = None,
-    *,
-    attributed: bool = False,
-) -> bool:
-    """Fold one visitor's events; append to ``out``. Raises if an event cannot be applied.
-
-    With ``attributed``, their attribution row (stored as ``attr_raw``) is kept too.
-    """
-    if raw is None or (attributed and _only_exposures(evs) and not _EXPOSURE_READS.search(raw)):
-        # Exposures read nothing of the profile but the consent and the link to a user, and
-        # neither is recorded here: it folds like a new profile (decoding a large profile costs
-        # more than the rest of an exposure's fold). Nothing of the profile is written. Its
-        # segments count its KPIs: they are read alone.
-        state = profiles.new_profile(key)
-        held = None if raw is None else segments.SEGMENTS_RAW.search(raw)
-        if held is not None:
-            state["segments"] = orjson.loads(held.group(1))
-    else:
-        state = profiles.decode(raw)
-    member_of: list[str] = state.get("segments", [])
-    reevaluate = False
-    tally = attribution.Tally()
-    attr = (
-        attribution.Attribution(attr_raw, _cfg.attribution, tally, _cfg.events.default_currency)
-        if attributed
-        else None
-    )
-    changed = False
-    todo: list[Event] = []
-    onward: list[Event] = []
-    for e in evs:
-        etype = e["type"]
-        if etype == RESEGMENT:  # a sweep found the membership out of date
-            reevaluate = True
-            continue
-        if etype == profiles.ERASE:
-            # Everything held goes; linked anonymous ids are erased too (on their partitions).
-            for anon in state.get("anonymous_ids", []):
-                onward.append(
-                    internal_event(
-                        profiles.ERASE,
-                        f"$erase:{anon}",
-                        user_id=None,
-                        anonymous_id=anon,
-                        ts_ms=e["ts_ms"],
-                        properties={},
-                    )
-                )
-            out.erased.append((key, e["properties"].get("request_id", "")))
-            state = profiles.new_profile(key)
-            if attr is not None:
-                attr.clear()
-            todo = []
-            changed = True
-            continue
-        if etype == profiles.LINK:
-            target = e["properties"]["target"]
-            if state.get("alias_of") is None:
-                state["alias_of"] = target
-                changed = True
-            merge: dict[str, Any] = {"profile": profiles.snapshot(state)}
-            if attr is not None and (attr.exposures or attr.assigned):
-                merge["attribution"] = attr.snapshot()
-            onward.append(
-                internal_event(
-                    profiles.MERGE,
-                    f"$merge:{key}",
-                    user_id=state["alias_of"],
-                    anonymous_id=key,
-                    ts_ms=e["ts_ms"],
-                    properties=merge,
-                )
-            )
-            continue
-        alias = state.get("alias_of")
-        if alias and not e.get("user_id"):
-            onward.append(
-                {**profiles.wire(e), "user_id": alias}
-            )  # a linked anonymous visitor's event
-            continue
-        todo.append(e)
-        if etype in ("identify", "alias") and e["anonymous_id"] != key:
-            link = {"target": key}
-            onward.append(
-                internal_event(
-                    profiles.LINK,
-                    f"$link:{e['event_id']}",
-                    user_id=None,
-                    anonymous_id=e["anonymous_id"],
-                    ts_ms=e["ts_ms"],
-                    properties=link,
-                )
-            )
-    vetoed: list[Event] = []
-    start = len(out.events)
-    n = profiles.apply_events(
-        state,
-        todo,
-        _cfg.profiles,
-        observe=out.signals.observe,
-        chat_half_life_s=_cfg.recommend.chat_half_life_s,
-        vetoed=vetoed,
-        applied=out.events,
-        attribute=None if attr is None else _attributor(attr),
-    )
-    tombstone = bool(out.erased and out.erased[-1][0] == key and not n)
-    if (member_of or _segments.compiled.ids) and (tombstone or n or changed or reevaluate):
-        wall = int(time.time() * 1000)
-        # Only the rules the events applied may change are evaluated again; a sweep's
-        # request, a merge or the engine's own events evaluate every rule.
-        types: frozenset[str] | None = frozenset(e["type"] for e in out.events[start:])
-        if reevaluate or changed or any(t.startswith("$") for t in types or ()):
-            types = None
-        now = (
-            []
-            if tombstone
-            else _segments.members(
-                state, _cfg.profiles, wall, current_propensity(), shop_clock(wall), types
-            )
-        )
-        if not tombstone:
-            state["segments_of"] = _segments.digest
-        if now != member_of:
-            was, now_in = set(member_of), set(now)
-            out.memberships.append(
-                Membership(
-                    key,
-                    now,
-                    [s for s in now if s not in was],
-                    [s for s in member_of if s not in now_in],
-                    profiles.consents(state, "marketing", _cfg.profiles),
-                )
-            )
-            if now:
-                state["segments"] = now
-            else:
-                state.pop("segments", None)
-            changed = True
-    if tombstone:
-        out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
-    elif n or changed:
-        out.writes.append((key.encode(), profiles.encode(state)))
-        out.states[key] = state
-    if n and _keep_history:
-        rows = history.rows_of(key, out.events[start:])
-        out.history.extend(rows)
-        out.interactions += len(rows)
-    if attr is not None:
-        if attr.changed:
-            out.attributions.append((attribution.row_key(key), attr.encode()))
-        out.tally.merge(tally)
-    out.applied += n
-    out.vetoed += len(vetoed)
-    out.skipped += len(todo) - n - len(vetoed)
-    out.onward.extend(onward)
-    return True
-
-
-def fold_batch(table_store: store.TableStore, partition: int, events: list[Event]) -> Folded:
-    """Apply ``events`` (all of one partition) to their profiles, in memory.
-
-    Each profile is read once and its new value is returned in ``writes``, to be written once.
-    ``onward`` holds events to publish next: they stitch sessions across partitions
-    (``identify``/``alias`` sends a link to the anonymous profile, which sends its content
-    back as a merge and forwards its later events); they are sent again on redelivery and
-    their event ids make that harmless. An event that cannot be applied lands in ``failed``
-    and the visitor's other events still count.
-    """
-    by_user: dict[str, list[Event]] = {}
-    for e in events:
-        by_user.setdefault(event_key(e), []).append(e)
-    out = Folded()
-    stored = table_store.get_many(partition, [key.encode() for key in by_user])
-    attributed = (
-        {key for key, evs in by_user.items() if any(e["type"] in _ATTRIBUTED for e in evs)}
-        if _attributing
-        else set()
-    )
-    attr_rows = dict(
-        zip(
-            attributed,
-            table_store.get_many(partition, [attribution.row_key(key) for key in attributed]),
-            strict=True,
-        )
-    )
-    for (key, evs), raw in zip(by_user.items(), stored, strict=True):
-        attr_raw, attr_on = attr_rows.get(key), key in attributed
-        try:
-            _fold_user(key, raw, evs, out, attr_raw, attributed=attr_on)
-        except Exception:
-            # Find the culprits one by one; the state is rebuilt from the stored value.
-            good: list[Event] = []
-            for e in evs:
-                try:
-                    _fold_user(key, raw, [*good, e], Folded(), attr_raw, attributed=attr_on)
-                except Exception as exc:
-                    _log.warning(
-                        "event cannot be applied",
-                        user_id=key,
-                        event_id=e["event_id"],
-                        error=repr(exc),
-                    )
-                    out.failed.append((profiles.wire(e), f"cannot apply event: {exc!r}"))
-                else:
-                    good.append(e)
-            _fold_user(key, raw, good, out, attr_raw, attributed=attr_on)
-    # An erased visitor's interaction history goes with the profile (events applied after
-    # the erasure in this round are not stored yet, and stay).
-    for user, _request in out.erased:
-        out.history[:0] = [
-            (row, None) for row in history.user_keys(table_store.db(partition), user)
-        ]
-    if out.tally:
-        out.attributions.extend(_kpi_rows(table_store, partition, out.tally))
-    if out.memberships:
-        out.size_rows = _size_rows(table_store, partition, out.memberships, out.segment_moves)
-    if out.signals.updates:
-        live = _live[partition]
-        missing = live.missing(out.signals.updates)
-        for row_key, row_raw in zip(missing, table_store.get_many(partition, missing), strict=True):
-            live.load(row_key, row_raw)
-        live.apply(out.signals)
-    return out
-
-
-def _size_rows(
-    table_store: store.TableStore,
-    partition: int,
-    changes: list[Membership],
-    moves: dict[str, list[int]],
-) -> list[tuple[bytes, bytes | None]]:
-    """The rows of the segments' new sizes after ``changes``.
-
-    ``moves`` receives, per segment, the visitors who entered it and who left it.
-    """
-    rows: list[tuple[bytes, bytes | None]] = []
-    for change in changes:
-        for segment in change.added:
-            moves.setdefault(segment, [0, 0])[0] += 1
-        for segment in change.removed:
-            moves.setdefault(segment, [0, 0])[1] += 1
-    names = sorted(moves)
-    keys = [segments.size_key(name) for name in names]
-    for name, key, raw in zip(names, keys, table_store.get_many(partition, keys), strict=True):
-        entered, left = moves[name]
-        size = max((0 if raw is None else int(raw)) + entered - left, 0)
-        rows.append((key, str(size).encode() if size else None))
-    return rows
-
-
-def _kpi_rows(
-    table_store: store.TableStore, partition: int, tally: attribution.Tally
-) -> list[tuple[bytes, bytes | None]]:
-    """The partition's KPI rows with ``tally`` added; as a new day starts, expired ones deleted."""
-    days = sorted(tally.days)
-    keys = [attribution.kpi_key(day) for day in days]
-    rows: list[tuple[bytes, bytes | None]] = [
-        (key, tally.added_to(day, raw))
-        for day, key, raw in zip(days, keys, table_store.get_many(partition, keys), strict=True)
-    ]
-    tested = list(tally.experiments)
-    keys = [attribution.experiment_key(experiment) for experiment in tested]
-    rows.extend(
-        (key, tally.experiment_added_to(experiment, raw))
-        for experiment, key, raw in zip(
-            tested, keys, table_store.get_many(partition, keys), strict=True
-        )
-    )
-    if days and days[-1] > _kpi_day.get(partition, ""):
-        _kpi_day[partition] = days[-1]
-        held = (k for k, _v in store.prefixed(table_store.db(partition), attribution.KPI_PREFIX))
-        rows.extend(
-            (key, None)
-            for key in attribution.expired_kpi_keys(held, days[-1], _cfg.attribution.kpi_days)
-        )
-    return rows
-
-
 async def flush_signals(
     partitions: Collection[int] | None = None, *, drop: bool = False, spread_s: float = 0.0
 ) -> None:
     """Write the changed signal rows (of ``partitions``, default all) to the table.
 
-    Args:
-        partitions: which partitions; None for every one held.
-        drop: forget the rows afterwards (the partitions moved to another worker).
-        spread_s: spread the writes over about this long, in slices of `_FLUSH_SLICE` rows:
-            thousands of rows change between two flushes, and writing them at once would hold
-            up every event behind them for a moment. A flush without it (partitions moving,
-            the worker stopping) makes a spread one run on without pauses.
+    Readers hear of each slice of rows once it is written (`signals_changed`). See
+    `personify.agents.fold.Folder.flush` for ``drop`` and ``spread_s``.
     """
-    if spread_s <= 0:
-        _hurry.set()
-    try:
-        await _flush(partitions, drop, spread_s)
-    finally:
-        if spread_s <= 0:
-            _hurry.clear()
 
+    async def write(partition: int, rows: list[tuple[bytes, bytes | None]]) -> None:
+        await until_done("signal flush", functools.partial(_store.put_many, partition, rows))
 
-async def _flush(partitions: Collection[int] | None, drop: bool, spread_s: float) -> None:
-    async with _flush_lock:  # one flush at a time: an older row never overwrites a newer one
-        held = list(_live if partitions is None else partitions)
-        dirty = {p: dict.fromkeys(_live[p].take_dirty_keys()) for p in held if p in _live}
-        # Slices go by row key, each key with its rows of every partition: readers then hear
-        # of a row once per flush (and rank it again once), right after all of it is written.
-        slices: list[list[bytes]] = [[]]
-        rows_in_slice = 0
-        for key in dict.fromkeys(key for rows in dirty.values() for key in rows):
-            if rows_in_slice >= _FLUSH_SLICE:
-                slices.append([])
-                rows_in_slice = 0
-            slices[-1].append(key)
-            rows_in_slice += sum(1 for rows in dirty.values() if key in rows)
-        count = len(slices) if slices[0] else 0
-        pause_s = min(spread_s / count, _MAX_FLUSH_PAUSE_S) if count and spread_s > 0 else 0.0
-        for keys in slices[:count]:
-            for partition, rows in dirty.items():
-                mine = [key for key in keys if key in rows]
-                if not mine:
-                    continue
-                writes: list[tuple[bytes, bytes | None]] = list(_live[partition].encode(mine))
-                await until_done(
-                    "signal flush", functools.partial(_store.put_many, partition, writes)
-                )
-            signals_changed(keys)
-            failpoint("signal_flush")
-            if pause_s > 0 and not _hurry.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(_hurry.wait(), pause_s)
-            else:
-                await asyncio.sleep(0)
-        for partition in dirty:
-            _live[partition].trim()
-            if drop:
-                _live.pop(partition, None)
-        SIGNAL_ROWS_CACHED.labels("rows").set(sum(len(live.rows) for live in _live.values()))
-        SIGNAL_ROWS_CACHED.labels("neighbours").set(
-            sum(live.neighbours() for live in _live.values())
-        )
+    await _folder.flush(write, signals_changed, partitions, drop=drop, spread_s=spread_s)
 
 
 _flushing: set[asyncio.Task[None]] = set()
@@ -640,7 +210,7 @@ async def profile_agent(stream: Any) -> None:
         received = [e for evs in by_partition.values() for e in evs]
         attach_categories(received)
         await attach_chat_vectors(received)
-        folds = {p: fold_batch(_store, p, evs) for p, evs in by_partition.items()}
+        folds = {p: _folder.fold_batch(_store, p, evs) for p, evs in by_partition.items()}
         failpoint("fold")
         # What the round sends on goes first: if the process dies before the state below is
         # written, the round is applied again and sends it again (harmless: event ids); sent
@@ -724,7 +294,7 @@ async def profile_agent(stream: Any) -> None:
 _announcing: set[asyncio.Future[None]] = set()
 
 
-def _announce(changes: list[Membership], moves: dict[str, list[int]]) -> None:
+def _announce(changes: list[fold.Membership], moves: dict[str, list[int]]) -> None:
     """Push each membership change (a ``segments`` message) to the visitor's sockets.
 
     The action hooks (and so the webhook) hear of it only for a visitor who consents to

@@ -46,7 +46,7 @@ from personify.tables import clusters, profiles, propensity, store
 from personify.tables import segments as rules
 from personify.tables.clusters import Clusters
 from personify.tables.propensity import Propensity
-from personify.tables.segments import Registry, profile_rows, rfm_values
+from personify.tables.segments import RESEGMENT, Registry, profile_rows, rfm_values
 
 __all__ = [
     "HIGH_VALUE",
@@ -61,8 +61,6 @@ _log = get_logger(__name__)
 
 #: The segment ``[triggers] high_value_spend`` sets up.
 HIGH_VALUE: Final = "high_value"
-#: An internal event: evaluate the visitor's segments again (a sweep found them out of date).
-RESEGMENT: Final = "$segments"
 #: Fields refitted by a sweep (rules naming them are evaluated after the refit).
 _REFITTED: Final = frozenset({"recency", "frequency", "monetary", "cluster"})
 _SCORE_FIELDS: Final = frozenset({"purchase_propensity", "churn_propensity"})

@@ -53,6 +53,7 @@ from personify.tables.signals import PREFIX
 __all__ = [
     "FIELDS",
     "FUNCTIONS",
+    "RESEGMENT",
     "SEGMENTS_RAW",
     "Cuts",
     "Facts",
@@ -67,6 +68,9 @@ __all__ = [
     "size_key",
     "sizes",
 ]
+
+#: An internal event: evaluate the visitor's segments again (a sweep found them out of date).
+RESEGMENT: Final = "$segments"
 
 #: A segment's member count in the partition: ``SIZE_PREFIX`` + segment.
 SIZE_PREFIX: Final = PREFIX + b"n"
