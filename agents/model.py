@@ -6,7 +6,10 @@ check_interval_s`` and trains a new model (`personify.embeddings.collab.train_al
 
 - there is no model yet and the history holds at least ``min_interactions``, or
 - ``retrain_interactions`` interactions arrived since the last model (a backfill), and at
-  least ``retrain_growth`` of the history it learned from (`ModelConfig.enough_new`), or
+  least ``retrain_growth`` of the history it learned from (`ModelConfig.enough_new`), with the
+  last model ``retrain_min_interval_s`` old or the history doubled since (a steady flow into a
+  history of a fixed window would otherwise train every few minutes, and each new model has
+  every list computed ahead ranked again), or
 - ``retrain_interval_s`` passed since the last model and any interaction arrived.
 
 A tuning run (`personify.agents.tuning`) follows a training when one is due, but not while a
@@ -434,9 +437,9 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         burst_ended = grown <= 0.1 * GROWING * self.interactions
         if burst_ended and self.pending > GROWING * self.interactions:
             return True  # with a good share of it not learned yet
-        if m.enough_new(self.pending, self.interactions):
-            return True
         age_s = now_s - self.model.trained_at_ms / 1000.0
+        if m.enough_new(self.pending, self.interactions, age_s):
+            return True
         return self.pending > 0 and age_s >= m.retrain_interval_s
 
     async def train(self) -> CollabModel | None:

@@ -12,6 +12,7 @@ plain strings otherwise.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -321,6 +322,10 @@ class ModelConfig:
     #: history: this keeps its cost per new interaction flat) ...
     retrain_interactions: int = 20_000
     retrain_growth: float = 0.1
+    #: ... but a steady flow trains at most once per this many seconds, unless the history
+    #: doubled since the last model (a young shop, a backfill: trained at once). Each new model
+    #: makes every list computed ahead be ranked again.
+    retrain_min_interval_s: float = 900.0
     #: ... or this many seconds after it, if any arrived at all.
     retrain_interval_s: float = 3600.0
     #: How often the trainer checks whether to train (seconds).
@@ -331,14 +336,17 @@ class ModelConfig:
     alpha: float = 2.0
     iterations: int = 15
 
-    def enough_new(self, pending: int, interactions: int) -> bool:
+    def enough_new(self, pending: int, interactions: int, age_s: float = math.inf) -> bool:
         """Whether ``pending`` new interactions call for a new model over ``interactions``.
 
         At least ``retrain_interactions``, and ``retrain_growth`` of the history learned: a
         training costs in proportion to the history, so its cost per new interaction stays
-        flat as the history grows.
+        flat as the history grows. And the last model at least ``retrain_min_interval_s``
+        old (``age_s``), unless as many arrived as it learned from.
         """
-        return pending >= max(self.retrain_interactions, self.retrain_growth * interactions)
+        if pending < max(self.retrain_interactions, self.retrain_growth * interactions):
+            return False
+        return age_s >= self.retrain_min_interval_s or pending >= interactions
 
 
 @dataclass(frozen=True, slots=True)
@@ -798,6 +806,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
     if section == "model" and obj.retrain_growth < 0:
         raise ConfigError(
             f"{source}: [model] retrain_growth: expected >= 0, got {obj.retrain_growth}"
+        )
+    if section == "model" and obj.retrain_min_interval_s < 0:
+        raise ConfigError(
+            f"{source}: [model] retrain_min_interval_s: expected >= 0, "
+            f"got {obj.retrain_min_interval_s}"
         )
     if section == "model" and obj.regularization < 0:
         raise ConfigError(

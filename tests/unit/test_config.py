@@ -481,8 +481,22 @@ def test_a_new_model_waits_for_a_share_of_the_history() -> None:
     assert ModelConfig(retrain_growth=0.0).enough_new(20_000, 1_000_000)
 
 
+def test_a_steady_flow_trains_at_most_once_per_min_interval() -> None:
+    """Within retrain_min_interval_s of the last model only a doubled history trains again."""
+    m = ModelConfig()  # 15 minutes
+    assert not m.enough_new(20_000, 100_000, age_s=600.0)
+    assert m.enough_new(20_000, 100_000, age_s=900.0)
+    assert m.enough_new(100_000, 100_000, age_s=10.0)  # as many new as learned: a backfill
+    assert m.enough_new(25_000, 5_000, age_s=10.0)  # a young shop
+    assert not m.enough_new(19_999, 100_000, age_s=10_000.0)  # never with too few new
+    assert ModelConfig(retrain_min_interval_s=0.0).enough_new(20_000, 100_000, age_s=0.0)
+
+
 def test_retrain_growth_may_be_zero_not_negative(config_file: ConfigFile) -> None:
     """retrain_growth accepts 0 (a fixed count) and rejects negatives."""
     assert load_config(config_file("[model]\nretrain_growth = 0\n"), environ={})
     with pytest.raises(ConfigError, match=r"retrain_growth: expected >= 0, got -0\.5"):
         load_config(config_file("[model]\nretrain_growth = -0.5\n"), environ={})
+    assert load_config(config_file("[model]\nretrain_min_interval_s = 0\n"), environ={})
+    with pytest.raises(ConfigError, match=r"retrain_min_interval_s: expected >= 0"):
+        load_config(config_file("[model]\nretrain_min_interval_s = -1\n"), environ={})
