@@ -80,14 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     order = [0, args.segments, args.segments, 0] * ((args.pairs + 1) // 2)
     order = order[: 2 * args.pairs]
-    runs: dict[int, list[dict[str, float]]] = {0: [], args.segments: []}
     with tempfile.TemporaryDirectory(prefix="personify-segments-ingest-") as tmp:
-        for n, segments in enumerate(order, 1):
-            runs[segments].append(one_run(segments, args.extra, Path(tmp), n))
+        done = [one_run(segments, args.extra, Path(tmp), n) for n, segments in enumerate(order, 1)]
+    runs: dict[int, list[dict[str, float]]] = {0: [], args.segments: []}
+    for segments, r in zip(order, done, strict=True):
+        runs[segments].append(r)
     head = ("run", "segments", "events/s", "CPU µs/event", "trainings", "lists")
     print("\n{:>3} {:>8} {:>9} {:>13} {:>10} {:>7}".format(*head))
-    for n, segments in enumerate(order, 1):
-        r = runs[segments][order[:n].count(segments) - 1]
+    for n, (segments, r) in enumerate(zip(order, done, strict=True), 1):
         print(
             f"{n:>3} {segments:>8} {r['rate']:>9,.0f} {r['cpu_us']:>13.0f} "
             f"{r['trainings']:>10.0f} {r['lists']:>7,.0f}"

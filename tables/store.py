@@ -23,7 +23,17 @@ from rocksdict import WriteBatch
 from personify.engine.app import app, current_config, routed_names
 from personify.engine.metrics import ROCKSDB_MEMORY
 
-__all__ = ["TableStore", "bytes_table", "db", "get_any", "held_db", "open_dbs", "prefixed", "scan"]
+__all__ = [
+    "TableStore",
+    "bytes_table",
+    "db",
+    "get_any",
+    "held_db",
+    "open_dbs",
+    "prefixed",
+    "scan",
+    "write_batch",
+]
 
 #: Writes of up to this many rows are made on the event loop; larger ones on a thread.
 _SYNC_WRITE_ROWS = 16
@@ -124,6 +134,17 @@ def prefixed(partition_db: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
         it.next()
 
 
+def write_batch(items: list[tuple[bytes, bytes | None]]) -> WriteBatch:
+    """One RocksDB write batch of ``(key, value)`` pairs; a value of None deletes the key."""
+    batch = WriteBatch(raw_mode=True)
+    for key, value in items:
+        if value is None:
+            batch.delete(key)
+        else:
+            batch.put(key, value)
+    return batch
+
+
 class TableStore:
     """Batched access to a bytes table for its one writer (the profile or the catalog agent).
 
@@ -175,12 +196,7 @@ class TableStore:
         if not items:
             return
         last_offset = await self._send_changelog(partition, items) if self.changelog else None
-        batch = WriteBatch(raw_mode=True)
-        for key, value in items:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
+        batch = write_batch(items)
         store = self.table.data
         target = self.db(partition)
         if len(items) <= _SYNC_WRITE_ROWS:

@@ -8,13 +8,14 @@ from typing import Any
 
 import orjson
 import pytest
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import Options, Rdict
 
 from personify.agents.fold import Folded, Folder, FoldSettings
 from personify.engine.config import Config
 from personify.engine.models import internal_event
 from personify.tables import attribution, history, profiles, segments, signals
 from personify.tables.segments import Registry
+from personify.tables.store import write_batch
 
 T0 = 1_700_000_000_000
 
@@ -34,13 +35,7 @@ class DbStore:
         return self.dbs[partition]
 
     def write(self, partition: int, rows: list[tuple[bytes, bytes | None]]) -> None:
-        batch = WriteBatch(raw_mode=True)
-        for key, value in rows:
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
-        self.dbs[partition].write(batch)
+        self.dbs[partition].write(write_batch(rows))
 
     def apply(self, partition: int, out: Folded) -> None:
         """Write what a round produced, as the profile agent does."""
