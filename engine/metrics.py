@@ -14,6 +14,7 @@ __all__ = [
     "EVENTS_VETOED",
     "EVENT_LOOP_DELAY",
     "EXPOSURES_SENT",
+    "GC_PAUSE",
     "ITEMS_EMBEDDED",
     "ITEMS_ENCODED",
     "ITEMS_REJECTED",
@@ -249,6 +250,13 @@ EVENT_LOOP_DELAY = Histogram(
     "personify_event_loop_delay_seconds",
     "How late the event loop woke a 0.1 s timer: time every request and agent waited.",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    registry=REGISTRY,
+)
+GC_PAUSE = Histogram(
+    "personify_gc_pause_seconds",
+    "How long each collection of cyclic garbage held the process, by generation.",
+    ["generation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(
