@@ -1140,6 +1140,8 @@ async def run_load(spec: LoadSpec) -> Json:
     statuses: dict[str, int] = {}
     paths = spec.paths
     state = {"inflight": 0, "sent": 0, "last_done": 0.0}
+    per_second: list[list[float]] = []  # latencies by the second their request was due in
+    t0 = loop.time() + 0.05
     limit = spec.concurrency if spec.rate is None else 0  # 0: no limit on connections
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, force_close=False)
     timeout = aiohttp.ClientTimeout(total=spec.timeout_s)
@@ -1160,6 +1162,10 @@ async def run_load(spec: LoadSpec) -> Json:
         if record:
             ms = (end - start) * 1000
             lat.append(ms)
+            second = max(0, int(start - t0))
+            while len(per_second) <= second:
+                per_second.append([])
+            per_second[second].append(ms)
             by_kind.setdefault(kind_of(path), []).append(ms)
             statuses[status] = statuses.get(status, 0) + 1
             state["last_done"] = end
@@ -1176,6 +1182,7 @@ async def run_load(spec: LoadSpec) -> Json:
         cpu0 = time.process_time()
         overloaded = ""
         t0 = loop.time() + 0.05
+        per_second.clear()
         if spec.rate is not None:
             n = int(spec.rate * spec.duration)
             tasks: set[asyncio.Task[None]] = set()
@@ -1234,6 +1241,8 @@ async def run_load(spec: LoadSpec) -> Json:
         "by_kind_ms": {k: summarise(v) for k, v in sorted(by_kind.items())},
         "client_cores": cpu,
         "client_max_behind_ms": max_behind * 1000,
+        "started_at": time.time() - (loop.time() - t0),
+        "p99_by_second_ms": [percentile(sorted(x), 0.99) if x else None for x in per_second],
         "overloaded": overloaded,
     }
 
@@ -1305,7 +1314,54 @@ async def load_test(eng: Engine, session: aiohttp.ClientSession, spec: LoadSpec)
         if n:
             server[route] = {"n": int(n), "mean_ms": 1000 * s / n}
     res["server_mean_ms"] = server
+    res["loop_delay"] = _loop_delay(m0, m1)
+    res["gc"] = _gc_pauses(m0, m1)
     return res
+
+
+def _gc_pauses(m0: dict[str, float], m1: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The engine's garbage collections during a load, by generation.
+
+    How many, how many held it over 10 ms, and the seconds they held it in all
+    (``personify_gc_pause_seconds``).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for gen in ("0", "1", "2"):
+        name = "personify_gc_pause_seconds"
+        count = f'{name}_count{{generation="{gen}"}}'
+        under = f'{name}_bucket{{generation="{gen}",le="0.01"}}'
+        total = f'{name}_sum{{generation="{gen}"}}'
+        n = m1.get(count, 0.0) - m0.get(count, 0.0)
+        if n:
+            out[gen] = {
+                "collections": n,
+                "over_10ms": n - (m1.get(under, 0.0) - m0.get(under, 0.0)),
+                "seconds": m1.get(total, 0.0) - m0.get(total, 0.0),
+            }
+    return out
+
+
+def _loop_delay(m0: dict[str, float], m1: dict[str, float]) -> dict[str, float]:
+    """How late the engine's event loop woke its 0.1 s timer during a load.
+
+    The share of the wake-ups later than each bucket's bound, from
+    ``personify_event_loop_delay_seconds``.
+    """
+    name = "personify_event_loop_delay_seconds_bucket"
+    counts = {
+        key[len(name) :]: m1.get(key, 0.0) - m0.get(key, 0.0)
+        for key in m1
+        if key.startswith(name + "{")
+    }
+    total = counts.get('{le="+Inf"}', 0.0)
+    if not total:
+        return {}
+    out = {"wakeups": total}
+    for key, n in counts.items():
+        bound = key.split('"')[1]
+        if bound != "+Inf" and float(bound) >= 0.005:
+            out[f"over_{float(bound) * 1000:g}ms"] = (total - n) / total
+    return out
 
 
 def print_load(res: Json) -> None:
@@ -1334,6 +1390,33 @@ def print_load(res: Json) -> None:
         f"{res['broker_rss_mib']:.0f} MiB; server-side mean (/metrics): {server}",
         flush=True,
     )
+    delay = res.get("loop_delay") or {}
+    if delay:
+        over = ", ".join(
+            f"{100 * v:.1f}% over {k[5:]}" for k, v in delay.items() if k.startswith("over_")
+        )
+        print(
+            f"  the engine's event loop woke late ({delay['wakeups']:.0f} timer wake-ups): {over}"
+        )
+    collections = res.get("gc") or {}
+    if collections:
+        print(
+            "  the engine's garbage collections: "
+            + "; ".join(
+                f"generation {g}: {v['collections']:.0f} ({v['over_10ms']:.0f} over 10 ms), "
+                f"{1000 * v['seconds']:.0f} ms in all"
+                for g, v in collections.items()
+            )
+        )
+    worst = sorted(
+        ((p, i) for i, p in enumerate(res.get("p99_by_second_ms", [])) if p is not None),
+        reverse=True,
+    )[:5]
+    if worst:
+        print(
+            "  worst seconds by p99: "
+            + ", ".join(f"second {i + 1} {p:.0f} ms" for p, i in sorted(worst, key=lambda x: x[1]))
+        )
     if res["mode"] == "open":
         print(f"  client fell behind its schedule by at most {res['client_max_behind_ms']:.1f} ms")
     if res["overloaded"]:
