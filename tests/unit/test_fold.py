@@ -12,6 +12,7 @@ from rocksdict import Options, Rdict
 
 from personify.agents.fold import Folded, Folder, FoldSettings
 from personify.engine.config import Config
+from personify.engine.metrics import REGISTRY
 from personify.engine.models import internal_event
 from personify.tables import attribution, history, profiles, segments, signals
 from personify.tables.segments import Registry
@@ -214,6 +215,9 @@ def test_the_flush_writes_each_changed_row_once_then_nothing(
 
     asyncio.run(folder.flush(write, heard.extend))
     assert set(written) == {0} and set(written[0]) == changed == set(heard)
+    # The gauge of the neighbours held counts every held row's (sliced over the loop's turns).
+    held = REGISTRY.get_sample_value("personify_signal_rows_cached", {"what": "neighbours"})
+    assert held == folder.live[0].neighbours() > len(changed)
     row = signals.decode_row(store.get_many(0, [signals.row_key("covisit", "a")])[0])
     assert set(row["s"]) == {"b"} and row["s"]["b"] > 0
     # Nothing changed since: the next flush writes nothing.
