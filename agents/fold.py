@@ -38,7 +38,7 @@ _log = get_logger(__name__)
 FLUSH_SLICE: Final = 100
 MAX_FLUSH_PAUSE_S: Final = 0.25
 #: Signal rows whose neighbours are counted per turn of the event loop (for the gauge).
-NEIGHBOURS_SLICE: Final = 5_000
+NEIGHBOURS_SLICE: Final = 2_000
 
 #: A visitor's attribution row is read for a round with one of these events.
 _ATTRIBUTED = attribution.OUTCOMES | {
@@ -527,8 +527,9 @@ class Folder:
                 live[partition].trim()
                 if drop:
                     live.pop(partition, None)
-            SIGNAL_ROWS_CACHED.labels("rows").set(sum(len(rows.rows) for rows in live.values()))
-            SIGNAL_ROWS_CACHED.labels("neighbours").set(await _neighbours(live.values()))
+            if count or drop:  # rows were written (merged, pruned) or dropped
+                SIGNAL_ROWS_CACHED.labels("rows").set(sum(len(rows.rows) for rows in live.values()))
+                SIGNAL_ROWS_CACHED.labels("neighbours").set(await _neighbours(live.values()))
 
 
 async def _neighbours(live: Iterable[signals.LiveRows]) -> int:
