@@ -445,8 +445,10 @@ class AttributionConfig:
     window_s: float = 86400.0
     #: Exposures kept per visitor (the newest); an older one can no longer be joined to.
     exposures_kept: int = 20
-    #: Served lists are sent on to be recorded in batches, this often.
-    flush_interval_s: float = 0.2
+    #: Served lists are sent on to be recorded in batches, this often (each batch is folded in
+    #: one round of the event loop: at 1,000 lists a second, 0.2 s made rounds that held it
+    #: long enough to show in the answers' p99).
+    flush_interval_s: float = 0.05
     #: Days of KPIs kept (older days are deleted as new ones start).
     kpi_days: int = 400
 
