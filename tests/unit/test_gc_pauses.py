@@ -32,6 +32,6 @@ def test_collections_run_in_short_steps_and_are_timed() -> None:
     )
     seen = json.loads(out.stdout)
     assert tuple(seen["thresholds"]) == GC_THRESHOLDS
-    # 20,000 cycles at a first-generation threshold of 5,000: several collections on the way.
+    # 20,000 cycles at a first-generation threshold of 2,000: several collections on the way.
     assert seen["count"]["0"] >= 20_000 // GC_THRESHOLDS[0] - 1
     assert seen["count"]["2"] >= 1  # gc.collect() itself
