@@ -2,7 +2,7 @@
 
 ``.venv/bin/python bench/rank.py [--items 2000] [--visitors 1000] [--warm-events 10000]
 [--lists 3000] [--repeat 3] [--encode] [--model] [--ranker-trees N] [--ranker-models K]
-[--dump FILE] [--json FILE]``
+[--similar] [--dump FILE] [--json FILE]``
 
 What the ranking thread does for each visitor whose profile changed, on the push
 benchmark's scale by default, measured alone:
@@ -23,6 +23,10 @@ benchmark's scale by default, measured alone:
    JSON the list is pushed as); the first ``--warm-lists`` fill the ranking caches as a
    running engine has them, the next ``--lists`` are timed. The signal rows are flushed every
    ``--flush-every`` events (5 s at 1,000 events/s), when the rows they change go stale.
+
+With ``--similar`` the timed lists are "similar items" lists instead (`Recommender.similar` of
+an item drawn as the serving benchmark draws them, by popularity), as ``agents/lists.py``
+ranks one on its first request.
 
 Time is simulated (1 ms per event) so that a run is deterministic: ``--dump FILE`` writes
 every measured list (items, scores, reasons) to compare two versions of the code. The phase
@@ -179,6 +183,13 @@ def compute_user(rec: Recommender, data: TableData, user: str, size: int, now_ms
     return {"user": user, "items": orjson.loads(body), "scores": [r.score for r in items]}
 
 
+def compute_similar(rec: Recommender, item: str, size: int, now_ms: int) -> Json:
+    """An item's "similar items" list, as ``agents/lists.py`` ``_rank_similar`` ranks it."""
+    items = rec.similar(item, Request(k=size), now_ms)
+    body = orjson.dumps([r.as_json() for r in items])
+    return {"item": item, "items": orjson.loads(body), "scores": [r.score for r in items]}
+
+
 def build(args: argparse.Namespace, cfg: Config, workdir: Path) -> tuple[State, FaissIndex]:
     t = time.perf_counter()
     synthetic = make_catalog(args.items)
@@ -262,6 +273,10 @@ def measure(
         if args.ranker_trees
         else None,
     )
+    # Items by popularity (Zipf 0.9), as the serving benchmark asks for their similar items.
+    popular = list(range(len(ids)))
+    rng.shuffle(popular)
+    popular_cum = list(np.cumsum(1.0 / np.arange(1, len(ids) + 1) ** 0.9))
     now = T0_MS + args.warm_events + 1_000
     wall: list[float] = []
     cpu: list[float] = []
@@ -272,7 +287,11 @@ def measure(
         if state.seq % args.flush_every == 0:
             data.written(state.flush())
         t, c = time.perf_counter(), time.thread_time()
-        out = compute_user(rec, data, user, cfg.recommend.list_size, now)
+        if args.similar:
+            item = ids[popular[rng.choices(range(len(popular)), cum_weights=popular_cum)[0]]]
+            out = compute_similar(rec, item, cfg.recommend.list_size, now)
+        else:
+            out = compute_user(rec, data, user, cfg.recommend.list_size, now)
         if n >= args.warm_lists:
             cpu.append(time.thread_time() - c)
             wall.append(time.perf_counter() - t)
@@ -318,6 +337,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="the ranker's models, each of --ranker-trees trees (the tuner learns 5)",
+    )
+    ap.add_argument(
+        "--similar", action="store_true", help='time "similar items" lists, not visitors\' lists'
     )
     ap.add_argument("--vectors", help=".npy file to keep the item vectors in between runs")
     ap.add_argument("--dump", help="write the lists of the first repeat here (JSON lines)")
