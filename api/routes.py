@@ -197,9 +197,26 @@ async def post_events(request: web.Request) -> web.Response:
 FORWARDED = "X-Personify-Forwarded"
 
 
+#: The workers' assignment last seen (the assignor's map of hosts to their partitions, a new
+#: object after each rebalance), and whether it names no worker but this one.
+_assignment_seen: tuple[object, bool] = (None, False)
+
+
+def _alone() -> bool:
+    """Whether no other worker owns any partition (then every key is ours: no lookup)."""
+    global _assignment_seen
+    hosts = faust_app.router.tables_metadata()
+    if hosts is not _assignment_seen[0]:
+        own = str(faust_app.conf.canonical_url).rstrip("/")
+        _assignment_seen = (hosts, all(str(host).rstrip("/") == own for host in hosts))
+    return _assignment_seen[1]
+
+
 def owner_url(key: str) -> str | None:
     """The API URL of the worker that owns ``key``'s partition, or None when it is us."""
     try:
+        if _alone():
+            return None
         url = str(faust_app.router.key_store("profiles", key.encode())).rstrip("/")
     except Exception:  # no assignment metadata yet (one worker, or a rebalance): read locally
         return None

@@ -33,6 +33,7 @@ __all__ = [
     "PLUGIN_ERRORS",
     "PUSH_STAGE",
     "QUALITY_NDCG",
+    "REFRESH_SHARE",
     "REGISTRY",
     "REQUEST_LATENCY",
     "ROCKSDB_MEMORY",
@@ -189,6 +190,12 @@ LISTS_REFRESHING = Gauge(
     "personify_lists_refresh_pending",
     "Stored lists still served but due to be recomputed when nothing else waits (they aged, "
     "or a new model or setting came after them).",
+    registry=REGISTRY,
+)
+REFRESH_SHARE = Gauge(
+    "personify_lists_refresh_share",
+    "The share of the event loop's time the refresh of aged lists may take now (it shrinks as "
+    "the loop's other work grows).",
     registry=REGISTRY,
 )
 LISTS_SERVED = Counter(

@@ -15,7 +15,7 @@ if app.personify_config is None:  # the cache lives beside the agents, which rea
     data = tempfile.mkdtemp(prefix="personify-lists-")
     configure(Config().replace(storage={"data_dir": data}), "kafka://127.0.0.1:9")
 
-from personify.agents.lists import Entry, ListCache
+from personify.agents.lists import Entry, ListCache, RefreshBudget
 
 
 def entry(cache: ListCache, *owners: str, rec_id: str = "r") -> Entry:
@@ -184,3 +184,41 @@ def test_fresh_profiles_kept_for_the_builder_are_bounded_newest_last() -> None:
         assert lists._just_written["v10"]["again"]
     finally:
         lists._just_written.clear()
+
+
+class Clocks:
+    """A wall clock and a CPU clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.wall = 0.0
+        self.cpu = 0.0
+
+    def run(self, seconds: float, busy: float) -> None:
+        """``seconds`` pass, of which the loop's thread works ``busy`` (a share)."""
+        self.wall += seconds
+        self.cpu += seconds * busy
+
+
+def test_the_refresh_gives_way_as_the_loops_other_work_grows() -> None:
+    clocks = Clocks()
+    budget = RefreshBudget(
+        0.15, 0.02, 0.5, 1.0, clock=lambda: clocks.wall, cpu_clock=lambda: clocks.cpu
+    )
+    # An idle loop: the refresh has its whole share.
+    clocks.run(2.0, busy=0.0)
+    assert budget.share(0.0) == 0.15
+    # Requests keep the loop 40% busy besides a refresh of 10 ms: what is left of the room.
+    clocks.run(0.01, busy=1.0)  # the refresh itself is not the loop's other work
+    clocks.run(2.0, busy=0.4)
+    assert abs(budget.share(0.01) - 0.10) < 0.005
+    # 60% busy: the floor, however busy the loop gets.
+    clocks.run(2.0, busy=0.6)
+    assert budget.share(0.0) == 0.02
+    clocks.run(2.0, busy=1.0)
+    assert budget.share(0.0) == 0.02
+    # The load is averaged: a short quiet moment does not open the share at once ...
+    clocks.run(0.1, busy=0.0)
+    assert budget.share(0.0) == 0.02
+    # ... a quiet second does.
+    clocks.run(1.0, busy=0.0)
+    assert budget.share(0.0) == 0.15
