@@ -1314,6 +1314,13 @@ async def load_test(eng: Engine, session: aiohttp.ClientSession, spec: LoadSpec)
         if n:
             server[route] = {"n": int(n), "mean_ms": 1000 * s / n}
     res["server_mean_ms"] = server
+    res["lists_served"] = {
+        how: int(
+            m1.get(f'personify_lists_served_total{{how="{how}"}}', 0)
+            - m0.get(f'personify_lists_served_total{{how="{how}"}}', 0)
+        )
+        for how in ("memory", "computed")
+    }
     res["loop_delay"] = _loop_delay(m0, m1)
     res["gc"] = _gc_pauses(m0, m1)
     return res
@@ -1390,6 +1397,14 @@ def print_load(res: Json) -> None:
         f"{res['broker_rss_mib']:.0f} MiB; server-side mean (/metrics): {server}",
         flush=True,
     )
+    served = res.get("lists_served") or {}
+    if sum(served.values()):
+        print(
+            f"  lists answered from memory {served.get('memory', 0):,}, ranked on request "
+            f"{served.get('computed', 0):,} (a similar-items list not asked for before, a visitor "
+            "whose list is not stored)",
+            flush=True,
+        )
     delay = res.get("loop_delay") or {}
     if delay:
         over = ", ".join(
