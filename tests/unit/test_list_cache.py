@@ -222,14 +222,3 @@ def test_the_refresh_gives_way_as_the_loops_other_work_grows() -> None:
     # ... a quiet second does.
     clocks.run(1.0, busy=0.0)
     assert budget.share(0.0) == 0.15
-
-
-def test_lists_not_stored_are_queued_to_be_computed_ahead_in_order() -> None:
-    cache = ListCache(10)
-    assert cache.put("a", entry(cache, "a"))
-    cache.changed(["b"], queue=True)  # b's list waits already, as changed
-    assert cache.queue_missing(["c", "a", "b", "d"]) == 3
-    assert list(cache.stale) == ["c", "d"]  # a is stored; b waits as changed, not as aged
-    assert cache.take(5) == ["b"]
-    assert cache.take_stale(5) == ["c", "d"]
-    assert cache.queue_missing([]) == 0
