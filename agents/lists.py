@@ -653,12 +653,11 @@ async def serve_similar(item_id: str, req: Request) -> Served:
             served = _from_memory(cache, item_id, entry, req.k, rec, now_ms)
             if served is not None:
                 return served
-        if _must_wait(rec):
-            entry = await run_ranking(_compute_similar, rec, cache, item_id, cfg.list_size)
-        else:
-            # On the loop itself (about 2 ms at 100,000 items): on the ranking thread it waited
-            # for the interpreter lock behind the loop's other work, four times as long.
-            entry = _compute_similar(rec, cache, item_id, cfg.list_size)
+        # On the loop (about 2 ms at 100,000 items): on the ranking thread it waited for the
+        # interpreter lock behind the loop's other work, four times as long.
+        entry = await _rank_unless_waiting(
+            rec, _compute_similar, rec, cache, item_id, cfg.list_size
+        )
         served = _from_entry(entry, req.k, rec)
         if served is not None:
             LISTS_SERVED.labels("computed").inc()
@@ -854,6 +853,13 @@ def _must_wait(rec: Recommender) -> bool:
     return index_busy or plugins().has("personify_rerank")
 
 
+async def _rank_unless_waiting(rec: Recommender, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the event loop, or on the ranking thread while ranking may wait."""
+    if _must_wait(rec):
+        return await run_ranking(fn, *args)
+    return fn(*args)
+
+
 @app.service
 class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
     """Recomputes queued lists in the background, and pushes each visitor's new list.
@@ -895,10 +901,8 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 if users or items:
                     rec = recommender()
                     try:
-                        if _must_wait(rec):
-                            await run_ranking(_build, rec, size, users, items)
-                        else:  # on the loop, as the slices above: no wait for the interpreter lock
-                            _build(rec, size, users, items)
+                        # On the loop, as the slices above: no wait for the interpreter lock.
+                        await _rank_unless_waiting(rec, _build, rec, size, users, items)
                     except Exception:
                         _log.exception("list refresh failed; the lists are computed on request")
                     spent = time.perf_counter() - started
