@@ -22,7 +22,8 @@
    how many were computed and how long the queue took to drain after the events;
 3. load test, from a separate process (``multiprocessing``, an asyncio + aiohttp client):
    about 80% ``GET /v1/users/{known user}/recommendations?k=10``, 10% the same for visitors
-   never seen, 10% ``GET /v1/items/{popular item}/similar?k=10``. First an open-loop run at
+   never seen, 10% ``GET /v1/items/{item}/similar?k=10`` (a product page: items drawn as the
+   events' product views are, by category and item popularity). First an open-loop run at
    each ``--rate`` for ``--duration`` seconds (latency measured from each request's scheduled
    send time, so a server that falls behind shows it; a run stops early, marked OVERLOADED,
    once more than 2 s of requests are outstanding), then a closed-loop run with
@@ -420,9 +421,6 @@ class Catalog:
     #: cumulative Zipf weights over category ranks, and over item ranks within a category
     category_cum: list[float]
     item_cum: dict[str, list[float]]
-    #: cumulative Zipf weights over every item (global popularity), and its order
-    global_order: list[int]
-    global_cum: list[float]
 
     @property
     def ids(self) -> list[str]:
@@ -491,9 +489,7 @@ def make_catalog(n: int, seed: int = 7) -> Catalog:
     for cat, idx in by_category.items():
         rng.shuffle(idx)  # popularity rank within the category, not the load order
         item_cum[cat] = zipf_cum(len(idx), 1.0) if idx else []
-    order = list(range(n))
-    rng.shuffle(order)
-    return Catalog(items, by_category, cat_cum, item_cum, order, zipf_cum(n, 0.9))
+    return Catalog(items, by_category, cat_cum, item_cum)
 
 
 def item_bodies(items: Sequence[Json]) -> Iterator[bytes]:
@@ -647,6 +643,7 @@ def check_valid(cat: Catalog, plan: EventPlan) -> None:
 def request_paths(cat: Catalog, users: Sequence[str], n: int, seed: int = 13) -> list[str]:
     """``n`` request paths: ~80% known visitors, ~10% unknown ones, ~10% similar items."""
     rng = random.Random(seed)
+    names = list(cat.by_category)
     out: list[str] = []
     for _ in range(n):
         r = rng.random()
@@ -655,7 +652,10 @@ def request_paths(cat: Catalog, users: Sequence[str], n: int, seed: int = 13) ->
         elif r < 0.9 or not cat.items:
             out.append(f"/v1/users/visitor-{rng.randrange(10**9)}/recommendations?k=10")
         else:
-            i = cat.global_order[rng.choices(range(len(cat.items)), cum_weights=cat.global_cum)[0]]
+            # A product page's similar items: pages are opened as products are viewed.
+            c = rng.choices(names, cum_weights=cat.category_cum)[0]
+            pool = cat.by_category[c]
+            i = rng.choices(pool, cum_weights=cat.item_cum[c])[0] if pool else 0
             out.append(f"/v1/items/{cat.items[i]['item_id']}/similar?k=10")
     return out
 
