@@ -277,6 +277,21 @@ class ListCache:
         gen, floor = self._gen, self._floor
         return all(gen.get(o, floor) == g for o, g in zip(entry.owners, entry.gens, strict=True))
 
+    def queue_ahead(self, keys: Iterable[str]) -> int:
+        """Queue the lists of ``keys`` not stored to be computed when nothing else waits.
+
+        They go before the lists that only aged, in the order given; returns how many.
+        """
+        with self._lock:
+            fresh = {
+                key: None
+                for key in keys
+                if key not in self._entries and key not in self.pending and key not in self.urgent
+            }
+            if fresh:
+                self.stale = fresh | {k: None for k in self.stale if k not in fresh}
+            return len(fresh)
+
     def queue(self, key: str) -> None:
         """Queue ``key``'s list for a refresh when nothing else waits (it only aged)."""
         with self._lock:
@@ -883,6 +898,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 
         refresh_at = 0.0  # perf_counter() before which no aged list is refreshed
         budget = RefreshBudget()
+        items_turn = False
         while not self.should_stop:
             if users_cache.queued() or items_cache.queued():
                 rec = recommender()
@@ -896,8 +912,12 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
             # Nothing changed waits: refresh an aged list, within its share of the loop.
             started = time.perf_counter()
             if started >= refresh_at:
-                users = users_cache.take_stale(_REFRESH_BATCH)
-                items = items_cache.take_stale(_REFRESH_BATCH - len(users))
+                # Visitors' lists and similar-items lists take turns.
+                items = items_cache.take_stale(_REFRESH_BATCH) if items_turn else []
+                users = users_cache.take_stale(_REFRESH_BATCH - len(items))
+                if not users and not items:
+                    items = items_cache.take_stale(_REFRESH_BATCH)
+                items_turn = not items_turn
                 if users or items:
                     rec = recommender()
                     try:
@@ -955,6 +975,13 @@ def _model_swapped(model: Any) -> None:
     """
     list_cache().age_all()
     similar_cache().age_all()
+    ahead = current_config().recommend.similar_ahead
+    model = model if model is not None else current_model()
+    if model is not None and ahead > 0:
+        # The items most visitors interacted with are the ones most often asked for: their
+        # similar-items lists are ready before the first request.
+        popular, _counts = model.popular(ahead)
+        similar_cache().queue_ahead(popular)
     _gauge()
     _builder_wake().set()
 

@@ -304,6 +304,9 @@ class RecommendConfig:
     list_max_age_s: float = 3600.0
     #: Stored lists kept per worker (visitors; as many again for similar items).
     list_cache_size: int = 200_000
+    #: The similar-items lists of this many of the items most visitors interacted with are
+    #: computed ahead after each new model, behind the answers (0: only when asked for).
+    similar_ahead: int = 10_000
     weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_BLEND))
 
 
@@ -780,6 +783,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
             raise ConfigError(
                 f"{source}: [recommend] max_per_category: expected >= 0 (0: no limit), "
                 f"got {obj.max_per_category}"
+            )
+        if obj.similar_ahead < 0:
+            raise ConfigError(
+                f"{source}: [recommend] similar_ahead: expected >= 0 (0: only when asked for), "
+                f"got {obj.similar_ahead}"
             )
         for name, weight in obj.weights.items():
             if weight < 0:

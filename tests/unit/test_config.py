@@ -443,6 +443,7 @@ def test_recommend_weights_merge_over_defaults(config_file: ConfigFile) -> None:
         ("[recommend.weights]\nchat = -1.0\n", r"\[recommend.weights\] chat: expected >= 0"),
         ("[recommend]\ncovisit_alpha = 1.5\n", r"\[recommend\] covisit_alpha: expected 0-1"),
         ("[recommend]\nmax_per_category = -1\n", r"\[recommend\] max_per_category: expected >= 0"),
+        ("[recommend]\nsimilar_ahead = -1\n", r"\[recommend\] similar_ahead: expected >= 0"),
         ("[recommend]\nseeds = 0\n", r"\[recommend\] seeds: expected a value > 0"),
         ("[embeddings]\nhnsw_threshold = 0\n", r"\[embeddings\] hnsw_threshold: expected"),
     ],

@@ -222,3 +222,17 @@ def test_the_refresh_gives_way_as_the_loops_other_work_grows() -> None:
     # ... a quiet second does.
     clocks.run(1.0, busy=0.0)
     assert budget.share(0.0) == 0.15
+
+
+def test_lists_not_stored_are_queued_ahead_of_the_aged_ones_in_order() -> None:
+    cache = ListCache(10)
+    for key in ("a", "old"):
+        assert cache.put(key, entry(cache, key))
+    cache.age_all()  # a and old aged: they wait for a refresh
+    cache.changed(["b"], queue=True)  # b's list waits already, as changed
+    assert cache.queue_ahead(["c", "a", "b", "d", "c"]) == 2
+    # c and d first (not stored), then the aged ones as they were; b waits as changed.
+    assert cache.take(5) == ["b"]
+    assert cache.take_stale(2) == ["c", "d"]
+    assert cache.take_stale(5) == ["old", "a"]
+    assert cache.queue_ahead([]) == 0
