@@ -192,7 +192,10 @@ class ListCache:
         self.pending: dict[str, None] = {}
         #: ... after these, which someone is waiting for (a socket is open) ...
         self.urgent: dict[str, None] = {}
-        #: ... and, only when nothing else waits, lists that merely aged.
+        #: ... and, only when nothing else waits, lists not stored that are computed ahead
+        #: (`queue_ahead`) ...
+        self.ahead: dict[str, None] = {}
+        #: ... and lists that merely aged.
         self.stale: dict[str, None] = {}
         self._lock = threading.Lock()
 
@@ -228,6 +231,7 @@ class ListCache:
             self._reset()
             self.pending.clear()
             self.urgent.clear()
+            self.ahead.clear()
             self.stale.clear()
 
     def age_all(self) -> None:
@@ -250,16 +254,24 @@ class ListCache:
             more = list(itertools.islice(self.pending, n - len(out)))
             for key in more:
                 del self.pending[key]
+                self.ahead.pop(key, None)
                 self.stale.pop(key, None)
             return out + more
 
     def take_stale(self, n: int) -> list[str]:
-        """Up to ``n`` lists that only aged, oldest first."""
+        """Up to ``n`` lists to compute when nothing else waits: those queued ahead first."""
         with self._lock:
-            out = list(itertools.islice(self.stale, n))
+            out = list(itertools.islice(self.ahead, n))
             for key in out:
+                del self.ahead[key]
+            more = list(itertools.islice(self.stale, n - len(out)))
+            for key in more:
                 del self.stale[key]
-            return out
+            return out + more
+
+    def refreshing(self) -> int:
+        """How many lists wait to be computed when nothing else waits (see `take_stale`)."""
+        return len(self.ahead) + len(self.stale)
 
     def queued(self) -> bool:
         """Whether changed lists wait (not counting those that merely aged)."""
@@ -267,7 +279,7 @@ class ListCache:
 
     def backlog(self) -> int:
         """How many lists are queued."""
-        return len(self.pending) + len(self.urgent) + len(self.stale)
+        return len(self.pending) + len(self.urgent) + self.refreshing()
 
     def changed_backlog(self) -> int:
         """How many lists are queued because what they rank changed."""
@@ -280,17 +292,19 @@ class ListCache:
     def queue_ahead(self, keys: Iterable[str]) -> int:
         """Queue the lists of ``keys`` not stored to be computed when nothing else waits.
 
-        They go before the lists that only aged, in the order given; returns how many.
+        They go before the lists that only aged, in the order given; returns how many were
+        queued (not stored, and not queued already).
         """
         with self._lock:
-            fresh = {
-                key: None
-                for key in keys
-                if key not in self._entries and key not in self.pending and key not in self.urgent
-            }
-            if fresh:
-                self.stale = fresh | {k: None for k in self.stale if k not in fresh}
-            return len(fresh)
+            queued = 0
+            for key in keys:
+                if key in self._entries or key in self.ahead:
+                    continue
+                if key in self.pending or key in self.urgent:
+                    continue
+                self.ahead[key] = None
+                queued += 1
+            return queued
 
     def queue(self, key: str) -> None:
         """Queue ``key``'s list for a refresh when nothing else waits (it only aged)."""
@@ -321,6 +335,7 @@ class ListCache:
             if not self._current(entry):
                 return False
             self.pending.pop(key, None)
+            self.ahead.pop(key, None)
             old = self._entries.get(key)
             if old is not None:
                 self.body_bytes -= len(old.items)
@@ -898,7 +913,6 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 
         refresh_at = 0.0  # perf_counter() before which no aged list is refreshed
         budget = RefreshBudget()
-        items_turn = False
         while not self.should_stop:
             if users_cache.queued() or items_cache.queued():
                 rec = recommender()
@@ -912,12 +926,10 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
             # Nothing changed waits: refresh an aged list, within its share of the loop.
             started = time.perf_counter()
             if started >= refresh_at:
-                # Visitors' lists and similar-items lists take turns.
-                items = items_cache.take_stale(_REFRESH_BATCH) if items_turn else []
+                # Lists not stored (popular items' similar items) before those only aged.
+                items = items_cache.take_stale(_REFRESH_BATCH) if items_cache.ahead else []
                 users = users_cache.take_stale(_REFRESH_BATCH - len(items))
-                if not users and not items:
-                    items = items_cache.take_stale(_REFRESH_BATCH)
-                items_turn = not items_turn
+                items += items_cache.take_stale(_REFRESH_BATCH - len(items) - len(users))
                 if users or items:
                     rec = recommender()
                     try:
@@ -933,7 +945,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     continue
             _gauge()
             wake.clear()
-            if users_cache.stale or items_cache.stale:
+            if users_cache.refreshing() or items_cache.refreshing():
                 # Aged lists wait for their turn; a changed list ends the wait early (its
                 # visitor waits for no refresh).
                 with contextlib.suppress(TimeoutError):
@@ -963,7 +975,7 @@ def _gauge() -> None:
         LISTS_CACHED.labels(kind, "lists").set(len(cache))
         LISTS_CACHED.labels(kind, "body_bytes").set(cache.body_bytes)
     LISTS_PENDING.set(users.changed_backlog() + items.changed_backlog())
-    LISTS_REFRESHING.set(len(users.stale) + len(items.stale))
+    LISTS_REFRESHING.set(users.refreshing() + items.refreshing())
 
 
 def _model_swapped(model: Any) -> None:

@@ -231,8 +231,13 @@ def test_lists_not_stored_are_queued_ahead_of_the_aged_ones_in_order() -> None:
     cache.age_all()  # a and old aged: they wait for a refresh
     cache.changed(["b"], queue=True)  # b's list waits already, as changed
     assert cache.queue_ahead(["c", "a", "b", "d", "c"]) == 2
+    assert cache.queue_ahead(["d"]) == 0  # queued already
+    assert cache.refreshing() == 4 and cache.backlog() == 5
     # c and d first (not stored), then the aged ones as they were; b waits as changed.
     assert cache.take(5) == ["b"]
-    assert cache.take_stale(2) == ["c", "d"]
-    assert cache.take_stale(5) == ["old", "a"]
-    assert cache.queue_ahead([]) == 0
+    assert cache.take_stale(3) == ["c", "d", "old"]
+    assert cache.take_stale(5) == ["a"]
+    # A list stored meanwhile (asked for) is not computed again.
+    assert cache.queue_ahead(["e", "f"]) == 2
+    assert cache.put("e", entry(cache, "e"))
+    assert cache.take_stale(5) == ["f"]
