@@ -98,12 +98,16 @@ _THREAD_SLICE_S = 0.02
 #: kept the loop busy enough to triple the answers' p99 at 1,000 requests a second.)
 _REFRESH_BATCH = 1
 _REFRESH_SHARE = 0.15
-_REFRESH_PAUSE_S = 0.01
+_REFRESH_PAUSE_S = 0.002
 #: The refresh gives way to the loop's other work: its share shrinks as that work grows, so
 #: the two together stay under `_LOOP_ROOM` of the loop's time, down to `_REFRESH_FLOOR` (aged
 #: lists still reach the new model under a steady 1,000 requests a second, more slowly).
 _LOOP_ROOM = 0.5
 _REFRESH_FLOOR = 0.02
+#: A loop with less other work than this is all but idle: the refresh may take more than
+#: `_REFRESH_SHARE`, up to the whole `_LOOP_ROOM` when nothing else runs (after a new model in
+#: a quiet hour, 100,000 lists take minutes instead of half an hour).
+_LOOP_IDLE = 0.1
 #: How long a time the loop's load is averaged over (seconds).
 _LOAD_WINDOW_S = 1.0
 
@@ -112,7 +116,10 @@ class RefreshBudget:
     """The share of the event loop's time the refresh of aged lists may take now.
 
     The loop's other work is measured as the CPU time of the loop's thread (`time.thread_time`,
-    called on the loop), less the refresh's own, averaged over about `_LOAD_WINDOW_S`.
+    called on the loop), less the refresh's own, averaged over about `_LOAD_WINDOW_S`. The
+    share is at most ``most`` while that work passes ``idle``, more on a loop all but idle
+    (up to ``room``), less as the work grows (the two together under ``room``), and at least
+    ``least``.
     """
 
     def __init__(
@@ -121,11 +128,13 @@ class RefreshBudget:
         least: float = _REFRESH_FLOOR,
         room: float = _LOOP_ROOM,
         window_s: float = _LOAD_WINDOW_S,
+        idle: float = _LOOP_IDLE,
         *,
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.most, self.least, self.room, self.window_s = most, least, room, window_s
+        self.idle = idle
         self._clock, self._cpu_clock = clock, cpu_clock
         #: The loop's other work, as a share of its time (averaged).
         self.load = 0.0
@@ -141,7 +150,9 @@ class RefreshBudget:
             weight = min(1.0, elapsed / self.window_s)
             self.load += weight * (other - self.load)
         self._wall, self._cpu = wall, cpu
-        return max(self.least, min(self.most, self.room - self.load))
+        # Below `idle`, the cap rises from `most` towards the whole room as the loop empties.
+        cap = self.most + (self.room - self.most) * max(0.0, 1.0 - self.load / self.idle)
+        return max(self.least, min(cap, self.room - self.load))
 
 
 @dataclass(frozen=True, slots=True)
