@@ -427,6 +427,15 @@ class Catalog:
         """Every item id, in load order."""
         return [it["item_id"] for it in self.items]
 
+    def category(self, rng: random.Random) -> str:
+        """A category drawn by popularity."""
+        return rng.choices(list(self.by_category), cum_weights=self.category_cum)[0]
+
+    def viewed(self, rng: random.Random, category: str) -> int | None:
+        """An item index of ``category`` drawn by popularity (None: the category is empty)."""
+        pool = self.by_category[category]
+        return rng.choices(pool, cum_weights=self.item_cum[category])[0] if pool else None
+
 
 def zipf_cum(n: int, s: float) -> list[float]:
     """Cumulative weights ``1/rank**s`` for ranks 1..n (for ``random.choices``)."""
@@ -557,11 +566,11 @@ def user_events(rng: random.Random, cat: Catalog, uid: str, now_ms: int) -> list
         for _ in range(views):
             c = chosen[0] if len(chosen) == 1 or rng.random() < 0.7 else chosen[1]
             if rng.random() < 0.1:  # an occasional detour to another category
-                c = rng.choices(names, cum_weights=cat.category_cum)[0]
-            pool = cat.by_category[c]
-            if not pool:
+                c = cat.category(rng)
+            i = cat.viewed(rng, c)
+            if i is None:
                 continue
-            item = cat.items[rng.choices(pool, cum_weights=cat.item_cum[c])[0]]
+            item = cat.items[i]
             t += rng.randrange(5_000, 120_000)
             add("product_view", t, item, {"category": c, "price": item["price"]})
             viewed.append(item)
@@ -643,7 +652,6 @@ def check_valid(cat: Catalog, plan: EventPlan) -> None:
 def request_paths(cat: Catalog, users: Sequence[str], n: int, seed: int = 13) -> list[str]:
     """``n`` request paths: ~80% known visitors, ~10% unknown ones, ~10% similar items."""
     rng = random.Random(seed)
-    names = list(cat.by_category)
     out: list[str] = []
     for _ in range(n):
         r = rng.random()
@@ -653,10 +661,8 @@ def request_paths(cat: Catalog, users: Sequence[str], n: int, seed: int = 13) ->
             out.append(f"/v1/users/visitor-{rng.randrange(10**9)}/recommendations?k=10")
         else:
             # A product page's similar items: pages are opened as products are viewed.
-            c = rng.choices(names, cum_weights=cat.category_cum)[0]
-            pool = cat.by_category[c]
-            i = rng.choices(pool, cum_weights=cat.item_cum[c])[0] if pool else 0
-            out.append(f"/v1/items/{cat.items[i]['item_id']}/similar?k=10")
+            i = cat.viewed(rng, cat.category(rng))
+            out.append(f"/v1/items/{cat.items[i or 0]['item_id']}/similar?k=10")
     return out
 
 
