@@ -309,9 +309,7 @@ class ListCache:
         with self._lock:
             queued = 0
             for key in keys:
-                if key in self._entries or key in self.ahead:
-                    continue
-                if key in self.pending or key in self.urgent:
+                if any(key in q for q in (self._entries, self.ahead, self.pending, self.urgent)):
                     continue
                 self.ahead[key] = None
                 queued += 1
