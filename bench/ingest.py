@@ -1177,16 +1177,24 @@ def print_run(r: Run, base: float | None) -> None:
         print(f"  FAILED: {r.failure}", flush=True)
 
 
-#: What the engine did besides folding events, from /metrics: lists ranked and trainings.
+#: What the engine did besides folding events, from /metrics: lists ranked, trainings, and
+#: the milliseconds its collections of cyclic garbage held it, by generation (with a scale).
 _WORK: Final = {
-    "lists ranked": 'personify_lists_computed_total{kind="user"}',
-    "trainings": 'personify_model_trainings_total{outcome="trained"}',
+    "lists ranked": ('personify_lists_computed_total{kind="user"}', 1),
+    "trainings": ('personify_model_trainings_total{outcome="trained"}', 1),
+    **{
+        f"gc ms (gen {g})": (f'personify_gc_pause_seconds_sum{{generation="{g}"}}', 1000)
+        for g in range(3)
+    },
 }
 
 
 def engine_work(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
     """What the engine did between two reads of /metrics (see `_WORK`)."""
-    return {name: round(after.get(key, 0.0) - before.get(key, 0.0)) for name, key in _WORK.items()}
+    return {
+        name: round((after.get(key, 0.0) - before.get(key, 0.0)) * scale)
+        for name, (key, scale) in _WORK.items()
+    }
 
 
 def print_latency(r: Latency) -> None:
