@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -69,6 +70,7 @@ __all__ = [
     "Entry",
     "ListCache",
     "Served",
+    "burst_hold",
     "list_cache",
     "profiles_changed",
     "push_list",
@@ -283,6 +285,11 @@ class ListCache:
     def refreshing(self) -> int:
         """How many lists wait to be computed when nothing else waits (see `take_stale`)."""
         return len(self.ahead) + len(self.stale)
+
+    def first_queued(self, n: int) -> list[str]:
+        """Up to ``n`` owners of each kind of changed list queued, in the order `take` goes."""
+        with self._lock:
+            return [*itertools.islice(self.urgent, n), *itertools.islice(self.pending, n)]
 
     def queued(self) -> bool:
         """Whether changed lists wait (not counting those that merely aged)."""
@@ -724,6 +731,12 @@ _just_written: OrderedDict[str, profiles.Profile] = OrderedDict()
 #: When each visitor with a socket open changed and has not been pushed since (perf_counter):
 #: the start of the queue stage of `PUSH_STAGE`.
 _changed_at: dict[str, float] = {}
+#: When the builder last ranked each visitor's list (perf_counter), oldest first, for no
+#: longer than `[push] debounce_ms`: a visitor changed again within that time is held until it
+#: ends, so that a burst of events makes at most two lists and two pushes (see `burst_hold`).
+_ranked_at: OrderedDict[str, float] = OrderedDict()
+#: Queued visitors looked at for a burst (after a wake, the queue holds a handful).
+_BURST_LOOK = 256
 #: Fresh profiles kept at most. A decoded profile takes ~10 KB or more, and a backfill writes
 #: profiles far faster than lists are ranked (the former 50,000 held 130-290 MiB after
 #: `bench/ingest.py`'s 20,000 visitors).
@@ -864,6 +877,7 @@ def _build_slice(
         if not users and not items:
             return done
         started = time.perf_counter()
+        _note_ranked(users, started)
         try:
             built = _build(rec, size, users, items)
             for user in users:
@@ -879,6 +893,45 @@ def _build_slice(
         done += len(users) + len(items)
         if time.monotonic() >= ends:
             return done
+
+
+def _note_ranked(users: Iterable[str], now: float) -> None:
+    """``users``' lists are ranked at ``now``: each change within `[push] debounce_ms` waits."""
+    window = current_config().push.debounce_ms / 1000.0
+    if window <= 0:
+        return
+    for user in users:
+        _ranked_at.pop(user, None)
+        _ranked_at[user] = now
+    while _ranked_at:
+        oldest = next(iter(_ranked_at.values()))
+        if oldest > now - window:
+            break
+        _ranked_at.popitem(last=False)
+
+
+def burst_hold(
+    queued: Iterable[str], ranked_at: Mapping[str, float], now: float, window_s: float
+) -> float:
+    """How long to wait before ranking ``queued`` lists, so that a burst gathers (seconds).
+
+    A visitor's first change is ranked and pushed at once; a change of a visitor ranked less
+    than ``window_s`` ago waits until that much time has passed since, gathering whatever
+    else the burst brings into one more list and push. ``ranked_at``: when each visitor was
+    last ranked (perf_counter).
+    """
+    if window_s <= 0:
+        return 0.0
+    last = max((ranked_at.get(user, -math.inf) for user in queued), default=-math.inf)
+    return max(0.0, min(window_s, last + window_s - now))
+
+
+def _hold_for_bursts(window_s: float) -> float:
+    """`burst_hold` for the lists queued now (the first `_BURST_LOOK` of each queue)."""
+    if window_s <= 0 or not _ranked_at:
+        return 0.0
+    queued = list_cache().first_queued(_BURST_LOOK)
+    return burst_hold(queued, _ranked_at, time.perf_counter(), window_s)
 
 
 def _must_wait(rec: Recommender) -> bool:
@@ -959,12 +1012,17 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 # visitor waits for no refresh).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), max(0.0, refresh_at - started))
-                    if debounce_s > 0:
-                        await asyncio.sleep(debounce_s)
+                    await self._gather_burst(debounce_s)
                 continue
             await wake.wait()
-            if debounce_s > 0:  # gather a burst of events into one list and one push
-                await asyncio.sleep(debounce_s)
+            await self._gather_burst(debounce_s)
+
+    @staticmethod
+    async def _gather_burst(debounce_s: float) -> None:
+        """Wait while a visitor just ranked changes again (`burst_hold`); else go on at once."""
+        hold = _hold_for_bursts(debounce_s)
+        if hold > 0:
+            await asyncio.sleep(hold)
 
     @staticmethod
     def _push(built: list[tuple[str, Entry]]) -> None:

@@ -1,7 +1,8 @@
 """GET /v1/ws: a visitor's live recommendations over a WebSocket.
 
 The socket follows one visitor (``user_id``). It receives at once their current list, then a
-fresh one after each of their events (``[push] debounce_ms`` gathers a burst into one push).
+fresh one after each of their events (at once; a burst's events within ``[push] debounce_ms``
+of the list before gather into one more push).
 Every message is a JSON object with ``type`` and ``seq``, the visitor's message number: a
 client that reconnects with ``resume_from=SEQ`` first receives what it missed while away (up to
 ``[push] replay_size`` messages; past that, or after a restart of the worker, a fresh list).

@@ -377,7 +377,8 @@ class TuneConfig:
 class PushConfig:
     """Live updates over WebSocket (GET /v1/ws)."""
 
-    #: After a visitor's event, wait this long for more before computing and pushing.
+    #: A visitor's event is pushed at once; events within this long after their last list
+    #: was ranked wait for it to pass and go out together in one more push (0: none wait).
     debounce_ms: float = 10.0
     #: Messages kept per visitor so a client that reconnects with resume_from misses none.
     replay_size: int = 64

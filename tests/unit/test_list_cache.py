@@ -15,7 +15,7 @@ if app.personify_config is None:  # the cache lives beside the agents, which rea
     data = tempfile.mkdtemp(prefix="personify-lists-")
     configure(Config().replace(storage={"data_dir": data}), "kafka://127.0.0.1:9")
 
-from personify.agents.lists import Entry, ListCache, RefreshBudget
+from personify.agents.lists import Entry, ListCache, RefreshBudget, burst_hold
 
 
 def entry(cache: ListCache, *owners: str, rec_id: str = "r") -> Entry:
@@ -247,3 +247,28 @@ def test_lists_not_stored_are_queued_ahead_of_the_aged_ones_in_order() -> None:
     assert cache.queue_ahead(["e", "f"]) == 2
     assert cache.put("e", entry(cache, "e"))
     assert cache.take_stale(5) == ["f"]
+
+
+def test_a_visitors_first_change_goes_at_once_and_a_burst_waits_out_the_window() -> None:
+    window = 0.010
+    ranked_at = {"busy": 100.000, "earlier": 99.000}
+    # Nobody queued was ranked within the window: no wait.
+    assert burst_hold(["new", "earlier"], ranked_at, 100.004, window) == 0.0
+    assert burst_hold([], ranked_at, 100.004, window) == 0.0
+    # A visitor ranked 4 ms ago changes again: the lists wait the other 6 ms.
+    assert abs(burst_hold(["new", "busy"], ranked_at, 100.004, window) - 0.006) < 1e-9
+    # Once the window has passed, at once; and never longer than the window.
+    assert burst_hold(["busy"], ranked_at, 100.011, window) == 0.0
+    assert burst_hold(["busy"], {"busy": 200.0}, 100.0, window) == window
+    # Without a window nothing waits.
+    assert burst_hold(["busy"], ranked_at, 100.004, 0.0) == 0.0
+
+
+def test_the_first_queued_owners_come_urgent_first_as_take_goes() -> None:
+    cache = ListCache(10)
+    cache.changed(["p1", "p2", "p3"], queue=True)
+    cache.changed(["u1"], queue=True, urgent=True)
+    cache.changed(["aged"], queue=False)
+    assert cache.first_queued(2) == ["u1", "p1", "p2"]
+    assert cache.take(4) == ["u1", "p1", "p2", "p3"]
+    assert cache.first_queued(2) == []
