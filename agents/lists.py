@@ -926,12 +926,17 @@ def burst_hold(
     return max(0.0, min(window_s, last + window_s - now))
 
 
-def _hold_for_bursts(window_s: float) -> float:
-    """`burst_hold` for the lists queued now (the first `_BURST_LOOK` of each queue)."""
+async def _gather_burst(window_s: float) -> None:
+    """Wait while a visitor just ranked changes again (`burst_hold`); else go on at once.
+
+    Only the first `_BURST_LOOK` lists of each queue are looked at.
+    """
     if window_s <= 0 or not _ranked_at:
-        return 0.0
+        return
     queued = list_cache().first_queued(_BURST_LOOK)
-    return burst_hold(queued, _ranked_at, time.perf_counter(), window_s)
+    hold = burst_hold(queued, _ranked_at, time.perf_counter(), window_s)
+    if hold > 0:
+        await asyncio.sleep(hold)
 
 
 def _must_wait(rec: Recommender) -> bool:
@@ -1012,17 +1017,10 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 # visitor waits for no refresh).
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), max(0.0, refresh_at - started))
-                    await self._gather_burst(debounce_s)
+                    await _gather_burst(debounce_s)
                 continue
             await wake.wait()
-            await self._gather_burst(debounce_s)
-
-    @staticmethod
-    async def _gather_burst(debounce_s: float) -> None:
-        """Wait while a visitor just ranked changes again (`burst_hold`); else go on at once."""
-        hold = _hold_for_bursts(debounce_s)
-        if hold > 0:
-            await asyncio.sleep(hold)
+            await _gather_burst(debounce_s)
 
     @staticmethod
     def _push(built: list[tuple[str, Entry]]) -> None:
