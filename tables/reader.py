@@ -9,6 +9,7 @@ row's best entries come as a `Top`, a list and the same as arrays.
 from __future__ import annotations
 
 import heapq
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "TableData",
     "Top",
     "ranked",
+    "ranked_stored",
     "ranked_top",
 ]
 
@@ -128,6 +130,55 @@ def ranked(row: signals.Row, alpha: float | None, n: int) -> list[tuple[str, flo
     if len(scores) <= n:
         return sorted(scores.items(), key=lambda kv: -kv[1])
     return heapq.nlargest(n, scores.items(), key=lambda kv: kv[1])
+
+
+def ranked_stored(
+    raws: Sequence[bytes], half_life_s: float, now_ms: int, alpha: float | None, n: int
+) -> list[tuple[str, float]]:
+    """`ranked` of the row stored as ``raws`` (one per partition), summed as `merge_rows` does.
+
+    The same entries and scores as decoding, merging and ranking the rows, with the arithmetic
+    on arrays: a row of hundreds of neighbours in each of several partitions is summed and
+    ranked without a dict entry per neighbour.
+    """
+    parts = [signals.stored_arrays(raw) for raw in raws]
+    if len(parts) == 1:  # as `merge_rows`: a single row is not decayed
+        _ref, own, names, s, m = parts[0]
+    else:
+        half_life_ms = half_life_s * 1000.0
+        index: dict[str, int] = {}
+        codes = np.fromiter(
+            (index.setdefault(name, len(index)) for part in parts for name in part[2]),
+            np.int64,
+            sum(len(part[2]) for part in parts),
+        )
+        factors = [math.pow(2.0, (part[0] - now_ms) / half_life_ms) for part in parts]
+        own = 0.0
+        for part, factor in zip(parts, factors, strict=True):
+            own += part[1] * factor
+        s = np.bincount(
+            codes,
+            np.concatenate([p[3] * f for p, f in zip(parts, factors, strict=True)]),
+            len(index),
+        )
+        counts = np.concatenate([p[4] * f for p, f in zip(parts, factors, strict=True)])
+        m = np.bincount(codes, np.nan_to_num(counts, nan=0.0), len(index))
+        names = list(index)
+    if not len(s):
+        return []
+    if alpha is None:
+        scores = s
+    else:  # as `signals.normalised`
+        own = own or float(s.max())
+        other = np.where(np.isnan(m) | (m == 0.0), s, m)
+        denominator = math.pow(own, alpha) * np.power(other, 1.0 - alpha)
+        keep = np.flatnonzero(denominator > 0.0)
+        if len(keep) < len(s):
+            names = [names[i] for i in keep.tolist()]
+            s, denominator = s[keep], denominator[keep]
+        scores = s / denominator
+    best = np.argsort(-scores, kind="stable")[:n]
+    return list(zip([names[i] for i in best.tolist()], scores[best].tolist(), strict=True))
 
 
 def ranked_top(row: signals.Row, alpha: float | None, n: int, ids: ItemIds) -> Top:
@@ -279,7 +330,12 @@ class TableData:
                     hit.stamp = stamp
                     out[i] = self._numbered(hit, ids)
                     continue
-                pairs = ranked(self._merge(key, raws, now_ms), alpha, n) if any(raws) else []
+                present = [raw for raw in raws if raw is not None]
+                pairs = (
+                    ranked_stored(present, signals.half_life_of(key, self.cfg), now_ms, alpha, n)
+                    if present
+                    else []
+                )
                 top = Top.of(pairs, ids)
                 with self._lock:
                     if len(cache) >= self.cache_size:

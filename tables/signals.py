@@ -14,7 +14,9 @@ factor grows large, when the row moves its reference), and entries of one row co
 
 Rows (``s``: neighbour -> pair count; ``n``: the row's own item count; ``m``: each neighbour's
 own count, copied when the pair was last updated, so a pair can be normalised without reading
-the neighbour's row):
+the neighbour's row). A row is stored in binary (`encode_row`): the scores and counts as arrays
+of doubles and the neighbours' ids as one JSON list, so writing a row costs little more than
+copying it, however full it is; rows stored as JSON by earlier versions are still read.
 
 - ``covisit:A``: items the same visitors interacted with within ``covisit_window`` items of A
   (weighted by distance in their sequence and by the time between the two).
@@ -28,6 +30,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import struct
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -58,6 +61,7 @@ __all__ = [
     "refresh_counts",
     "row_key",
     "split_key",
+    "stored_arrays",
 ]
 
 SignalKind = Literal["covisit", "copurchase", "trending"]
@@ -74,6 +78,8 @@ _SLACK = 2.0
 _INTERACTIONS = {"product_view": 1.0, "click": 1.0, "add_to_cart": 1.0, "purchase": 1.0}
 
 Row = dict[str, Any]
+#: A neighbour whose own count was never copied in (``m`` lacks it).
+_NO_COUNT = math.nan
 #: The pseudo item id under which an update counts towards a row's own item count.
 SELF = ""
 
@@ -97,17 +103,79 @@ def categories_of(path: str | None) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+#: A stored row: a version byte, the reference time, the own count, the number of neighbours
+#: and the length of their ids' JSON list; then the scores and the counts (NaN: not known) as
+#: little-endian doubles, then the ids. A row stored as JSON starts with ``{``.
+_HEADER = struct.Struct("<BqdII")
+_BINARY = 1
+
+
+def _pack(ref: int, own: float, names: list[str], s: np.ndarray, m: np.ndarray) -> bytes:
+    ids = orjson.dumps(names)
+    return b"".join(
+        (
+            _HEADER.pack(_BINARY, ref, own, len(names), len(ids)),
+            s.astype("<f8", copy=False).tobytes(),
+            m.astype("<f8", copy=False).tobytes(),
+            ids,
+        )
+    )
+
+
+def _unpack(data: bytes) -> tuple[int, float, list[str], np.ndarray, np.ndarray]:
+    """``(ref, own, names, scores, counts)`` of a binary row (counts NaN where not known)."""
+    version, ref, own, k, size = _HEADER.unpack_from(data)
+    if version != _BINARY:
+        raise ValueError(f"unknown signal row format {version}")
+    start = _HEADER.size
+    s = np.frombuffer(data, "<f8", k, start).astype(np.float64)
+    m = np.frombuffer(data, "<f8", k, start + 8 * k).astype(np.float64)
+    names: list[str] = orjson.loads(memoryview(data)[start + 16 * k : start + 16 * k + size])
+    return ref, own, names, s, m
+
+
+def stored_arrays(data: bytes) -> tuple[int, float, list[str], np.ndarray, np.ndarray]:
+    """A stored row as ``(ref, own, names, scores, counts)``, counts NaN where not known."""
+    if data[:1] != b"{":
+        return _unpack(data)
+    row = decode_row(data)
+    scores: dict[str, float] = row["s"]
+    counts: dict[str, float] = row.get("m") or {}
+    names = list(scores)
+    return (
+        int(row.get("r", 0)),
+        float(row.get("n", 0.0)),
+        names,
+        np.fromiter(scores.values(), np.float64, len(names)),
+        np.fromiter((counts.get(name, _NO_COUNT) for name in names), np.float64, len(names)),
+    )
+
+
 def encode_row(row: Row) -> bytes:
-    """Serialise a row for the table."""
-    return orjson.dumps(row)
+    """Serialise a row for the table (binary, see `_HEADER`)."""
+    scores: dict[str, float] = row["s"]
+    counts: dict[str, float] = row.get("m") or {}
+    names = list(scores)
+    s = np.fromiter(scores.values(), np.float64, len(names))
+    m = np.fromiter((counts.get(name, _NO_COUNT) for name in names), np.float64, len(names))
+    return _pack(int(row.get("r", 0)), float(row.get("n", 0.0)), names, s, m)
 
 
 def decode_row(data: bytes | None) -> Row:
-    """Deserialise a row (an empty one for None)."""
+    """Deserialise a row (an empty one for None); a row stored as JSON is read too."""
     if data is None:
         return {"r": 0, "n": 0.0, "s": {}, "m": {}}
-    row: Row = orjson.loads(data)
-    return row
+    if data[:1] == b"{":
+        row: Row = orjson.loads(data)
+        return row
+    ref, own, names, s, m = _unpack(data)
+    known = ~np.isnan(m)
+    return {
+        "r": ref,
+        "n": own,
+        "s": dict(zip(names, s.tolist(), strict=True)),
+        "m": dict(zip(itertools.compress(names, known.tolist()), m[known].tolist(), strict=True)),
+    }
 
 
 def _rescale(row: Row, ref: int, half_life_ms: float) -> None:
@@ -361,9 +429,6 @@ class ItemNumbers:
         return [names[i] for i in numbers.tolist()]
 
 
-_NO_COUNT = math.nan  # a neighbour whose own count was never copied in (``m`` lacks it)
-
-
 class Held:
     """A signal row held compactly: neighbours as sorted item numbers and float arrays.
 
@@ -400,6 +465,19 @@ class Held:
             held.m = np.fromiter(
                 (counts.get(name, _NO_COUNT) for name in scores), np.float64, len(scores)
             )[order]
+        return held
+
+    @classmethod
+    def stored(cls, raw: bytes | None, numbers: ItemNumbers) -> Held:
+        """The compact form of a stored row (see `encode_row`; None: an empty row)."""
+        if raw is None or raw[:1] == b"{":
+            return cls.of(decode_row(raw), numbers)
+        held = cls()
+        held.r, held.n, names, s, m = _unpack(raw)
+        if names:
+            ids = numbers.numbers(names)
+            order = np.argsort(ids, kind="stable")
+            held.ids, held.s, held.m = ids[order], s[order], m[order]
         return held
 
     def __len__(self) -> int:
@@ -459,6 +537,10 @@ class Held:
             keep = np.sort(np.argpartition(self.s, len(self.s) - cap)[-cap:])
             self.ids, self.s, self.m = self.ids[keep], self.s[keep], self.m[keep]
 
+    def encode(self, numbers: ItemNumbers) -> bytes:
+        """The stored form, as `encode_row` of `row` (merge first)."""
+        return _pack(self.r, self.n, numbers.names_of(self.ids), self.s, self.m)
+
     def row(self, numbers: ItemNumbers) -> Row:
         """The decoded form (merge first: waiting contributions are not in it)."""
         names = numbers.names_of(self.ids)
@@ -504,7 +586,7 @@ class LiveRows:
 
     def load(self, key: bytes, raw: bytes | None) -> None:
         """Hold the stored row of ``key``."""
-        self.rows[key] = Held.of(decode_row(raw), self.numbers)
+        self.rows[key] = Held.stored(raw, self.numbers)
 
     def row(self, key: bytes) -> Row:
         """The held row of ``key``, decoded (its waiting contributions merged first)."""
@@ -553,7 +635,7 @@ class LiveRows:
             items, held.touched = held.touched or (), None
             if key[1:2] != _KIND_BYTE["trending"]:
                 self._refresh(key, held, items)
-            out.append((key, encode_row(held.row(numbers))))
+            out.append((key, held.encode(numbers)))
         return out
 
     def _refresh(self, key: bytes, held: Held, items: Iterable[str]) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from personify.engine.config import Config
 from personify.tables import profiles, signals
+from personify.tables.reader import ranked, ranked_stored
 
 CFG = Config()
 DAY_MS = 86_400_000
@@ -226,8 +228,8 @@ def test_live_rows_flushed_equal_rows_written_every_round(
     if pending is not None:
         flushed.update(live.encode(pending))
     flushed.update(live.take_dirty())
-    want = {k: orjson.loads(v) for k, v in direct.items()}
-    got = {k: orjson.loads(v) for k, v in flushed.items()}
+    want = {k: signals.decode_row(v) for k, v in direct.items()}
+    got = {k: signals.decode_row(v) for k, v in flushed.items()}
     assert want.keys() == got.keys()
     for key, row in want.items():
         # Held rows add a round's contributions together before adding them to the row.
@@ -253,8 +255,34 @@ def test_held_rows_merge_prune_and_decode_like_decoded_rows() -> None:
     assert 10 <= len(got["s"]) <= 20
     for item, score in want["s"].items():
         assert math.isclose(got["s"][item], score, rel_tol=1e-9)
-    again = signals.Held.of(orjson.loads(signals.encode_row(got)), numbers).row(numbers)
+    again = signals.Held.stored(signals.encode_row(got), numbers).row(numbers)
     assert again == got
+    assert signals.decode_row(held.encode(numbers)) == got
+
+
+def test_rows_stored_in_binary_read_back_exactly_and_old_json_rows_still_read() -> None:
+    """A row survives the table as it was; a row written as JSON by an earlier version reads."""
+    numbers = signals.ItemNumbers()
+    row = {
+        "r": 1_700_000_000_123,
+        "n": 12.5,
+        "s": {"sku-1": 3.25, "thé vert": 1e-300, "a\x00b": 7.0, "sku-9": 0.1},
+        "m": {"sku-1": 4.0, "a\x00b": 9.5},  # sku-9's own count not known
+    }
+    raw = signals.encode_row(row)
+    assert raw[:1] != b"{"
+    assert signals.decode_row(raw) == row
+    held = signals.Held.stored(raw, numbers)
+    assert held.row(numbers) == signals.Held.of(row, numbers).row(numbers)
+    assert signals.decode_row(held.encode(numbers)) == held.row(numbers)
+    legacy = orjson.dumps(row)
+    assert signals.decode_row(legacy) == row
+    assert signals.Held.stored(legacy, numbers).row(numbers) == held.row(numbers)
+    empty = signals.decode_row(None)
+    assert signals.decode_row(signals.encode_row(empty)) == empty
+    assert len(signals.Held.stored(None, numbers)) == 0
+    with pytest.raises(ValueError, match="format 7"):
+        signals.decode_row(b"\x07" + raw[1:])
 
 
 def test_held_rows_cost_far_less_than_decoded_rows() -> None:
@@ -271,3 +299,49 @@ def test_held_rows_cost_far_less_than_decoded_rows() -> None:
     assert live.neighbours() == 50 * 201
     assert live.row(signals.row_key("covisit", "sku-3"))["s"] == neighbours
     assert len(live.numbers.names) == 200  # one number (and one string) per item
+
+
+_ROW_ENTRIES = st.dictionaries(
+    st.sampled_from([f"i{k}" for k in range(12)]),
+    st.tuples(
+        st.floats(0.0, 50.0) | st.just(1.0),
+        st.none() | st.floats(0.0, 50.0),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(
+        st.tuples(st.integers(0, 10 * DAY_MS), st.floats(0.0, 40.0), _ROW_ENTRIES),
+        min_size=1,
+        max_size=4,
+    ),
+    alpha=st.none() | st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    n=st.integers(1, 15),
+    legacy=st.booleans(),
+)
+def test_stored_rows_rank_as_decoded_rows_merged_and_ranked(
+    parts: list[tuple[int, float, dict[str, tuple[float, float | None]]]],
+    alpha: float | None,
+    n: int,
+    legacy: bool,
+) -> None:
+    """Ranking the stored bytes of a row's partitions gives what decoding them gives."""
+    rows = [
+        {
+            "r": ref,
+            "n": own,
+            "s": {item: score for item, (score, _count) in entries.items()},
+            "m": {item: count for item, (_s, count) in entries.items() if count is not None},
+        }
+        for ref, own, entries in parts
+    ]
+    raws = [orjson.dumps(row) if legacy else signals.encode_row(row) for row in rows]
+    now = 11 * DAY_MS
+    want = ranked(signals.merge_rows(rows, 3600.0, now), alpha, n)
+    got = ranked_stored(raws, 3600.0, now, alpha, n)
+    assert [item for item, _s in got] == [item for item, _s in want]
+    for (_i, score), (_j, expected) in zip(got, want, strict=True):
+        assert math.isclose(score, expected, rel_tol=1e-12, abs_tol=1e-300)
