@@ -23,6 +23,7 @@ import orjson
 
 from personify.engine.config import Config
 from personify.engine.failpoints import failpoint
+from personify.engine.gcpause import collection_paused
 from personify.engine.logging import get_logger
 from personify.engine.metrics import SIGNAL_ROWS_CACHED
 from personify.engine.models import Event, event_key, internal_event
@@ -190,6 +191,10 @@ class Folder:
         their event ids make that harmless. An event that cannot be applied lands in
         ``failed`` and the visitor's other events still count.
         """
+        with collection_paused():  # the decoded profiles make no cycles: nothing to collect
+            return self._fold_batch(table_store, partition, events)
+
+    def _fold_batch(self, table_store: Store, partition: int, events: list[Event]) -> Folded:
         by_user: dict[str, list[Event]] = {}
         for e in events:
             by_user.setdefault(event_key(e), []).append(e)
