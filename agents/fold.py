@@ -133,8 +133,9 @@ class Folded:
     writes: list[tuple[bytes, bytes | None]] = field(default_factory=list)
     #: The events applied (new), in order.
     events: list[Event] = field(default_factory=list)
-    #: The new profile of each visitor written (not of those erased).
-    states: dict[str, profiles.Profile] = field(default_factory=dict)
+    #: The new profile of each visitor written (not of those erased), as stored: handed on as
+    #: bytes, a round's profiles make no garbage-collected objects that outlive the round.
+    states: dict[str, bytes] = field(default_factory=dict)
     failed: list[tuple[Event, str]] = field(default_factory=list)
     #: History rows written (and deleted) with the profiles, for the learned model.
     history: list[tuple[bytes, bytes | None]] = field(default_factory=list)
@@ -424,8 +425,9 @@ class Folder:
         if tombstone:
             out.writes.append((key.encode(), None))  # erased, nothing since: a tombstone
         elif n or changed:
-            out.writes.append((key.encode(), profiles.encode(state)))
-            out.states[key] = state
+            stored = profiles.encode(state)
+            out.writes.append((key.encode(), stored))
+            out.states[key] = stored
         if n and settings.keep_history:
             rows = history.rows_of(key, out.events[start:])
             out.history.extend(rows)

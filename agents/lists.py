@@ -520,7 +520,8 @@ def _compute_user(rec: Recommender, cache: ListCache, user_id: str, size: int) -
     assert isinstance(data, TableData)
     # Generations are read before the profiles: a change meanwhile leaves the list stale.
     owners, gens = [user_id], [cache.generation(user_id)]
-    profile = _just_written.pop(user_id, None) or data.profile_of(user_id)
+    fresh = _just_written.pop(user_id, None)
+    profile = data.profile_of(user_id) if fresh is None else profiles.decode(fresh)
     if profile is None:
         return None
     alias = profile.get("alias_of")
@@ -724,10 +725,12 @@ def _builder_wake() -> asyncio.Event:
     return asyncio.Event()
 
 
-#: Profiles just written by this worker's profile agent and queued to be ranked: the builder
-#: takes them as they are instead of reading and decoding them again. Only those queued are
-#: kept, and at most `_JUST_WRITTEN_MAX`, the oldest dropped first (read back when ranked).
-_just_written: OrderedDict[str, profiles.Profile] = OrderedDict()
+#: Profiles just written by this worker's profile agent and queued to be ranked, as stored:
+#: the builder decodes them instead of reading them back. Only those queued are kept, and at
+#: most `_JUST_WRITTEN_MAX`, the oldest dropped first (read back when ranked). Bytes, not
+#: decoded profiles: thousands of decoded profiles kept alive here were rescanned by every
+#: garbage collection, more as profiles grew.
+_just_written: OrderedDict[str, bytes] = OrderedDict()
 #: When each visitor with a socket open changed and has not been pushed since (perf_counter):
 #: the start of the queue stage of `PUSH_STAGE`.
 _changed_at: dict[str, float] = {}
@@ -737,9 +740,7 @@ _changed_at: dict[str, float] = {}
 _ranked_at: OrderedDict[str, float] = OrderedDict()
 #: Queued visitors looked at for a burst (after a wake, the queue holds a handful).
 _BURST_LOOK = 256
-#: Fresh profiles kept at most. A decoded profile takes ~10 KB or more, and a backfill writes
-#: profiles far faster than lists are ranked (the former 50,000 held 130-290 MiB after
-#: `bench/ingest.py`'s 20,000 visitors).
+#: Fresh profiles kept at most (a backfill writes profiles far faster than lists are ranked).
 _JUST_WRITTEN_MAX = 4_096
 
 
@@ -747,15 +748,14 @@ def profiles_changed(
     user_ids: Iterable[str],
     *,
     done: bool = True,
-    states: Mapping[str, profiles.Profile] | None = None,
+    states: Mapping[str, bytes] | None = None,
 ) -> None:
     """The profiles of ``user_ids`` change: their lists are stale.
 
     Called before the new profiles are written (no list computed from the old ones is served
     once they can be read) and again once written (``done``: nothing computed during the write
     counts, and the lists are queued to be computed ahead). ``states`` are the profiles just
-    written (never changed afterwards), which the list builder then ranks without reading
-    them back.
+    written, as stored, which the list builder then ranks without reading them back.
     """
     cache = list_cache()
     if not done:
@@ -784,7 +784,7 @@ def profiles_changed(
         _builder_wake().set()
 
 
-def _keep_written(states: Mapping[str, profiles.Profile]) -> None:
+def _keep_written(states: Mapping[str, bytes]) -> None:
     """Keep the profiles about to be ranked (see `_just_written`)."""
     for user, state in states.items():
         _just_written.pop(user, None)  # set again: the newest go last

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import mode
@@ -54,8 +54,11 @@ def note_timers(applied: Iterable[Event]) -> None:
             _TIMERS.cancel(event_key(e), props["timer"], int(props["due_ms"]))
 
 
-def queue_events(latest: dict[str, profiles.Profile], applied: Iterable[Event]) -> None:
-    """Hand the ``applied`` events, with their visitor's new profile (``latest``), to triggers."""
+def queue_events(latest: Mapping[str, bytes], applied: Iterable[Event]) -> None:
+    """Hand the ``applied`` events, with their visitor's new profile, to triggers.
+
+    ``latest`` holds each visitor's new profile as stored (decoded here only for triggers).
+    """
     gates = plugins()
     if not gates.has("personify_on_event"):
         return
@@ -64,13 +67,13 @@ def queue_events(latest: dict[str, profiles.Profile], applied: Iterable[Event]) 
     views: dict[str, dict[str, Any] | None] = {}
     for e in applied:
         user = event_key(e)
-        state = latest.get(user)
-        if state is None or e["type"].startswith("$") or e["type"] == "consent":
+        stored = latest.get(user)
+        if stored is None or e["type"].startswith("$") or e["type"] == "consent":
             continue
         if wanted is not None and e["type"] not in wanted:
             continue
         if user not in views:
-            views[user] = _view(state, now_ms)
+            views[user] = _view(profiles.decode(stored), now_ms)
         view = views[user]
         if view is None:
             continue  # no trigger fires for a visitor without marketing consent
