@@ -52,6 +52,7 @@ from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
+    AHEAD_SHARE,
     LISTS_CACHED,
     LISTS_COMPUTED,
     LISTS_PENDING,
@@ -112,6 +113,11 @@ _REFRESH_FLOOR = 0.02
 _LOOP_IDLE = 0.1
 #: How long a time the loop's load is averaged over (seconds).
 _LOAD_WINDOW_S = 1.0
+#: The share of the loop's time that lists computed ahead (visitors with no socket open, whose
+#: list no one waits for) may take while the loop is busy, as for the refresh above: during a
+#: backfill or a steady flood of events they gave way to nothing, and a quarter of the loop
+#: went to lists no one read (a list not computed yet is computed when asked for).
+_AHEAD_SHARE = 0.25
 
 
 class RefreshBudget:
@@ -294,6 +300,10 @@ class ListCache:
     def queued(self) -> bool:
         """Whether changed lists wait (not counting those that merely aged)."""
         return bool(self.urgent or self.pending)
+
+    def urgent_queued(self) -> bool:
+        """Whether changed lists someone waits for (a socket is open) are queued."""
+        return bool(self.urgent)
 
     def backlog(self) -> int:
         """How many lists are queued."""
@@ -980,13 +990,30 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 
         refresh_at = 0.0  # perf_counter() before which no aged list is refreshed
         budget = RefreshBudget()
+        ahead_at = 0.0  # perf_counter() before which no list is computed ahead
+        ahead = RefreshBudget(_AHEAD_SHARE)
         while not self.should_stop:
-            if users_cache.queued() or items_cache.queued():
+            urgent = users_cache.urgent_queued()
+            if urgent or users_cache.queued() or items_cache.queued():
+                started = time.perf_counter()
+                if not urgent and started < ahead_at:
+                    # Only lists computed ahead wait, within their share of the loop: a
+                    # visitor with a socket open ends the wait.
+                    wake.clear()
+                    if not users_cache.urgent_queued():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(wake.wait(), ahead_at - started)
+                    continue
                 rec = recommender()
                 if _must_wait(rec):
                     await run_ranking(_build_slice, rec, size, _THREAD_SLICE_S, push_from_thread)
                 else:
                     _build_slice(rec, size, _BUILD_SLICE_S, self._push)
+                if not urgent:
+                    spent = time.perf_counter() - started
+                    share = ahead.share(spent)
+                    AHEAD_SHARE.set(share)
+                    ahead_at = started + spent / share
                 _gauge()
                 await asyncio.sleep(0)  # the loop's other work runs between slices
                 continue

@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
     "AGENT_LAG",
+    "AHEAD_SHARE",
     "CATALOG_ITEMS",
     "EVENTS_ACCEPTED",
     "EVENTS_APPLIED",
@@ -190,6 +191,12 @@ LISTS_REFRESHING = Gauge(
     "personify_lists_refresh_pending",
     "Stored lists still served but due to be recomputed when nothing else waits (they aged, "
     "or a new model or setting came after them).",
+    registry=REGISTRY,
+)
+AHEAD_SHARE = Gauge(
+    "personify_lists_ahead_share",
+    "The share of the event loop's time that lists computed ahead (of visitors with no socket "
+    "open) may take now (it shrinks as the loop's other work grows).",
     registry=REGISTRY,
 )
 REFRESH_SHARE = Gauge(

@@ -270,5 +270,9 @@ def test_the_first_queued_owners_come_urgent_first_as_take_goes() -> None:
     cache.changed(["u1"], queue=True, urgent=True)
     cache.changed(["aged"], queue=False)
     assert cache.first_queued(2) == ["u1", "p1", "p2"]
-    assert cache.take(4) == ["u1", "p1", "p2", "p3"]
+    assert cache.urgent_queued()  # someone waits: the builder does not hold back
+    assert cache.take(1) == ["u1"]
+    assert not cache.urgent_queued() and cache.queued()  # only lists computed ahead wait
+    assert cache.take(4) == ["p1", "p2", "p3"]
     assert cache.first_queued(2) == []
+    assert not cache.queued()
