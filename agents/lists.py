@@ -113,11 +113,14 @@ _REFRESH_FLOOR = 0.02
 _LOOP_IDLE = 0.1
 #: How long a time the loop's load is averaged over (seconds).
 _LOAD_WINDOW_S = 1.0
-#: The share of the loop's time that lists computed ahead (visitors with no socket open, whose
-#: list no one waits for) may take while the loop is busy, as for the refresh above: during a
-#: backfill or a steady flood of events they gave way to nothing, and a quarter of the loop
-#: went to lists no one read (a list not computed yet is computed when asked for).
+#: Once more than `_AHEAD_BACKLOG` lists computed ahead (visitors with no socket open, whose
+#: list no one waits for) are queued, they may take this share of the loop's time while it is
+#: busy, as the refresh above: during a backfill or a flood of events they gave way to nothing,
+#: and a quarter of the loop went to lists no one read (a list not computed yet is computed
+#: when asked for). With fewer queued, the builder keeps up and they go at once: answered from
+#: memory, reads stay fast.
 _AHEAD_SHARE = 0.25
+_AHEAD_BACKLOG = 1_000
 
 
 class RefreshBudget:
@@ -996,7 +999,8 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
             urgent = users_cache.urgent_queued()
             if urgent or users_cache.queued() or items_cache.queued():
                 started = time.perf_counter()
-                if not urgent and started < ahead_at:
+                flood = users_cache.changed_backlog() > _AHEAD_BACKLOG
+                if not urgent and flood and started < ahead_at:
                     # Only lists computed ahead wait, within their share of the loop: a
                     # visitor with a socket open ends the wait.
                     wake.clear()
@@ -1009,7 +1013,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     await run_ranking(_build_slice, rec, size, _THREAD_SLICE_S, push_from_thread)
                 else:
                     _build_slice(rec, size, _BUILD_SLICE_S, self._push)
-                if not urgent:
+                if not urgent and flood:
                     spent = time.perf_counter() - started
                     share = ahead.share(spent)
                     AHEAD_SHARE.set(share)

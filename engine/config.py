@@ -294,8 +294,8 @@ class RecommendConfig:
     #: At most this many recommendations from one category (0: no limit).
     max_per_category: int = 0
     #: Compute a visitor's list ahead, in the background, whenever their profile changes (at
-    #: once with a socket open; otherwise within a share of the event loop that shrinks as
-    #: the engine gets busier).
+    #: once with a socket open; while over 1,000 others are queued, those within a share of
+    #: the event loop that shrinks as the engine gets busier).
     precompute: bool = True
     #: Items kept in each stored list: requests with k up to this and no other parameter are
     #: answered from memory.

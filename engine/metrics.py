@@ -196,7 +196,8 @@ LISTS_REFRESHING = Gauge(
 AHEAD_SHARE = Gauge(
     "personify_lists_ahead_share",
     "The share of the event loop's time that lists computed ahead (of visitors with no socket "
-    "open) may take now (it shrinks as the loop's other work grows).",
+    "open) may take now while over 1,000 are queued (it shrinks as the loop's other work "
+    "grows).",
     registry=REGISTRY,
 )
 REFRESH_SHARE = Gauge(
