@@ -38,6 +38,9 @@ _log = get_logger(__name__)
 #: between two slices of a flush spread over time.
 FLUSH_SLICE: Final = 100
 MAX_FLUSH_PAUSE_S: Final = 0.25
+#: A spread flush that has run twice its spread (a flood of events: each slice waited for a
+#: round of the fold) writes this many slices at a time, without pauses, to catch up.
+BEHIND_SLICES: Final = 4
 #: Signal rows whose neighbours are counted per turn of the event loop (for the gauge).
 NEIGHBOURS_SLICE: Final = 2_000
 
@@ -489,7 +492,8 @@ class Folder:
             spread_s: spread the writes over about this long, in slices of `FLUSH_SLICE` rows:
                 thousands of rows change between two flushes, and writing them at once would
                 hold up every event behind them for a moment. A flush without it (partitions
-                moving, the worker stopping) makes a spread one run on without pauses.
+                moving, the worker stopping) makes a spread one run on without pauses; one that
+                has run twice as long goes on `BEHIND_SLICES` slices at a time.
         """
         if spread_s <= 0:
             self._hurry.set()
@@ -517,15 +521,23 @@ class Folder:
             slices = _slices(dirty.values())
             count = len(slices) if slices[0] else 0
             pause_s = min(spread_s / count, MAX_FLUSH_PAUSE_S) if count and spread_s > 0 else 0.0
-            for keys in slices[:count]:
-                for partition, rows in dirty.items():
-                    mine = [key for key in keys if key in rows]
-                    if not mine:
-                        continue
-                    await write(partition, list(live[partition].encode(mine)))
+            late = time.monotonic() + 2 * spread_s
+            at = 0
+            while at < count:
+                behind = spread_s > 0 and time.monotonic() > late
+                keys = list(itertools.chain(*slices[at : at + (BEHIND_SLICES if behind else 1)]))
+                at += BEHIND_SLICES if behind else 1
+                # Each partition's rows at once: one wait for the slice, not one per partition.
+                await asyncio.gather(
+                    *(
+                        write(partition, list(live[partition].encode(mine)))
+                        for partition, rows in dirty.items()
+                        if (mine := [key for key in keys if key in rows])
+                    )
+                )
                 written(keys)
                 failpoint("signal_flush")
-                if pause_s > 0 and not self._hurry.is_set():
+                if pause_s > 0 and not behind and not self._hurry.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._hurry.wait(), pause_s)
                 else:

@@ -10,7 +10,7 @@ import orjson
 import pytest
 from rocksdict import Options, Rdict
 
-from personify.agents.fold import Folded, Folder, FoldSettings
+from personify.agents.fold import FLUSH_SLICE, Folded, Folder, FoldSettings
 from personify.engine.config import Config
 from personify.engine.metrics import REGISTRY
 from personify.engine.models import internal_event
@@ -239,6 +239,37 @@ def test_the_flush_writes_each_changed_row_once_then_nothing(
     again = signals.decode_row(store.get_many(0, [signals.row_key("covisit", "a")])[0])
     assert again["n"] > row["n"]
     assert 0 not in more.live  # dropped: the partition moved away
+
+
+def test_a_flush_that_falls_behind_catches_up_in_larger_steps(
+    store: DbStore, registry: Registry
+) -> None:
+    """Past twice its spread a flush writes several slices at a time, each partition at once."""
+    rounds: dict[str, list[tuple[int, int]]] = {}
+    for spread_s in (0.0, 1e-9):  # at once (stopping); already late (a flood)
+        folder = _folder(registry)
+        for partition in (0, 1):
+            events = [
+                _event(f"e{partition}-{n}", f"u{n}", "product_view", T0 + n, f"i{n}")
+                for n in range(FLUSH_SLICE * 6)
+            ]
+            folder.fold_batch(store, partition, events)
+        writes: list[tuple[int, int]] = []
+        heard: list[bytes] = []
+
+        async def write(partition: int, rows: list[tuple[bytes, bytes | None]]) -> None:
+            await asyncio.sleep(0)
+            writes.append((partition, len(rows)))  # noqa: B023 - called before the loop goes on
+            store.write(partition, rows)
+
+        asyncio.run(folder.flush(write, heard.extend, spread_s=spread_s))
+        assert len(heard) == len(set(heard)) > FLUSH_SLICE * 6  # every row heard of once
+        rounds[str(spread_s)] = writes
+    at_once, late = rounds["0.0"], rounds["1e-09"]
+    assert max(n for _p, n in at_once) <= FLUSH_SLICE
+    assert max(n for _p, n in late) > FLUSH_SLICE  # slices written together
+    assert len(late) < len(at_once)
+    assert {p for p, _n in late} == {0, 1}
 
 
 def test_kpi_rows_are_written_with_the_profiles(store: DbStore, registry: Registry) -> None:
