@@ -38,8 +38,9 @@ _log = get_logger(__name__)
 #: between two slices of a flush spread over time.
 FLUSH_SLICE: Final = 100
 MAX_FLUSH_PAUSE_S: Final = 0.25
-#: A spread flush that has run twice its spread (a flood of events: each slice waited for a
-#: round of the fold) writes this many slices at a time, without pauses, to catch up.
+#: A spread flush that has run twice its spread (a flood of events: each write waited for a
+#: round of the fold) writes this many slices at a time, every partition's at once, without
+#: pauses, to catch up.
 BEHIND_SLICES: Final = 4
 #: Signal rows whose neighbours are counted per turn of the event loop (for the gauge).
 NEIGHBOURS_SLICE: Final = 2_000
@@ -493,7 +494,8 @@ class Folder:
                 thousands of rows change between two flushes, and writing them at once would
                 hold up every event behind them for a moment. A flush without it (partitions
                 moving, the worker stopping) makes a spread one run on without pauses; one that
-                has run twice as long goes on `BEHIND_SLICES` slices at a time.
+                has run twice as long goes on `BEHIND_SLICES` slices at a time, each with every
+                partition's rows written at once.
         """
         if spread_s <= 0:
             self._hurry.set()
@@ -527,14 +529,18 @@ class Folder:
                 behind = spread_s > 0 and time.monotonic() > late
                 keys = list(itertools.chain(*slices[at : at + (BEHIND_SLICES if behind else 1)]))
                 at += BEHIND_SLICES if behind else 1
-                # Each partition's rows at once: one wait for the slice, not one per partition.
-                await asyncio.gather(
-                    *(
-                        write(partition, list(live[partition].encode(mine)))
-                        for partition, rows in dirty.items()
-                        if (mine := [key for key in keys if key in rows])
+                writes = [
+                    (partition, mine)
+                    for partition, rows in dirty.items()
+                    if (mine := [key for key in keys if key in rows])
+                ]
+                if behind:  # every partition's rows at once: one wait, not one per partition
+                    await asyncio.gather(
+                        *(write(p, list(live[p].encode(mine))) for p, mine in writes)
                     )
-                )
+                else:
+                    for partition, mine in writes:
+                        await write(partition, list(live[partition].encode(mine)))
                 written(keys)
                 failpoint("signal_flush")
                 if pause_s > 0 and not behind and not self._hurry.is_set():
