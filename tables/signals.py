@@ -134,11 +134,8 @@ def _unpack(data: bytes) -> tuple[int, float, list[str], np.ndarray, np.ndarray]
     return ref, own, names, s, m
 
 
-def stored_arrays(data: bytes) -> tuple[int, float, list[str], np.ndarray, np.ndarray]:
-    """A stored row as ``(ref, own, names, scores, counts)``, counts NaN where not known."""
-    if data[:1] != b"{":
-        return _unpack(data)
-    row = decode_row(data)
+def _arrays_of(row: Row) -> tuple[int, float, list[str], np.ndarray, np.ndarray]:
+    """A decoded row as ``(ref, own, names, scores, counts)``, counts NaN where not known."""
     scores: dict[str, float] = row["s"]
     counts: dict[str, float] = row.get("m") or {}
     names = list(scores)
@@ -151,14 +148,14 @@ def stored_arrays(data: bytes) -> tuple[int, float, list[str], np.ndarray, np.nd
     )
 
 
+def stored_arrays(data: bytes) -> tuple[int, float, list[str], np.ndarray, np.ndarray]:
+    """A stored row as ``(ref, own, names, scores, counts)``, counts NaN where not known."""
+    return _unpack(data) if data[:1] != b"{" else _arrays_of(decode_row(data))
+
+
 def encode_row(row: Row) -> bytes:
     """Serialise a row for the table (binary, see `_HEADER`)."""
-    scores: dict[str, float] = row["s"]
-    counts: dict[str, float] = row.get("m") or {}
-    names = list(scores)
-    s = np.fromiter(scores.values(), np.float64, len(names))
-    m = np.fromiter((counts.get(name, _NO_COUNT) for name in names), np.float64, len(names))
-    return _pack(int(row.get("r", 0)), float(row.get("n", 0.0)), names, s, m)
+    return _pack(*_arrays_of(row))
 
 
 def decode_row(data: bytes | None) -> Row:
