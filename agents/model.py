@@ -23,9 +23,10 @@ it ends, without a command.
 The history is read from a RocksDB snapshot on the event loop itself, 512 rows (about a
 millisecond) at a time with a rest of 4 ms after each: read on a thread, it made every socket call
 of the loop wait for the interpreter lock, and pushes waited 100 ms and more at the start of
-each training. The fit then runs on a thread of its own with one BLAS/OpenMP thread (implicit
-releases the interpreter lock), so ingestion and serving keep the other core (tuning, a minute
-or more of Python, runs in a child process instead: `_tune_elsewhere`). The new model is saved under
+each training. The arrays are built on a thread, and the fit (`personify.agents.training.fit`)
+runs in a child process at a lower priority with one BLAS/OpenMP thread, as tuning does
+(`_tune_elsewhere`): ingestion and serving keep the interpreter lock and go first for the
+cores, and what the fit allocates goes back when the child ends. The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
 lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
 the same model at once. Rows more than ``history_days`` older than the newest interaction are
@@ -40,11 +41,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import multiprocessing
-import multiprocessing.process
-import os
-import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -58,10 +54,10 @@ import numpy.typing as npt
 import orjson
 
 from personify.agents.catalog import embeddings
-from personify.agents.evaluation import History, train_model
+from personify.agents.evaluation import History
 from personify.agents.ranker import Ranker
+from personify.agents.training import Fitted, fit_in_child, run_in_child
 from personify.agents.tuning import (
-    CHILD_NICE,
     GROWING,
     TUNE_WAIT_MAX_S,
     apply_setting,
@@ -69,7 +65,7 @@ from personify.agents.tuning import (
     settled,
     tune_in_child,
 )
-from personify.embeddings.collab import AlsSettings, CollabModel
+from personify.embeddings.collab import CollabModel
 from personify.engine.app import app, current_config
 from personify.engine.config import Config, RecommendConfig
 from personify.engine.files import write_json
@@ -82,7 +78,7 @@ from personify.engine.metrics import (
 )
 from personify.engine.models import format_ts
 from personify.engine.retry import until_done
-from personify.tables import history, profiles, propensity, store
+from personify.tables import history, profiles, store
 from personify.tables.catalog import catalog
 from personify.tables.propensity import Propensity
 
@@ -102,8 +98,8 @@ __all__ = [
 ]
 
 _log = get_logger(__name__)
-#: Training runs here: one run at a time, beside the event loop. (Not at a lower priority: a
-#: thread that holds the interpreter lock while it waits for a core stalls the event loop.)
+#: The history read is made into arrays here, beside the event loop (the fit itself runs in a
+#: child process: `personify.agents.training`).
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
 #: Expired history rows deleted per write.
 _DELETE_CHUNK = 5000
@@ -131,48 +127,21 @@ class _Run:
     seconds: float
 
 
-def _train(scan: history.Scan, cfg: Config, started: float) -> _Run:
-    """Fit a model on the history read (None: too little history). Runs on the thread."""
-    m = cfg.model
-    rows, expired = scan.result()
-    if len(rows) < m.min_interactions:
+async def _train(scan: history.Scan, cfg: Config, started: float) -> _Run:
+    """Fit a model on the history read (None: too little history), in a process of its own."""
+    rows, expired = await asyncio.get_running_loop().run_in_executor(_EXECUTOR, scan.result)
+    if len(rows) < cfg.model.min_interactions:
         return _Run(None, None, None, len(rows), None, expired, time.perf_counter() - started)
-    repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
-    settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
-    arrays = History.from_interactions(rows)
-    model = train_model(arrays, settings, cfg.profiles.engagement_weights, threads=1)
-    try:
-        scores = propensity.fit(rows.user, rows.kind, rows.ts_ms)
-    except Exception:  # the scores wait for the next training; the model is used meanwhile
-        _log.exception("propensity scores not learned")
-        scores = None
-    return _Run(model, repeat, scores, len(rows), arrays, expired, time.perf_counter() - started)
-
-
-def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
-    """Start ``child`` at a lower priority from its first instruction.
-
-    Its interpreter's start and imports take most of a second of CPU, which at the usual
-    priority is taken from ingestion and serving. On Linux a thread's nice value is its own
-    and a process started from it inherits it: a short-lived thread lowers its own priority
-    and starts the child (a thread of the pool could not raise its priority again).
-    """
-    failed: list[BaseException] = []
-
-    def start() -> None:
-        if sys.platform == "linux":
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
-        try:
-            child.start()
-        except BaseException as exc:  # raised again in the caller's thread
-            failed.append(exc)
-
-    starter = threading.Thread(target=start, name="personify-tuning-start", daemon=True)
-    starter.start()
-    starter.join()
-    if failed:
-        raise failed[0]
+    fitted: Fitted = await run_in_child(fit_in_child, (rows, cfg), "personify-training")
+    return _Run(
+        fitted.model,
+        fitted.repeat,
+        fitted.propensity,
+        len(rows),
+        fitted.rows,
+        expired,
+        time.perf_counter() - started,
+    )
 
 
 async def _tune_elsewhere(
@@ -191,41 +160,13 @@ async def _tune_elsewhere(
     takes the other core instead. Raises what the child raised (ValueError: too little
     history), or RuntimeError if it died.
     """
-    ctx = multiprocessing.get_context("spawn")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(
-        target=tune_in_child,
-        args=(send, rows, cfg, setting, vectors, category_of, ranker),
-        name="personify-tuning",
-        daemon=True,
+    result: dict[str, Any] = await run_in_child(
+        tune_in_child,
+        (rows, cfg, setting, vectors, category_of, ranker),
+        "personify-tuning",
+        progress,
     )
-    # Off the event loop: start() writes the history to the child, which reads it only once its
-    # interpreter is up (half a second in which the loop would answer nothing).
-    await asyncio.to_thread(_start_niced, child)
-    send.close()
-    try:
-        while True:
-            try:
-                message = await asyncio.to_thread(receive.recv)
-            except EOFError:
-                raise RuntimeError(
-                    f"the tuning process died (exit code {child.exitcode})"
-                ) from None
-            kind = message[0]
-            if kind == "progress":
-                progress(*message[1:])
-            elif kind == "done":
-                result: dict[str, Any] = message[1]
-                return result
-            elif kind == "too little history":
-                raise ValueError(message[1])
-            else:
-                raise RuntimeError(f"tuning failed: {message[1]}")
-    finally:
-        if child.is_alive():
-            child.kill()
-        await asyncio.to_thread(child.join, 10.0)
-        receive.close()
+    return result
 
 
 class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
@@ -479,9 +420,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             # Read on the event loop, a slice at a time, resting between slices.
             while not scan.step(_SCAN_SLICE):  # noqa: ASYNC110 - nothing to wait for
                 await asyncio.sleep(_SCAN_PAUSE_S)
-            run: _Run = await asyncio.get_running_loop().run_in_executor(
-                _EXECUTOR, _train, scan, cfg, begun
-            )
+            run = await _train(scan, cfg, begun)
         except Exception as exc:
             self.pending += pending  # counted again at the next try
             self.last_run = {"at": format_ts(int(started * 1000)), "error": repr(exc)}

@@ -122,6 +122,22 @@ class CollabModel:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def __reduce__(self) -> tuple[type[CollabModel], tuple[Any, ...]]:
+        """Pickled as its fields: the index and the derived arrays are built again."""
+        return (
+            CollabModel,
+            (
+                self.item_ids,
+                self.factors,
+                self.settings,
+                self.trained_at_ms,
+                self.interactions,
+                self.users,
+                self.training_s,
+                self.popularity,
+            ),
+        )
+
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._position
 

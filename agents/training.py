@@ -1,0 +1,160 @@
+"""One training run's work, and the child processes that training and tuning run in.
+
+`fit` learns, from the interaction history read by the trainer (`personify.agents.model`),
+what a training makes: the collaborative model, the shop's re-buying (`RepeatStats`), the
+purchase and churn scores, and the history as arrays for a tuning that follows. The engine
+runs it in a process of its own (`fit_in_child` through `run_in_child`), started at a lower
+priority: on a thread of the engine, the numpy and Python parts of a training (a second or more
+at 100,000 interactions) held the interpreter lock against ingestion and serving, the fit
+took a whole core from them at their own priority, and each training left the engine's memory
+tens of MiB larger. A child's memory goes back when it ends.
+
+`run_in_child` starts a function in a fresh interpreter (``spawn``: the engine's threads and
+sockets are not copied) at `CHILD_NICE`, and reads its messages: ``("progress", ...)`` as it
+goes, then ``("done", result)``, ``("too little history", reason)`` or ``("error", traceback)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.process
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from personify.agents.evaluation import History, train_model
+from personify.agents.tuning import CHILD_NICE
+from personify.embeddings.collab import AlsSettings, CollabModel
+from personify.engine.config import Config
+from personify.engine.logging import get_logger
+from personify.tables import history, propensity
+from personify.tables.propensity import Propensity
+
+__all__ = ["Fitted", "fit", "fit_in_child", "run_in_child"]
+
+_log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Fitted:
+    """What one training learned from a history (see `fit`).
+
+    Attributes:
+        model: the collaborative model (None: nothing to learn from).
+        repeat: how the shop's visitors re-buy.
+        propensity: purchase and churn scores (None: too short or small a history).
+        rows: the history as arrays, for a tuning run.
+    """
+
+    model: CollabModel | None
+    repeat: history.RepeatStats
+    propensity: Propensity | None
+    rows: History
+
+
+def fit(rows: history.Interactions, cfg: Config) -> Fitted:
+    """Learn the model, the re-buying and the propensity scores on ``rows``."""
+    m = cfg.model
+    repeat = history.repeat_stats(rows.user, rows.item, rows.kind, rows.ts_ms)
+    settings = AlsSettings(m.factors, m.regularization, m.alpha, m.iterations)
+    arrays = History.from_interactions(rows)
+    model = train_model(arrays, settings, cfg.profiles.engagement_weights, threads=1)
+    try:
+        scores = propensity.fit(rows.user, rows.kind, rows.ts_ms)
+    except Exception:  # the scores wait for the next training; the model is used meanwhile
+        _log.exception("propensity scores not learned")
+        scores = None
+    return Fitted(model, repeat, scores, arrays)
+
+
+def fit_in_child(conn: Any, rows: history.Interactions, cfg: Config) -> None:
+    """`fit` in a child process: ``("done", Fitted)`` or ``("error", reason)`` on ``conn``."""
+    from threadpoolctl import threadpool_limits
+
+    with contextlib.suppress(OSError):  # where it was not started at that priority already
+        os.nice(max(0, CHILD_NICE - os.nice(0)))
+    try:
+        with threadpool_limits(1):
+            fitted = fit(rows, cfg)
+        conn.send(("done", fitted))
+    except Exception:  # reported to the parent, which logs it, with where it happened
+        conn.send(("error", traceback.format_exc(limit=-8)))
+    finally:
+        conn.close()
+
+
+def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
+    """Start ``child`` at a lower priority from its first instruction.
+
+    Its interpreter's start and imports take most of a second of CPU, which at the usual
+    priority is taken from ingestion and serving. On Linux a thread's nice value is its own
+    and a process started from it inherits it: a short-lived thread lowers its own priority
+    and starts the child (a thread of the pool could not raise its priority again).
+    """
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
+        try:
+            child.start()
+        except BaseException as exc:  # raised again in the caller's thread
+            failed.append(exc)
+
+    starter = threading.Thread(target=start, name=f"{child.name}-start", daemon=True)
+    starter.start()
+    starter.join()
+    if failed:
+        raise failed[0]
+
+
+async def run_in_child(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+    progress: Callable[..., None] | None = None,
+) -> Any:
+    """Run ``target(conn, *args)`` in a child process at a lower priority; its result.
+
+    The child is killed if this is cancelled. Raises what the child reported (ValueError: too
+    little history), or RuntimeError if it failed or died.
+    """
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=target, args=(send, *args), name=name, daemon=True)
+    started = time.perf_counter()
+    # Off the event loop: start() writes the arguments to the child, which reads them only once
+    # its interpreter is up (half a second in which the loop would answer nothing).
+    await asyncio.to_thread(_start_niced, child)
+    send.close()
+    try:
+        while True:
+            try:
+                # The result is unpickled on that thread too (a model builds its index there).
+                message = await asyncio.to_thread(receive.recv)
+            except EOFError:
+                raise RuntimeError(f"{name} died (exit code {child.exitcode})") from None
+            kind = message[0]
+            if kind == "progress":
+                if progress is not None:
+                    progress(*message[1:])
+            elif kind == "done":
+                _log.debug("child done", name=name, seconds=round(time.perf_counter() - started, 2))
+                return message[1]
+            elif kind == "too little history":
+                raise ValueError(message[1])
+            else:
+                raise RuntimeError(f"{name} failed: {message[1]}")
+    finally:
+        if child.is_alive():
+            child.kill()
+        await asyncio.to_thread(child.join, 10.0)
+        receive.close()
