@@ -24,7 +24,7 @@ The history is read from a RocksDB snapshot on the event loop itself, 512 rows (
 millisecond) at a time with a rest of 4 ms after each: read on a thread, it made every socket call
 of the loop wait for the interpreter lock, and pushes waited 100 ms and more at the start of
 each training. The arrays are built on a thread, and the fit (`personify.agents.training.fit`)
-runs in a child process at a lower priority with one BLAS/OpenMP thread, as tuning does
+runs in a child process at background priority with one BLAS/OpenMP thread, as tuning does
 (`_tune_elsewhere`): ingestion and serving keep the interpreter lock and go first for the
 cores, and what the fit allocates goes back when the child ends. The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
@@ -156,7 +156,7 @@ async def _tune_elsewhere(
     """`tuning.tune_and_score` in a child process, which is killed if this is cancelled.
 
     Tuning is Python for a minute or more: on a thread it would hold the interpreter lock
-    against ingestion and serving half the time; a process of its own (at a lower priority)
+    against ingestion and serving half the time; a process of its own (at background priority)
     takes the other core instead. Raises what the child raised (ValueError: too little
     history), or RuntimeError if it died.
     """

@@ -3,25 +3,23 @@
 `fit` learns, from the interaction history read by the trainer (`personify.agents.model`),
 what a training makes: the collaborative model, the shop's re-buying (`RepeatStats`), the
 purchase and churn scores, and the history as arrays for a tuning that follows. The engine
-runs it in a process of its own (`fit_in_child` through `run_in_child`), started at a lower
-priority: on a thread of the engine, the numpy and Python parts of a training (a second or more
-at 100,000 interactions) held the interpreter lock against ingestion and serving, the fit
-took a whole core from them at their own priority, and each training left the engine's memory
-tens of MiB larger. A child's memory goes back when it ends.
+runs it in a process of its own (`fit_in_child` through `run_in_child`), at background
+priority: on a thread of the engine, the numpy and Python parts of a training (a second or
+more at 100,000 interactions) held the interpreter lock against ingestion and serving, and the
+fit took a whole core from them at their own priority. A child's memory also goes back to the
+system when it ends.
 
 `run_in_child` starts a function in a fresh interpreter (``spawn``: the engine's threads and
-sockets are not copied) at `CHILD_NICE`, and reads its messages: ``("progress", ...)`` as it
-goes, then ``("done", result)``, ``("too little history", reason)`` or ``("error", traceback)``.
+sockets are not copied) at background priority (`personify.engine.priority`), and reads its
+messages: ``("progress", ...)`` as it goes, then ``("done", result)``, ``("too little
+history", reason)`` or ``("error", traceback)``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import multiprocessing.process
-import os
-import sys
 import threading
 import time
 import traceback
@@ -30,10 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from personify.agents.evaluation import History, train_model
-from personify.agents.tuning import CHILD_NICE
 from personify.embeddings.collab import AlsSettings, CollabModel
 from personify.engine.config import Config
 from personify.engine.logging import get_logger
+from personify.engine.priority import to_background
 from personify.tables import history, propensity
 from personify.tables.propensity import Propensity
 
@@ -78,8 +76,7 @@ def fit_in_child(conn: Any, rows: history.Interactions, cfg: Config) -> None:
     """`fit` in a child process: ``("done", Fitted)`` or ``("error", reason)`` on ``conn``."""
     from threadpoolctl import threadpool_limits
 
-    with contextlib.suppress(OSError):  # where it was not started at that priority already
-        os.nice(max(0, CHILD_NICE - os.nice(0)))
+    to_background()  # where it was not started at that priority already
     try:
         with threadpool_limits(1):
             fitted = fit(rows, cfg)
@@ -90,20 +87,18 @@ def fit_in_child(conn: Any, rows: history.Interactions, cfg: Config) -> None:
         conn.close()
 
 
-def _start_niced(child: multiprocessing.process.BaseProcess) -> None:
-    """Start ``child`` at a lower priority from its first instruction.
+def _start_in_background(child: multiprocessing.process.BaseProcess) -> None:
+    """Start ``child`` at background priority (`to_background`) from its first instruction.
 
     Its interpreter's start and imports take most of a second of CPU, which at the usual
-    priority is taken from ingestion and serving. On Linux a thread's nice value is its own
-    and a process started from it inherits it: a short-lived thread lowers its own priority
-    and starts the child (a thread of the pool could not raise its priority again).
+    priority is taken from ingestion and serving. A process started from a thread inherits
+    the thread's priority: a short-lived thread lowers its own and starts the child (a thread
+    of the pool could not raise its priority again).
     """
     failed: list[BaseException] = []
 
     def start() -> None:
-        if sys.platform == "linux":
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHILD_NICE)
+        to_background()
         try:
             child.start()
         except BaseException as exc:  # raised again in the caller's thread
@@ -122,7 +117,7 @@ async def run_in_child(
     name: str,
     progress: Callable[..., None] | None = None,
 ) -> Any:
-    """Run ``target(conn, *args)`` in a child process at a lower priority; its result.
+    """Run ``target(conn, *args)`` in a child process at background priority; its result.
 
     The child is killed if this is cancelled. Raises what the child reported (ValueError: too
     little history), or RuntimeError if it failed or died.
@@ -133,7 +128,7 @@ async def run_in_child(
     started = time.perf_counter()
     # Off the event loop: start() writes the arguments to the child, which reads them only once
     # its interpreter is up (half a second in which the loop would answer nothing).
-    await asyncio.to_thread(_start_niced, child)
+    await asyncio.to_thread(_start_in_background, child)
     send.close()
     try:
         while True:

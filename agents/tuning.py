@@ -14,10 +14,8 @@ applies a better setting live; ``bench/quality.py`` calls `tune` on its own trai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 import random
 import time
 import traceback
@@ -45,9 +43,9 @@ from personify.embeddings import VectorIndex
 from personify.embeddings.collab import AlsSettings
 from personify.engine.config import TUNABLE, Config, RecommendConfig
 from personify.engine.models import format_ts
+from personify.engine.priority import to_background
 
 __all__ = [
-    "CHILD_NICE",
     "GROWING",
     "SPACE",
     "TUNE_WAIT_MAX_S",
@@ -84,8 +82,6 @@ if tuple(SPACE) != TUNABLE:  # the config checks [tune] pinned against TUNABLE
 GROWING = 0.05
 #: A tuning waits at most this long for the history to settle (a shop that never pauses).
 TUNE_WAIT_MAX_S = 600.0
-#: The nice value of the tuning process: ingestion and serving go first.
-CHILD_NICE = 10
 
 
 def settled(grown: int, interactions: int, waited_s: float | None) -> bool:
@@ -564,12 +560,11 @@ def tune_in_child(
     ``("progress", done, trials, best)`` as trials finish, then one of ``("done", record)``,
     ``("too little history", reason)`` or ``("error", reason)``. The item text vectors come
     as ``(ids, matrix)`` and are indexed here; ``ranker`` is the ranker in use, as text.
-    Runs at a lower priority on one thread.
+    Runs at background priority (`to_background`) on one thread.
     """
     from threadpoolctl import threadpool_limits
 
-    with contextlib.suppress(OSError):  # where it was not started at that priority already
-        os.nice(max(0, CHILD_NICE - os.nice(0)))
+    to_background()  # where it was not started at that priority already
     try:
         with threadpool_limits(1):
             index = None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from personify.agents.training import fit, fit_in_child, run_in_child
 from personify.embeddings.collab import AlsSettings, train_als
 from personify.engine.config import Config
+from personify.engine.priority import to_background
 from personify.tables.history import Interactions
 
 PURCHASE = Interactions.KINDS.index("purchase")
@@ -73,3 +76,18 @@ def test_a_child_that_fails_reports_where() -> None:
     """An error in the child comes back as a RuntimeError naming it, with no result."""
     with pytest.raises(RuntimeError, match="AttributeError"):
         asyncio.run(run_in_child(fit_in_child, (_shop(), None), "test-training"))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_background_priority_is_the_callers_thread_alone() -> None:
+    """The thread that asks runs (and starts children) at SCHED_IDLE; the others do not."""
+    seen: list[tuple[str, int]] = []
+
+    def lower() -> None:
+        seen.append((to_background(), os.sched_getscheduler(0)))
+
+    worker = threading.Thread(target=lower)
+    worker.start()
+    worker.join()
+    assert seen == [("idle", os.SCHED_IDLE)]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
