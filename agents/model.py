@@ -41,6 +41,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -71,10 +72,12 @@ from personify.engine.config import Config, RecommendConfig
 from personify.engine.files import write_json
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
+    BACKGROUND_SECONDS,
     MODEL_INTERACTIONS,
     MODEL_TRAINED_AT,
     MODEL_TRAININGS,
     QUALITY_NDCG,
+    TUNINGS,
 )
 from personify.engine.models import format_ts
 from personify.engine.retry import until_done
@@ -101,6 +104,8 @@ _log = get_logger(__name__)
 #: The history read is made into arrays here, beside the event loop (the fit itself runs in a
 #: child process: `personify.agents.training`).
 _EXECUTOR = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+#: No visitor's event applied for this long is a quiet moment (`Trainer.background_share`).
+_QUIET_S = 2.0
 #: Expired history rows deleted per write.
 _DELETE_CHUNK = 5000
 
@@ -127,12 +132,19 @@ class _Run:
     seconds: float
 
 
-async def _train(scan: history.Scan, cfg: Config, started: float) -> _Run:
-    """Fit a model on the history read (None: too little history), in a process of its own."""
+async def _train(
+    scan: history.Scan, cfg: Config, started: float, share: Callable[[], float]
+) -> _Run:
+    """Fit a model on the history read (None: too little history), in a process of its own.
+
+    ``share``: the share of its time the process may run (`Trainer.background_share`).
+    """
     rows, expired = await asyncio.get_running_loop().run_in_executor(_EXECUTOR, scan.result)
     if len(rows) < cfg.model.min_interactions:
         return _Run(None, None, None, len(rows), None, expired, time.perf_counter() - started)
-    fitted: Fitted = await run_in_child(fit_in_child, (rows, cfg), "personify-training")
+    fitted: Fitted = await run_in_child(
+        fit_in_child, (rows, cfg), "personify-training", share=share
+    )
     return _Run(
         fitted.model,
         fitted.repeat,
@@ -152,6 +164,7 @@ async def _tune_elsewhere(
     category_of: dict[str, str | None],
     progress: Callable[[int, int, float], None],
     ranker: str | None = None,
+    share: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """`tuning.tune_and_score` in a child process, which is killed if this is cancelled.
 
@@ -165,6 +178,7 @@ async def _tune_elsewhere(
         (rows, cfg, setting, vectors, category_of, ranker),
         "personify-tuning",
         progress,
+        share,
     )
     return result
 
@@ -209,6 +223,19 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         self._waiting_rows: History | None = None
         #: Interactions that arrived in the check interval before the last check.
         self._grown = 0
+        #: When visitors' events were last applied (`time.monotonic`; see `background_share`).
+        self.active_at = -math.inf
+
+    def background_share(self) -> float:
+        """The share of its time a training or tuning process may run now.
+
+        ``[model] background_share`` while visitors' events arrive (any applied in the last
+        `_QUIET_S`), all of it in a quiet moment (a backfill just ended: the engine trains and
+        tunes as fast as it can).
+        """
+        if time.monotonic() - self.active_at > _QUIET_S:
+            return 1.0
+        return current_config().model.background_share
 
     def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
@@ -302,6 +329,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         def progress(done: int, total: int, _best: float) -> None:
             self.progress = (done, total)
 
+        began = time.perf_counter()
         try:
             run = await _tune_elsewhere(
                 rows,
@@ -311,15 +339,19 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
                 category_of,
                 progress,
                 None if self.ranker is None else self.ranker.to_text(),
+                self.background_share,
             )
         except ValueError as exc:  # too little history to validate on
             _log.warning("no tuning yet", reason=str(exc), interactions=len(rows))
+            TUNINGS.labels("skipped").inc()
             return None
         except Exception:
             _log.exception("tuning failed; tried again after the next training")
+            TUNINGS.labels("failed").inc()
             return None
         finally:
             self.tuning = False
+            BACKGROUND_SECONDS.labels("tuning").inc(time.perf_counter() - began)
         learned = run.pop("ranker_model", None)
         self.tunings = [*self.tunings, run][-_TUNINGS_KEPT:]
         choice = (run.get("ranker") or {}).get("choice", "blend")
@@ -330,8 +362,10 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             if choice == "current"
             else None
         )
-        if run["improved"] or ranker is not self.ranker:
+        applied = run["improved"] or ranker is not self.ranker
+        if applied:
             self._apply(run["setting"], ranker)
+        TUNINGS.labels("applied" if applied else "kept").inc()
         for protocol, methods in run["holdout"].items():
             for method, metrics in methods.items():
                 QUALITY_NDCG.labels(protocol, method).set(metrics["ndcg10"])
@@ -420,7 +454,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             # Read on the event loop, a slice at a time, resting between slices.
             while not scan.step(_SCAN_SLICE):  # noqa: ASYNC110 - nothing to wait for
                 await asyncio.sleep(_SCAN_PAUSE_S)
-            run = await _train(scan, cfg, begun)
+            run = await _train(scan, cfg, begun, self.background_share)
         except Exception as exc:
             self.pending += pending  # counted again at the next try
             self.last_run = {"at": format_ts(int(started * 1000)), "error": repr(exc)}
@@ -438,6 +472,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             "seconds": round(run.seconds, 3),
         }
         MODEL_TRAININGS.labels(outcome).inc()
+        BACKGROUND_SECONDS.labels("training").inc(run.seconds)
         for partition, keys in run.expired.items():
             for i in range(0, len(keys), _DELETE_CHUNK):
                 chunk: list[tuple[bytes, bytes | None]] = [
@@ -662,6 +697,7 @@ def _load_repeat(directory: Path) -> history.RepeatStats | None:
 def note_interactions(count: int, latest_ms: int | None = None) -> None:
     """The profile agent added ``count`` rows to the history; ``latest_ms``: its newest event."""
     t = trainer()
+    t.active_at = time.monotonic()
     if count:
         t.pending += count
     if latest_ms is not None and latest_ms > t.latest_ms:

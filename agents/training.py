@@ -18,8 +18,11 @@ history", reason)`` or ``("error", traceback)``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.process
+import os
+import signal
 import threading
 import time
 import traceback
@@ -111,16 +114,57 @@ def _start_in_background(child: multiprocessing.process.BaseProcess) -> None:
         raise failed[0]
 
 
+#: A paced child runs for ``share`` of each period of this many seconds and is paused the rest.
+PACE_PERIOD_S = 0.2
+
+
+async def _pace(pid: int, share: Callable[[], float], period_s: float = PACE_PERIOD_S) -> None:
+    """Hold the process ``pid`` to ``share()`` of its time (1 or more: not held), until cancelled.
+
+    Background priority is not enough where the cores are not the machine's own: on a virtual
+    machine, whatever runs on the second core slows the first (measured: a loop at
+    ``SCHED_IDLE`` on two vCPUs made every push half as slow again; the same loop running a
+    quarter of the time, a tenth). The process is stopped (``SIGSTOP``) between its turns; it is
+    always let go on the way out.
+    """
+    running = True
+    try:
+        while True:
+            allowed = share()
+            if allowed >= 1.0:
+                if not running:
+                    os.kill(pid, signal.SIGCONT)
+                    running = True
+                await asyncio.sleep(period_s)
+                continue
+            if not running:
+                os.kill(pid, signal.SIGCONT)
+                running = True
+            await asyncio.sleep(period_s * max(allowed, 0.01))
+            os.kill(pid, signal.SIGSTOP)
+            running = False
+            await asyncio.sleep(period_s * (1.0 - max(allowed, 0.01)))
+    except ProcessLookupError:  # it ended
+        return
+    finally:
+        if not running:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 async def run_in_child(
     target: Callable[..., None],
     args: tuple[Any, ...],
     name: str,
     progress: Callable[..., None] | None = None,
+    share: Callable[[], float] | None = None,
 ) -> Any:
     """Run ``target(conn, *args)`` in a child process at background priority; its result.
 
-    The child is killed if this is cancelled. Raises what the child reported (ValueError: too
-    little history), or RuntimeError if it failed or died.
+    ``share``: called every `PACE_PERIOD_S`, the share of its time the child may run then (see
+    `_pace`; None, or where processes cannot be paused: all of it). The child is killed if this
+    is cancelled. Raises what the child reported (ValueError: too little history), or
+    RuntimeError if it failed or died.
     """
     ctx = multiprocessing.get_context("spawn")
     receive, send = ctx.Pipe(duplex=False)
@@ -130,6 +174,9 @@ async def run_in_child(
     # its interpreter is up (half a second in which the loop would answer nothing).
     await asyncio.to_thread(_start_in_background, child)
     send.close()
+    pacer = None
+    if share is not None and child.pid is not None and hasattr(signal, "SIGSTOP"):
+        pacer = asyncio.create_task(_pace(child.pid, share), name=f"{name}-pace")
     try:
         while True:
             try:
@@ -149,6 +196,10 @@ async def run_in_child(
             else:
                 raise RuntimeError(f"{name} failed: {message[1]}")
     finally:
+        if pacer is not None:
+            pacer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pacer
         if child.is_alive():
             child.kill()
         await asyncio.to_thread(child.join, 10.0)

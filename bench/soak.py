@@ -313,6 +313,14 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
             metrics = await eng.metrics(session)
             late, delay_s = loop_totals(metrics)
             stages = stage_means_ms(stage_seen, metrics)
+            background = {
+                kind: round(
+                    metrics.get(f'personify_background_seconds_total{{kind="{kind}"}}', 0.0)
+                    - stage_seen.get(f'personify_background_seconds_total{{kind="{kind}"}}', 0.0),
+                    1,
+                )
+                for kind in ("training", "tuning")
+            }
             stage_seen = metrics
             row |= {
                 "minute": minute,
@@ -331,6 +339,7 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
                 / 2**20,
                 "trainings": metrics.get('personify_model_trainings_total{outcome="trained"}', 0),
                 "model_interactions": metrics.get("personify_model_interactions", 0),
+                "background_s": background,
                 "rss_engine_mib": engine_rss,
                 "rss_broker_mib": broker_rss,
                 "disk_mib": disk_mib(data_dir),
@@ -351,7 +360,8 @@ async def soak(args: argparse.Namespace, eng: Engine, out: Json) -> None:
                 f"    RocksDB {row['rocksdb_mib']:.0f} MiB; {row['lists_cached']:,.0f} lists in "
                 f"memory ({row['list_bytes_mib']:.0f} MiB of JSON); model trained "
                 f"{row['trainings']:.0f} times so far (last on "
-                f"{row['model_interactions']:,.0f} interactions)",
+                f"{row['model_interactions']:,.0f} interactions); ended this minute: "
+                f"training {background['training']:.1f} s, tuning {background['tuning']:.1f} s",
                 flush=True,
             )
             if args.json:

@@ -335,6 +335,9 @@ class ModelConfig:
     retrain_interval_s: float = 3600.0
     #: How often the trainer checks whether to train (seconds).
     check_interval_s: float = 10.0
+    #: While visitors' events arrive, a training or tuning process runs this share of the time
+    #: and is paused the rest (0-1; 1: never paused); in a quiet moment, all of the time.
+    background_share: float = 0.25
     #: The vectors: length, L2 penalty, confidence of an interaction, ALS sweeps.
     factors: int = 64
     regularization: float = 0.05
@@ -816,6 +819,11 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
                 f"{source}: [tune] pinned: unknown setting {unknown[0]!r}; "
                 f"known: {', '.join(TUNABLE)}"
             )
+    if section == "model" and not 0.0 < obj.background_share <= 1.0:
+        raise ConfigError(
+            f"{source}: [model] background_share: expected more than 0 and at most 1, "
+            f"got {obj.background_share}"
+        )
     if section == "model" and obj.retrain_growth < 0:
         raise ConfigError(
             f"{source}: [model] retrain_growth: expected >= 0, got {obj.retrain_growth}"

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 __all__ = [
     "AGENT_LAG",
     "AHEAD_SHARE",
+    "BACKGROUND_SECONDS",
     "CATALOG_ITEMS",
     "EVENTS_ACCEPTED",
     "EVENTS_APPLIED",
@@ -44,6 +45,7 @@ __all__ = [
     "SEGMENT_SIZE",
     "SIGNAL_ROWS_CACHED",
     "TRIGGER_ACTIONS",
+    "TUNINGS",
     "WEBHOOK_CALLS",
     "WS_DROPPED",
     "WS_MESSAGES",
@@ -314,6 +316,18 @@ MODEL_TRAINED_AT = Gauge(
 MODEL_TRAININGS = Counter(
     "personify_model_trainings",
     "Training runs of the learned model, by outcome (trained, too little history).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+BACKGROUND_SECONDS = Counter(
+    "personify_background_seconds",
+    "Seconds spent in finished training and tuning runs (each in a child process), by kind.",
+    ["kind"],
+    registry=REGISTRY,
+)
+TUNINGS = Counter(
+    "personify_tunings",
+    "Tuning runs, by outcome (applied, kept: the current setting stayed; skipped, failed).",
     ["outcome"],
     registry=REGISTRY,
 )

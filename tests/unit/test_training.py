@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pickle
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from personify.agents.training import fit, fit_in_child, run_in_child
+from personify.agents.training import _pace, fit, fit_in_child, run_in_child
 from personify.embeddings.collab import AlsSettings, train_als
 from personify.engine.config import Config
 from personify.engine.priority import to_background
@@ -91,3 +95,43 @@ def test_background_priority_is_the_callers_thread_alone() -> None:
     worker.join()
     assert seen == [("idle", os.SCHED_IDLE)]
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (R running, S sleeping, T stopped...)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_paced_process_is_paused_between_turns_and_let_go_at_the_end() -> None:
+    """While paced it is seen stopped; once the pacing ends it runs again."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+
+        async def watch() -> tuple[set[str], str]:
+            pacer = asyncio.create_task(_pace(busy.pid, lambda: 0.05, period_s=0.05))
+            seen = set()
+            for _ in range(200):
+                seen.add(_state(busy.pid))
+                if "T" in seen:
+                    break
+                await asyncio.sleep(0.005)
+            pacer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pacer
+            return seen, _state(busy.pid)
+
+        seen, after = asyncio.run(watch())
+        assert "T" in seen
+        assert after != "T"
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+def test_a_paced_child_still_brings_its_result() -> None:
+    """Paced to a tenth of its time, the child's training comes back whole."""
+    rows, cfg = _shop(), Config()
+    there = asyncio.run(run_in_child(fit_in_child, (rows, cfg), "test-training", share=lambda: 0.1))
+    assert there.model is not None and there.model.item_ids == fit(rows, cfg).model.item_ids
