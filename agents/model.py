@@ -26,7 +26,9 @@ of the loop wait for the interpreter lock, and pushes waited 100 ms and more at 
 each training. The arrays are built on a thread, and the fit (`personify.agents.training.fit`)
 runs in a child process at background priority with one BLAS/OpenMP thread, as tuning does
 (`_tune_elsewhere`): ingestion and serving keep the interpreter lock and go first for the
-cores, and what the fit allocates goes back when the child ends. The new model is saved under
+cores, and what the fit allocates goes back when the child ends. While visitors' events
+arrive, both children also run only ``[model] background_share`` of the time
+(`Trainer.background_share`). The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
 lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
 the same model at once. Rows more than ``history_days`` older than the newest interaction are

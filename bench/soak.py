@@ -20,7 +20,8 @@ repository's ``config.toml`` (``--set`` overrides a setting, as ``PERSONIFY_SECT
 Each minute prints and saves: events sent, POST p99, event-to-push p50/p99, read p99, errors
 (answers other than 202/200, events that got no push within 10 s), the agents' lag, the event
 loop's stalls (its 0.1 s timer woken over 0.1 s late) and seconds of delay in all, the resident
-memory of the engine and of its embedded broker, and the data directory's size on disk. The
+memory of the engine and of its embedded broker, the data directory's size on disk, and the
+seconds of the training and tuning runs that ended in the minute. The
 table goes to stdout, every figure to ``--json``, and a plot of them to ``--plot``. The verdict
 lines check the goals of a shop running for weeks: push p99 under 50 ms in every minute, the
 last minute's within 1.25x of minute 2's, memory and disk growing by under 5% over the last

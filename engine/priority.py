@@ -1,11 +1,11 @@
 """Background work at a priority that gives way to ingestion and serving at once.
 
-Training and tuning run in child processes (`personify.agents.training`). At a nice value alone
-(10) a tuning run still held a fair share of a busy machine: on two cores, with the engine,
-its broker and their clients busy, the pushes of the minute a tuning ran were 30-40% slower.
-``SCHED_IDLE`` (Linux) runs a process only on a core nothing else wants, and hands the core
-back as soon as a normal process wakes up on it; a quiet engine (after a backfill) still
-lends it every idle core. Elsewhere, or where the policy is refused, the nice value is raised.
+Training and tuning run in child processes (`personify.agents.training`). ``SCHED_IDLE``
+(Linux) runs a process only on a core nothing else wants, and hands the core back as soon as a
+normal process wakes up on it; a quiet engine (after a backfill) still lends it every idle
+core. Elsewhere, or where the policy is refused, the nice value is raised. Priority alone is
+not enough on a virtual machine, whose cores slow each other whatever runs on them: there the
+children are also paced (`personify.agents.training.run_in_child`).
 """
 
 from __future__ import annotations
