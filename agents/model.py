@@ -27,8 +27,8 @@ each training. The arrays are built on a thread, and the fit (`personify.agents.
 runs in a child process at background priority with one BLAS/OpenMP thread, as tuning does
 (`_tune_elsewhere`): ingestion and serving keep the interpreter lock and go first for the
 cores, and what the fit allocates goes back when the child ends. While visitors' events
-arrive, both children also run only ``[model] background_share`` of the time
-(`Trainer.background_share`). The new model is saved under
+arrive, both children can also be held to ``[model] background_share`` of the time
+(`Trainer.background_share`; not by default). The new model is saved under
 ``<data_dir>/model`` (atomically) and then swapped in: lists ranked from then on use it, and
 lists computed ahead are recomputed. At start the saved model is loaded, so a restart serves
 the same model at once. Rows more than ``history_days`` older than the newest interaction are

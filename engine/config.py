@@ -337,7 +337,7 @@ class ModelConfig:
     check_interval_s: float = 10.0
     #: While visitors' events arrive, a training or tuning process runs this share of the time
     #: and is paused the rest (0-1; 1: never paused); in a quiet moment, all of the time.
-    background_share: float = 0.25
+    background_share: float = 1.0
     #: The vectors: length, L2 penalty, confidence of an interaction, ALS sweeps.
     factors: int = 64
     regularization: float = 0.05

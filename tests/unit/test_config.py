@@ -501,3 +501,12 @@ def test_retrain_growth_may_be_zero_not_negative(config_file: ConfigFile) -> Non
     assert load_config(config_file("[model]\nretrain_min_interval_s = 0\n"), environ={})
     with pytest.raises(ConfigError, match=r"retrain_min_interval_s: expected >= 0"):
         load_config(config_file("[model]\nretrain_min_interval_s = -1\n"), environ={})
+
+
+def test_background_share_is_a_share_of_time(config_file: ConfigFile) -> None:
+    """background_share takes more than 0 and up to 1; anything else is named and refused."""
+    cfg = load_config(config_file("[model]\nbackground_share = 0.25\n"), environ={})
+    assert cfg.model.background_share == 0.25
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match=r"\[model\] background_share: expected more than 0"):
+            load_config(config_file(f"[model]\nbackground_share = {bad}\n"), environ={})
