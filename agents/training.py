@@ -123,9 +123,9 @@ async def _pace(pid: int, share: Callable[[], float], period_s: float = PACE_PER
 
     Background priority is not enough where the cores are not the machine's own: on a virtual
     machine, whatever runs on the second core slows the first (measured: a loop at
-    ``SCHED_IDLE`` on two vCPUs made every push half as slow again; the same loop running a
-    quarter of the time, a tenth). The process is stopped (``SIGSTOP``) between its turns; it is
-    always let go on the way out.
+    ``SCHED_IDLE`` on two vCPUs made pushes half as slow again; the same loop running a quarter
+    of the time, a sixth to a third, for four times as long: ``bench/RESULTS.md``). The process
+    is stopped (``SIGSTOP``) between its turns; it is always let go on the way out.
     """
     running = True
     try:
