@@ -172,7 +172,7 @@ def ranked_stored(
         own = own or float(s.max())
         other = np.where(np.isnan(m) | (m == 0.0), s, m)
         denominator = math.pow(own, alpha) * np.power(other, 1.0 - alpha)
-        keep = np.flatnonzero(denominator > 0.0)
+        keep = np.flatnonzero(denominator > signals.DECAYED)
         if len(keep) < len(s):
             names = [names[i] for i in keep.tolist()]
             s, denominator = s[keep], denominator[keep]

@@ -43,6 +43,7 @@ import orjson
 from personify.engine.config import ProfilesConfig, RecommendConfig
 
 __all__ = [
+    "DECAYED",
     "PREFIX",
     "SELF",
     "Held",
@@ -82,6 +83,10 @@ Row = dict[str, Any]
 _NO_COUNT = math.nan
 #: The pseudo item id under which an update counts towards a row's own item count.
 SELF = ""
+#: A normalising denominator at or below this (counts that decayed by a factor of 2**-500 or
+#: more: a row of long ago, read much later) scores nothing: the pair's count divided by it
+#: would overflow.
+DECAYED = 1e-150
 
 
 def row_key(kind: SignalKind, name: str) -> bytes:
@@ -253,7 +258,8 @@ def normalised(row: Row, alpha: float) -> dict[str, float]:
     """Pair counts of a merged row scored as ``c / (n_self ** alpha * n_other ** (1 - alpha))``.
 
     A count missing from the row is taken as the pair count. Counts that decayed to nothing
-    (a row of long ago, read at a much later time) score nothing.
+    (a row of long ago, read at a much later time: a denominator at most `DECAYED`) score
+    nothing.
     """
     scores: dict[str, float] = row["s"]
     if not scores:
@@ -266,7 +272,7 @@ def normalised(row: Row, alpha: float) -> dict[str, float]:
     for item, count in scores.items():
         other = others.get(item) or count
         denominator = base * math.pow(other, beta)
-        if denominator > 0.0:
+        if denominator > DECAYED:
             out[item] = count / denominator
     return out
 

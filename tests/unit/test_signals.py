@@ -6,7 +6,7 @@ import math
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from personify.engine.config import Config
@@ -321,6 +321,14 @@ _ROW_ENTRIES = st.dictionaries(
     alpha=st.none() | st.sampled_from([0.0, 0.3, 0.5, 1.0]),
     n=st.integers(1, 15),
     legacy=st.booleans(),
+)
+# Counts decayed to almost nothing (an own count of 1e-240, eleven days old at a one-hour
+# half-life) beside a recent pair: dividing by what is left would overflow.
+@example(
+    parts=[(0, 1e-240, {"i0": (1.0, None)}), (10 * DAY_MS, 0.0, {"i1": (50.0, None)})],
+    alpha=1.0,
+    n=5,
+    legacy=False,
 )
 def test_stored_rows_rank_as_decoded_rows_merged_and_ranked(
     parts: list[tuple[int, float, dict[str, tuple[float, float | None]]]],
