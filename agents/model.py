@@ -135,11 +135,12 @@ class _Run:
 
 
 async def _train(
-    scan: history.Scan, cfg: Config, started: float, share: Callable[[], float]
+    scan: history.Scan, cfg: Config, started: float, share: Callable[[], float] | None
 ) -> _Run:
     """Fit a model on the history read (None: too little history), in a process of its own.
 
-    ``share``: the share of its time the process may run (`Trainer.background_share`).
+    ``share``: the share of its time the process may run (`Trainer.background_share`; None:
+    not paced).
     """
     rows, expired = await asyncio.get_running_loop().run_in_executor(_EXECUTOR, scan.result)
     if len(rows) < cfg.model.min_interactions:
@@ -238,6 +239,10 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
         if time.monotonic() - self.active_at > _QUIET_S:
             return 1.0
         return current_config().model.background_share
+
+    def _pacing(self) -> Callable[[], float] | None:
+        """`background_share` where the children are paced at all (a configured share below 1)."""
+        return self.background_share if current_config().model.background_share < 1.0 else None
 
     def _use(self, model: CollabModel, repeat: history.RepeatStats | None) -> None:
         self.model = model
@@ -341,7 +346,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
                 category_of,
                 progress,
                 None if self.ranker is None else self.ranker.to_text(),
-                self.background_share,
+                self._pacing(),
             )
         except ValueError as exc:  # too little history to validate on
             _log.warning("no tuning yet", reason=str(exc), interactions=len(rows))
@@ -456,7 +461,7 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
             # Read on the event loop, a slice at a time, resting between slices.
             while not scan.step(_SCAN_SLICE):  # noqa: ASYNC110 - nothing to wait for
                 await asyncio.sleep(_SCAN_PAUSE_S)
-            run = await _train(scan, cfg, begun, self.background_share)
+            run = await _train(scan, cfg, begun, self._pacing())
         except Exception as exc:
             self.pending += pending  # counted again at the next try
             self.last_run = {"at": format_ts(int(started * 1000)), "error": repr(exc)}
