@@ -18,7 +18,6 @@ from __future__ import annotations
 import array
 import itertools
 import struct
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -57,6 +56,9 @@ KIND_OF_EVENT: dict[str, bytes] = {
 EVENT_OF_KIND: dict[bytes, str] = {v: k for k, v in KIND_OF_EVENT.items()}
 _TS_OFFSET = 1 << 63  # times sort as unsigned big-endian numbers, negative ones too
 _TAIL = struct.Struct(">Q4s")
+_TAIL_NUMBERS = struct.Struct(">QI")
+#: A key's tail (`_TAIL`) as a numpy record: the offset time and the digest, big-endian.
+_TAIL_RECORD = np.dtype([("t", ">u8"), ("d", ">u4")])
 
 
 def user_prefix(user_id: str) -> bytes:
@@ -91,28 +93,17 @@ def rows_of(user_id: str, events: Iterable[Event]) -> list[tuple[bytes, bytes]]:
     return out
 
 
-def _keys_before(dbs: Mapping[int, Any], cutoff_ms: int) -> dict[int, list[bytes]]:
-    """The keys of the rows older than ``cutoff_ms``, per partition (a second, rare pass)."""
-    old: dict[int, list[bytes]] = {}
-    for partition, db in dbs.items():
-        for n, (key, _value) in enumerate(prefixed(db, ROW_PREFIX), start=1):
-            if _split(key)[1] < cutoff_ms:
-                old.setdefault(partition, []).append(key)
-            if not n & _YIELD_EVERY:
-                time.sleep(0)
-    return old
-
-
 def user_keys(db: Any, user_id: str) -> list[bytes]:
     """The keys of ``user_id``'s history rows in ``db`` (one partition's store)."""
     return [key for key, _value in prefixed(db, user_prefix(user_id))]
 
 
-def _split(key: bytes) -> tuple[str, int]:
+def _split(key: bytes) -> tuple[str, int, int]:
+    """A row key's visitor, event time and digest (as a number)."""
     n = int.from_bytes(key[2:4], "big")
     user = key[4 : 4 + n].decode()
-    ts = _TAIL.unpack_from(key, 4 + n)[0] - _TS_OFFSET
-    return user, int(ts)
+    ts, digest = _TAIL_NUMBERS.unpack_from(key, 4 + n)
+    return user, ts - _TS_OFFSET, digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +133,6 @@ class Interactions:
         return len(self.user)
 
 
-#: The second pass yields the interpreter lock every this many rows plus one (about a ms).
-_YIELD_EVERY = 511
-
-
 class Scan:
     """Every history row in ``dbs`` (partition -> its store), read a few rows at a time.
 
@@ -157,7 +144,10 @@ class Scan:
 
     Rows more than ``keep_ms`` older than the newest row are left out of the result (the
     window follows the history, so a backfill of old events keeps its last ``keep_ms``);
-    their keys come back per partition, for the caller to delete.
+    their keys come back per partition, for the caller to delete. They are made again from
+    what the one pass kept of each row (its partition and its key's digest, 6 bytes): finding
+    them by reading the history a second time held the interpreter lock, beside the loop, for
+    as long as the first read.
     """
 
     def __init__(self, dbs: Mapping[int, Any], keep_ms: int | None = None) -> None:
@@ -174,8 +164,10 @@ class Scan:
         self._i = array.array("q")
         self._k = array.array("b")
         self._t = array.array("q")
-        self._rows: Iterator[tuple[bytes, bytes]] = (
-            row for db in dbs.values() for row in prefixed(db, ROW_PREFIX)
+        self._p = array.array("h")  # the row's partition
+        self._d = array.array("I")  # its key's digest
+        self._rows: Iterator[tuple[int, tuple[bytes, bytes]]] = (
+            (partition, row) for partition, db in dbs.items() for row in prefixed(db, ROW_PREFIX)
         )
         self.done = False
 
@@ -186,14 +178,16 @@ class Scan:
     def step(self, rows: int) -> bool:
         """Read up to ``rows`` more rows; True once every row is read."""
         users, items, kind_of = self._users, self._items, self._kind_of
-        u, i, k, t = self._u, self._i, self._k, self._t
+        u, i, k, t, p, d = self._u, self._i, self._k, self._t, self._p, self._d
         before = len(t)
-        for key, value in itertools.islice(self._rows, rows):
-            user, ts = _split(key)
+        for partition, (key, value) in itertools.islice(self._rows, rows):
+            user, ts, digest = _split(key)
             u.append(users.setdefault(user, len(users)))
             i.append(items.setdefault(value[1:].decode(), len(items)))
             k.append(kind_of.get(value[:1], 0))
             t.append(ts)
+            p.append(partition)
+            d.append(digest)
         if len(t) - before < rows:
             self.done = True
         return self.done
@@ -206,16 +200,20 @@ class Scan:
         user_no = np.array(self._u, dtype=np.int64)
         item_no = np.array(self._i, dtype=np.int64)
         kind = np.array(self._k, dtype=np.int8)
-        self._u, self._i, self._k, self._t = (array.array(c) for c in "qqbq")
+        partition = np.array(self._p, dtype=np.int64)
+        digest = np.array(self._d, dtype=np.uint32)
+        self._u, self._i, self._k, self._t, self._p, self._d = (
+            array.array(c) for c in ("q", "q", "b", "q", "h", "I")
+        )
         user_names, item_names = list(self._users), list(self._items)
         self._users, self._items = {}, {}
         old: dict[int, list[bytes]] = {}
         keep_ms = self._keep_ms
         if keep_ms is not None and len(ts_ms):
-            cutoff = int(ts_ms.max()) - keep_ms
-            keep = ts_ms >= cutoff
-            if not keep.all():
-                old = _keys_before(self._dbs, cutoff)
+            keep = ts_ms >= int(ts_ms.max()) - keep_ms
+            gone = np.flatnonzero(~keep)
+            if len(gone):
+                old = _keys(user_names, user_no[gone], ts_ms[gone], digest[gone], partition[gone])
             if old:  # numbered again, without the visitors and items of expired rows only
                 user_no, item_no = user_no[keep], item_no[keep]
                 kind, ts_ms = kind[keep], ts_ms[keep]
@@ -232,6 +230,29 @@ class Scan:
             ts_ms=ts_ms,
         )
         return interactions, old
+
+
+def _keys(
+    user_names: list[str],
+    user_no: npt.NDArray[np.int64],
+    ts_ms: npt.NDArray[np.int64],
+    digest: npt.NDArray[np.uint32],
+    partition: npt.NDArray[np.int64],
+) -> dict[int, list[bytes]]:
+    """The keys of the rows given by their columns, per partition, in the order given."""
+    tails = np.empty(len(ts_ms), _TAIL_RECORD)
+    tails["t"] = ts_ms.view(np.uint64) ^ np.uint64(_TS_OFFSET)  # as adding 2**63, modulo 2**64
+    tails["d"] = digest
+    raw = tails.tobytes()
+    size = _TAIL_RECORD.itemsize
+    prefixes: dict[int, bytes] = {}
+    keys: dict[int, list[bytes]] = {}
+    for j, (user, part) in enumerate(zip(user_no.tolist(), partition.tolist(), strict=True)):
+        prefix = prefixes.get(user)
+        if prefix is None:
+            prefix = prefixes[user] = user_prefix(user_names[user])
+        keys.setdefault(part, []).append(prefix + raw[j * size : (j + 1) * size])
+    return keys
 
 
 def scan(

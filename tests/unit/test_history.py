@@ -113,6 +113,47 @@ def test_a_scan_reads_every_partition_and_numbers_visitors_and_items(
         other.close()
 
 
+def test_expired_keys_are_every_stored_key_before_the_window(tmp_path: Path) -> None:
+    """The keys given for deletion are exactly the stored rows past the window, per partition.
+
+    Visitor ids of every length and alphabet, times before 1970, and purchases of several lines
+    at one time (keys that differ in their digest only).
+    """
+    rng = np.random.default_rng(7)
+    dbs = {p: Rdict(str(tmp_path / f"p{p}"), Options(raw_mode=True)) for p in (0, 3, 9)}
+    try:
+        stored: dict[int, list[bytes]] = {p: [] for p in dbs}
+        ts_of: dict[bytes, int] = {}
+        for n in range(400):
+            user = f"v{n}-" + "ü" * int(rng.integers(0, 3)) + "x" * int(rng.integers(0, 300))
+            events = [
+                _event(
+                    f"e{n}-{j}",
+                    "purchase",
+                    int(rng.integers(-50_000, 100_000)),
+                    items=[{"item_id": f"i{int(rng.integers(0, 50))}"} for _ in range(3)],
+                )
+                for j in range(int(rng.integers(1, 4)))
+            ]
+            part = list(dbs)[n % 3]
+            for e in events:
+                rows = history.rows_of(user, [e])
+                _write(dbs[part], rows)
+                stored[part].extend(key for key, _value in rows)
+                ts_of.update((key, e["ts_ms"]) for key, _value in rows)
+        kept, expired = history.scan(dbs, keep_ms=60_000)
+        cutoff = max(ts_of.values()) - 60_000
+        want = {
+            p: sorted({key for key in keys if ts_of[key] < cutoff}) for p, keys in stored.items()
+        }
+        assert expired == {p: keys for p, keys in want.items() if keys}
+        assert len(kept) == sum(1 for ts in ts_of.values() if ts >= cutoff)
+        assert 0 < sum(len(keys) for keys in expired.values()) < len(ts_of)
+    finally:
+        for store in dbs.values():
+            store.close()
+
+
 def test_a_visitors_rows_are_found_by_their_prefix(db: Any) -> None:
     """Erasure finds exactly the visitor's rows, not those of a visitor whose id extends theirs."""
     mine = history.rows_of(
