@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import re
 import time
 from collections import defaultdict
@@ -44,6 +45,13 @@ MAX_FLUSH_PAUSE_S: Final = 0.25
 BEHIND_SLICES: Final = 4
 #: Signal rows whose neighbours are counted per turn of the event loop (for the gauge).
 NEIGHBOURS_SLICE: Final = 2_000
+#: A spread flush's own work (encoding and writing its rows, not its pauses) is held to about
+#: this share of the time: the next one is due once the last one's work is at most this share
+#: of the time since it began (`Folder.flush_due`), and the flush interval has passed. In a
+#: flood of events nearly every row changes between two flushes, and the rows fill toward
+#: their cap: written every interval, they took a third to half of ingestion's time, more as
+#: they filled.
+FLUSH_SHARE: Final = 0.1
 
 #: A visitor's attribution row is read for a round with one of these events.
 _ATTRIBUTED = attribution.OUTCOMES | {
@@ -181,6 +189,18 @@ class Folder:
         self._flush_lock = asyncio.Lock()
         #: Set while a flush that must not wait (partitions moving, stopping) waits for the lock.
         self._hurry = asyncio.Event()
+        #: When the last spread flush began (`time.monotonic`), and how long its own work took.
+        self.flush_began = -math.inf
+        self.flush_work_s = 0.0
+
+    def flush_due(self, interval_s: float, now: float | None = None) -> bool:
+        """Whether a spread flush is due (see `FLUSH_SHARE`).
+
+        It is once ``interval_s`` passed since the last one began, and long enough for that
+        one's work to be at most `FLUSH_SHARE` of the time since.
+        """
+        now = time.monotonic() if now is None else now
+        return now - self.flush_began >= max(interval_s, self.flush_work_s / FLUSH_SHARE)
 
     def _folded(self) -> Folded:
         cfg = self.settings.cfg
@@ -523,9 +543,12 @@ class Folder:
             slices = _slices(dirty.values())
             count = len(slices) if slices[0] else 0
             pause_s = min(spread_s / count, MAX_FLUSH_PAUSE_S) if count and spread_s > 0 else 0.0
-            late = time.monotonic() + 2 * spread_s
+            began = time.monotonic()
+            late = began + 2 * spread_s
+            work_s = 0.0
             at = 0
             while at < count:
+                started = time.perf_counter()
                 behind = spread_s > 0 and time.monotonic() > late
                 keys = list(itertools.chain(*slices[at : at + (BEHIND_SLICES if behind else 1)]))
                 at += BEHIND_SLICES if behind else 1
@@ -542,12 +565,15 @@ class Folder:
                     for partition, mine in writes:
                         await write(partition, list(live[partition].encode(mine)))
                 written(keys)
+                work_s += time.perf_counter() - started
                 failpoint("signal_flush")
                 if pause_s > 0 and not behind and not self._hurry.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._hurry.wait(), pause_s)
                 else:
                     await asyncio.sleep(0)
+            if spread_s > 0:
+                self.flush_began, self.flush_work_s = began, work_s
             for partition in dirty:
                 live[partition].trim()
                 if drop:

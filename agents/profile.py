@@ -174,7 +174,6 @@ async def profile_agent(stream: Any) -> None:
     """
     pub = publisher()
     routed = compaction()
-    flushed = time.monotonic()
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
         taken = time.time()
         by_partition: dict[int, list[Event]] = {}
@@ -284,9 +283,8 @@ async def profile_agent(stream: Any) -> None:
             if pub.journal is not None and seq is not None:
                 pub.journal.mark_applied(seq)
             routed.note_applied(event.message.tp, event.message.offset)
-        if time.monotonic() - flushed >= _cfg.recommend.signal_flush_interval_s:
+        if _folder.flush_due(_cfg.recommend.signal_flush_interval_s):
             _flush_behind()
-            flushed = time.monotonic()
         for partition, end in note_lag("profile", (e.message for e in batch)).items():
             _note_end_offset(partition, end)
 
@@ -467,8 +465,9 @@ async def _audit(user_id: str, request_id: str) -> None:
 
 @app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]
 async def _flush_when_idle() -> None:
-    """Write changed signal rows also when no events arrive."""
-    await flush_signals(spread_s=_FLUSH_SPREAD_S)
+    """Write changed signal rows also when no events arrive (when one is due)."""
+    if not _flushing and _folder.flush_due(_cfg.recommend.signal_flush_interval_s):
+        await flush_signals(spread_s=_FLUSH_SPREAD_S)
 
 
 async def _on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:

@@ -4,7 +4,8 @@ The profile agent derives these from the events it applies (only from events new
 profile, so a redelivered or replayed event is never counted twice), keeps its partitions'
 rows in memory, compactly (`LiveRows`) and writes the changed ones to the profiles table, under
 reserved keys (a visitor id never starts with NUL), every ``signal_flush_interval_s`` and on
-stop. A crash can lose at most that interval of signal updates (never a profile change).
+stop (less often in a flood of events, see `personify.agents.fold.FLUSH_SHARE`). A crash can
+lose at most that interval of signal updates (never a profile change).
 
 Each partition holds the signals of its own visitors, a uniform sample of all of them; a read
 sums the partitions it owns. A row maps item ids to decayed scores. Decay is *forward*: a

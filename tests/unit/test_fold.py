@@ -10,7 +10,7 @@ import orjson
 import pytest
 from rocksdict import Options, Rdict
 
-from personify.agents.fold import FLUSH_SLICE, Folded, Folder, FoldSettings
+from personify.agents.fold import FLUSH_SHARE, FLUSH_SLICE, Folded, Folder, FoldSettings
 from personify.engine.config import Config
 from personify.engine.metrics import REGISTRY
 from personify.engine.models import internal_event
@@ -270,6 +270,37 @@ def test_a_flush_that_falls_behind_catches_up_in_larger_steps(
     assert max(n for _p, n in late) > FLUSH_SLICE  # slices written together
     assert len(late) < len(at_once)
     assert {p for p, _n in late} == {0, 1}
+
+
+def test_a_spread_flush_is_due_again_once_its_work_is_a_small_share_of_the_time(
+    store: DbStore, registry: Registry
+) -> None:
+    """The next periodic flush waits for the interval, and for its work to be `FLUSH_SHARE`."""
+    folder = _folder(registry)
+    assert folder.flush_due(5.0)  # none yet
+    events = [
+        _event(f"e{n}", f"u{n % 7}", "product_view", T0 + n, f"i{n}")
+        for n in range(FLUSH_SLICE * 3)
+    ]
+    folder.fold_batch(store, 0, events)
+    slices: list[int] = []
+
+    async def write(partition: int, rows: list[tuple[bytes, bytes | None]]) -> None:
+        await asyncio.sleep(0.01)  # each slice's write takes at least this
+        slices.append(len(rows))
+        store.write(partition, rows)
+
+    asyncio.run(folder.flush(write, lambda _keys: None, spread_s=1e-6))
+    began, work = folder.flush_began, folder.flush_work_s
+    assert slices and work >= 0.01 * len(slices)
+    wait = work / FLUSH_SHARE
+    assert not folder.flush_due(0.0, now=began + wait * 0.99)
+    assert folder.flush_due(0.0, now=began + wait)
+    assert not folder.flush_due(wait * 2, now=began + wait)  # the interval holds too
+    # A flush at once (stopping, partitions moving) leaves the schedule as it was.
+    folder.fold_batch(store, 0, [_event("x", "u1", "product_view", T0 + 10**6, "j")])
+    asyncio.run(folder.flush(write, lambda _keys: None))
+    assert (folder.flush_began, folder.flush_work_s) == (began, work)
 
 
 def test_kpi_rows_are_written_with_the_profiles(store: DbStore, registry: Registry) -> None:
