@@ -285,11 +285,12 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
         while not self.should_stop and journals:
             await self.sleep(1.0)
             for journal in journals:
-                journal.save_checkpoint()
+                await journal.save_checkpoint_aside()
             if time.monotonic() - compacted >= every_s:
                 compacted = time.monotonic()
                 for journal in journals:
-                    _compact(journal, retention_s)
+                    # Deleting a segment of tens of MiB takes the file system a while.
+                    await asyncio.to_thread(_compact, journal, retention_s)
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _loop_delay(self) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ class Journal:
         self._synced = 0  # appends known to be on disk
         self._sync_task: asyncio.Future[None] | None = None
         self._saved_checkpoint = -1
+        self._checkpoint_lock = threading.Lock()
 
     # -- opening ------------------------------------------------------------------------
     def open(self) -> None:
@@ -206,16 +208,30 @@ class Journal:
     def save_checkpoint(self) -> None:
         """Persist the checkpoint (atomically: write, fsync, rename)."""
         value = self.checkpoint
-        if value == self._saved_checkpoint:
-            return
+        if value != self._saved_checkpoint:
+            self._write_checkpoint(value)
+            self._saved_checkpoint = value
+
+    async def save_checkpoint_aside(self) -> None:
+        """`save_checkpoint`, the file written and synced on a thread.
+
+        A sync waits for the disk (a few milliseconds, more while RocksDB or the journal
+        write much): once a second on the event loop, every event waited behind it.
+        """
+        value = self.checkpoint  # read here: the pending records change on the loop
+        if value != self._saved_checkpoint:
+            await asyncio.to_thread(self._write_checkpoint, value)
+            self._saved_checkpoint = value
+
+    def _write_checkpoint(self, value: int) -> None:
         path = self.directory / "checkpoint"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(str(value))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        self._saved_checkpoint = value
+        with self._checkpoint_lock:  # one writer of the temporary file at a time
+            with open(tmp, "w") as fh:
+                fh.write(str(value))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
 
     def load_checkpoint(self) -> int:
         """The saved checkpoint, or 0 when none was saved."""

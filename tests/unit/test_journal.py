@@ -129,9 +129,13 @@ async def test_save_and_load_checkpoint(journal_factory: JournalFactory, journal
     assert (journal_dir / "checkpoint").read_text() == "1"
     assert j.load_checkpoint() == 1
     j.mark_applied(1)
+    await j.save_checkpoint_aside()  # the engine's, once a second: written on a thread
+    assert j.load_checkpoint() == 2
+    await j.append([(0, b"d")])
+    j.mark_applied(2)
     j.close()  # close saves it too
     j2 = journal_factory()
-    assert j2.load_checkpoint() == 2
+    assert j2.load_checkpoint() == 3
     assert not (journal_dir / "checkpoint.tmp").exists()
 
 
