@@ -670,6 +670,7 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
         return Served(rec_id, data, variant)
     cache = list_cache()
     now_ms = int(time.time() * 1000)
+    readers().note(user_id, time.monotonic())
     entry = cache.get(user_id)
     key = user_id
     shared: tuple[Recommender, str, bool] | None = None
@@ -738,6 +739,46 @@ def _builder_wake() -> asyncio.Event:
     return asyncio.Event()
 
 
+class Readers:
+    """The visitors who asked for their list lately (over HTTP), the least recent first.
+
+    Their lists are worth computing ahead when their profiles change: they are likely to ask
+    again. A visitor who never asks (the shop shows their list on some pages only, or not at
+    all) costs no ranking until they do. At most ``capacity`` are remembered, each for
+    ``window_s``.
+    """
+
+    def __init__(self, capacity: int, window_s: float) -> None:
+        self.capacity, self.window_s = capacity, window_s
+        self._at: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def note(self, user_id: str, now: float) -> None:
+        """``user_id`` asked for their list at ``now`` (`time.monotonic`)."""
+        self._at.pop(user_id, None)
+        self._at[user_id] = now
+        while len(self._at) > self.capacity:
+            self._at.popitem(last=False)
+
+    def reads(self, user_id: str, now: float) -> bool:
+        """Whether ``user_id`` asked for their list within ``window_s`` of ``now``."""
+        at = self._at.get(user_id)
+        return at is not None and now - at <= self.window_s
+
+
+_readers_of: list[Readers] = []
+
+
+def readers() -> Readers:
+    """This worker's `Readers` (made on first use from ``[recommend]``)."""
+    if not _readers_of:
+        cfg = current_config().recommend
+        _readers_of.append(Readers(cfg.list_cache_size, cfg.list_max_age_s))
+    return _readers_of[0]
+
+
 #: Profiles just written by this worker's profile agent and queued to be ranked, as stored:
 #: the builder decodes them instead of reading them back. Only those queued are kept, and at
 #: most `_JUST_WRITTEN_MAX`, the oldest dropped first (read back when ranked). Bytes, not
@@ -767,8 +808,10 @@ def profiles_changed(
 
     Called before the new profiles are written (no list computed from the old ones is served
     once they can be read) and again once written (``done``: nothing computed during the write
-    counts, and the lists are queued to be computed ahead). ``states`` are the profiles just
-    written, as stored, which the list builder then ranks without reading them back.
+    counts, and the lists are queued to be computed ahead: at once for a visitor with a socket
+    open; with ``[recommend] precompute``, in the background for one who asked for their list
+    lately, `Readers`; any other's when they ask). ``states`` are the profiles just written,
+    as stored, which the list builder then ranks without reading them back.
     """
     cache = list_cache()
     if not done:
@@ -780,19 +823,25 @@ def profiles_changed(
     users = list(user_ids)
     live = hub()
     watched = [u for u in users if live.followed(u)]  # pushed first, with or without precompute
-    precompute = current_config().recommend.precompute
+    seen = set(watched)
+    others = [u for u in users if u not in seen] if watched else users
+    ahead: list[str] = []
+    if current_config().recommend.precompute and others:
+        asked, now = readers(), time.monotonic()
+        ahead = [u for u in others if asked.reads(u, now)]
     if states:
-        _keep_written(states if precompute else {u: states[u] for u in watched if u in states})
+        _keep_written({u: states[u] for u in itertools.chain(watched, ahead) if u in states})
     if watched:
         now = time.perf_counter()
         for user in watched:
             _changed_at.setdefault(user, now)
         cache.changed(watched, queue=True, urgent=True)
-    if len(watched) < len(users):
-        seen = set(watched)
-        others = [u for u in users if u not in seen] if watched else users
-        cache.changed(others, queue=precompute)
-    if watched or precompute:
+    if ahead:
+        cache.changed(ahead, queue=True)
+    if len(ahead) < len(others):
+        queued = set(ahead)
+        cache.changed([u for u in others if u not in queued], queue=False)
+    if watched or ahead:
         _gauge()
         _builder_wake().set()
 

@@ -293,9 +293,10 @@ class RecommendConfig:
     chat_half_life_s: float = 3600.0
     #: At most this many recommendations from one category (0: no limit).
     max_per_category: int = 0
-    #: Compute a visitor's list ahead, in the background, whenever their profile changes (at
-    #: once with a socket open; while over 1,000 others are queued, those within a share of
-    #: the event loop that shrinks as the engine gets busier).
+    #: Compute the list ahead, in the background, whenever the profile of a visitor who asked
+    #: for it in the last ``list_max_age_s`` changes (while over 1,000 are queued, within a
+    #: share of the event loop that shrinks as the engine gets busier). A visitor with a socket
+    #: open has theirs computed at once in any case.
     precompute: bool = True
     #: Items kept in each stored list: requests with k up to this and no other parameter are
     #: answered from memory.

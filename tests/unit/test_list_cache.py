@@ -276,3 +276,45 @@ def test_the_first_queued_owners_come_urgent_first_as_take_goes() -> None:
     assert cache.take(4) == ["p1", "p2", "p3"]
     assert cache.first_queued(2) == []
     assert not cache.queued()
+
+
+def test_readers_are_remembered_for_a_window_and_bounded() -> None:
+    """Visitors who asked lately are known for ``window_s``; the least recent go past capacity."""
+    from personify.agents.lists import Readers
+
+    asked = Readers(capacity=3, window_s=60.0)
+    for n, user in enumerate(["a", "b", "c"]):
+        asked.note(user, 100.0 + n)
+    assert asked.reads("a", 160.0) and not asked.reads("a", 160.1)  # the window
+    asked.note("a", 150.0)  # asked again: the most recent now
+    asked.note("d", 151.0)  # over capacity: the least recent ("b") goes
+    assert len(asked) == 3
+    assert not asked.reads("b", 151.0)
+    assert all(asked.reads(u, 151.0) for u in ("a", "c", "d"))
+    assert not asked.reads("never", 151.0)
+
+
+def test_only_lists_someone_asked_for_are_computed_ahead() -> None:
+    """A changed profile queues the list of a visitor who asked lately, not another's.
+
+    Another's stored list, if any, is stale all the same: computed again when asked for.
+    """
+    import time
+
+    from personify.agents import lists
+
+    cache = lists.list_cache()
+    cache.clear()
+    lists._just_written.clear()
+    try:
+        assert cache.put("quiet", entry(cache, "quiet"))
+        lists.readers().note("asker", time.monotonic())
+        lists.profiles_changed(
+            ["asker", "quiet"], states={"asker": b'{"a": 1}', "quiet": b'{"q": 1}'}
+        )
+        assert "asker" in cache.pending and "quiet" not in cache.pending
+        assert cache.get("quiet") is None  # stale: computed again when asked for
+        assert set(lists._just_written) == {"asker"}  # only the profiles about to be ranked
+    finally:
+        cache.clear()
+        lists._just_written.clear()
