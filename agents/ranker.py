@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import math
 import random
+import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,14 +234,42 @@ class _Compiled:
         return out
 
 
-def _compiled(boosters: Sequence[Any]) -> tuple[_Compiled, ...] | None:
-    """``boosters`` behind the C API, or None where this LightGBM does not expose it."""
+def _merged(texts: Sequence[str]) -> str:
+    """One LightGBM model (as text) that scores the mean of the models ``texts``.
+
+    Every tree of every model, numbered again, its leaf values divided by the number of
+    models: a candidate's score is the sum of its leaves over the trees. Each call into
+    LightGBM costs about 0.3 ms whatever the trees (it builds a predictor and parses its
+    parameters): five models of a few dozen trees each cost five times what one model of all
+    their trees costs.
+    """
+    scale = 1.0 / len(texts)
+    head = texts[0].partition("\nTree=")[0]
+    # Without the trees' sizes LightGBM reads the trees one after the other.
+    lines = [line for line in head.split("\n") if not line.startswith("tree_sizes=")]
+    trees: list[str] = []
+    for text in texts:
+        body = text.partition("\nend of trees")[0]
+        for block in re.split(r"\n(?=Tree=\d+\n)", body)[1:]:
+            rows = block.strip("\n").split("\n")
+            rows[0] = f"Tree={len(trees)}"
+            for i, row in enumerate(rows):
+                if row.startswith("leaf_value="):
+                    values = (repr(float(v) * scale) for v in row[len("leaf_value=") :].split())
+                    rows[i] = "leaf_value=" + " ".join(values)
+            trees.append("\n".join(rows))
+    tail = texts[0].partition("\nend of trees")[2]
+    return "\n".join(lines) + "\n\n" + "\n\n\n".join(trees) + "\n\n\nend of trees" + tail
+
+
+def _compiled(boosters: Sequence[Any]) -> _Compiled | None:
+    """``boosters``, as one model of their mean behind the C API (None: not exposed here)."""
     import lightgbm.basic
 
     lib = getattr(lightgbm.basic, "_LIB", None)
     if lib is None or not hasattr(lib, "LGBM_BoosterPredictForMat"):
         return None
-    return tuple(_Compiled(lib, str(b.model_to_string())) for b in boosters)
+    return _Compiled(lib, _merged([str(b.model_to_string()) for b in boosters]))
 
 
 @dataclass
@@ -249,7 +278,7 @@ class Ranker:
 
     boosters: tuple[Any, ...]  # lightgbm.Booster (untyped)
     features: tuple[str, ...] = FEATURES
-    _compiled: tuple[_Compiled, ...] | None = field(init=False, repr=False, compare=False)
+    _compiled: _Compiled | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._compiled = _compiled(self.boosters)
@@ -258,13 +287,11 @@ class Ranker:
         """Each candidate's score (higher first)."""
         if not len(matrix):
             return np.empty(0, dtype=np.float64)
-        total = np.zeros(len(matrix), dtype=np.float64)
         if self._compiled is not None:
-            for model in self._compiled:
-                total += model.predict(matrix)
-        else:
-            for booster in self.boosters:
-                total += np.asarray(booster.predict(matrix, num_threads=1), dtype=np.float64)
+            return self._compiled.predict(matrix)  # the models' mean, in one call
+        total = np.zeros(len(matrix), dtype=np.float64)
+        for booster in self.boosters:
+            total += np.asarray(booster.predict(matrix, num_threads=1), dtype=np.float64)
         return total / len(self.boosters)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
+import lightgbm
 import numpy as np
 import pytest
 
@@ -16,6 +17,7 @@ from personify.agents.ranker import (
     Ranker,
     Recorder,
     Visitor,
+    _merged,
     candidate_features,
     fit_bagged,
     fit_ranker,
@@ -130,6 +132,10 @@ def test_a_ranker_scores_as_lightgbm_does_and_leaves_no_garbage_cycle() -> None:
     assert ranker.predict(x).tolist() == pytest.approx(expected.tolist(), abs=1e-12)
     assert ranker.predict(x.astype(np.float64)) == pytest.approx(expected, abs=1e-12)
     assert ranker.predict(x[:1]) == pytest.approx(expected[:1], abs=1e-12)
+    # Scored as one model of every tree (one call into LightGBM, not one per model).
+    merged = lightgbm.Booster(model_str=_merged([b.model_to_string() for b in ranker.boosters]))
+    assert merged.num_trees() == ranker.trees > len(ranker.boosters)
+    assert merged.predict(x, num_threads=1) == pytest.approx(expected, abs=1e-12)
     gc.collect()
     frozen = gc.isenabled()
     gc.disable()
