@@ -682,15 +682,19 @@ async def serve_recommendations(user_id: str, req: Request) -> Served:
     served = None if entry is None else _from_memory(cache, key, entry, req.k, rec, now_ms)
     if served is not None:
         return served
+    # Ranked on the event loop, as the list builder ranks (on the ranking thread only while
+    # ranking may wait): it takes the place of the list the builder would have computed ahead,
+    # and on a thread beside the loop every push and answer would wait for the interpreter
+    # lock while it ranks.
     if shared is not None:
         variant_rec, variant, rerank = shared
-        entry = await run_ranking(
-            _compute_new_visitor, variant_rec, cache, cfg.list_size, variant, rerank
+        entry = await _rank_unless_waiting(
+            variant_rec, _compute_new_visitor, variant_rec, cache, cfg.list_size, variant, rerank
         )
     else:
-        entry = await run_ranking(_compute_user, rec, cache, user_id, cfg.list_size)
+        entry = await _rank_unless_waiting(rec, _compute_user, rec, cache, user_id, cfg.list_size)
         if entry is None:  # never seen after all
-            entry = await run_ranking(_compute_new_visitor, rec, cache, cfg.list_size)
+            entry = await _rank_unless_waiting(rec, _compute_new_visitor, rec, cache, cfg.list_size)
     LISTS_SERVED.labels("computed").inc()
     served = _from_entry(entry, req.k, rec)
     if served is None:  # removed items everywhere: rank with the catalog as it is now
