@@ -204,7 +204,7 @@ class _Compiled:
 
     def _check(self, code: int) -> None:
         if code != 0:
-            message = ctypes.cast(self._lib.LGBM_GetLastError(), ctypes.c_char_p).value
+            message = self._lib.LGBM_GetLastError()  # restype c_char_p: bytes
             raise RuntimeError(f"LightGBM: {(message or b'unknown error').decode()}")
 
     def predict(self, matrix: Matrix) -> npt.NDArray[np.float64]:
@@ -263,13 +263,21 @@ def _merged(texts: Sequence[str]) -> str:
 
 
 def _compiled(boosters: Sequence[Any]) -> _Compiled | None:
-    """``boosters``, as one model of their mean behind the C API (None: not exposed here)."""
+    """``boosters``, as one model of their mean behind the C API (None: not exposed here).
+
+    The library is called holding the interpreter lock (`ctypes.PyDLL`): a call scores a
+    list's candidates in tens of microseconds, and a call that let go of the lock waited to
+    take it back behind any other thread of the engine, up to the 5 ms switch interval.
+    """
     import lightgbm.basic
 
     lib = getattr(lightgbm.basic, "_LIB", None)
     if lib is None or not hasattr(lib, "LGBM_BoosterPredictForMat"):
         return None
-    return _Compiled(lib, _merged([str(b.model_to_string()) for b in boosters]))
+    name = getattr(lib, "_name", None)
+    held = ctypes.PyDLL(name) if name else lib  # the same library, called without letting go
+    held.LGBM_GetLastError.restype = ctypes.c_char_p
+    return _Compiled(held, _merged([str(b.model_to_string()) for b in boosters]))
 
 
 @dataclass

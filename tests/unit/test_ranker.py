@@ -195,3 +195,10 @@ def test_a_ranker_that_loses_to_the_blend_is_not_kept(
     assert selection["current, ranker in use"]["mean"] < selection["current"]["mean"]
     assert tuned.ranker is not wrong
     assert apply_setting(config.recommend, tuned.setting) == config.recommend
+
+
+def test_a_scoring_error_comes_back_as_a_runtime_error_naming_it() -> None:
+    """LightGBM's own message, read through the library the ranker calls."""
+    ranker = _trending_ranker()
+    with pytest.raises(RuntimeError, match="number of features"):
+        ranker.predict(np.zeros((3, len(FEATURES) + 3), dtype=np.float32))
