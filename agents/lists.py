@@ -228,8 +228,13 @@ class ListCache:
         """A number that changes whenever ``owner`` changes (read it before reading them)."""
         return self._gen.get(owner, self._floor)
 
-    def changed(self, owners: Iterable[str], *, queue: bool, urgent: bool = False) -> None:
-        """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first)."""
+    def changed(
+        self, owners: Iterable[str], *, queue: bool, urgent: bool = False, idle: bool = False
+    ) -> None:
+        """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first).
+
+        ``idle``: queue them only to be computed when nothing else waits, as aged lists are.
+        """
         with self._lock:
             for owner in owners:
                 self._gen[owner] = next(self._counter)
@@ -237,6 +242,8 @@ class ListCache:
                     self.urgent[owner] = None
                 elif queue:
                     self.pending[owner] = None
+                elif idle:
+                    self._age(owner)
             if len(self._gen) > 4 * self.capacity:
                 self._reset()
 
@@ -814,8 +821,9 @@ def profiles_changed(
     once they can be read) and again once written (``done``: nothing computed during the write
     counts, and the lists are queued to be computed ahead: at once for a visitor with a socket
     open; with ``[recommend] precompute``, in the background for one who asked for their list
-    lately, `Readers`; any other's when they ask). ``states`` are the profiles just written,
-    as stored, which the list builder then ranks without reading them back.
+    lately (`Readers`), and any other's only when nothing else waits, within the refresh's
+    share of the loop, or when they ask). ``states`` are the profiles just written, as stored,
+    which the list builder then ranks without reading them back.
     """
     cache = list_cache()
     if not done:
@@ -829,8 +837,9 @@ def profiles_changed(
     watched = [u for u in users if live.followed(u)]  # pushed first, with or without precompute
     seen = set(watched)
     others = [u for u in users if u not in seen] if watched else users
+    precompute = current_config().recommend.precompute
     ahead: list[str] = []
-    if current_config().recommend.precompute and others:
+    if precompute and others:
         asked, now = readers(), time.monotonic()
         ahead = [u for u in others if asked.reads(u, now)]
     if states:
@@ -843,9 +852,12 @@ def profiles_changed(
     if ahead:
         cache.changed(ahead, queue=True)
     if len(ahead) < len(others):
+        # Any other visitor's list waits for a request, or for a loop with room to spare
+        # (computed then as aged lists are, within the refresh's share of the loop).
         queued = set(ahead)
-        cache.changed([u for u in others if u not in queued], queue=False)
-    if watched or ahead:
+        rest = [u for u in others if u not in queued]
+        cache.changed(rest, queue=False, idle=precompute)
+    if watched or (others and precompute):
         _gauge()
         _builder_wake().set()
 

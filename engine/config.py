@@ -295,8 +295,8 @@ class RecommendConfig:
     max_per_category: int = 0
     #: Compute the list ahead, in the background, whenever the profile of a visitor who asked
     #: for it in the last ``list_max_age_s`` changes (while over 1,000 are queued, within a
-    #: share of the event loop that shrinks as the engine gets busier). A visitor with a socket
-    #: open has theirs computed at once in any case.
+    #: share of the event loop that shrinks as the engine gets busier), and any other's when
+    #: nothing else waits. A visitor with a socket open has theirs computed at once in any case.
     precompute: bool = True
     #: Items kept in each stored list: requests with k up to this and no other parameter are
     #: answered from memory.
