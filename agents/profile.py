@@ -99,11 +99,14 @@ async def flush_signals(
 
 
 _flushing: set[asyncio.Task[None]] = set()
+#: Set as the worker stops, before its last flush: no periodic flush starts after it (the
+#: tables close next, and a flush writing to a closed table would retry until killed).
+_stopping = asyncio.Event()
 
 
 def _flush_behind() -> None:
     """Start a flush of the signal rows unless one runs: the agent goes on folding meanwhile."""
-    if _flushing:
+    if _flushing or _stopping.is_set():
         return
     task = asyncio.ensure_future(flush_signals(spread_s=_FLUSH_SPREAD_S))
     _flushing.add(task)
@@ -466,7 +469,8 @@ async def _audit(user_id: str, request_id: str) -> None:
 @app.timer(_cfg.recommend.signal_flush_interval_s)  # type: ignore[untyped-decorator]
 async def _flush_when_idle() -> None:
     """Write changed signal rows also when no events arrive (when one is due)."""
-    if not _flushing and _folder.flush_due(_cfg.recommend.signal_flush_interval_s):
+    due = _folder.flush_due(_cfg.recommend.signal_flush_interval_s)
+    if due and not _flushing and not _stopping.is_set():
         await flush_signals(spread_s=_FLUSH_SPREAD_S)
 
 
@@ -491,4 +495,5 @@ class _SignalFlusher(mode.Service):  # type: ignore[misc] # mode is untyped
     """Writes the changed signal rows on stop."""
 
     async def on_stop(self) -> None:
-        await flush_signals()
+        _stopping.set()
+        await flush_signals()  # after any flush under way (it hurries), the last one
