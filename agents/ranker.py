@@ -239,9 +239,8 @@ def _merged(texts: Sequence[str]) -> str:
 
     Every tree of every model, numbered again, its leaf values divided by the number of
     models: a candidate's score is the sum of its leaves over the trees. Each call into
-    LightGBM costs about 0.3 ms whatever the trees (it builds a predictor and parses its
-    parameters): five models of a few dozen trees each cost five times what one model of all
-    their trees costs.
+    LightGBM builds a predictor and parses its parameters: for 100 candidates and 20 trees in
+    all, five calls took 117 us and one call of the merged model 34 us.
     """
     scale = 1.0 / len(texts)
     head = texts[0].partition("\nTree=")[0]

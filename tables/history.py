@@ -56,7 +56,7 @@ KIND_OF_EVENT: dict[str, bytes] = {
 EVENT_OF_KIND: dict[bytes, str] = {v: k for k, v in KIND_OF_EVENT.items()}
 _TS_OFFSET = 1 << 63  # times sort as unsigned big-endian numbers, negative ones too
 _TAIL = struct.Struct(">Q4s")
-_TAIL_NUMBERS = struct.Struct(">QI")
+_TAIL_NUMBERS = struct.Struct(">QI")  # the same tail, its digest read as a number
 #: A key's tail (`_TAIL`) as a numpy record: the offset time and the digest, big-endian.
 _TAIL_RECORD = np.dtype([("t", ">u8"), ("d", ">u4")])
 
@@ -151,7 +151,6 @@ class Scan:
     """
 
     def __init__(self, dbs: Mapping[int, Any], keep_ms: int | None = None) -> None:
-        self._dbs = dbs
         self._keep_ms = keep_ms
         number = {event: n for n, event in enumerate(Interactions.KINDS)}
         self._kind_of = {kb: number[event] for kb, event in EVENT_OF_KIND.items()}
