@@ -755,8 +755,8 @@ class Readers:
 
     Their lists are worth computing ahead when their profiles change: they are likely to ask
     again. A visitor who never asks (the shop shows their list on some pages only, or not at
-    all) costs no ranking until they do. At most ``capacity`` are remembered, each for
-    ``window_s``.
+    all) has theirs computed only when nothing else waits, or when they ask. At most
+    ``capacity`` are remembered, each for ``window_s``.
     """
 
     def __init__(self, capacity: int, window_s: float) -> None:
@@ -779,15 +779,11 @@ class Readers:
         return at is not None and now - at <= self.window_s
 
 
-_readers_of: list[Readers] = []
-
-
+@functools.cache
 def readers() -> Readers:
     """This worker's `Readers` (made on first use from ``[recommend]``)."""
-    if not _readers_of:
-        cfg = current_config().recommend
-        _readers_of.append(Readers(cfg.list_cache_size, cfg.list_max_age_s))
-    return _readers_of[0]
+    cfg = current_config().recommend
+    return Readers(cfg.list_cache_size, cfg.list_max_age_s)
 
 
 #: Profiles just written by this worker's profile agent and queued to be ranked, as stored:
@@ -838,10 +834,13 @@ def profiles_changed(
     seen = set(watched)
     others = [u for u in users if u not in seen] if watched else users
     precompute = current_config().recommend.precompute
-    ahead: list[str] = []
+    ahead: list[str] = []  # of visitors who asked lately: computed in the background
+    rest = others  # any other's: when nothing else waits (with precompute), or when asked
     if precompute and others:
         asked, now = readers(), time.monotonic()
-        ahead = [u for u in others if asked.reads(u, now)]
+        rest = []
+        for user in others:
+            (ahead if asked.reads(user, now) else rest).append(user)
     if states:
         _keep_written({u: states[u] for u in itertools.chain(watched, ahead) if u in states})
     if watched:
@@ -851,11 +850,7 @@ def profiles_changed(
         cache.changed(watched, queue=True, urgent=True)
     if ahead:
         cache.changed(ahead, queue=True)
-    if len(ahead) < len(others):
-        # Any other visitor's list waits for a request, or for a loop with room to spare
-        # (computed then as aged lists are, within the refresh's share of the loop).
-        queued = set(ahead)
-        rest = [u for u in others if u not in queued]
+    if rest:  # computed as aged lists are, within the refresh's share of the loop
         cache.changed(rest, queue=False, idle=precompute)
     if watched or (others and precompute):
         _gauge()
