@@ -751,12 +751,16 @@ def _builder_wake() -> asyncio.Event:
 
 
 class Readers:
-    """The visitors who asked for their list lately (over HTTP), the least recent first.
+    """The visitors who asked for their list (over HTTP) since it was last computed ahead.
 
     Their lists are worth computing ahead when their profiles change: they are likely to ask
-    again. A visitor who never asks (the shop shows their list on some pages only, or not at
-    all) has theirs computed only when nothing else waits, or when they ask. At most
-    ``capacity`` are remembered, each for ``window_s``.
+    again. Each read earns at most one list computed ahead (`take` forgets the visitor until
+    they ask again), so the work done ahead never exceeds the reads: a visitor who reads
+    after each page view has every list ready, one who sends many events between reads (a
+    burst, a bot, a backfill) has one computed ahead and the rest when they ask. A visitor
+    who never asks (the shop shows their list on some pages only, or not at all) has theirs
+    computed only when nothing else waits, or when they ask. At most ``capacity`` are
+    remembered, each for ``window_s``, the least recent forgotten first.
     """
 
     def __init__(self, capacity: int, window_s: float) -> None:
@@ -773,9 +777,12 @@ class Readers:
         while len(self._at) > self.capacity:
             self._at.popitem(last=False)
 
-    def reads(self, user_id: str, now: float) -> bool:
-        """Whether ``user_id`` asked for their list within ``window_s`` of ``now``."""
-        at = self._at.get(user_id)
+    def take(self, user_id: str, now: float) -> bool:
+        """Whether ``user_id`` asked within ``window_s`` of ``now`` since the last `take`.
+
+        They are forgotten until they ask again: their next list is the one computed ahead.
+        """
+        at = self._at.pop(user_id, None)
         return at is not None and now - at <= self.window_s
 
 
@@ -817,8 +824,9 @@ def profiles_changed(
     once they can be read) and again once written (``done``: nothing computed during the write
     counts, and the lists are queued to be computed ahead: at once for a visitor with a socket
     open; with ``[recommend] precompute``, in the background for one who asked for their list
-    lately (`Readers`), and any other's only when nothing else waits, within the refresh's
-    share of the loop, or when they ask). ``states`` are the profiles just written, as stored,
+    since it was last computed ahead, within `list_max_age_s` (`Readers`: one list ahead per
+    read), and any other's only when nothing else waits, within the refresh's share of the
+    loop, or when they ask). ``states`` are the profiles just written, as stored,
     which the list builder then ranks without reading them back.
     """
     cache = list_cache()
@@ -840,7 +848,7 @@ def profiles_changed(
         asked, now = readers(), time.monotonic()
         rest = []
         for user in others:
-            (ahead if asked.reads(user, now) else rest).append(user)
+            (ahead if asked.take(user, now) else rest).append(user)
     if states:
         _keep_written({u: states[u] for u in itertools.chain(watched, ahead) if u in states})
     if watched:

@@ -293,8 +293,9 @@ class RecommendConfig:
     chat_half_life_s: float = 3600.0
     #: At most this many recommendations from one category (0: no limit).
     max_per_category: int = 0
-    #: Compute the list ahead, in the background, whenever the profile of a visitor who asked
-    #: for it in the last ``list_max_age_s`` changes (while over 1,000 are queued, within a
+    #: Compute the list ahead, in the background, when the profile of a visitor who asked for
+    #: it (within ``list_max_age_s``) since it was last computed ahead changes: one list ahead
+    #: per request (while over 1,000 are queued, within a
     #: share of the event loop that shrinks as the engine gets busier), and any other's when
     #: nothing else waits. A visitor with a socket open has theirs computed at once in any case.
     precompute: bool = True

@@ -285,13 +285,26 @@ def test_readers_are_remembered_for_a_window_and_bounded() -> None:
     asked = Readers(capacity=3, window_s=60.0)
     for n, user in enumerate(["a", "b", "c"]):
         asked.note(user, 100.0 + n)
-    assert asked.reads("a", 160.0) and not asked.reads("a", 160.1)  # the window
+    assert not asked.take("a", 160.1)  # past the window
     asked.note("a", 150.0)  # asked again: the most recent now
     asked.note("d", 151.0)  # over capacity: the least recent ("b") goes
     assert len(asked) == 3
-    assert not asked.reads("b", 151.0)
-    assert all(asked.reads(u, 151.0) for u in ("a", "c", "d"))
-    assert not asked.reads("never", 151.0)
+    assert not asked.take("b", 151.0)
+    assert all(asked.take(u, 151.0) for u in ("a", "c", "d"))
+    assert not asked.take("never", 151.0)
+
+
+def test_each_request_earns_one_list_ahead() -> None:
+    """A reader's first change is computed ahead; later ones wait for the next request."""
+    from personify.agents.lists import Readers
+
+    asked = Readers(capacity=10, window_s=60.0)
+    asked.note("a", 100.0)
+    assert asked.take("a", 101.0)
+    assert not asked.take("a", 102.0)  # no request since: not ahead
+    assert len(asked) == 0
+    asked.note("a", 103.0)  # asked again
+    assert asked.take("a", 104.0)
 
 
 def test_only_lists_someone_asked_for_are_computed_ahead() -> None:
@@ -317,6 +330,10 @@ def test_only_lists_someone_asked_for_are_computed_ahead() -> None:
         assert cache.get("quiet") is None  # stale: computed again when asked for ...
         assert "quiet" in cache.stale  # ... or when nothing else waits
         assert set(lists._just_written) == {"asker"}  # only the profiles about to be ranked
+        assert cache.put("asker", entry(cache, "asker"))  # computed ahead
+        lists.profiles_changed(["asker"], states={"asker": b'{"a": 2}'})
+        assert "asker" not in cache.pending  # no request since the list computed ahead
+        assert "asker" in cache.stale
     finally:
         cache.clear()
         lists._just_written.clear()
