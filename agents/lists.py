@@ -225,27 +225,39 @@ class ListCache:
         return len(self._entries)
 
     def generation(self, owner: str) -> int:
-        """A number that changes whenever ``owner`` changes (read it before reading them)."""
-        return self._gen.get(owner, self._floor)
+        """A number that changes whenever ``owner`` changes (read it before reading them).
+
+        Only the owners whose generation was read are followed: a change of any other (a
+        visitor whose list was never computed) leaves nothing behind, so a backfill of a
+        million visitors no one asks for costs the cache nothing.
+        """
+        gen = self._gen.get(owner)
+        if gen is None:
+            with self._lock:
+                if len(self._gen) >= 4 * self.capacity:
+                    self._reset()
+                gen = self._gen.setdefault(owner, self._floor)
+        return gen
 
     def changed(
         self, owners: Iterable[str], *, queue: bool, urgent: bool = False, idle: bool = False
     ) -> None:
         """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first).
 
-        ``idle``: queue them only to be computed when nothing else waits, as aged lists are.
+        ``idle``: a stored list of theirs is computed again when nothing else waits, as aged
+        lists are (an owner without one is not queued: their list is computed when asked for).
         """
         with self._lock:
+            gens, entries = self._gen, self._entries
             for owner in owners:
-                self._gen[owner] = next(self._counter)
+                if owner in gens:  # else no list of theirs was computed, or is being computed
+                    gens[owner] = next(self._counter)
                 if urgent:
                     self.urgent[owner] = None
                 elif queue:
                     self.pending[owner] = None
-                elif idle:
+                elif idle and owner in entries:
                     self._age(owner)
-            if len(self._gen) > 4 * self.capacity:
-                self._reset()
 
     def _reset(self) -> None:
         # Forgetting generations would make old lists look current: forget the lists too.
@@ -759,7 +771,7 @@ class Readers:
     after each page view has every list ready, one who sends many events between reads (a
     burst, a bot, a backfill) has one computed ahead and the rest when they ask. A visitor
     who never asks (the shop shows their list on some pages only, or not at all) has theirs
-    computed only when nothing else waits, or when they ask. At most ``capacity`` are
+    computed when they ask (a stored one also when nothing else waits). At most ``capacity`` are
     remembered, each for ``window_s``, the least recent forgotten first.
     """
 
@@ -825,9 +837,9 @@ def profiles_changed(
     counts, and the lists are queued to be computed ahead: at once for a visitor with a socket
     open; with ``[recommend] precompute``, in the background for one who asked for their list
     since it was last computed ahead, within `list_max_age_s` (`Readers`: one list ahead per
-    read), and any other's only when nothing else waits, within the refresh's share of the
-    loop, or when they ask). ``states`` are the profiles just written, as stored,
-    which the list builder then ranks without reading them back.
+    read), and any other stored list only when nothing else waits, within the refresh's share
+    of the loop; a list not stored is computed when asked for). ``states`` are the profiles
+    just written, as stored, which the list builder then ranks without reading them back.
     """
     cache = list_cache()
     if not done:
@@ -843,7 +855,7 @@ def profiles_changed(
     others = [u for u in users if u not in seen] if watched else users
     precompute = current_config().recommend.precompute
     ahead: list[str] = []  # of visitors who asked lately: computed in the background
-    rest = others  # any other's: when nothing else waits (with precompute), or when asked
+    rest = others  # any other's: a stored one when nothing else waits, else when asked
     if precompute and others:
         asked, now = readers(), time.monotonic()
         rest = []

@@ -94,6 +94,7 @@ class CollabModel:
     training_s: float = 0.0
     popularity: npt.NDArray[np.int64] = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     _position: dict[str, int] = field(init=False, repr=False, compare=False)
+    #: YᵀY + λI: the part of every fold-in's system that does not depend on the visitor.
     _gram: npt.NDArray[np.float64] = field(init=False, repr=False, compare=False)
     _ann: Any = field(init=False, repr=False, compare=False)
     _by_popularity: npt.NDArray[np.int64] = field(init=False, repr=False, compare=False)
@@ -107,7 +108,9 @@ class CollabModel:
             )
         object.__setattr__(self, "_position", {item: i for i, item in enumerate(self.item_ids)})
         y = self.factors.astype(np.float64)
-        object.__setattr__(self, "_gram", y.T @ y)
+        gram = y.T @ y
+        gram[np.diag_indices_from(gram)] += self.settings.regularization
+        object.__setattr__(self, "_gram", gram)
         norms = np.linalg.norm(self.factors, axis=1, keepdims=True)
         object.__setattr__(self, "_unit", self.factors / np.maximum(norms, 1e-12))
         object.__setattr__(self, "_ann", _ann_index(self.factors))
@@ -174,7 +177,6 @@ class CollabModel:
         conf = np.fromiter((strongest[r] for r in order), np.float64, count=len(order))
         y = self.factors[rows].astype(np.float64)
         a = self._gram + (y.T * (conf - 1.0)) @ y
-        a[np.diag_indices_from(a)] += self.settings.regularization
         b = y.T @ conf
         try:
             x = np.linalg.solve(a, b)

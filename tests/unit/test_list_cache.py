@@ -67,13 +67,29 @@ def test_least_recently_used_lists_go_first() -> None:
 
 
 def test_forgetting_generations_never_revives_a_stale_list() -> None:
-    """Past 4 x capacity generations the cache starts over; an old list cannot come back."""
+    """Past 4 x capacity owners followed the cache starts over; an old list cannot come back."""
     cache = ListCache(1)
     old = entry(cache, "u")
     cache.changed(["u"], queue=False)
-    cache.changed([f"x{n}" for n in range(10)], queue=False)  # resets
+    assert cache.put("x", entry(cache, "x"))
+    for n in range(10):
+        entry(cache, f"x{n}")  # generations read: followed, until the cache starts over
+    assert cache.get("x") is None  # forgotten with the generations
     assert not cache.put("u", old)
     assert cache.put("u", entry(cache, "u"))
+
+
+def test_changes_of_owners_never_ranked_leave_nothing_behind() -> None:
+    """A backfill of visitors no one asks for: no generation kept, nothing queued to refresh."""
+    cache = ListCache(4)
+    assert cache.put("kept", entry(cache, "kept"))
+    cache.changed([f"v{n}" for n in range(100)], queue=False, idle=True)
+    assert cache.refreshing() == 0  # no list of theirs to compute again
+    cache.changed(["kept"], queue=False, idle=True)
+    assert cache.get("kept") is None and cache.take_stale(10) == ["kept"]
+    late = entry(cache, "v1")  # ranked now: followed from its generation read ...
+    cache.changed(["v1"], queue=False)
+    assert not cache.put("v1", late)  # ... so a change meanwhile still makes it stale
 
 
 def test_aged_lists_wait_behind_changed_ones() -> None:
