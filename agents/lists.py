@@ -239,13 +239,11 @@ class ListCache:
                 gen = self._gen.setdefault(owner, self._floor)
         return gen
 
-    def changed(
-        self, owners: Iterable[str], *, queue: bool, urgent: bool = False, idle: bool = False
-    ) -> None:
+    def changed(self, owners: Iterable[str], *, queue: bool, urgent: bool = False) -> None:
         """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first).
 
-        ``idle``: a stored list of theirs is computed again when nothing else waits, as aged
-        lists are (an owner without one is not queued: their list is computed when asked for).
+        The stored list of an owner not queued is dropped: it can no longer be served, and is
+        computed when asked for (an aged list of theirs waiting for a refresh is dropped too).
         """
         with self._lock:
             gens, entries = self._gen, self._entries
@@ -256,8 +254,11 @@ class ListCache:
                     self.urgent[owner] = None
                 elif queue:
                     self.pending[owner] = None
-                elif idle and owner in entries:
-                    self._age(owner)
+                else:
+                    old = entries.pop(owner, None)
+                    if old is not None:
+                        self.body_bytes -= len(old.items)
+                        self.stale.pop(owner, None)
 
     def _reset(self) -> None:
         # Forgetting generations would make old lists look current: forget the lists too.
@@ -771,7 +772,7 @@ class Readers:
     after each page view has every list ready, one who sends many events between reads (a
     burst, a bot, a backfill) has one computed ahead and the rest when they ask. A visitor
     who never asks (the shop shows their list on some pages only, or not at all) has theirs
-    computed when they ask (a stored one also when nothing else waits). At most ``capacity`` are
+    computed when they ask. At most ``capacity`` are
     remembered, each for ``window_s``, the least recent forgotten first.
     """
 
@@ -837,9 +838,9 @@ def profiles_changed(
     counts, and the lists are queued to be computed ahead: at once for a visitor with a socket
     open; with ``[recommend] precompute``, in the background for one who asked for their list
     since it was last computed ahead, within `list_max_age_s` (`Readers`: one list ahead per
-    read), and any other stored list only when nothing else waits, within the refresh's share
-    of the loop; a list not stored is computed when asked for). ``states`` are the profiles
-    just written, as stored, which the list builder then ranks without reading them back.
+    read); any other's stored list is dropped, and computed when asked for). ``states`` are
+    the profiles just written, as stored, which the list builder then ranks without reading
+    them back.
     """
     cache = list_cache()
     if not done:
@@ -855,7 +856,7 @@ def profiles_changed(
     others = [u for u in users if u not in seen] if watched else users
     precompute = current_config().recommend.precompute
     ahead: list[str] = []  # of visitors who asked lately: computed in the background
-    rest = others  # any other's: a stored one when nothing else waits, else when asked
+    rest = others  # any other's: when asked for
     if precompute and others:
         asked, now = readers(), time.monotonic()
         rest = []
@@ -870,9 +871,9 @@ def profiles_changed(
         cache.changed(watched, queue=True, urgent=True)
     if ahead:
         cache.changed(ahead, queue=True)
-    if rest:  # computed as aged lists are, within the refresh's share of the loop
-        cache.changed(rest, queue=False, idle=precompute)
-    if watched or (others and precompute):
+    if rest:  # dropped: computed when asked for
+        cache.changed(rest, queue=False)
+    if watched or ahead:
         _gauge()
         _builder_wake().set()
 

@@ -80,13 +80,17 @@ def test_forgetting_generations_never_revives_a_stale_list() -> None:
 
 
 def test_changes_of_owners_never_ranked_leave_nothing_behind() -> None:
-    """A backfill of visitors no one asks for: no generation kept, nothing queued to refresh."""
+    """A backfill of visitors no one asks for: no generation kept, nothing queued, no list."""
     cache = ListCache(4)
-    assert cache.put("kept", entry(cache, "kept"))
-    cache.changed([f"v{n}" for n in range(100)], queue=False, idle=True)
-    assert cache.refreshing() == 0  # no list of theirs to compute again
-    cache.changed(["kept"], queue=False, idle=True)
-    assert cache.get("kept") is None and cache.take_stale(10) == ["kept"]
+    assert cache.put("kept", entry(cache, "kept", rec_id="x" * 100))
+    assert cache.body_bytes == 2
+    cache.changed([f"v{n}" for n in range(100)], queue=False)
+    assert cache.refreshing() == 0 and not cache.queued()  # no list of theirs to compute
+    assert len(cache) == 1
+    cache.queue("kept")  # aged, waiting for a refresh ...
+    cache.changed(["kept"], queue=False)  # ... and changed: dropped, nothing to refresh
+    assert cache.get("kept") is None and len(cache) == 0 and cache.body_bytes == 0
+    assert cache.take_stale(10) == []
     late = entry(cache, "v1")  # ranked now: followed from its generation read ...
     cache.changed(["v1"], queue=False)
     assert not cache.put("v1", late)  # ... so a change meanwhile still makes it stale
@@ -343,13 +347,13 @@ def test_only_lists_someone_asked_for_are_computed_ahead() -> None:
             ["asker", "quiet"], states={"asker": b'{"a": 1}', "quiet": b'{"q": 1}'}
         )
         assert "asker" in cache.pending and "quiet" not in cache.pending
-        assert cache.get("quiet") is None  # stale: computed again when asked for ...
-        assert "quiet" in cache.stale  # ... or when nothing else waits
+        assert cache.get("quiet") is None  # stale: dropped, computed when asked for
+        assert len(cache) == 0 and cache.refreshing() == 0
         assert set(lists._just_written) == {"asker"}  # only the profiles about to be ranked
         assert cache.put("asker", entry(cache, "asker"))  # computed ahead
         lists.profiles_changed(["asker"], states={"asker": b'{"a": 2}'})
         assert "asker" not in cache.pending  # no request since the list computed ahead
-        assert "asker" in cache.stale
+        assert cache.get("asker") is None and len(cache) == 0
     finally:
         cache.clear()
         lists._just_written.clear()
