@@ -50,6 +50,7 @@ from personify.agents.segments import registry as segment_registry
 from personify.agents.tuning import apply_setting
 from personify.engine.app import app, current_config
 from personify.engine.config import ProfilesConfig
+from personify.engine.jsonbytes import dumps_kept, trimmed
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
     AHEAD_SHARE,
@@ -514,7 +515,7 @@ def _finish(
             by_id = {r["item_id"]: r for r in rows}
             rows = [by_id[i] for i in dict.fromkeys(order) if isinstance(i, str) and i in by_id]
     rows = rows[:k]
-    return orjson.dumps(rows), len(rows)
+    return dumps_kept(rows), len(rows)  # kept for as long as the list is stored
 
 
 def _rank_user(
@@ -882,7 +883,7 @@ def _keep_written(states: Mapping[str, bytes]) -> None:
     """Keep the profiles about to be ranked (see `_just_written`)."""
     for user, state in states.items():
         _just_written.pop(user, None)  # set again: the newest go last
-        _just_written[user] = state
+        _just_written[user] = trimmed(state)
     while len(_just_written) > _JUST_WRITTEN_MAX:
         with contextlib.suppress(KeyError):  # the builder took it meanwhile
             _just_written.popitem(last=False)

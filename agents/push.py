@@ -23,6 +23,7 @@ import orjson
 
 from personify.engine.app import current_config
 from personify.engine.config import PushConfig
+from personify.engine.jsonbytes import dumps_kept
 from personify.engine.logging import get_logger
 from personify.engine.metrics import WS_DROPPED, WS_MESSAGES
 from personify.plugins.manager import plugins
@@ -163,7 +164,7 @@ class Hub:
         """
         channel = self._channels.get(user_id)
         if channel is None or self._expired(channel, time.monotonic()):
-            channel = Channel(self.cfg.replay_size, orjson.dumps(display or user_id))
+            channel = Channel(self.cfg.replay_size, dumps_kept(display or user_id))
             self._channels[user_id] = channel
         self._channels.move_to_end(user_id)
         sub = Subscriber(self.cfg.queue_size)
