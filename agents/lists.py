@@ -59,6 +59,7 @@ from personify.engine.metrics import (
     LISTS_PENDING,
     LISTS_REFRESHING,
     LISTS_SERVED,
+    LISTS_UNASKED,
     PUSH_STAGE,
     REFRESH_SHARE,
 )
@@ -122,6 +123,9 @@ _LOAD_WINDOW_S = 1.0
 #: memory, reads stay fast.
 _AHEAD_SHARE = 0.25
 _AHEAD_BACKLOG = 1_000
+#: How often a busy loop is looked at again before the lists of visitors who never asked are
+#: computed (only while its other work is under `_LOOP_IDLE`), in seconds.
+_IDLE_CHECK_S = 1.0
 
 
 class RefreshBudget:
@@ -218,8 +222,10 @@ class ListCache:
         #: ... and, only when nothing else waits, lists not stored that are computed ahead
         #: (`queue_ahead`) ...
         self.ahead: dict[str, None] = {}
-        #: ... and lists that merely aged.
+        #: ... and lists that merely aged; then, only while the loop is all but idle, the
+        #: lists of visitors who changed and never asked (`idle`: the newest `capacity`).
         self.stale: dict[str, None] = {}
+        self.unasked: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -240,14 +246,18 @@ class ListCache:
                 gen = self._gen.setdefault(owner, self._floor)
         return gen
 
-    def changed(self, owners: Iterable[str], *, queue: bool, urgent: bool = False) -> None:
+    def changed(
+        self, owners: Iterable[str], *, queue: bool, urgent: bool = False, idle: bool = False
+    ) -> None:
         """``owners`` changed: their lists are stale; ``queue`` them (``urgent``: first).
 
         The stored list of an owner not queued is dropped: it can no longer be served, and is
-        computed when asked for (an aged list of theirs waiting for a refresh is dropped too).
+        computed when asked for (an aged list of theirs waiting for a refresh is dropped too);
+        with ``idle``, also while the loop is all but idle (`take_unasked`, the newest
+        ``capacity`` owners so queued).
         """
         with self._lock:
-            gens, entries = self._gen, self._entries
+            gens, entries, unasked = self._gen, self._entries, self.unasked
             for owner in owners:
                 if owner in gens:  # else no list of theirs was computed, or is being computed
                     gens[owner] = next(self._counter)
@@ -260,6 +270,11 @@ class ListCache:
                     if old is not None:
                         self.body_bytes -= len(old.items)
                         self.stale.pop(owner, None)
+                    if idle:
+                        unasked[owner] = None
+                        unasked.move_to_end(owner)
+            while len(unasked) > self.capacity:
+                unasked.popitem(last=False)
 
     def _reset(self) -> None:
         # Forgetting generations would make old lists look current: forget the lists too.
@@ -276,6 +291,7 @@ class ListCache:
             self.urgent.clear()
             self.ahead.clear()
             self.stale.clear()
+            self.unasked.clear()
 
     def age_all(self) -> None:
         """Queue every stored list to be computed again when nothing else waits.
@@ -294,11 +310,13 @@ class ListCache:
             for key in out:
                 del self.urgent[key]
                 self.pending.pop(key, None)
+                self.unasked.pop(key, None)
             more = list(itertools.islice(self.pending, n - len(out)))
             for key in more:
                 del self.pending[key]
                 self.ahead.pop(key, None)
                 self.stale.pop(key, None)
+                self.unasked.pop(key, None)
             return out + more
 
     def take_stale(self, n: int) -> list[str]:
@@ -315,6 +333,14 @@ class ListCache:
     def refreshing(self) -> int:
         """How many lists wait to be computed when nothing else waits (see `take_stale`)."""
         return len(self.ahead) + len(self.stale)
+
+    def take_unasked(self, n: int) -> list[str]:
+        """Up to ``n`` owners queued by `changed` with ``idle``, the most recent first."""
+        with self._lock:
+            out: list[str] = []
+            while self.unasked and len(out) < n:
+                out.append(self.unasked.popitem()[0])
+            return out
 
     def first_queued(self, n: int) -> list[str]:
         """Up to ``n`` owners of each kind of changed list queued, in the order `take` goes."""
@@ -386,6 +412,7 @@ class ListCache:
                 return False
             self.pending.pop(key, None)
             self.ahead.pop(key, None)
+            self.unasked.pop(key, None)
             old = self._entries.get(key)
             if old is not None:
                 self.body_bytes -= len(old.items)
@@ -773,7 +800,7 @@ class Readers:
     after each page view has every list ready, one who sends many events between reads (a
     burst, a bot, a backfill) has one computed ahead and the rest when they ask. A visitor
     who never asks (the shop shows their list on some pages only, or not at all) has theirs
-    computed when they ask. At most ``capacity`` are
+    computed when they ask, or while the loop is all but idle. At most ``capacity`` are
     remembered, each for ``window_s``, the least recent forgotten first.
     """
 
@@ -839,9 +866,9 @@ def profiles_changed(
     counts, and the lists are queued to be computed ahead: at once for a visitor with a socket
     open; with ``[recommend] precompute``, in the background for one who asked for their list
     since it was last computed ahead, within `list_max_age_s` (`Readers`: one list ahead per
-    read); any other's stored list is dropped, and computed when asked for). ``states`` are
-    the profiles just written, as stored, which the list builder then ranks without reading
-    them back.
+    read); any other's stored list is dropped, and computed when asked for, or with
+    ``precompute`` while the loop is all but idle). ``states`` are the profiles just written,
+    as stored, which the list builder then ranks without reading them back.
     """
     cache = list_cache()
     if not done:
@@ -857,7 +884,7 @@ def profiles_changed(
     others = [u for u in users if u not in seen] if watched else users
     precompute = current_config().recommend.precompute
     ahead: list[str] = []  # of visitors who asked lately: computed in the background
-    rest = others  # any other's: when asked for
+    rest = others  # any other's: when asked for, or while the loop is all but idle
     if precompute and others:
         asked, now = readers(), time.monotonic()
         rest = []
@@ -872,8 +899,8 @@ def profiles_changed(
         cache.changed(watched, queue=True, urgent=True)
     if ahead:
         cache.changed(ahead, queue=True)
-    if rest:  # dropped: computed when asked for
-        cache.changed(rest, queue=False)
+    if rest:  # dropped: computed when asked for, or while the loop is all but idle
+        cache.changed(rest, queue=False, idle=precompute)
     if watched or ahead:
         _gauge()
         _builder_wake().set()
@@ -1110,6 +1137,14 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 items = items_cache.take_stale(_REFRESH_BATCH) if items_cache.ahead else []
                 users = users_cache.take_stale(_REFRESH_BATCH - len(items))
                 items += items_cache.take_stale(_REFRESH_BATCH - len(items) - len(users))
+                if not users and not items and users_cache.unasked:
+                    # Visitors who changed and never asked: only while the loop is all but
+                    # idle (after a backfill, say), never beside steady traffic.
+                    budget.share(0.0)  # the loop's own work since the last refresh
+                    if budget.load < budget.idle:
+                        users = users_cache.take_unasked(_REFRESH_BATCH)
+                    else:
+                        refresh_at = started + _IDLE_CHECK_S
                 if users or items:
                     rec = recommender()
                     try:
@@ -1125,7 +1160,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     continue
             _gauge()
             wake.clear()
-            if users_cache.refreshing() or items_cache.refreshing():
+            if users_cache.refreshing() or items_cache.refreshing() or users_cache.unasked:
                 # Aged lists wait for their turn; a changed list ends the wait early (its
                 # visitor waits for no refresh).
                 with contextlib.suppress(TimeoutError):
@@ -1154,6 +1189,7 @@ def _gauge() -> None:
         LISTS_CACHED.labels(kind, "body_bytes").set(cache.body_bytes)
     LISTS_PENDING.set(users.changed_backlog() + items.changed_backlog())
     LISTS_REFRESHING.set(users.refreshing() + items.refreshing())
+    LISTS_UNASKED.set(len(users.unasked))
 
 
 def _model_swapped(model: Any) -> None:

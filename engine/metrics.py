@@ -28,6 +28,7 @@ __all__ = [
     "LISTS_PENDING",
     "LISTS_REFRESHING",
     "LISTS_SERVED",
+    "LISTS_UNASKED",
     "MODEL_INTERACTIONS",
     "MODEL_TRAINED_AT",
     "MODEL_TRAININGS",
@@ -187,6 +188,12 @@ LISTS_CACHED = Gauge(
 LISTS_PENDING = Gauge(
     "personify_lists_pending",
     "Lists waiting to be recomputed in the background because what they rank changed.",
+    registry=REGISTRY,
+)
+LISTS_UNASKED = Gauge(
+    "personify_lists_unasked",
+    "Lists of visitors who changed and never asked, computed only while the event loop is all "
+    "but idle (at most [recommend] list_cache_size, the newest).",
     registry=REGISTRY,
 )
 LISTS_REFRESHING = Gauge(

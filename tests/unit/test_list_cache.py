@@ -96,6 +96,20 @@ def test_changes_of_owners_never_ranked_leave_nothing_behind() -> None:
     assert not cache.put("v1", late)  # ... so a change meanwhile still makes it stale
 
 
+def test_lists_of_visitors_who_never_asked_wait_for_an_idle_loop_newest_first() -> None:
+    """Queued with ``idle``: at most ``capacity``, the newest kept and taken first."""
+    cache = ListCache(3)
+    cache.changed(["a", "b", "c", "d"], queue=False, idle=True)
+    cache.changed(["b"], queue=False, idle=True)  # changed again: the newest now
+    assert not cache.queued() and cache.refreshing() == 0  # nothing else waits for them
+    assert list(cache.unasked) == ["c", "d", "b"]  # "a", the oldest, past the capacity
+    assert cache.put("d", entry(cache, "d"))  # asked for meanwhile: not computed again
+    assert cache.take_unasked(5) == ["b", "c"]
+    cache.changed(["e"], queue=False, idle=True)
+    cache.changed(["e"], queue=True)  # asked for since: computed ahead instead
+    assert cache.take(5) == ["e"] and cache.take_unasked(5) == []
+
+
 def test_aged_lists_wait_behind_changed_ones() -> None:
     """A refresh of a list that only aged never jumps the queue of lists whose owner changed."""
     cache = ListCache(10)
@@ -347,8 +361,9 @@ def test_only_lists_someone_asked_for_are_computed_ahead() -> None:
             ["asker", "quiet"], states={"asker": b'{"a": 1}', "quiet": b'{"q": 1}'}
         )
         assert "asker" in cache.pending and "quiet" not in cache.pending
-        assert cache.get("quiet") is None  # stale: dropped, computed when asked for
+        assert cache.get("quiet") is None  # stale: dropped, computed when asked for ...
         assert len(cache) == 0 and cache.refreshing() == 0
+        assert list(cache.unasked) == ["quiet"]  # ... or while the loop is all but idle
         assert set(lists._just_written) == {"asker"}  # only the profiles about to be ranked
         assert cache.put("asker", entry(cache, "asker"))  # computed ahead
         lists.profiles_changed(["asker"], states={"asker": b'{"a": 2}'})
