@@ -17,9 +17,10 @@
    on ``GET /metrics``, and the last visitor's counts on ``GET /v1/users/{id}``);
    Then the model: the engine trains its collaborative model on the events and tunes its
    blend by itself (``GET /v1/quality``); the run waits for both and reports their times.
-   Then the lists: every visitor whose profile changed gets their list computed ahead in the
-   background; the run waits until none is pending (``personify_lists_pending``) and reports
-   how many were computed and how long the queue took to drain after the events;
+   Then the lists: every visitor whose profile changed gets their list computed ahead while
+   the engine is all but idle; the run waits until none is pending or waits for an idle loop
+   (``personify_lists_pending``, ``personify_lists_unasked``) and reports how many were
+   computed and how long the queues took to drain after the events;
 3. load test, from a separate process (``multiprocessing``, an asyncio + aiohttp client):
    about 80% ``GET /v1/users/{known user}/recommendations?k=10``, 10% the same for visitors
    never seen, 10% ``GET /v1/items/{item}/similar?k=10`` (a product page: items drawn as the
@@ -997,7 +998,9 @@ async def load_events(
 async def wait_lists(eng: Engine, session: aiohttp.ClientSession, limit_s: float = 1800.0) -> Json:
     """Phase 2c: wait until the lists queued as profiles changed are computed ahead.
 
-    Done when ``personify_lists_pending`` reads 0 twice in a row; reports how long it took.
+    Done when ``personify_lists_pending`` and ``personify_lists_unasked`` (the lists of
+    visitors who never asked, computed while the engine is all but idle) read 0 twice in a
+    row; reports how long it took.
     """
     name = 'personify_lists_computed_total{kind="user"}'
     print("\n[lists] visitors' lists computed ahead after their events", flush=True)
@@ -1008,14 +1011,15 @@ async def wait_lists(eng: Engine, session: aiohttp.ClientSession, limit_s: float
     while zero < 2:
         await asyncio.sleep(0.5)
         m = await eng.metrics(session)
-        zero = zero + 1 if m.get("personify_lists_pending", 0.0) == 0 else 0
+        waiting = m.get("personify_lists_pending", 0.0) + m.get("personify_lists_unasked", 0.0)
+        zero = zero + 1 if waiting == 0 else 0
         now = time.perf_counter()
         if now - t0 > limit_s:
             raise RuntimeError(f"lists still pending after {limit_s:.0f} s:\n{eng.log_tail()}")
         if now - last_print >= 10:
             print(
                 f"  ... {m.get(name, 0.0):,.0f} computed, "
-                f"{m.get('personify_lists_pending', 0):,.0f} pending after {now - t0:.0f} s",
+                f"{waiting:,.0f} pending after {now - t0:.0f} s",
                 flush=True,
             )
             last_print = now
