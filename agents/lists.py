@@ -901,7 +901,7 @@ def profiles_changed(
         cache.changed(ahead, queue=True)
     if rest:  # dropped: computed when asked for, or while the loop is all but idle
         cache.changed(rest, queue=False, idle=precompute)
-    if watched or ahead:
+    if watched or (others and precompute):  # the builder may be waiting for nothing
         _gauge()
         _builder_wake().set()
 

@@ -345,6 +345,26 @@ def test_stored_list_follows_profile_and_catalog(shop: Any, uid: str) -> None:
     )
 
 
+def test_a_visitor_who_never_asked_finds_their_list_ready_once_the_engine_is_idle(
+    shop: Any, uid: str
+) -> None:
+    """Nobody asked for this visitor's list: it is computed while the loop is all but idle."""
+    now = int(time.time() * 1000)
+    shop.post_events(views(uid, ["k-knife", "k-board"], now - 60_000))
+    shop.wait_profile(uid, lambda p: len(p["recent_items"]) == 2)
+    shop.wait_for(
+        lambda: (
+            shop.metric("personify_lists_unasked") == 0
+            and shop.metric('personify_lists_cached{kind="user",what="lists"}') > 0
+        ),
+        what="the idle loop to compute the list",
+    )
+    memory = served(shop, "memory")
+    body = recs(shop, uid, "k=5")
+    assert served(shop, "memory") == memory + 1  # the first request: answered from memory
+    assert "k-knife" not in ids(body) and body["items"]
+
+
 def item_of(item_id: str) -> dict[str, Any]:
     """The catalog entry of ``item_id`` in the wire form."""
     _i, title, category, tags = next(row for row in CATALOG if row[0] == item_id)
