@@ -352,13 +352,13 @@ def test_a_visitor_who_never_asked_finds_their_list_ready_once_the_engine_is_idl
     now = int(time.time() * 1000)
     shop.post_events(views(uid, ["k-knife", "k-board"], now - 60_000))
     shop.wait_profile(uid, lambda p: len(p["recent_items"]) == 2)
-    shop.wait_for(
-        lambda: (
-            shop.metric("personify_lists_unasked") == 0
-            and shop.metric('personify_lists_cached{kind="user",what="lists"}') > 0
-        ),
-        what="the idle loop to compute the list",
-    )
+
+    def computed() -> bool:
+        # Polling GET /metrics ten times a second would itself keep the loop busy: once a second.
+        time.sleep(1.0)
+        return shop.metric("personify_lists_unasked") == 0
+
+    shop.wait_for(computed, what="the idle loop to compute the list")
     memory = served(shop, "memory")
     body = recs(shop, uid, "k=5")
     assert served(shop, "memory") == memory + 1  # the first request: answered from memory
