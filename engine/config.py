@@ -297,8 +297,10 @@ class RecommendConfig:
     #: it (within ``list_max_age_s``) since it was last computed ahead changes: one list ahead
     #: per request (while over 1,000 are queued, within a share of the event loop that shrinks
     #: as the engine gets busier); any other visitor's list is dropped and computed when they
-    #: ask, or while the event loop is all but idle. A visitor with a socket open has theirs
-    #: computed at once.
+    #: ask, or while the event loop is all but idle. While fewer than half of the lists
+    #: computed ahead are read before the visitor changes again, only visitors whose last one
+    #: was read (and one try in eight) have theirs computed ahead. A visitor with a socket
+    #: open has theirs computed at once.
     precompute: bool = True
     #: Items kept in each stored list: requests with k up to this and no other parameter are
     #: answered from memory.

@@ -23,6 +23,7 @@ __all__ = [
     "KPI_SEGMENT",
     "KPI_SOURCE",
     "KPI_VARIANT",
+    "LISTS_AHEAD_READ",
     "LISTS_CACHED",
     "LISTS_COMPUTED",
     "LISTS_PENDING",
@@ -188,6 +189,13 @@ LISTS_CACHED = Gauge(
 LISTS_PENDING = Gauge(
     "personify_lists_pending",
     "Lists waiting to be recomputed in the background because what they rank changed.",
+    registry=REGISTRY,
+)
+LISTS_AHEAD_READ = Gauge(
+    "personify_lists_ahead_read_share",
+    "Of the lists computed ahead for visitors who asked, the share read before the visitor "
+    "changed again (averaged over the last 200 or so); under 0.5, only visitors whose last one "
+    "was read have theirs computed ahead.",
     registry=REGISTRY,
 )
 LISTS_UNASKED = Gauge(

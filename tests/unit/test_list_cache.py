@@ -341,6 +341,39 @@ def test_each_request_earns_one_list_ahead() -> None:
     assert asked.take("a", 104.0)
 
 
+def test_lists_ahead_wait_for_their_reads_once_most_go_unread() -> None:
+    """Once most lists computed ahead are dropped unread, only proven readers get them.
+
+    A visitor whose last list computed ahead was read keeps getting them; others get one try
+    in eight, which keeps measuring the share read.
+    """
+    from personify.agents.lists import Readers
+
+    asked = Readers(capacity=1_000, window_s=60.0)
+    now = 100.0
+    for n in range(400):  # each asks, changes (computed ahead), then changes again unread
+        user = f"v{n}"
+        asked.note(user, now)
+        assert asked.take(user, now) or asked.read_share < 0.5
+        asked.take(user, now)
+    assert asked.read_share < 0.5
+    earned = 0
+    for n in range(80):  # now most asking visitors wait for their next request
+        asked.note(f"w{n}", now)
+        earned += asked.take(f"w{n}", now)
+    assert earned == 10  # one in eight
+    # A visitor who reads between changes proves it and has every next list ahead.
+    reader = next(f"w{n}" for n in range(80) if f"w{n}" in asked._ahead)
+    for _ in range(5):
+        asked.note(reader, now)  # read what was computed ahead ...
+        assert asked.take(reader, now)  # ... so the next is computed ahead too
+    share = asked.read_share
+    for _ in range(300):  # and as reads come between changes again, the share comes back
+        asked.note(reader, now)
+        asked.take(reader, now)
+    assert share < 0.5 <= asked.read_share
+
+
 def test_only_lists_someone_asked_for_are_computed_ahead() -> None:
     """A changed profile queues the list of a visitor who asked lately; another's waits.
 
