@@ -110,10 +110,14 @@ _REFRESH_PAUSE_S = 0.002
 #: lists still reach the new model under a steady 1,000 requests a second, more slowly).
 _LOOP_ROOM = 0.5
 _REFRESH_FLOOR = 0.02
-#: A loop with less other work than this is all but idle: the refresh may take more than
-#: `_REFRESH_SHARE`, up to the whole `_LOOP_ROOM` when nothing else runs (after a new model in
-#: a quiet hour, 100,000 lists take minutes instead of half an hour).
+#: A loop with less other work than this is all but idle: the refresh may take up to
+#: `_IDLE_ROOM` of it, less that work (after a new model in a quiet hour, 100,000 lists take
+#: minutes instead of half an hour); a request that comes meanwhile waits for one list at
+#: most. (The share once rose from `_REFRESH_SHARE` to `_LOOP_ROOM` only as that work fell to
+#: nothing; the few percent an idle engine spends on its timers and metrics kept it near a
+#: quarter: after a backfill, 100,000 lists took 25 minutes.)
 _LOOP_IDLE = 0.1
+_IDLE_ROOM = 0.8
 #: How long a time the loop's load is averaged over (seconds).
 _LOAD_WINDOW_S = 1.0
 #: Once more than `_AHEAD_BACKLOG` lists computed ahead (visitors with no socket open, whose
@@ -127,10 +131,6 @@ _AHEAD_BACKLOG = 1_000
 #: How often a busy loop is looked at again before the lists of visitors who never asked are
 #: computed (only while its other work is under `_LOOP_IDLE`), in seconds.
 _IDLE_CHECK_S = 1.0
-#: The share of an all but idle loop those lists may take (less the loop's other work): a
-#: request that comes meanwhile waits for one list at most. (Within the refresh's share, a
-#: quarter of the loop, the 100,000 visitors of a backfill waited about 25 minutes.)
-_IDLE_ROOM = 0.8
 
 
 class RefreshBudget:
@@ -138,9 +138,9 @@ class RefreshBudget:
 
     The loop's other work is measured as the CPU time of the loop's thread (`time.thread_time`,
     called on the loop), less the refresh's own, averaged over about `_LOAD_WINDOW_S`. The
-    share is at most ``most`` while that work passes ``idle``, more on a loop all but idle
-    (up to ``room``), less as the work grows (the two together under ``room``), and at least
-    ``least``.
+    share is at most ``most`` while that work passes ``idle``, less as the work grows (the two
+    together under ``room``), and at least ``least``; on a loop all but idle (that work under
+    ``idle``), ``idle_room`` less that work.
     """
 
     def __init__(
@@ -151,11 +151,12 @@ class RefreshBudget:
         window_s: float = _LOAD_WINDOW_S,
         idle: float = _LOOP_IDLE,
         *,
+        idle_room: float = _IDLE_ROOM,
         clock: Callable[[], float] = time.perf_counter,
         cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.most, self.least, self.room, self.window_s = most, least, room, window_s
-        self.idle = idle
+        self.idle, self.idle_room = idle, idle_room
         self._clock, self._cpu_clock = clock, cpu_clock
         #: The loop's other work, as a share of its time (averaged).
         self.load = 0.0
@@ -171,9 +172,9 @@ class RefreshBudget:
             weight = min(1.0, elapsed / self.window_s)
             self.load += weight * (other - self.load)
         self._wall, self._cpu = wall, cpu
-        # Below `idle`, the cap rises from `most` towards the whole room as the loop empties.
-        cap = self.most + (self.room - self.most) * max(0.0, 1.0 - self.load / self.idle)
-        return max(self.least, min(cap, self.room - self.load))
+        if self.load < self.idle:
+            return max(self.least, self.idle_room - self.load)
+        return max(self.least, min(self.most, self.room - self.load))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1160,7 +1161,6 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
 
         refresh_at = 0.0  # perf_counter() before which no aged list is refreshed
         budget = RefreshBudget()
-        idle_budget = RefreshBudget(_IDLE_ROOM, room=_IDLE_ROOM)
         ahead_at = 0.0  # perf_counter() before which no list is computed ahead
         ahead = RefreshBudget(_AHEAD_SHARE)
         while not self.should_stop:
@@ -1196,14 +1196,12 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 items = items_cache.take_stale(_REFRESH_BATCH) if items_cache.ahead else []
                 users = users_cache.take_stale(_REFRESH_BATCH - len(items))
                 items += items_cache.take_stale(_REFRESH_BATCH - len(items) - len(users))
-                turn = budget
                 if not users and not items and users_cache.unasked:
                     # Visitors who changed and never asked: only while the loop is all but
                     # idle (after a backfill, say), never beside steady traffic.
-                    idle_budget.share(0.0)  # the loop's own work since the last turn
-                    if idle_budget.load < idle_budget.idle:
+                    budget.share(0.0)  # the loop's own work since the last refresh
+                    if budget.load < budget.idle:
                         users = users_cache.take_unasked(_REFRESH_BATCH)
-                        turn = idle_budget
                     else:
                         refresh_at = started + _IDLE_CHECK_S
                 if users or items:
@@ -1214,7 +1212,7 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                     except Exception:
                         _log.exception("list refresh failed; the lists are computed on request")
                     spent = time.perf_counter() - started
-                    share = turn.share(spent)
+                    share = budget.share(spent)
                     REFRESH_SHARE.set(share)
                     refresh_at = started + spent + max(_REFRESH_PAUSE_S, spent * (1 / share - 1))
                     _gauge()
