@@ -41,6 +41,7 @@ from personify.agents.model import (
     current_ranker,
     current_recommend,
     current_repeat,
+    model_changing,
     on_swap,
     shop_clock,
 )
@@ -1198,9 +1199,10 @@ class ListBuilder(mode.Service):  # type: ignore[misc] # mode is untyped
                 items += items_cache.take_stale(_REFRESH_BATCH - len(items) - len(users))
                 if not users and not items and users_cache.unasked:
                     # Visitors who changed and never asked: only while the loop is all but
-                    # idle (after a backfill, say), never beside steady traffic.
+                    # idle (after a backfill, say), never beside steady traffic, and not while
+                    # a training runs (its model would have them all ranked again).
                     budget.share(0.0)  # the loop's own work since the last refresh
-                    if budget.load < budget.idle:
+                    if budget.load < budget.idle and not model_changing():
                         users = users_cache.take_unasked(_REFRESH_BATCH)
                     else:
                         refresh_at = started + _IDLE_CHECK_S

@@ -93,6 +93,7 @@ __all__ = [
     "current_ranker",
     "current_recommend",
     "current_repeat",
+    "model_changing",
     "note_interactions",
     "on_swap",
     "promote",
@@ -584,6 +585,11 @@ class Trainer(mode.Service):  # type: ignore[misc] # mode is untyped
 def trainer() -> Trainer:
     """The process's trainer (built on first use, inside the event loop)."""
     return Trainer()
+
+
+def model_changing() -> bool:
+    """Whether a training or tuning run is under way: lists ranked now are ranked again soon."""
+    return trainer().running
 
 
 def current_model() -> CollabModel | None:
