@@ -19,6 +19,7 @@ from personify.engine.errors import ValidationError
 from personify.engine.logging import get_logger
 from personify.engine.metrics import EVENTS_ACCEPTED, EVENTS_REJECTED, rejection_reason
 from personify.engine.models import Event, validate_event
+from personify.engine.publisher import Publisher
 from personify.engine.retry import until_done
 
 __all__ = ["dead_letter", "ingest_agent", "parse_message", "send_dead_letter"]
@@ -82,21 +83,27 @@ async def ingest_agent(stream: Any) -> None:
     pub = publisher()
     epoch = app.personify_broker_epoch
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.005):
-        await pub.ready.wait()
-        now_ms = int(time.time() * 1000)
-        valid: list[Event] = []
-        dead: list[tuple[str, bytes]] = []
-        for event in batch:
-            m = event.message
-            source = {"topic": m.topic, "partition": m.partition, "offset": m.offset}
-            ok, bad = parse_message(
-                event.value or b"", source, f"{epoch}-{m.partition}-{m.offset}", now_ms
-            )
-            valid.extend(ok)
-            dead.extend(bad)
-        await until_done("routed publish", functools.partial(pub.publish, valid))
-        EVENTS_ACCEPTED.labels("topic").inc(len(valid))
-        for reason, record in dead:
-            EVENTS_REJECTED.labels("topic", reason).inc()
-            await until_done("dead-letter send", functools.partial(send_dead_letter, record))
-        note_lag("ingest", (event.message for event in batch))
+        await _route_round(batch, pub, epoch)
+        del batch  # a backfill's last round (up to 1,000 messages) is not kept until the next
+
+
+async def _route_round(batch: list[Any], pub: Publisher, epoch: str) -> None:
+    """Validate one round of raw messages and route the events; send the invalid ones on."""
+    await pub.ready.wait()
+    now_ms = int(time.time() * 1000)
+    valid: list[Event] = []
+    dead: list[tuple[str, bytes]] = []
+    for event in batch:
+        m = event.message
+        source = {"topic": m.topic, "partition": m.partition, "offset": m.offset}
+        ok, bad = parse_message(
+            event.value or b"", source, f"{epoch}-{m.partition}-{m.offset}", now_ms
+        )
+        valid.extend(ok)
+        dead.extend(bad)
+    await until_done("routed publish", functools.partial(pub.publish, valid))
+    EVENTS_ACCEPTED.labels("topic").inc(len(valid))
+    for reason, record in dead:
+        EVENTS_REJECTED.labels("topic", reason).inc()
+        await until_done("dead-letter send", functools.partial(send_dead_letter, record))
+    note_lag("ingest", (event.message for event in batch))

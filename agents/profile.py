@@ -36,7 +36,7 @@ from personify.engine.app import (
     routed_names,
     topic,
 )
-from personify.engine.compaction import compaction
+from personify.engine.compaction import RoutedCompaction, compaction
 from personify.engine.failpoints import failpoint
 from personify.engine.logging import get_logger
 from personify.engine.metrics import (
@@ -178,118 +178,124 @@ async def profile_agent(stream: Any) -> None:
     pub = publisher()
     routed = compaction()
     async for batch in stream.take_events(_cfg.worker.ingest_batch, within=0.002):
-        taken = time.time()
-        by_partition: dict[int, list[Event]] = {}
-        dead: list[bytes] = []
-        fresh: list[Any] = []  # the messages not applied before
-        for event in batch:
-            message = event.message
-            if _applied_before(message):
-                _skip_applied(event.value)
-                continue
-            fresh.append(message)
-            if message.timestamp:
-                PUSH_STAGE.labels("broker").observe(max(0.0, taken - message.timestamp))
-            by_partition.setdefault(message.partition, [])
-            try:
-                events: list[Event] = orjson.loads(event.value)
-                if not isinstance(events, list):
-                    raise TypeError(f"expected a JSON array of events, got {type(events).__name__}")
-            except Exception as exc:  # not a routed message at all: keep it, with the reason
-                source = {
-                    "topic": message.topic,
-                    "partition": message.partition,
-                    "offset": message.offset,
-                }
-                _log.exception("routed message rejected", **source)
-                raw = (event.value or b"").decode("utf-8", "replace")[:10000]
-                dead.append(
-                    _dead_letter_record(f"cannot read routed message: {exc!r}", source, raw)
-                )
-                continue
-            by_partition[message.partition].extend(events)
-        vetoed = await _consent_gates(by_partition)
-        received = [e for evs in by_partition.values() for e in evs]
-        attach_categories(received)
-        await attach_chat_vectors(received)
-        folds = {p: _folder.fold_batch(_store, p, evs) for p, evs in by_partition.items()}
-        failpoint("fold")
-        # What the round sends on goes first: if the process dies before the state below is
-        # written, the round is applied again and sends it again (harmless: event ids); sent
-        # after, it would be lost with a position that says the round was applied.
-        onward = [e for f in folds.values() for e in f.onward]
-        if onward:
-            await until_done("onward publish", functools.partial(pub.publish, onward))
-        for p, f in folds.items():
-            source = {"topic": _cfg.topics.routed, "partition": p}
-            dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
-        for record in dead:
-            await until_done("dead-letter send", functools.partial(send_dead_letter, record))
-        for f in folds.values():
-            for user, request_id in f.erased:
-                await until_done("audit record", functools.partial(_audit, user, request_id))
-                failpoint("erase")
-        changed = [key.decode() for f in folds.values() for key, _value in f.writes]
-        profiles_changed(changed, done=False)
-        positions = _advance(fresh, pub)
-        await asyncio.gather(
-            *(
-                until_done(
-                    "profile write",
-                    functools.partial(
-                        _store.put_many,
-                        p,
-                        [
-                            *f.writes,
-                            *f.history,
-                            *f.attributions,
-                            *f.size_rows,
-                            (POSITION_KEY, positions[p].encode()),
-                        ],
-                    ),
-                )
-                for p, f in folds.items()
+        await _apply_round(batch, pub, routed)
+        # Nothing of a round outlives it: the last round of a backfill (a thousand messages,
+        # each of hundreds of events) would otherwise stay in memory until the next one.
+        del batch
+
+
+async def _apply_round(batch: list[Any], pub: Publisher, routed: RoutedCompaction) -> None:
+    """Fold one round of routed messages, write its state and send on what it made."""
+    taken = time.time()
+    by_partition: dict[int, list[Event]] = {}
+    dead: list[bytes] = []
+    fresh: list[Any] = []  # the messages not applied before
+    for event in batch:
+        message = event.message
+        if _applied_before(message):
+            _skip_applied(event.value)
+            continue
+        fresh.append(message)
+        if message.timestamp:
+            PUSH_STAGE.labels("broker").observe(max(0.0, taken - message.timestamp))
+        by_partition.setdefault(message.partition, [])
+        try:
+            events: list[Event] = orjson.loads(event.value)
+            if not isinstance(events, list):
+                raise TypeError(f"expected a JSON array of events, got {type(events).__name__}")
+        except Exception as exc:  # not a routed message at all: keep it, with the reason
+            source = {
+                "topic": message.topic,
+                "partition": message.partition,
+                "offset": message.offset,
+            }
+            _log.exception("routed message rejected", **source)
+            raw = (event.value or b"").decode("utf-8", "replace")[:10000]
+            dead.append(_dead_letter_record(f"cannot read routed message: {exc!r}", source, raw))
+            continue
+        by_partition[message.partition].extend(events)
+    vetoed = await _consent_gates(by_partition)
+    received = [e for evs in by_partition.values() for e in evs]
+    attach_categories(received)
+    await attach_chat_vectors(received)
+    folds = {p: _folder.fold_batch(_store, p, evs) for p, evs in by_partition.items()}
+    failpoint("fold")
+    # What the round sends on goes first: if the process dies before the state below is
+    # written, the round is applied again and sends it again (harmless: event ids); sent
+    # after, it would be lost with a position that says the round was applied.
+    onward = [e for f in folds.values() for e in f.onward]
+    if onward:
+        await until_done("onward publish", functools.partial(pub.publish, onward))
+    for p, f in folds.items():
+        source = {"topic": _cfg.topics.routed, "partition": p}
+        dead.extend(_dead_letter_record(error, source, e) for e, error in f.failed)
+    for record in dead:
+        await until_done("dead-letter send", functools.partial(send_dead_letter, record))
+    for f in folds.values():
+        for user, request_id in f.erased:
+            await until_done("audit record", functools.partial(_audit, user, request_id))
+            failpoint("erase")
+    changed = [key.decode() for f in folds.values() for key, _value in f.writes]
+    profiles_changed(changed, done=False)
+    positions = _advance(fresh, pub)
+    await asyncio.gather(
+        *(
+            until_done(
+                "profile write",
+                functools.partial(
+                    _store.put_many,
+                    p,
+                    [
+                        *f.writes,
+                        *f.history,
+                        *f.attributions,
+                        *f.size_rows,
+                        (POSITION_KEY, positions[p].encode()),
+                    ],
+                ),
             )
+            for p, f in folds.items()
         )
-        failpoint("applied")
-        latest = {k: v for f in folds.values() for k, v in f.states.items()}
-        profiles_changed(changed, states=latest)
-        if fresh:
-            PUSH_STAGE.labels("fold").observe(time.time() - taken)
-        for f in folds.values():
-            _count_kpis(f.tally)
-            if f.memberships:
-                _announce(f.memberships, f.segment_moves)
-        for f in folds.values():
-            for user, _request_id in f.erased:
-                hub().forget(user)
-                recorder().forget(user)
-        applied = [e for f in folds.values() for e in f.events]
-        note_interactions(
-            sum(f.interactions for f in folds.values()),
-            max((e["ts_ms"] for e in applied), default=None),
-        )
-        note_timers(applied)
-        queue_events(latest, applied)
-        for f in folds.values():
-            # The engine's own events (merges, timers, offers sent) are not visitors' events.
-            EVENTS_APPLIED.inc(sum(1 for e in f.events if not e["type"].startswith("$")))
-            if vetoed:
-                EVENTS_VETOED.inc(vetoed)
-                vetoed = 0
-            if f.vetoed:
-                EVENTS_VETOED.inc(f.vetoed)
-            if f.skipped:
-                EVENTS_DUPLICATE.inc(f.skipped)
-        for event in batch:
-            seq = _seq_of(event.message.headers)
-            if pub.journal is not None and seq is not None:
-                pub.journal.mark_applied(seq)
-            routed.note_applied(event.message.tp, event.message.offset)
-        if _folder.flush_due(_cfg.recommend.signal_flush_interval_s):
-            _flush_behind()
-        for partition, end in note_lag("profile", (e.message for e in batch)).items():
-            _note_end_offset(partition, end)
+    )
+    failpoint("applied")
+    latest = {k: v for f in folds.values() for k, v in f.states.items()}
+    profiles_changed(changed, states=latest)
+    if fresh:
+        PUSH_STAGE.labels("fold").observe(time.time() - taken)
+    for f in folds.values():
+        _count_kpis(f.tally)
+        if f.memberships:
+            _announce(f.memberships, f.segment_moves)
+    for f in folds.values():
+        for user, _request_id in f.erased:
+            hub().forget(user)
+            recorder().forget(user)
+    applied = [e for f in folds.values() for e in f.events]
+    note_interactions(
+        sum(f.interactions for f in folds.values()),
+        max((e["ts_ms"] for e in applied), default=None),
+    )
+    note_timers(applied)
+    queue_events(latest, applied)
+    for f in folds.values():
+        # The engine's own events (merges, timers, offers sent) are not visitors' events.
+        EVENTS_APPLIED.inc(sum(1 for e in f.events if not e["type"].startswith("$")))
+        if vetoed:
+            EVENTS_VETOED.inc(vetoed)
+            vetoed = 0
+        if f.vetoed:
+            EVENTS_VETOED.inc(f.vetoed)
+        if f.skipped:
+            EVENTS_DUPLICATE.inc(f.skipped)
+    for event in batch:
+        seq = _seq_of(event.message.headers)
+        if pub.journal is not None and seq is not None:
+            pub.journal.mark_applied(seq)
+        routed.note_applied(event.message.tp, event.message.offset)
+    if _folder.flush_due(_cfg.recommend.signal_flush_interval_s):
+        _flush_behind()
+    for partition, end in note_lag("profile", (e.message for e in batch)).items():
+        _note_end_offset(partition, end)
 
 
 _announcing: set[asyncio.Future[None]] = set()
