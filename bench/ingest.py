@@ -1338,6 +1338,8 @@ class Row:
 
 #: Seconds between /healthz and the empty engine's footprint (the model loads meanwhile).
 EMPTY_SETTLE_S = 10.0
+#: How long after the last run its footprint is taken again.
+SETTLE_S = 60.0
 
 
 @dataclass
@@ -1558,6 +1560,18 @@ class PersonifyBench:
             if r.failure:
                 break
         if not r.failure:
+            # What stays: a training started by the events may still hold its history right
+            # after them, and the allocator gives freed memory back every
+            # [worker] malloc_trim_interval_s (30 s).
+            await asyncio.sleep(SETTLE_S)
+            settled = await Footprint.of(eng, self.session)
+            print(f"  {SETTLE_S:.0f} s later: {settled.against(empty, len(visitors))}", flush=True)
+            self.out["a_footprint_settled"] = {
+                "visitors": len(visitors),
+                "after_s": SETTLE_S,
+                **settled.as_dict(),
+                "empty": empty.as_dict(),
+            }
             return
         await self.after_failure(r)
         assert self.eng is not None

@@ -17,11 +17,12 @@ import faust
 import mode
 import threadpoolctl
 
+from personify.engine import memory
 from personify.engine.config import Config
 from personify.engine.errors import ConfigError
 from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY
+from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY, MALLOC_TRIMMED
 from personify.engine.publisher import Publisher, partition_for
 from personify.engine.transport import Transport
 
@@ -291,6 +292,17 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
                 for journal in journals:
                     # Deleting a segment of tens of MiB takes the file system a while.
                     await asyncio.to_thread(_compact, journal, retention_s)
+
+    @mode.Service.task  # type: ignore[untyped-decorator]
+    async def _trim_memory(self) -> None:
+        """Every ``[worker] malloc_trim_interval_s``, give the allocator's free pages back."""
+        every_s = current_config().worker.malloc_trim_interval_s
+        fn = memory.trimmer()
+        if not every_s or fn is None:
+            return
+        while not self.should_stop:
+            await self.sleep(every_s)
+            MALLOC_TRIMMED.inc(await asyncio.to_thread(memory.trim, fn))
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _loop_delay(self) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "LISTS_REFRESHING",
     "LISTS_SERVED",
     "LISTS_UNASKED",
+    "MALLOC_TRIMMED",
     "MODEL_INTERACTIONS",
     "MODEL_TRAINED_AT",
     "MODEL_TRAININGS",
@@ -289,6 +290,12 @@ GC_PAUSE = Histogram(
     "How long each collection of cyclic garbage held the process, by generation.",
     ["generation"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
+MALLOC_TRIMMED = Counter(
+    "personify_malloc_trimmed_bytes",
+    "Resident memory the allocator held free and gave back to the system ([worker] "
+    "malloc_trim_interval_s).",
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

@@ -62,3 +62,33 @@ def test_two_arenas_are_shared_by_eight_threads() -> None:
 def test_zero_leaves_glibc_its_own_arenas() -> None:
     """0 changes nothing: eight threads allocating at once get several arenas."""
     assert _arena_heaps(0) > 1
+
+
+#: 200 MiB of 1,000-byte buffers, one in a hundred kept: the heap is left mostly free, in
+#: runs of about 100 KB between the buffers kept, which glibc keeps resident (only its top is
+#: given back by itself). Then `memory.trim` runs, and the resident sizes are printed.
+_TRIM_SCRIPT = """
+from personify.engine import memory
+buffers = [bytearray(1000) for _ in range(200_000)]
+kept = buffers[::100]
+del buffers
+before = memory.resident_bytes()
+returned = memory.trim(memory.trimmer())
+print(before, memory.resident_bytes(), returned)
+"""
+
+
+def test_trim_gives_freed_heap_back() -> None:
+    """What was freed inside the heap stays resident until trimmed, then goes back."""
+    done = subprocess.run(
+        [sys.executable, "-c", _TRIM_SCRIPT],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    before, after, returned = (int(x) for x in done.stdout.split())
+    assert before > 150 << 20  # the freed buffers were still resident
+    assert returned > 100 << 20
+    assert after < before - (100 << 20)
