@@ -180,6 +180,14 @@ class History:
         order = np.lexsort((item, user, ts))
         return cls(users, items, user[order], item[order], kind[order], ts[order])
 
+    def without_users(self) -> History:
+        """The same interactions without the visitors' names (`with_users` gives them back)."""
+        return History([], self.items, self.user, self.item, self.kind, self.ts_ms)
+
+    def with_users(self, users: list[str]) -> History:
+        """The same interactions with ``users`` as the visitors' names, by number."""
+        return History(users, self.items, self.user, self.item, self.kind, self.ts_ms)
+
     def take(self, mask: npt.NDArray[np.bool_]) -> History:
         """The interactions where ``mask`` holds (same numbering)."""
         return History(

@@ -154,7 +154,7 @@ async def _train(
         fitted.repeat,
         fitted.propensity,
         len(rows),
-        fitted.rows,
+        fitted.rows.with_users(rows.users),
         expired,
         time.perf_counter() - started,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import multiprocessing.process
 import os
@@ -83,7 +84,8 @@ def fit_in_child(conn: Any, rows: history.Interactions, cfg: Config) -> None:
     try:
         with threadpool_limits(1):
             fitted = fit(rows, cfg)
-        conn.send(("done", fitted))
+        # The parent holds the visitors' names (it sent them): not sent back, nor made twice.
+        conn.send(("done", dataclasses.replace(fitted, rows=fitted.rows.without_users())))
     except Exception:  # reported to the parent, which logs it, with where it happened
         conn.send(("error", traceback.format_exc(limit=-8)))
     finally:

@@ -73,7 +73,10 @@ def test_the_child_learns_what_the_engine_would() -> None:
     assert there.repeat == here.repeat
     assert there.repeat.share > 0.5  # every shopper re-buys
     np.testing.assert_array_equal(there.rows.ts_ms, here.rows.ts_ms)
-    assert there.rows.users == here.rows.users
+    np.testing.assert_array_equal(there.rows.user, here.rows.user)
+    # The visitors' names are not sent back: the engine has them (the rows it sent).
+    assert there.rows.users == []
+    assert there.rows.with_users(rows.users).users == here.rows.users
 
 
 def test_a_child_that_fails_reports_where() -> None:
