@@ -1339,7 +1339,7 @@ class Row:
 #: Seconds between /healthz and the empty engine's footprint (the model loads meanwhile).
 EMPTY_SETTLE_S = 10.0
 #: How long after the last run its footprint is taken again.
-SETTLE_S = 60.0
+SETTLE_S = 75.0
 
 
 @dataclass
@@ -1561,8 +1561,8 @@ class PersonifyBench:
                 break
         if not r.failure:
             # What stays: a training started by the events may still hold its history right
-            # after them, and the allocator gives freed memory back every
-            # [worker] malloc_trim_interval_s (30 s).
+            # after them, and the allocator's free pages go back once the engine has been
+            # quiet for [worker] malloc_trim_quiet_s (30 s, checked every 30 s).
             await asyncio.sleep(SETTLE_S)
             settled = await Footprint.of(eng, self.session)
             print(f"  {SETTLE_S:.0f} s later: {settled.against(empty, len(visitors))}", flush=True)

@@ -22,7 +22,7 @@ from personify.engine.config import Config
 from personify.engine.errors import ConfigError
 from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY, MALLOC_TRIMMED
+from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY, MALLOC_TRIMMED, REGISTRY
 from personify.engine.publisher import Publisher, partition_for
 from personify.engine.transport import Transport
 
@@ -295,14 +295,20 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _trim_memory(self) -> None:
-        """Every ``[worker] malloc_trim_interval_s``, give the allocator's free pages back."""
-        every_s = current_config().worker.malloc_trim_interval_s
+        """Give the allocator's free pages back once no event was applied for a while.
+
+        Once per quiet spell of ``[worker] malloc_trim_quiet_s``: under steady traffic the
+        pages given back are soon faulted in again, at a cost the pushes showed.
+        """
+        quiet_s = current_config().worker.malloc_trim_quiet_s
         fn = memory.trimmer()
-        if not every_s or fn is None:
+        if not quiet_s or fn is None:
             return
+        spell = memory.QuietSpell()
         while not self.should_stop:
-            await self.sleep(every_s)
-            MALLOC_TRIMMED.inc(await asyncio.to_thread(memory.trim, fn))
+            await self.sleep(quiet_s)
+            if spell.due(REGISTRY.get_sample_value("personify_events_applied_total") or 0.0):
+                MALLOC_TRIMMED.inc(await asyncio.to_thread(memory.trim, fn))
 
     @mode.Service.task  # type: ignore[untyped-decorator]
     async def _loop_delay(self) -> None:

@@ -180,9 +180,10 @@ class WorkerConfig:
     #: that allocates may otherwise get an arena of its own, and memory freed in one is not
     #: reused by another: the resident size climbs for hours. MALLOC_ARENA_MAX, if set, wins.
     malloc_arenas: int = 2
-    #: Every this many seconds the allocator's free pages go back to the system (glibc's
-    #: malloc_trim; 0: never): what a backfill or a training freed stays resident otherwise.
-    malloc_trim_interval_s: float = 30.0
+    #: Once the engine has applied no event for this many seconds, the allocator's free pages
+    #: go back to the system, once a quiet spell (glibc's malloc_trim; 0: never): what a
+    #: backfill or a burst freed stays resident otherwise.
+    malloc_trim_quiet_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,10 +848,9 @@ def _build(cls: Any, raw: Mapping[str, Any], source: str, section: str) -> Any:
         )
     if section == "push" and obj.debounce_ms < 0:
         raise ConfigError(f"{source}: [push] debounce_ms: expected >= 0, got {obj.debounce_ms}")
-    if section == "worker" and obj.malloc_trim_interval_s < 0:
+    if section == "worker" and obj.malloc_trim_quiet_s < 0:
         raise ConfigError(
-            f"{source}: [worker] malloc_trim_interval_s: expected >= 0, "
-            f"got {obj.malloc_trim_interval_s}"
+            f"{source}: [worker] malloc_trim_quiet_s: expected >= 0, got {obj.malloc_trim_quiet_s}"
         )
     if section == "worker" and obj.malloc_arenas < 0:
         raise ConfigError(

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 
-__all__ = ["resident_bytes", "trim", "trimmer"]
+__all__ = ["QuietSpell", "resident_bytes", "trim", "trimmer"]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -52,3 +52,24 @@ def trim(fn: Callable[[int], int] | None) -> int:
     before = resident_bytes()
     fn(0)
     return max(0, before - resident_bytes())
+
+
+class QuietSpell:
+    """Says when to trim: once per quiet spell, given a count of events applied at each tick.
+
+    A tick whose count is the previous tick's (nothing applied in between) is quiet; the
+    first quiet tick of a spell is due, the others are not. The first tick is never quiet;
+    what the start freed goes back at the second, if nothing was applied meanwhile.
+    """
+
+    def __init__(self) -> None:
+        self._seen: float | None = None
+        self._trimmed_at: float | None = None
+
+    def due(self, applied: float) -> bool:
+        """Whether to trim now, ``applied`` being the count of events applied so far."""
+        quiet = applied == self._seen and applied != self._trimmed_at
+        self._seen = applied
+        if quiet:
+            self._trimmed_at = applied
+        return quiet

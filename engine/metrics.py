@@ -294,8 +294,8 @@ GC_PAUSE = Histogram(
 )
 MALLOC_TRIMMED = Counter(
     "personify_malloc_trimmed_bytes",
-    "Resident memory the allocator held free and gave back to the system ([worker] "
-    "malloc_trim_interval_s).",
+    "Resident memory the allocator held free and gave back to the system once the engine "
+    "was quiet ([worker] malloc_trim_quiet_s).",
     registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(

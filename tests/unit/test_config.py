@@ -222,12 +222,12 @@ def test_malloc_arenas_may_be_zero_not_negative(config_file: ConfigFile) -> None
         load_config(config_file("[worker]\nmalloc_arenas = -1\n"), environ={})
 
 
-def test_malloc_trim_interval_may_be_zero_not_negative(config_file: ConfigFile) -> None:
-    """malloc_trim_interval_s accepts 0 (never) and rejects negatives."""
-    cfg = load_config(config_file("[worker]\nmalloc_trim_interval_s = 0\n"), environ={})
-    assert cfg.worker.malloc_trim_interval_s == 0
-    with pytest.raises(ConfigError, match="malloc_trim_interval_s: expected >= 0, got -5"):
-        load_config(config_file("[worker]\nmalloc_trim_interval_s = -5\n"), environ={})
+def test_malloc_trim_quiet_may_be_zero_not_negative(config_file: ConfigFile) -> None:
+    """malloc_trim_quiet_s accepts 0 (never) and rejects negatives."""
+    cfg = load_config(config_file("[worker]\nmalloc_trim_quiet_s = 0\n"), environ={})
+    assert cfg.worker.malloc_trim_quiet_s == 0
+    with pytest.raises(ConfigError, match="malloc_trim_quiet_s: expected >= 0, got -5"):
+        load_config(config_file("[worker]\nmalloc_trim_quiet_s = -5\n"), environ={})
 
 
 def test_embedded_warn_messages_may_be_zero_not_negative(config_file: ConfigFile) -> None:

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from personify.engine.memory import QuietSpell
+
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
     reason="malloc arenas are glibc's",
@@ -92,3 +94,11 @@ def test_trim_gives_freed_heap_back() -> None:
     assert before > 150 << 20  # the freed buffers were still resident
     assert returned > 100 << 20
     assert after < before - (100 << 20)
+
+
+def test_trims_once_per_quiet_spell() -> None:
+    """Due at the first tick with nothing applied since the last, then not until traffic."""
+    spell = QuietSpell()
+    ticks = [0, 0, 0, 5, 9, 9, 9, 12, 12]
+    due = [spell.due(n) for n in ticks]
+    assert due == [False, True, False, False, False, True, False, False, True]
