@@ -297,8 +297,8 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
     async def _trim_memory(self) -> None:
         """Give the allocator's free pages back once no event was applied for a while.
 
-        Once per quiet spell of ``[worker] malloc_trim_quiet_s``: under steady traffic the
-        pages given back are soon faulted in again, at a cost the pushes showed.
+        Once per quiet spell of ``[worker] malloc_trim_quiet_s``: trimming every 30 s under
+        steady traffic made pushes slower (``bench/RESULTS.md``).
         """
         quiet_s = current_config().worker.malloc_trim_quiet_s
         fn = memory.trimmer()
