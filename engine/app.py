@@ -22,7 +22,7 @@ from personify.engine.config import Config
 from personify.engine.errors import ConfigError
 from personify.engine.journal import Journal
 from personify.engine.logging import get_logger
-from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY, MALLOC_TRIMMED, REGISTRY
+from personify.engine.metrics import AGENT_LAG, EVENT_LOOP_DELAY, EVENTS_APPLIED, MALLOC_TRIMMED
 from personify.engine.publisher import Publisher, partition_for
 from personify.engine.transport import Transport
 
@@ -307,7 +307,11 @@ class _Lifecycle(mode.Service):  # type: ignore[misc] # mode is untyped
         spell = memory.QuietSpell()
         while not self.should_stop:
             await self.sleep(quiet_s)
-            if spell.due(REGISTRY.get_sample_value("personify_events_applied_total") or 0.0):
+            # The one counter's samples, not the whole registry's (RocksDB gauges included).
+            applied = sum(
+                s.value for s in EVENTS_APPLIED.collect()[0].samples if s.name.endswith("_total")
+            )
+            if spell.due(applied):
                 MALLOC_TRIMMED.inc(await asyncio.to_thread(memory.trim, fn))
 
     @mode.Service.task  # type: ignore[untyped-decorator]
