@@ -23,6 +23,7 @@ import ctypes
 import math
 import random
 import re
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,15 +96,25 @@ class Visitor:
     idle_h: float = 0.0
 
 
-def _positions(
-    order: npt.NDArray[np.intp], ranked: Numbers, query: Numbers
-) -> npt.NDArray[np.intp]:
-    """Where each of ``query`` is in the numbers whose sorting ``order`` gives ``ranked``.
+#: Per thread: a slot for each item number, -1 where it is not a candidate (see `_Slots`).
+_SLOTS = threading.local()
 
-    -1 for those not there.
+
+class _Slots:
+    """Where each candidate is among a list's candidates, by item number: one array lookup.
+
+    Kept per thread and given back clean (all -1), so that finding a source's candidates
+    among the list's costs one indexing of the source's numbers instead of a search.
     """
-    at = np.minimum(np.searchsorted(ranked, query), len(ranked) - 1)
-    return np.where(ranked[at] == query, order[at], -1)
+
+    @staticmethod
+    def of(size: int) -> npt.NDArray[np.intp]:
+        """This thread's slots, at least ``size`` long, all -1."""
+        slots: npt.NDArray[np.intp] | None = getattr(_SLOTS, "slots", None)
+        if slots is None or len(slots) < size:
+            slots = np.full(max(size, 2 * (0 if slots is None else len(slots)), 1024), -1, np.intp)
+            _SLOTS.slots = slots
+        return slots
 
 
 def candidate_features(
@@ -115,31 +126,38 @@ def candidate_features(
 ) -> Matrix:
     """`FEATURES` of the candidates ``numbers`` (item numbers, with their blend ``totals``).
 
-    ``pools``: each source's candidates; ``strength``: a source's strength where it has one
-    (chat fading, re-buying in the shop); ``visitor``: what is known of the visitor.
+    ``pools``: each source's candidates (numbered alike, as `blend` needs them); ``strength``:
+    a source's strength where it has one (chat fading, re-buying in the shop); ``visitor``:
+    what is known of the visitor.
     """
     out = np.zeros((len(numbers), len(FEATURES)), dtype=np.float32)
-    order = np.argsort(numbers)  # distinct numbers: no ties to keep stable
-    ranked = numbers[order]
-    for name, pool in pools.items():
-        column = _SCALED.get(name)
-        if column is None or not len(pool):
-            continue
-        top = float(pool.scores.max())
-        if not top > 0 or not len(numbers):
-            continue
-        at = _positions(order, ranked, pool.numbers)
-        hit = at >= 0
-        if not hit.any():
-            continue
-        rows = at[hit]
-        scores = pool.scores[hit]
-        out[rows, column] = scores / top * strength.get(name, 1.0)
-        out[rows, _SOURCES] += 1
-        if name == "repeat":
-            out[rows, _REPEAT_RAW] = np.log1p(np.maximum(scores, 0.0))
-        elif name == "popular":
-            out[rows, _POPULAR_RAW] = np.log1p(np.maximum(scores, 0.0))
+    size = max((int(pool.numbers.max()) + 1 for pool in pools.values() if len(pool)), default=0)
+    if len(numbers):
+        size = max(size, int(numbers.max()) + 1)
+    slots = _Slots.of(size)
+    slots[numbers] = np.arange(len(numbers))
+    try:
+        for name, pool in pools.items():
+            column = _SCALED.get(name)
+            if column is None or not len(pool):
+                continue
+            top = float(pool.scores.max())
+            if not top > 0 or not len(numbers):
+                continue
+            at = slots[pool.numbers]
+            hit = at >= 0
+            if not hit.any():
+                continue
+            rows = at[hit]
+            scores = pool.scores[hit]
+            out[rows, column] = scores / top * strength.get(name, 1.0)
+            out[rows, _SOURCES] += 1
+            if name == "repeat":
+                out[rows, _REPEAT_RAW] = np.log1p(np.maximum(scores, 0.0))
+            elif name == "popular":
+                out[rows, _POPULAR_RAW] = np.log1p(np.maximum(scores, 0.0))
+    finally:
+        slots[numbers] = -1
     best = float(totals.max()) if len(totals) else 0.0
     if best > 0:
         out[:, _BLEND] = totals / best

@@ -211,17 +211,18 @@ def blend(
     numbers, where, totals = _sum_by_item(every, [pool.scores * scale for _n, pool, scale in used])
     number_of = numbers.tolist()
     total_of = totals.tolist()
-    order: Iterator[int] = _best_first(totals, total_of, lambda j: names[number_of[j]])
+    best_first = _best_first(totals, lambda j: names[number_of[j]])
+    order: Iterator[int] = iter(best_first)
     score_of: Callable[[int], float] = total_of.__getitem__
     if ranker is not None:
 
         def features(at: Numbers, scores: Scores) -> Matrix:
             return candidate_features(pools, strength or {}, at, scores, visitor)
 
-        ranked, score_of = _reranked(
-            order, names, number_of, allowed, ranker, features, numbers, totals, max(DEPTH, k)
+        ranked, score_of, rest = _reranked(
+            best_first, names, number_of, allowed, ranker, features, numbers, totals, max(DEPTH, k)
         )
-        order = itertools.chain(ranked, order)
+        order = itertools.chain(ranked, itertools.islice(best_first, rest, None))
     chosen: list[int] = []  # positions in `numbers`
     per_category: dict[str | None, int] = {}
     for j in order:
@@ -266,7 +267,7 @@ def blend(
 
 
 def _reranked(
-    order: Iterator[int],
+    order: list[int],
     names: list[str],
     number_of: list[int],
     allowed: Callable[[str], bool],
@@ -275,38 +276,44 @@ def _reranked(
     numbers: Numbers,
     totals: Scores,
     depth: int,
-) -> tuple[list[int], Callable[[int], float]]:
+) -> tuple[list[int], Callable[[int], float], int]:
     """The first ``depth`` allowed positions of ``order``, best by ``ranker`` first.
 
     Also each position's score: the ranker's for those; below the lowest of them for the rest
-    (which follow in blend order).
+    (which follow in blend order, from the returned index of ``order`` on).
     """
-    top = list(itertools.islice((j for j in order if allowed(names[number_of[j]])), depth))
+    top: list[int] = []
+    rest = len(order)
+    for at_order, j in enumerate(order):
+        if allowed(names[number_of[j]]):
+            top.append(j)
+            if len(top) >= depth:
+                rest = at_order + 1
+                break
     if not top:
-        return [], lambda j: 0.0
+        return [], lambda j: 0.0, rest
     at = np.asarray(top, dtype=np.int64)
     predicted = ranker.predict(features(numbers[at], totals[at]))
     ranked = np.argsort(-predicted, kind="stable").tolist()
     scores = dict(zip(top, predicted.tolist(), strict=True))
     below = float(predicted.min()) - 1.0
-    return [top[i] for i in ranked], lambda j: scores.get(j, below)
+    return [top[i] for i in ranked], lambda j: scores.get(j, below), rest
 
 
-def _best_first(
-    totals: Scores, total_of: list[float], name_of: Callable[[int], str]
-) -> Iterator[int]:
-    """Positions of ``totals``, highest first and equal ones by name (sorted as they are read)."""
-    order = np.argsort(-totals, kind="stable").tolist()
-    i, n = 0, len(order)
-    while i < n:
-        j = i + 1
-        while j < n and total_of[order[j]] == total_of[order[i]]:
-            j += 1
-        if j - i == 1:
-            yield order[i]
-        else:
-            yield from sorted(order[i:j], key=name_of)
-        i = j
+def _best_first(totals: Scores, name_of: Callable[[int], str]) -> list[int]:
+    """Positions of ``totals``, highest first and equal ones by name."""
+    order = np.argsort(-totals, kind="stable")
+    out: list[int] = order.tolist()
+    ranked = totals[order]
+    ties = np.flatnonzero(ranked[1:] == ranked[:-1])
+    if not len(ties):
+        return out
+    # Runs of equal totals: [start, end) of each, sorted by name in place.
+    starts = ties[np.r_[True, ties[1:] != ties[:-1] + 1]]
+    ends = ties[np.r_[ties[1:] != ties[:-1] + 1, True]] + 2
+    for i, j in zip(starts.tolist(), ends.tolist(), strict=True):
+        out[i:j] = sorted(out[i:j], key=name_of)
+    return out
 
 
 def _pools(sources: Mapping[str, Candidates | Pool]) -> dict[str, Pool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Callable
 
 import lightgbm
@@ -92,6 +93,45 @@ def test_a_ranker_reorders_the_blends_best_candidates_and_keeps_their_reasons() 
         sources, weights, 3, lambda i: i != "c", lambda i: None, ranker=_trending_ranker()
     )
     assert [r.item_id for r in allowed] == ["b", "a"]
+
+
+def test_past_the_rankers_depth_the_list_goes_on_in_blend_order() -> None:
+    """Where diversity leaves the ranked best short, the list goes on in blend order."""
+    ids = ItemIds()
+    items = [f"i{n:03d}" for n in range(DEPTH + 20)]
+    sources = {
+        "covisit": _pool(ids, {item: 1000.0 - n for n, item in enumerate(items)}, "similar_to"),
+        "trending": _pool(ids, {item: float(n) for n, item in enumerate(items)}, "trending"),
+    }
+    # The blend's best DEPTH (i003 left out) are of two categories; the rest of one each.
+    banned = {items[3], items[DEPTH + 3]}
+    category = {item: f"c{n % 2}" if n <= DEPTH else f"u{n}" for n, item in enumerate(items)}
+    out = blend(
+        sources,
+        {"covisit": 1.0, "trending": 0.01},
+        5,
+        lambda i: i not in banned,
+        category.get,
+        max_per_category=1,
+        ranker=_trending_ranker(),
+    )
+    got = [r.item_id for r in out]
+    assert {category[i] for i in got[:2]} == {"c0", "c1"}
+    assert got[2:] == [items[DEPTH + 1], items[DEPTH + 2], items[DEPTH + 4]]
+    assert all(a.score >= b.score for a, b in itertools.pairwise(out))
+
+
+def test_features_of_one_list_do_not_leak_into_the_next() -> None:
+    """The same candidates give the same features, whatever was ranked before them."""
+    ids = ItemIds()
+    pools = {"covisit": _pool(ids, {"a": 4.0, "b": 2.0, "c": 1.0}, "similar_to")}
+    first = candidate_features(pools, {}, ids.of(["a", "b"]), np.ones(2), Visitor())
+    candidate_features(pools, {}, ids.of(["c", "b", "a"]), np.ones(3), Visitor())
+    again = candidate_features(pools, {}, ids.of(["a", "b"]), np.ones(2), Visitor())
+    assert np.array_equal(first, again)
+    only_c = candidate_features(pools, {}, ids.of(["c"]), np.ones(1), Visitor())
+    assert only_c[0, FEATURES.index("covisit")] == 0.25
+    assert only_c[0, FEATURES.index("sources")] == 1.0
 
 
 def test_the_recorder_keeps_the_blends_order_and_records_its_features() -> None:

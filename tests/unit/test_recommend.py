@@ -82,6 +82,15 @@ def test_blend_scales_each_source_and_keeps_the_strongest_reason_first() -> None
     assert out[1].reasons[0] == {"kind": "s"}
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.sampled_from("abcdefghij"), st.sampled_from([1.0, 2.0, 3.0, 0.5])))
+def test_blend_orders_by_score_then_by_item_id(scores: dict[str, float]) -> None:
+    """Equal scores (runs of them anywhere in the list) come in item id order."""
+    sources = {"covisit": {i: (s, {"kind": "similar_to"}) for i, s in scores.items()}}
+    out = blend(sources, {"covisit": 1.0}, 10, lambda i: True, lambda i: None)
+    assert [r.item_id for r in out] == sorted(scores, key=lambda i: (-scores[i], i))
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     st.dictionaries(st.sampled_from("abcdefghij"), st.floats(0.01, 100), min_size=1),
