@@ -322,10 +322,21 @@ class SignalBatch:
     profiles_cfg: ProfilesConfig
     category_of: Callable[[str], str | None] = lambda _item: None
     updates: dict[bytes, list[tuple[str, float, int]]] = field(default_factory=dict)
+    #: Each co-visitation row's updates, by item (a batch names the same items again and again).
+    _covisits: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
+    #: Co-visitation weight by distance in the window: ``distance ** -covisit_distance_power``.
+    _by_distance: list[float] = field(default_factory=list)
 
     def _put(self, kind: SignalKind, name: str, item: str, weight: float, ts: int) -> None:
         # Interned: the rows held decoded (`LiveRows`) then share one string per item.
         self.updates.setdefault(row_key(kind, name), []).append((sys.intern(item), weight, ts))
+
+    def _covisit(self, item: str) -> list[tuple[str, float, int]]:
+        """The updates of ``item``'s co-visitation row (``item`` interned)."""
+        row = self._covisits.get(item)
+        if row is None:
+            row = self._covisits[item] = self.updates.setdefault(row_key("covisit", item), [])
+        return row
 
     def observe(self, profile: Mapping[str, Any], event: Mapping[str, Any]) -> None:
         """Record what ``event`` contributes, given the visitor's ``profile`` before it."""
@@ -350,14 +361,22 @@ class SignalBatch:
                 cfg.covisit_window,
             )
         )
+        by_distance = self._by_distance
+        if len(by_distance) < len(recent):
+            by_distance[:] = [
+                math.pow(distance, -cfg.covisit_distance_power)
+                for distance in range(1, cfg.covisit_window + 1)
+            ]
+        intern = sys.intern
         for item in lines:
-            self._put("covisit", item, SELF, 1.0, ts)
-            for distance, r in enumerate(recent, start=1):
-                weight = math.pow(distance, -cfg.covisit_distance_power) * math.pow(
-                    0.5, abs(ts - r["ts"]) / gap_ms
-                )
-                self._put("covisit", r["item_id"], item, weight, ts)
-                self._put("covisit", item, r["item_id"], weight, ts)
+            item = intern(item)
+            own = self._covisit(item)
+            own.append((SELF, 1.0, ts))
+            for near, r in zip(by_distance, recent, strict=False):
+                other = intern(r["item_id"])
+                weight = near * math.pow(0.5, abs(ts - r["ts"]) / gap_ms)
+                self._covisit(other).append((item, weight, ts))
+                own.append((other, weight, ts))
             if interest > 0:
                 category = categories.get(item) or self.category_of(item)
                 for name in ["", *categories_of(category)]:
@@ -604,14 +623,19 @@ class LiveRows:
 
     def apply(self, batch: SignalBatch) -> None:
         """Fold a batch into the held rows (every row it touches must be held)."""
+        cfg, rows, dirty = self.cfg, self.rows, self.dirty
+        trending = _KIND_BYTE["trending"]
         for key, updates in batch.updates.items():
-            held = self.rows[key]
-            held.fold(updates, half_life_of(key, self.cfg) * 1000.0)
-            cap = _cap_of(key, self.cfg)
+            held = rows[key]
+            if key[1:2] == trending:
+                half_life_s, cap = cfg.trending_half_life_s, cfg.trending_size
+            else:
+                half_life_s, cap = cfg.signal_half_life_s, cfg.neighbours
+            held.fold(updates, half_life_s * 1000.0)
             if len(held.add) > cap * _SLACK:  # bounds what waits for the flush
                 held.merge(self.numbers, cap)
-            self.rows.move_to_end(key)
-            self.dirty[key] = None
+            rows.move_to_end(key)
+            dirty[key] = None
 
     def take_dirty(self) -> list[tuple[bytes, bytes]]:
         """The changed rows, encoded, to write now; they count as clean from here on."""
