@@ -233,6 +233,9 @@ class ProfilesConfig:
     #: one bought longest ago goes.
     bought_items: int = 200
     affinity_half_life_s: float = 7 * 86400.0
+    #: Categories (a path counts with its parents) kept in a visitor's affinity; past this the
+    #: weakest, decayed to the event that adds one, go.
+    affinity_categories: int = 100
     frequency_window_s: float = 7 * 86400.0
     dedup_window: int = 1000
     engagement_weights: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -668,6 +671,7 @@ _POSITIVE = {
     "profiles.max_cart_items",
     "profiles.bought_items",
     "profiles.affinity_half_life_s",
+    "profiles.affinity_categories",
     "profiles.frequency_window_s",
     "profiles.dedup_window",
     "worker.commit_interval_s",

@@ -141,6 +141,18 @@ def _add_affinity(p: Profile, category: str, weight: float, ts: int, cfg: Profil
             aff[cat] = [_decay(score, ts - ref, cfg.affinity_half_life_s) + weight, ts]
         else:  # a late event: its weight is decayed to the reference time instead
             aff[cat] = [score + _decay(weight, ref - ts, cfg.affinity_half_life_s), ref]
+    _cap_affinity(aff, ts, cfg)
+
+
+def _cap_affinity(aff: dict[str, list[Any]], ts: int, cfg: ProfilesConfig) -> None:
+    """Keep the ``affinity_categories`` strongest of ``aff`` (decayed to ``ts``; ties by name)."""
+    excess = len(aff) - cfg.affinity_categories
+    if excess <= 0:
+        return
+    half_life = cfg.affinity_half_life_s
+    weakest = sorted(aff, key=lambda cat: (_decay(aff[cat][0], ts - aff[cat][1], half_life), cat))
+    for cat in weakest[:excess]:
+        del aff[cat]
 
 
 def _newest_first(entries: list[dict[str, Any]], entry: dict[str, Any], limit: int) -> list[Any]:
@@ -588,6 +600,9 @@ def merge(into: Profile, other: Profile, cfg: ProfilesConfig) -> None:
             + _decay(score, top - ref, cfg.affinity_half_life_s),
             top,
         ]
+    if into["affinity"]:
+        newest = max(ref for _score, ref in into["affinity"].values())
+        _cap_affinity(into["affinity"], newest, cfg)
     into["engagement"] += other["engagement"]
     for anon in other["anonymous_ids"]:
         if anon not in into["anonymous_ids"]:

@@ -318,6 +318,28 @@ def test_category_affinity_credits_parents(event_factory: EventFactory) -> None:
     assert list(affinity)[:2] == ["a", "a/d"]  # strongest first
 
 
+def test_category_affinity_keeps_the_strongest_categories(event_factory: EventFactory) -> None:
+    """Past [profiles] affinity_categories the weakest (decayed) categories go, merges too."""
+    cfg = ProfilesConfig(affinity_categories=5, affinity_half_life_s=3600.0)
+    events = [  # "fav" often and early, then many categories once each, an hour apart
+        event_factory("product_view", T0 + n, item_id="x", properties={"category": "fav"})
+        for n in range(4)
+    ] + [
+        event_factory("product_view", T0 + n * HOUR, item_id="x", properties={"category": f"c{n}"})
+        for n in range(1, 9)
+    ]
+    p = fold(events, cfg)
+    # fav: 4 decayed by 8 hours = 1/64; c4..c8: 1/16, 1/8, 1/4, 1/2, 1 at the last event.
+    assert sorted(p["affinity"]) == ["c4", "c5", "c6", "c7", "c8"]
+    # A merged visitor's categories count with the rest, and the cap holds.
+    other = fold(
+        [event_factory("product_view", T0 + 8 * HOUR, item_id="y", properties={"category": "z"})],
+        cfg,
+    )
+    merge(p, other, cfg)
+    assert sorted(p["affinity"]) == ["c5", "c6", "c7", "c8", "z"]
+
+
 def test_category_affinity_halves_after_half_life(event_factory: EventFactory) -> None:
     """After one half-life without activity the affinity halves; after two it quarters."""
     cfg = ProfilesConfig(affinity_half_life_s=3600.0)
