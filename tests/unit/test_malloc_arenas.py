@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: Eight threads allocate at once, then the process counts its arena heaps: the anonymous
-#: mappings glibc aligns on 64 MiB for each arena besides the main one. All eight threads
+#: 64 MiB mappings glibc aligns on 64 MiB for each arena besides the main one. All eight threads
 #: together hold about 32 MiB, so that an arena shared by all of them still fits in one heap
 #: (a heap holds at most 64 MiB; an arena that outgrows it maps a second one).
 _SCRIPT = """
@@ -33,11 +33,21 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-heaps = 0
+# A heap: an anonymous mapping at a 64 MiB boundary, read-write where it is in use and
+# inaccessible (---p) up to the next boundary. Other mappings may start at a boundary too.
+maps = []
 for line in open("/proc/self/maps"):
     fields = line.split()
-    start = int(fields[0].split("-")[0], 16)
-    if start % (64 << 20) == 0 and len(fields) == 5:
+    start, end = (int(x, 16) for x in fields[0].split("-"))
+    maps.append((start, end, fields[1], len(fields) == 5))
+heaps = 0
+for i, (start, end, perms, anonymous) in enumerate(maps):
+    if start % (64 << 20) or not anonymous or not perms.startswith("rw"):
+        continue
+    reserved = end
+    if i + 1 < len(maps) and maps[i + 1][0] == end and maps[i + 1][2].startswith("---"):
+        reserved = maps[i + 1][1]
+    if reserved - start == 64 << 20:
         heaps += 1
 print(heaps)
 """
