@@ -96,25 +96,21 @@ class Visitor:
     idle_h: float = 0.0
 
 
-#: Per thread: a slot for each item number, -1 where it is not a candidate (see `_Slots`).
+#: Per thread: a slot for each item number, -1 where it is not a candidate (see `_slots`).
 _SLOTS = threading.local()
 
 
-class _Slots:
-    """Where each candidate is among a list's candidates, by item number: one array lookup.
+def _slots(size: int) -> npt.NDArray[np.intp]:
+    """This thread's slots, at least ``size`` long, all -1.
 
-    Kept per thread and given back clean (all -1), so that finding a source's candidates
-    among the list's costs one indexing of the source's numbers instead of a search.
+    Given back clean by their user, so that finding a source's candidates among a list's
+    costs one indexing of the source's numbers instead of a search.
     """
-
-    @staticmethod
-    def of(size: int) -> npt.NDArray[np.intp]:
-        """This thread's slots, at least ``size`` long, all -1."""
-        slots: npt.NDArray[np.intp] | None = getattr(_SLOTS, "slots", None)
-        if slots is None or len(slots) < size:
-            slots = np.full(max(size, 2 * (0 if slots is None else len(slots)), 1024), -1, np.intp)
-            _SLOTS.slots = slots
-        return slots
+    slots: npt.NDArray[np.intp] | None = getattr(_SLOTS, "slots", None)
+    if slots is None or len(slots) < size:
+        slots = np.full(max(size, 2 * (0 if slots is None else len(slots)), 1024), -1, np.intp)
+        _SLOTS.slots = slots
+    return slots
 
 
 def candidate_features(
@@ -134,7 +130,7 @@ def candidate_features(
     size = max((int(pool.numbers.max()) + 1 for pool in pools.values() if len(pool)), default=0)
     if len(numbers):
         size = max(size, int(numbers.max()) + 1)
-    slots = _Slots.of(size)
+    slots = _slots(size)
     slots[numbers] = np.arange(len(numbers))
     try:
         for name, pool in pools.items():

@@ -325,7 +325,11 @@ class SignalBatch:
     #: Each co-visitation row's updates, by item (a batch names the same items again and again).
     _covisits: dict[str, list[tuple[str, float, int]]] = field(default_factory=dict)
     #: Co-visitation weight by distance in the window: ``distance ** -covisit_distance_power``.
-    _by_distance: list[float] = field(default_factory=list)
+    _by_distance: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        power = self.cfg.covisit_distance_power
+        self._by_distance = [math.pow(d, -power) for d in range(1, self.cfg.covisit_window + 1)]
 
     def _put(self, kind: SignalKind, name: str, item: str, weight: float, ts: int) -> None:
         # Interned: the rows held decoded (`LiveRows`) then share one string per item.
@@ -362,11 +366,6 @@ class SignalBatch:
             )
         )
         by_distance = self._by_distance
-        if len(by_distance) < len(recent):
-            by_distance[:] = [
-                math.pow(distance, -cfg.covisit_distance_power)
-                for distance in range(1, cfg.covisit_window + 1)
-            ]
         intern = sys.intern
         for item in lines:
             item = intern(item)
@@ -624,14 +623,10 @@ class LiveRows:
     def apply(self, batch: SignalBatch) -> None:
         """Fold a batch into the held rows (every row it touches must be held)."""
         cfg, rows, dirty = self.cfg, self.rows, self.dirty
-        trending = _KIND_BYTE["trending"]
         for key, updates in batch.updates.items():
             held = rows[key]
-            if key[1:2] == trending:
-                half_life_s, cap = cfg.trending_half_life_s, cfg.trending_size
-            else:
-                half_life_s, cap = cfg.signal_half_life_s, cfg.neighbours
-            held.fold(updates, half_life_s * 1000.0)
+            held.fold(updates, half_life_of(key, cfg) * 1000.0)
+            cap = _cap_of(key, cfg)
             if len(held.add) > cap * _SLACK:  # bounds what waits for the flush
                 held.merge(self.numbers, cap)
             rows.move_to_end(key)
